@@ -1,0 +1,72 @@
+"""ftmagic: fine-tune language models from a notebook.
+
+``%load_ext ftmagic`` registers ``%%finetune``, ``%ft_memory``, ``%ft_preview`` and
+``%%ft_generate``. The same engine runs from Python and from the ``ftmagic`` CLI.
+
+Importing this package is cheap: torch, transformers and peft load only when a run
+starts, so the memory calculator and the magics answer at once.
+
+Example::
+
+    import ftmagic
+    result = ftmagic.finetune(model="tiny", data=ftmagic.demo_dataset(), max_steps=50)
+    print(result.generate("reverse: hello"))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ftmagic.config import FinetuneConfig
+from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; loaded on first use (PEP 562).
+_LAZY = {
+    "finetune": "ftmagic.engine.run",
+    "RunResult": "ftmagic.engine.result",
+    "estimate_memory": "ftmagic.memory",
+    "MemoryEstimate": "ftmagic.memory",
+    "preview": "ftmagic.data.report",
+    "clean": "ftmagic.data.report",
+    "DatasetReport": "ftmagic.data.report",
+    "demo_dataset": "ftmagic.demo",
+}
+
+__all__ = [
+    "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
+    "CheckpointError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ftmagic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def load_ipython_extension(ipython) -> None:
+    """Called by ``%load_ext ftmagic``: registers the magics (no heavy imports)."""
+    from ftmagic.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """Called by ``%unload_ext ftmagic``."""
+    from ftmagic.magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ftmagic.data.report import DatasetReport, clean, preview
+    from ftmagic.demo import demo_dataset
+    from ftmagic.engine.result import RunResult
+    from ftmagic.engine.run import finetune
+    from ftmagic.memory import MemoryEstimate, estimate_memory

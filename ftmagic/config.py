@@ -1,0 +1,353 @@
+"""The one configuration object of a run.
+
+A YAML cell body, magic flags, CLI ``--set`` pairs and Python keyword arguments are four
+spellings of the same fields: ``--lora-r 16`` == ``lora_r: 16`` == ``lora_r=16``. All
+validation lives in :meth:`FinetuneConfig.validate`, so every front gets the same
+one-line :class:`~ftmagic.errors.ConfigError`.
+
+Example::
+
+    >>> from ftmagic.config import FinetuneConfig
+    >>> cfg = FinetuneConfig.from_yaml("model: tiny\\nmethod: lora\\nlora_r: 8\\n")
+    >>> cfg.lora_r, cfg.method
+    (8, 'lora')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from ftmagic.errors import ConfigError
+
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+# Methods that never add positions to the sequence, so packed examples stay aligned.
+_PREFIX_METHODS = ("prompt_tuning", "prefix_tuning")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run, with defaults that suit one Colab-class GPU.
+
+    Example::
+
+        cfg = FinetuneConfig(model="tiny", data="train.jsonl", method="qlora", lora_r=16)
+        cfg = FinetuneConfig.from_dict({"model": "tiny", "lr": 1e-4})
+    """
+
+    # --- what to train -------------------------------------------------------------
+    model: str = "tiny"  # a Hugging Face id, a local directory, or "tiny" (the embedded model)
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"] = "lora"
+    # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
+
+    # --- data ----------------------------------------------------------------------
+    data: Any = None  # path, HF dataset id, list of dicts, DataFrame, datasets.Dataset, or a list of {path, weight}
+    eval_data: Any = None  # same kinds as `data`; when absent, `val_split` carves one out
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    columns: Optional[dict] = None  # column mapping that overrides detection, e.g. {"prompt": "question"}
+    template: Optional[str] = None  # a named template for base models without a chat template
+    system_prompt: Optional[str] = None  # prepended to every conversation that has none
+    max_seq_len: int = 512  # longer examples are truncated (and counted)
+    packing: bool = False  # concatenate short examples into full rows; no compute spent on padding
+    train_on: Literal["completions", "all"] = "completions"  # loss on assistant turns only, or on every token
+    val_split: float = 0.0  # share of `data` held out for evaluation when there is no `eval_data`
+
+    # --- schedule ------------------------------------------------------------------
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs; counted in optimizer steps
+    batch_size: int = 4  # micro-batch per step; effective batch = batch_size * grad_accum
+    grad_accum: int = 1
+    lr: float = 2e-4  # LoRA-scale default; full fine-tuning usually wants ~1e-5
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup: float = 0.03  # below 1: a share of the steps; from 1 up: a number of steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+
+    # --- adapters ------------------------------------------------------------------
+    lora_r: int = 16
+    lora_alpha: int = 32  # alpha / r = 2 is the common, stable scale
+    lora_dropout: float = 0.05
+    target_modules: Union[str, list] = "auto"  # "auto": every linear layer of the blocks (QLoRA paper)
+    num_virtual_tokens: int = 16  # prompt and prefix tuning
+    trainable_layers: int = 2  # `freeze`: how many top blocks (plus the head) train
+
+    # --- device and memory ---------------------------------------------------------
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
+
+    # --- output, evaluation, checkpoints -------------------------------------------
+    output_dir: str = "ftmagic-output"
+    overwrite: bool = False  # allow writing over a finished run from a different config
+    save_steps: int = 100  # 0: only the final save
+    save_total_limit: int = 2  # older checkpoints are removed once a newer one is written
+    eval_steps: int = 50  # 0: evaluate only at the end
+    logging_steps: int = 1
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    seed: int = 42
+    resume: bool = False  # continue from the newest good checkpoint in output_dir
+    merge: bool = False  # also write the adapter merged into the base weights
+    report_to: Union[str, list] = "none"  # "none", "tensorboard", "wandb" (the fronts always show progress)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dict(cls, values: Optional[dict] = None, *, source: Optional[str] = None,
+                  lines: Optional[dict] = None, **overrides: Any) -> "FinetuneConfig":
+        """Build and validate a config from a mapping (plus keyword overrides, which win).
+
+        ``source`` and ``lines`` (key -> line number) make error messages point at the file
+        and line the value came from.
+
+        Example::
+
+            FinetuneConfig.from_dict({"model": "tiny", "lora_r": 8}, lr=1e-4)
+        """
+        merged = dict(values or {})
+        merged.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in merged:
+            if key not in known:
+                raise ConfigError(_where(source, lines, key) + f"unknown key `{key}`" + _suggest(key, known))
+        coerced = {}
+        for key, value in merged.items():
+            coerced[key] = _coerce(key, value, _FIELD_TYPES[key], _where(source, lines, key))
+        cfg = cls(**coerced)
+        cfg.validate(source=source, lines=lines)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "config", **overrides: Any) -> "FinetuneConfig":
+        """Parse YAML text (a cell body or a file's content) into a validated config.
+
+        Example::
+
+            FinetuneConfig.from_yaml("model: tiny\\nepochs: 2\\n", source="run.yaml")
+        """
+        values, lines = parse_yaml_mapping(text, source)
+        return cls.from_dict(values, source=source, lines=lines, **overrides)
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> "FinetuneConfig":
+        """Read a YAML file into a validated config; errors name the file and line."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        return cls.from_yaml(text, source=str(path), **overrides)
+
+    def to_dict(self) -> dict:
+        """The config as plain values (data objects that are not plain become a short description)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value if _is_plain(value) else describe_data(value)
+        return out
+
+    def replace(self, **changes: Any) -> "FinetuneConfig":
+        """A validated copy with some fields changed."""
+        return type(self).from_dict({**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, *, source: Optional[str] = None, lines: Optional[dict] = None) -> None:
+        """Check ranges and combinations; raise a one-line ConfigError on the first problem."""
+
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(_where(source, lines, key) + message)
+
+        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device"):
+            allowed = typing.get_args(_FIELD_TYPES[key])
+            value = getattr(self, key)
+            if value not in allowed:
+                fail(key, f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}" + _suggest(str(value), allowed, quote=False))
+        if not isinstance(self.model, str) or not self.model.strip():
+            fail("model", "`model` must be a Hugging Face id, a local directory or `tiny`")
+        if self.lr <= 0:
+            fail("lr", f"`lr: {self.lr}` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)")
+        if not 0 <= self.val_split < 1:
+            fail("val_split", f"`val_split: {self.val_split}` must be in [0, 1), e.g. 0.1")
+        for key, low in (("lora_r", 1), ("lora_alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 8),
+                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 1)):
+            if getattr(self, key) < low:
+                fail(key, f"`{key}: {getattr(self, key)}` must be at least {low}")
+        for key in ("save_steps", "eval_steps", "early_stopping_patience", "save_total_limit", "weight_decay",
+                    "max_grad_norm", "warmup"):
+            if getattr(self, key) < 0:
+                fail(key, f"`{key}: {getattr(self, key)}` must not be negative")
+        if not 0 <= self.lora_dropout < 1:
+            fail("lora_dropout", f"`lora_dropout: {self.lora_dropout}` must be in [0, 1)")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            fail("epochs", f"`epochs: {self.epochs}` must be greater than 0 (or set `max_steps`)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            fail("max_steps", f"`max_steps: {self.max_steps}` must be a positive number of steps, or -1 to use epochs")
+        if isinstance(self.target_modules, str) and self.target_modules not in ("auto", "all-linear"):
+            fail("target_modules", f"`target_modules: {self.target_modules}` must be `auto`, `all-linear` or a list of module names")
+        if self.packing and self.method in _PREFIX_METHODS:
+            fail("packing", f"`packing: true` cannot be used with `method: {self.method}`: virtual tokens would be shared "
+                            "across packed examples; set `packing: false`")
+        if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0):
+            fail("early_stopping_patience", "`early_stopping_patience` needs evaluation data: set `eval_data` or `val_split`")
+        if self.method == "qlora" and self.precision == "fp32":
+            fail("precision", "`precision: fp32` does not apply to `method: qlora` (4-bit weights compute in bf16/fp16); "
+                              "use `precision: auto`")
+        if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
+            fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def is_adapter_method(self) -> bool:
+        return self.method not in ("full", "bitfit", "freeze")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
+    """Parse YAML text into (mapping, key -> line number); errors name the source and line.
+
+    Example::
+
+        >>> parse_yaml_mapping("lr: 0.1\\nseed: 3\\n")
+        ({'lr': 0.1, 'seed': 3}, {'lr': 1, 'seed': 2})
+    """
+    import yaml  # pyyaml is light; imported here to keep `import ftmagic` quick
+
+    if not text or not text.strip():
+        return {}, {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}: " if mark is not None else f"{source}: "
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML ({problem}); write one `key: value` per line") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}:1: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
+    lines = {}
+    for key_node, _ in getattr(node, "value", []):
+        lines[key_node.value] = key_node.start_mark.line + 1
+    return values, lines
+
+
+# Resolved field types (the module uses postponed annotations).
+_FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
+
+
+def _where(source: Optional[str], lines: Optional[dict], key: str) -> str:
+    if source and lines and key in lines:
+        return f"{source}:{lines[key]}: "
+    if source:
+        return f"{source}: "
+    return ""
+
+
+def _suggest(word: str, options, quote: bool = True) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean `{close[0]}`?" if quote else f" (did you mean {close[0]}?)"
+
+
+def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+    """Turn strings from flags and `--set` into the field's type; reject wrong types."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        return value if not isinstance(value, str) else value.strip()
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}`{key}: {value!r}` must be true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}`{key}: {value}` must be a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}`{key}: {value!r}` must be a whole number")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}`{key}: {value}` must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}`{key}: {value!r}` must be a number, e.g. 2e-4")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}`{key}: {value!r}` must be a string")
+    if annotation is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}`{key}: {value!r}` must be a list")
+    if annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}`{key}: {value!r}` must be a mapping")
+    return value
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def describe_data(value: Any) -> str:
+    """A short, stable description of an in-memory dataset (for saved configs and summaries)."""
+    kind = type(value).__name__
+    try:
+        size = len(value)
+    except TypeError:
+        return f"<{kind}>"
+    return f"<{kind} with {size} records>"
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The config's fields, in declaration order (flags and docs are generated from them)."""
+    return list(dataclasses.fields(FinetuneConfig))
