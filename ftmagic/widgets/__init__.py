@@ -1,0 +1,1 @@
+"""Notebook widgets and the magics that show them (ipywidgets is imported lazily)."""

@@ -1,0 +1,8 @@
+"""Placeholder: magics of this feature are registered from here."""
+
+from IPython.core.magic import Magics, magics_class
+
+
+@magics_class
+class PreviewMagics(Magics):
+    """No magics yet."""
