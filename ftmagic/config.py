@@ -149,6 +149,8 @@ class FinetuneConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in ("data", "eval_data") and not _is_data_reference(value):
+                value = describe_data(value)
             out[f.name] = value if _is_plain(value) else describe_data(value)
         return out
 
@@ -230,7 +232,9 @@ def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # The context mark points at the construct that was left open (an unclosed `[`), which
+        # is where the user has to look; the problem mark is often just the end of the text.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}: " if mark is not None else f"{source}: "
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}invalid YAML ({problem}); write one `key: value` per line") from None
@@ -335,6 +339,18 @@ def _is_plain(value: Any) -> bool:
         return all(_is_plain(v) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+_SOURCE_KEYS = {"path", "data", "weight", "split", "format", "columns", "name", "subset"}
+
+
+def _is_data_reference(value: Any) -> bool:
+    """True for data given by reference (a path, an id, a list of weighted sources), not records."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= _SOURCE_KEYS and _is_plain(v)) for v in value)
     return False
 
 

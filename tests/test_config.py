@@ -1,0 +1,107 @@
+"""FinetuneConfig: the four spellings of a field agree, and every bad value is one line."""
+
+import pytest
+
+from ftmagic.config import FinetuneConfig, parse_yaml_mapping
+from ftmagic.errors import ConfigError, FtmagicError
+
+
+def test_yaml_dict_and_keywords_are_the_same_config():
+    from_yaml = FinetuneConfig.from_yaml("model: tiny\nlora_r: 8\nlr: 1e-4\npacking: true\n")
+    from_dict = FinetuneConfig.from_dict({"model": "tiny", "lora_r": 8, "lr": 1e-4, "packing": True})
+    from_kwargs = FinetuneConfig(model="tiny", lora_r=8, lr=1e-4, packing=True)
+    assert from_yaml == from_dict == from_kwargs
+
+
+def test_overrides_win_over_the_mapping_and_strings_are_coerced():
+    cfg = FinetuneConfig.from_dict({"lora_r": 8, "epochs": 1}, lora_r="32", packing="yes", epochs="2.5")
+    assert (cfg.lora_r, cfg.packing, cfg.epochs) == (32, True, 2.5)
+
+
+def test_round_trip_through_to_dict():
+    cfg = FinetuneConfig(model="tiny", method="qlora", target_modules=["q_proj", "v_proj"], seed=7)
+    assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_in_memory_data_is_described_not_dumped():
+    cfg = FinetuneConfig(data=[{"text": "a"}, {"text": "b"}])
+    assert cfg.to_dict()["data"] == "<list with 2 records>"
+
+
+def test_unknown_key_names_line_and_suggests_the_closest_key():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml("model: tiny\nlora_rr: 4\n", source="run.yaml")
+    assert str(info.value) == "run.yaml:2: unknown key `lora_rr`; did you mean `lora_r`?"
+
+
+def test_unknown_keyword_without_source():
+    with pytest.raises(ConfigError, match=r"^unknown key `learning_rate`$"):
+        FinetuneConfig.from_dict({}, learning_rate=1e-4)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("lr: 0", "cell:1: `lr: 0.0` must be greater than 0"),
+        ("lr: -1e-4", "cell:1: `lr: -0.0001` must be greater than 0"),
+        ("\nlora_r: 0", "cell:2: `lora_r: 0` must be at least 1"),
+        ("val_split: 1.0", "cell:1: `val_split: 1.0` must be in [0, 1)"),
+        ("val_split: -0.1", "cell:1: `val_split: -0.1` must be in [0, 1)"),
+        ("batch_size: two", "cell:1: `batch_size: 'two'` must be a whole number"),
+        ("batch_size: 2.5", "cell:1: `batch_size: 2.5` must be a whole number"),
+        ("packing: maybe", "cell:1: `packing: 'maybe'` must be true or false"),
+        ("lr: fast", "cell:1: `lr: 'fast'` must be a number"),
+        ("method: lroa", "cell:1: `method: lroa` is not accepted; use one of full, lora, qlora"),
+        ("precision: fp8", "cell:1: `precision: fp8` is not accepted; use one of auto, bf16, fp16, fp32"),
+        ("max_steps: 0", "cell:1: `max_steps: 0` must be a positive number of steps"),
+        ("lora_dropout: 1.5", "cell:1: `lora_dropout: 1.5` must be in [0, 1)"),
+        ("target_modules: attention", "cell:1: `target_modules: attention` must be `auto`"),
+        ("method: prefix_tuning\npacking: true", "cell:2: `packing: true` cannot be used with `method: prefix_tuning`"),
+        ("early_stopping_patience: 2", "cell:1: `early_stopping_patience` needs evaluation data"),
+        ("method: qlora\nprecision: fp32", "cell:2: `precision: fp32` does not apply to `method: qlora`"),
+        ("columns: 3", "cell:1: `columns: 3` must be a mapping"),
+    ],
+)
+def test_bad_values_give_one_line_errors_with_the_line(yaml_text, message):
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml(yaml_text, source="cell")
+    text = str(info.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+def test_invalid_yaml_names_the_line():
+    with pytest.raises(ConfigError, match=r"^cell:3: invalid YAML"):
+        FinetuneConfig.from_yaml("model: tiny\nlr: 1e-4\nbad: [1, 2\n", source="cell")
+
+
+def test_yaml_must_be_a_mapping():
+    with pytest.raises(ConfigError, match=r"^cell:1: the config must be a mapping"):
+        FinetuneConfig.from_yaml("- a\n- b\n", source="cell")
+
+
+def test_missing_config_file_is_a_user_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the config file"):
+        FinetuneConfig.from_file(str(tmp_path / "nope.yaml"))
+
+
+def test_empty_yaml_gives_defaults():
+    assert FinetuneConfig.from_yaml("") == FinetuneConfig()
+
+
+def test_yaml_line_numbers():
+    values, lines = parse_yaml_mapping("# comment\nmodel: tiny\n\nlr: 0.1\n")
+    assert values == {"model": "tiny", "lr": 0.1}
+    assert lines == {"model": 2, "lr": 4}
+
+
+def test_errors_are_value_errors_and_one_line():
+    assert issubclass(ConfigError, FtmagicError) and issubclass(FtmagicError, ValueError)
+    assert str(ConfigError("a\nb")) == "a b"
+
+
+def test_replace_validates():
+    cfg = FinetuneConfig()
+    assert cfg.replace(lora_r=4).lora_r == 4
+    with pytest.raises(ConfigError):
+        cfg.replace(lr=0)

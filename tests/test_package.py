@@ -1,0 +1,26 @@
+"""Package-level contracts: a cheap import and a CLI that fails in one line."""
+
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "peft", "ipywidgets", "datasets", "bitsandbytes")
+
+
+def test_import_ftmagic_imports_nothing_heavy():
+    code = "import sys, ftmagic; ftmagic.FinetuneConfig(); print(sorted(m for m in {} if m in sys.modules))".format(HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_unknown_command_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "ftmagic.cli", "bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ftmagic: error: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_lazy_public_names_are_listed():
+    import ftmagic
+
+    for name in ("finetune", "estimate_memory", "preview", "FinetuneConfig", "ConfigError"):
+        assert name in ftmagic.__all__
