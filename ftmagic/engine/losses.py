@@ -1,0 +1,149 @@
+"""Causal-LM loss without a full ``[tokens, vocab]`` fp32 logits tensor.
+
+A model's output layer turns every position into ``vocab`` logits. For a batch of 8 x 512
+tokens and a 32k vocabulary that is 128M floats (512 MB in fp32) for the logits, and the
+same again for their gradient, though only the positions that carry a label (often a
+third of them, with loss on completions only) contribute to the loss.
+
+:func:`causal_lm_loss` keeps only those positions, then walks them in chunks of rows:
+for each chunk it computes the logits, the loss and, right away, the gradient with respect
+to the hidden states (and to the output weight when it trains). Backward then only scales
+the stored gradients, so the logits are computed once and never all held at the same time.
+Peak extra memory is one chunk of logits (``chunk_rows x vocab``).
+
+Example::
+
+    >>> import torch
+    >>> from ftmagic.engine.losses import causal_lm_loss
+    >>> hidden = torch.randn(2, 5, 8, requires_grad=True)    # last hidden states
+    >>> weight = torch.randn(11, 8)                           # lm_head.weight [vocab, hidden]
+    >>> labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    >>> loss = causal_lm_loss(hidden, weight, labels)         # mean over trained tokens
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+# Elements of one logits chunk: 2**23 fp32 values = 32 MB, whatever the vocabulary size.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk of fp32 logits stays near 32 MB.
+
+    Example::
+
+        >>> default_chunk_rows(32000)
+        262
+    """
+    return max(16, _CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # At least fp32: log-softmax over a large vocabulary loses too much in bf16/fp16.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The matmul runs in the weight's dtype, as `lm_head` would (no fp32 copy of a large head);
+    # only the chunk's logits are upcast for the softmax.
+    logits = hidden.to(weight.dtype) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.to(_acc_dtype(logits.dtype))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        acc = _acc_dtype(weight.dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            t = targets[start:start + chunk_rows]
+            logits = _logits_block(h, weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d(sum CE)/d(logits) = softmax - onehot, computed in place over the chunk's logits.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if need_h:
+                grad_h[start:start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(grad_logits.t(), h.to(acc))
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, reduction: str = "mean",
+                         chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without full logits.
+
+    ``hidden`` is ``[..., H]``, ``weight`` is ``[V, H]``, ``targets`` has ``hidden``'s leading
+    shape; positions equal to ``ignore_index`` carry no loss. ``reduction`` is ``"mean"`` (over
+    the kept positions; 0 when there are none) or ``"sum"``.
+
+    Example::
+
+        >>> h, w = torch.randn(6, 4), torch.randn(9, 4)
+        >>> t = torch.tensor([1, 2, -100, 3, 4, 5])
+        >>> torch.allclose(linear_cross_entropy(h, w, t),
+        ...                torch.nn.functional.cross_entropy(h @ w.t(), t))
+        True
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != ignore_index
+    # Only positions with a label go through the output layer at all.
+    hidden = hidden[keep]
+    targets = targets[keep]
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    if reduction == "sum":
+        return total
+    return total / targets.shape[0] if targets.shape[0] else total
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                   bias: torch.Tensor | None = None, reduction: str = "mean",
+                   chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token loss from last hidden states ``[B, T, H]`` and ``labels`` ``[B, T]``.
+
+    Position ``t`` predicts ``labels[:, t + 1]``, as in ``LlamaForCausalLM``; packed rows
+    need ``-100`` at each example's first token (the data layer's labels already have it,
+    since prompts carry no loss). Same value and gradients as
+    ``F.cross_entropy(lm_head(hidden)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())``.
+
+    Example::
+
+        >>> h = torch.randn(1, 4, 8); w = torch.randn(10, 8)
+        >>> loss = causal_lm_loss(h, w, torch.tensor([[-100, 2, 3, 4]]), reduction="sum")
+    """
+    return linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], bias=bias, reduction=reduction,
+                                chunk_rows=chunk_rows, ignore_index=ignore_index)
