@@ -1,8 +1,434 @@
-"""Placeholder: magics of this feature are registered from here."""
+"""``%%finetune`` and ``%%ft_generate``: train from a YAML cell, then try the result.
 
-from IPython.core.magic import Magics, magics_class
+Flags are generated from the config's fields (``lora_r`` -> ``--lora-r``), so the cell
+body, the flags, the CLI and Python keyword arguments are four spellings of the same
+settings; flags win over the body. Nothing heavy is imported here: ipywidgets loads
+when a widget is shown and torch when the engine starts.
+
+Example (in a notebook)::
+
+    %load_ext ftmagic
+
+    %%finetune --max-steps 50 --name ft
+    model: tiny
+    data: $train_records      # a notebook variable: list of dicts, DataFrame, datasets.Dataset
+    lora_r: 8
+
+    %%ft_generate --base
+    reverse: hello
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import threading
+import typing
+from typing import Any, Callable, Optional
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.utils.text import DollarFormatter
+
+from ftmagic.config import FinetuneConfig, config_fields, parse_yaml_mapping
+from ftmagic.usage import as_usage_error
+
+CELL_SOURCE = "%%finetune cell"
+PROGRESS_MODES = ("auto", "widget", "text", "none")
+# Keys whose value may name a notebook variable (`data: $train_df`).
+_DATA_KEYS = ("data", "eval_data")
+_FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
+
+
+# --------------------------------------------------------------------------- flags from the config
+
+
+def flag_name(key: str) -> str:
+    """``lora_r`` -> ``--lora-r``."""
+    return "--" + key.replace("_", "-")
+
+
+def _flag_spec(field) -> tuple[dict, str]:
+    """argparse keywords for one config field, and its help text (type and default)."""
+    annotation = _FIELD_TYPES[field.name]
+    origin = typing.get_origin(annotation)
+    default = None if field.default is dataclasses.MISSING else field.default
+    kwargs: dict = {"dest": field.name, "default": None}
+    if annotation is bool:
+        # `--packing` alone means true; `--packing false` is accepted too.
+        kwargs.update(nargs="?", const="true", metavar="BOOL")
+        kind = "true|false"
+    elif origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        kind = "one of " + ", ".join(choices)
+    elif field.name in _DATA_KEYS:
+        kwargs["metavar"] = "PATH|$VAR"
+        kind = "file, folder, dataset id or $variable"
+    elif annotation is int:
+        kwargs["metavar"] = "N"
+        kind = "integer"
+    elif annotation is float:
+        kwargs["metavar"] = "X"
+        kind = "number"
+    elif typing.get_origin(annotation) is typing.Union and list in typing.get_args(annotation):
+        kwargs["metavar"] = "A,B"
+        kind = "name or comma-separated list"
+    elif annotation is dict or typing.get_origin(annotation) is typing.Union and dict in typing.get_args(annotation):
+        kwargs["metavar"] = "YAML"
+        kind = "YAML mapping, e.g. '{prompt: question}'"
+    else:
+        kwargs["metavar"] = "TEXT"
+        kind = "text"
+    default_text = "" if default is None else f"; default {default!r}"
+    return kwargs, f"config key `{field.name}` ({kind}{default_text})"
+
+
+def _with_config_flags(func: Callable) -> Callable:
+    """Add one ``--flag`` per config field (decorators apply bottom-up, hence reversed)."""
+    for field in reversed(config_fields()):
+        kwargs, help_text = _flag_spec(field)
+        func = argument(flag_name(field.name), help=help_text, **kwargs)(func)
+    return func
+
+
+def flag_overrides(args) -> dict:
+    """The config values given as flags (strings; the config coerces and validates them).
+
+    Comma lists become lists for list-valued keys and YAML mappings become dicts.
+    """
+    import yaml
+
+    overrides = {}
+    for field in config_fields():
+        value = getattr(args, field.name, None)
+        if value is None:
+            continue
+        annotation = _FIELD_TYPES[field.name]
+        args_of = typing.get_args(annotation)
+        if list in args_of and isinstance(value, str) and "," in value:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        elif (annotation is dict or dict in args_of) and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UsageError(f"{flag_name(field.name)}: {value!r} is not a YAML mapping; "
+                                 "write e.g. '{prompt: question}'") from None
+        overrides[field.name] = value
+    return overrides
+
+
+def _split_line(line: str) -> list[str]:
+    """Split the magic's line like a shell and expand ``{var}`` / ``$var`` everywhere except
+    in ``--data`` / ``--eval-data``, whose ``$name`` names the variable itself, not its text."""
+    from IPython.utils.process import arg_split
+
+    argv = arg_split(line)
+    data_flags = {flag_name(k) for k in _DATA_KEYS}
+    out, keep_next = [], False
+    for token in argv:
+        literal = keep_next or token.split("=", 1)[0] in data_flags
+        keep_next = token in data_flags
+        out.append(token if literal else _expand(token))
+    return out
+
+
+def _expand(token: str) -> str:
+    if "$" not in token and "{" not in token:
+        return token
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        namespace = shell.user_ns if shell is not None else {}
+        return DollarFormatter().vformat(token, args=[], kwargs=namespace)
+    except Exception:
+        # Same rule as IPython's var_expand: leave what cannot be expanded as typed.
+        return token
+
+
+def parse_line(magic_func: Callable, line: str):
+    """Parse a magic's line with its ``magic_arguments`` parser; unknown flags get a suggestion."""
+    parser = magic_func.parser
+    parser.allow_abbrev = False  # `--epoch 2` must not silently mean `--epochs 2`
+    try:
+        return parser.parse_args(_split_line(line))
+    except UsageError as exc:
+        message = str(exc)
+        if "unrecognized arguments" in message:
+            known = [opt for action in parser._actions for opt in action.option_strings]
+            unknown = message.split(":", 1)[1].split()
+            hints = [f"`{bad.split('=')[0]}`: did you mean `{close[0]}`?"
+                     for bad in unknown
+                     for close in [difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.6)] if close]
+            message = f"unknown flag(s): {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "") + \
+                f"; see `%%{parser.prog}?` for every flag"
+        raise UsageError(message) from None
+
+
+# --------------------------------------------------------------------------- config from a cell
+
+
+def resolve_variables(value: Any, namespace: dict, where: str, key: str) -> Any:
+    """Replace ``$name`` strings (also inside lists and mappings) with notebook variables.
+
+    Example::
+
+        resolve_variables("$train", {"train": [{"text": "hi"}]}, "cell:2: ", "data")
+        # -> [{"text": "hi"}]
+    """
+    if isinstance(value, str) and value.startswith("$"):
+        name = value[1:].strip()
+        if not name.isidentifier():
+            raise UsageError(f"{where}`{key}: {value}`: after `$` write a variable name, e.g. `{key}: $train_df`")
+        if name not in namespace:
+            raise UsageError(f"{where}`{key}: ${name}`: there is no variable `{name}` in the notebook; "
+                             f"run the cell that defines it, or give a file path")
+        return namespace[name]
+    if isinstance(value, list):
+        return [resolve_variables(item, namespace, where, key) for item in value]
+    if isinstance(value, dict):
+        return {k: resolve_variables(v, namespace, where, key) for k, v in value.items()}
+    return value
+
+
+def build_config(cell: str, overrides: Optional[dict] = None, namespace: Optional[dict] = None,
+                 source: str = CELL_SOURCE) -> FinetuneConfig:
+    """The run's config: the YAML body, ``$variables`` resolved, flags (``overrides``) on top.
+
+    Raises ConfigError (one line, with the cell's line number) or UsageError.
+
+    Example::
+
+        cfg = build_config("model: tiny\\ndata: $rows\\n", {"lora_r": "8"}, {"rows": records})
+    """
+    namespace = namespace if namespace is not None else {}
+    values, lines = parse_yaml_mapping(cell or "", source)
+    overrides = dict(overrides or {})
+    for key in _DATA_KEYS:
+        if key in values:
+            where = f"{source}:{lines[key]}: " if key in lines else f"{source}: "
+            values[key] = resolve_variables(values[key], namespace, where, key)
+        if key in overrides:
+            overrides[key] = resolve_variables(overrides[key], namespace, f"{flag_name(key)}: ", key)
+    return FinetuneConfig.from_dict(values, source=source, lines=lines, **overrides)
+
+
+# --------------------------------------------------------------------------- where we run
+
+
+def in_notebook(shell: Any = None) -> bool:
+    """True inside a Jupyter kernel (JupyterLab, Notebook, VS Code, Colab), where widgets render.
+
+    Terminal IPython and plain ``InteractiveShell`` get text progress instead.
+    """
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    try:
+        from ipykernel.zmqshell import ZMQInteractiveShell
+    except ImportError:  # pragma: no cover - ipykernel present in sys.modules but broken
+        return False
+    return isinstance(shell, ZMQInteractiveShell)
+
+
+def choose_progress(mode: str, shell: Any = None) -> str:
+    """``auto`` -> ``widget`` in a notebook kernel, else ``text``; other modes are kept."""
+    if mode == "auto":
+        return "widget" if in_notebook(shell) else "text"
+    return mode
+
+
+class CellReporter:
+    """Routes engine events to a widget, a text printer or nowhere, and ends the display.
+
+    Example::
+
+        reporter = CellReporter("text")
+        result = finetune(config, on_event=reporter, stop=reporter.stop)
+        reporter.finish(result, name="ft")
+    """
+
+    def __init__(self, mode: str, stop: Optional[threading.Event] = None,
+                 on_event: Optional[Callable[[dict], Any]] = None) -> None:
+        from ftmagic.textprogress import RunState, TextProgress
+
+        self.mode = mode
+        self.stop = stop if stop is not None else threading.Event()
+        self.extra = on_event  # an extra listener (tests click Stop from here)
+        self.text = TextProgress() if mode == "text" else None
+        self.widget = None
+        self._state = RunState() if mode not in ("text", "widget") else None
+
+    @property
+    def state(self):
+        if self.text is not None:
+            return self.text.state
+        if self.widget is not None:
+            return self.widget.state
+        return self._state
+
+    def __call__(self, event: dict) -> None:
+        if self.mode == "text":
+            self.text(event)
+        elif self.mode == "widget":
+            if self.widget is None:
+                self._open_widget(event)
+            self.widget(event)
+            if event.get("event") == "start":
+                from ftmagic.textprogress import format_params
+
+                print(format_params(event.get("trainable_params"), event.get("total_params")))
+        else:
+            self._state.update(event)
+        if self.extra is not None:
+            self.extra(event)
+
+    def _open_widget(self, first_event: dict) -> None:
+        from ftmagic.textprogress import format_plan_line
+        from ftmagic.widgets.progress import TrainingProgress
+
+        if first_event.get("event") == "plan":
+            # Printed (not only shown in the widget) so it stays in the saved notebook.
+            print(format_plan_line(first_event))
+        self.widget = TrainingProgress(stop=self.stop)
+        self.widget.show()
+
+    def finish(self, result: Any, name: str) -> None:
+        """Show the static summary (widget) or the closing lines (text)."""
+        metrics = dict(getattr(result, "metrics", {}) or {})
+        output_dir = getattr(result, "output_dir", None)
+        if self.mode == "widget" and self.widget is not None:
+            self.widget.finish(metrics, output_dir=str(output_dir) if output_dir else None, name=name)
+        elif self.mode == "text":
+            self.text.close()
+        if self.mode != "none":
+            line = f"result bound to `{name}`"
+            if metrics.get("stopped"):
+                line += "; to continue, run the cell again with `--resume`"
+            print(line)
+
+    def abort(self) -> None:
+        """The run raised: freeze the live display (a summary of what happened, or nothing)."""
+        if self.mode == "widget" and self.widget is not None:
+            if self.state.last_step is not None:
+                self.widget.finish()
+            else:
+                if self.widget.handle is not None:
+                    self.widget.handle.update({"text/plain": ""}, raw=True)
+                self.widget.close()
+        elif self.mode == "text":
+            self.text.close()
+
+
+def _engine_finetune() -> Callable:
+    """The engine's entry point, imported when a run starts (torch loads here, not at %load_ext)."""
+    from ftmagic.engine.run import finetune
+
+    return finetune
+
+
+# --------------------------------------------------------------------------- magics
 
 
 @magics_class
 class FinetuneMagics(Magics):
-    """No magics yet."""
+    """``%%finetune`` (train from a YAML cell) and ``%%ft_generate`` (try the result)."""
+
+    @magic_arguments()
+    @argument("--name", default="ft", help="variable that receives the RunResult (default `ft`)")
+    @argument("--progress", default="auto", choices=PROGRESS_MODES,
+              help="`auto`: a live widget in a notebook, a text bar in a terminal; or force `widget`, `text`, `none`")
+    @_with_config_flags
+    @no_var_expand
+    @cell_magic
+    def finetune(self, line: str, cell: str) -> None:
+        """Fine-tune a model; the cell body is the run's YAML config, flags override it.
+
+        Use `data: $variable` (or `--data $variable`) to train on a notebook variable: a
+        list of dicts, a pandas DataFrame or a datasets.Dataset. The result (a RunResult
+        with .metrics, .history, .output_dir, .generate(prompt), .compare(prompts)) is
+        bound to `--name` (default `ft`). Stop ends training after the current step and
+        saves a checkpoint, as does the kernel's interrupt; `--resume` continues from the
+        newest checkpoint in `output_dir`.
+
+        Example::
+
+            %%finetune --max-steps 100 --lora-r 8
+            model: tiny
+            data: $train_records
+            val_split: 0.1
+        """
+        args = parse_line(self.finetune, line)
+        name = args.name
+        if not name.isidentifier():
+            raise UsageError(f"--name {name!r} must be a Python variable name, e.g. `--name ft`")
+        with as_usage_error():
+            config = build_config(cell, flag_overrides(args), self.shell.user_ns)
+        reporter = CellReporter(choose_progress(args.progress, self.shell))
+        result = run_with_reporter(config, reporter)
+        self.shell.user_ns[name] = result
+        reporter.finish(result, name)
+
+    @magic_arguments()
+    @argument("--name", default="ft", help="variable holding the RunResult (default `ft`)")
+    @argument("--base", action="store_true", help="also answer with the base model, side by side")
+    @argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer (default 64)")
+    @cell_magic
+    def ft_generate(self, line: str, cell: str) -> None:
+        """Answer prompts with the fine-tuned model; `--base` adds the base model's answers.
+
+        The cell body is one prompt per line, or prompts separated by `---` lines when a
+        prompt spans several lines. The answers show as a table that stays in the saved
+        notebook.
+
+        Example::
+
+            %%ft_generate --base
+            reverse: hello
+            reverse: world
+        """
+        from IPython.display import display
+
+        from ftmagic.widgets.generate import compare_table_html, compare_table_text, split_prompts
+
+        args = parse_line(self.ft_generate, line)
+        prompts = split_prompts(cell)
+        if not prompts:
+            raise UsageError("%%ft_generate: write a prompt in the cell body (one per line)")
+        result = self.shell.user_ns.get(args.name)
+        if result is None:
+            raise UsageError(f"there is no `{args.name}` in the notebook: run a %%finetune cell first "
+                             f"(or pass `--name` of the variable that holds its result)")
+        if not hasattr(result, "generate"):
+            raise UsageError(f"`{args.name}` is a {type(result).__name__}, not a RunResult from %%finetune")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+        with as_usage_error():
+            if args.base:
+                rows = result.compare(prompts, max_new_tokens=args.max_new_tokens)
+            else:
+                rows = [{"prompt": p, "tuned": result.generate(p, max_new_tokens=args.max_new_tokens)}
+                        for p in prompts]
+        display({"text/html": compare_table_html(rows), "text/plain": compare_table_text(rows)}, raw=True)
+
+
+def run_with_reporter(config: FinetuneConfig, reporter: CellReporter):
+    """Call the engine with the reporter's callback and stop event.
+
+    User mistakes found by the engine (DataError, ModelError, MemoryFitError, ...) become
+    one-line UsageErrors; anything else keeps its traceback. On any failure the live
+    display is frozen so no dead Stop button is left behind.
+    """
+    finetune = _engine_finetune()
+    try:
+        with as_usage_error():
+            return finetune(config, on_event=reporter, stop=reporter.stop)
+    except BaseException:
+        reporter.abort()
+        raise

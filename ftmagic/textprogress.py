@@ -1,0 +1,399 @@
+"""Training progress as text: pure formatters, an event accumulator and a terminal printer.
+
+The engine reports progress only through event dicts (``on_event(dict)``). This module
+turns those events into text. It never imports ipywidgets, so the CLI and terminal
+IPython use it directly, and the notebook widget reuses the same formatters (the way
+``tqdm.notebook`` reuses ``format_meter``): every string a user sees comes from a pure
+function that is tested with plain string asserts.
+
+Example::
+
+    from ftmagic.textprogress import TextProgress
+    result = ftmagic.finetune(model="tiny", data=records, max_steps=20, on_event=TextProgress())
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Optional, TextIO
+
+# --------------------------------------------------------------------------- formatters
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``"mm:ss"`` or ``"h:mm:ss"``; ``"?"`` when unknown.
+
+    Example::
+
+        >>> format_duration(75), format_duration(3725), format_duration(None)
+        ('01:15', '1:02:05', '?')
+    """
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes:02d}:{secs:02d}"
+
+
+def format_bytes(n: Optional[float]) -> str:
+    """Bytes in binary units with three significant digits.
+
+    Example::
+
+        >>> format_bytes(1536), format_bytes(3 * 1024**3), format_bytes(None)
+        ('1.50 KiB', '3.00 GiB', '?')
+    """
+    if n is None or n < 0:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(value)} B"
+    digits = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:.{digits}f} {unit}"
+
+
+def format_count(n: Optional[float]) -> str:
+    """A count with a k/M/B suffix.
+
+    Example::
+
+        >>> format_count(950), format_count(12_345), format_count(1_500_000), format_count(7e9)
+        ('950', '12.3k', '1.50M', '7.00B')
+    """
+    if n is None:
+        return "?"
+    value = float(n)
+    for suffix, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            scaled = value / scale
+            digits = 2 if abs(scaled) < 10 else 1 if abs(scaled) < 100 else 0
+            return f"{scaled:.{digits}f}{suffix}"
+    return f"{int(value)}" if value == int(value) else f"{value:.1f}"
+
+
+def format_loss(loss: Optional[float]) -> str:
+    """A loss with four significant digits (``"nan"`` shown as such).
+
+    Example::
+
+        >>> format_loss(2.345678), format_loss(0.012345), format_loss(None)
+        ('2.346', '0.01235', '?')
+    """
+    if loss is None:
+        return "?"
+    if not math.isfinite(loss):
+        return str(loss)
+    return f"{loss:.4g}"
+
+
+def format_lr(lr: Optional[float]) -> str:
+    """A learning rate in short scientific notation.
+
+    Example::
+
+        >>> format_lr(0.0002), format_lr(0)
+        ('2.0e-04', '0')
+    """
+    if lr is None:
+        return "?"
+    if lr == 0:
+        return "0"
+    return f"{lr:.1e}"
+
+
+def format_bar(fraction: Optional[float], width: int = 30) -> str:
+    """An ASCII bar (safe in every terminal and log file).
+
+    Example::
+
+        >>> format_bar(0.5, 10)
+        '[#####-----]'
+    """
+    if fraction is None:
+        return "[" + "?" * width + "]"
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = int(fraction * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def format_params(trainable: Optional[int], total: Optional[int]) -> str:
+    """``"1.20M of 60.0M trainable (2.00%)"``.
+
+    Example::
+
+        >>> format_params(1_200_000, 60_000_000)
+        '1.20M of 60.0M parameters trainable (2.00%)'
+    """
+    if trainable is None:
+        return "trainable parameters unknown"
+    if not total:
+        return f"{format_count(trainable)} parameters trainable"
+    share = 100.0 * trainable / total
+    return f"{format_count(trainable)} of {format_count(total)} parameters trainable ({share:.2f}%)"
+
+
+def format_plan_line(plan: dict, start: Optional[dict] = None) -> str:
+    """The one line printed before heavy loading: model, method, device, precision, data.
+
+    Pass the ``start`` event too once it arrived to append the trainable parameters.
+
+    Example::
+
+        >>> format_plan_line({"model": "tiny", "method": "lora", "device": "cpu", "precision": "fp32",
+        ...                   "train_records": 200, "eval_records": 20, "format": "messages"})
+        'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
+    """
+    parts = [str(plan.get("model", "?")), str(plan.get("method", "?")),
+             f"{plan.get('device', '?')} {plan.get('precision', '?')}".strip()]
+    records = plan.get("train_records")
+    data = "data: " + (f"{records} train" if records is not None else "? train")
+    if plan.get("eval_records"):
+        data += f" + {plan['eval_records']} eval"
+    data += " records"
+    if plan.get("format"):
+        data += f" ({plan['format']})"
+    parts.append(data)
+    if start is not None:
+        parts.append(format_params(start.get("trainable_params"), start.get("total_params")))
+    return "ftmagic: " + " | ".join(parts)
+
+
+def format_step_line(step: dict, width: int = 30) -> str:
+    """One progress line from a ``step`` event.
+
+    Example::
+
+        >>> format_step_line({"step": 5, "max_steps": 10, "epoch": 0.5, "loss": 2.5, "lr": 2e-4,
+        ...                   "tokens_per_s": 1234.0, "elapsed_s": 10, "eta_s": 10,
+        ...                   "memory_bytes": 2**30}, width=10)
+        '[#####-----] 5/10 ep 0.50 | loss 2.5 | lr 2.0e-04 | 1.23k tok/s | 00:10<00:10 | mem 1.00 GiB'
+    """
+    max_steps = step.get("max_steps")
+    current = step.get("step", 0)
+    fraction = current / max_steps if max_steps else None
+    text = f"{format_bar(fraction, width)} {current}/{max_steps if max_steps else '?'}"
+    if step.get("epoch") is not None:
+        text += f" ep {step['epoch']:.2f}"
+    text += f" | loss {format_loss(step.get('loss'))} | lr {format_lr(step.get('lr'))}"
+    if step.get("tokens_per_s") is not None:
+        text += f" | {format_count(step['tokens_per_s'])} tok/s"
+    text += f" | {format_duration(step.get('elapsed_s'))}<{format_duration(step.get('eta_s'))}"
+    if step.get("memory_bytes") is not None:
+        text += f" | mem {format_bytes(step['memory_bytes'])}"
+    return text
+
+
+def format_end_line(end: dict, state: Optional["RunState"] = None) -> str:
+    """The closing line: why the run ended, final losses and where the files are.
+
+    Example::
+
+        >>> format_end_line({"reason": "finished", "metrics": {"steps": 10, "train_loss": 1.5,
+        ...                  "runtime_s": 62}, "output_dir": "out"})
+        'finished after 10 steps in 01:02 | train loss 1.5 | saved to out'
+    """
+    metrics = end.get("metrics") or {}
+    reason = end.get("reason", "finished")
+    steps = metrics.get("steps")
+    if steps is None and state is not None and state.last_step:
+        steps = state.last_step.get("step")
+    text = {"finished": "finished", "stopped": "stopped", "interrupted": "interrupted",
+            "early_stopping": "stopped early (no eval improvement)"}.get(reason, str(reason))
+    if steps is not None:
+        text += f" after {steps} steps"
+    if metrics.get("runtime_s") is not None:
+        text += f" in {format_duration(metrics['runtime_s'])}"
+    if metrics.get("train_loss") is not None:
+        text += f" | train loss {format_loss(metrics['train_loss'])}"
+    if metrics.get("eval_loss") is not None:
+        text += f" | eval loss {format_loss(metrics['eval_loss'])}"
+    if end.get("output_dir"):
+        text += f" | saved to {end['output_dir']}"
+    return text
+
+
+# --------------------------------------------------------------------------- state
+
+
+class RunState:
+    """Everything the events of one run said so far; the widget, printer and summary read it.
+
+    Example::
+
+        state = RunState()
+        for event in events:
+            state.update(event)
+        state.train_points   # [(step, loss), ...]
+    """
+
+    def __init__(self) -> None:
+        self.plan: Optional[dict] = None
+        self.start: Optional[dict] = None
+        self.last_step: Optional[dict] = None
+        self.end: Optional[dict] = None
+        self.train_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, float]] = []
+        self.checkpoints: list[dict] = []
+        self.messages: list[dict] = []
+        self.peak_memory_bytes: Optional[int] = None
+
+    def update(self, event: dict) -> str:
+        """Record ``event``; return its kind (``"step"``, ``"eval"``, ...)."""
+        kind = event.get("event", "")
+        if kind == "plan":
+            self.plan = event
+        elif kind == "start":
+            self.start = event
+        elif kind == "step":
+            self.last_step = event
+            loss = event.get("loss")
+            if loss is not None and math.isfinite(loss):
+                self.train_points.append((int(event.get("step", len(self.train_points) + 1)), float(loss)))
+            memory = event.get("memory_bytes")
+            if memory is not None:
+                self.peak_memory_bytes = max(memory, self.peak_memory_bytes or 0)
+        elif kind == "eval":
+            loss = event.get("eval_loss")
+            if loss is not None and math.isfinite(loss):
+                self.eval_points.append((int(event.get("step", 0)), float(loss)))
+        elif kind == "checkpoint":
+            self.checkpoints.append(event)
+        elif kind == "message":
+            self.messages.append(event)
+        elif kind == "end":
+            self.end = event
+        return kind
+
+    @property
+    def max_steps(self) -> Optional[int]:
+        if self.last_step and self.last_step.get("max_steps"):
+            return self.last_step["max_steps"]
+        if self.start and self.start.get("max_steps"):
+            return self.start["max_steps"]
+        return None
+
+    @property
+    def step(self) -> int:
+        if self.last_step:
+            return int(self.last_step.get("step", 0))
+        if self.start:
+            return int(self.start.get("resumed_from_step") or 0)
+        return 0
+
+    @property
+    def fraction(self) -> Optional[float]:
+        total = self.max_steps
+        return min(self.step / total, 1.0) if total else None
+
+
+# --------------------------------------------------------------------------- printer
+
+
+class TextProgress:
+    """An ``on_event`` callback that prints progress as text (terminal, CLI, log files).
+
+    On a terminal the step line is redrawn in place; elsewhere (pipes, CI logs) a new
+    line is printed at most every ``min_interval`` seconds, plus the final step.
+
+    Example::
+
+        progress = TextProgress()
+        result = finetune(config, on_event=progress)
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None, *, dynamic: Optional[bool] = None,
+                 min_interval: float = 0.5, width: int = 30, header: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.dynamic = dynamic
+        self.min_interval = min_interval
+        self.width = width
+        self.header = header
+        self.clock = clock
+        self.state = RunState()
+        self._last_print: Optional[float] = None
+        self._line_open = False  # a dynamic line waits for its newline
+
+    def _out(self) -> TextIO:
+        # Resolved late so that a redirected or captured sys.stdout is honoured.
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _is_dynamic(self) -> bool:
+        if self.dynamic is not None:
+            return self.dynamic
+        isatty = getattr(self._out(), "isatty", None)
+        try:
+            return bool(isatty and isatty())
+        except ValueError:
+            return False
+
+    def _println(self, text: str) -> None:
+        out = self._out()
+        if self._line_open:
+            out.write("\n")
+            self._line_open = False
+        out.write(text + "\n")
+        out.flush()
+
+    def __call__(self, event: dict) -> None:
+        kind = self.state.update(event)
+        if kind == "plan" and self.header:
+            self._println(format_plan_line(event))
+        elif kind == "start" and self.header:
+            line = format_params(event.get("trainable_params"), event.get("total_params"))
+            if event.get("resumed_from_step"):
+                line += f" | resuming from step {event['resumed_from_step']}"
+            self._println(line)
+        elif kind == "step":
+            self._step(event)
+        elif kind == "eval":
+            self._println(f"step {event.get('step')}: eval loss {format_loss(event.get('eval_loss'))}")
+        elif kind == "checkpoint":
+            self._println(f"step {event.get('step')}: checkpoint saved to {event.get('path')}")
+        elif kind == "message":
+            prefix = "warning: " if event.get("level") == "warning" else ""
+            self._println(prefix + str(event.get("text", "")))
+        elif kind == "end":
+            self._println(format_end_line(event, self.state))
+
+    def _step(self, event: dict) -> None:
+        now = self.clock()
+        last = event.get("step") == event.get("max_steps")
+        if not last and self._last_print is not None and now - self._last_print < self.min_interval:
+            return
+        self._last_print = now
+        line = format_step_line(event, self.width)
+        out = self._out()
+        if self._is_dynamic():
+            out.write("\r" + line + "\x1b[K")
+            self._line_open = True
+            out.flush()
+        else:
+            out.write(line + "\n")
+            out.flush()
+
+    def close(self) -> None:
+        """End an open in-place line (call when the run ended without an ``end`` event)."""
+        if self._line_open:
+            self._out().write("\n")
+            self._line_open = False
+
+
+def any_event_callback(*callbacks: Optional[Callable[[dict], Any]]) -> Callable[[dict], None]:
+    """Combine several ``on_event`` callbacks into one (``None`` entries are skipped)."""
+    active = [cb for cb in callbacks if cb is not None]
+
+    def fan_out(event: dict) -> None:
+        for cb in active:
+            cb(event)
+
+    return fan_out

@@ -1,0 +1,210 @@
+"""The live training widget: progress bar, ETA, tokens/s, loss chart, lr, memory, Stop.
+
+It is built only from engine events (plain dicts), so it is tested by feeding events,
+with no training. The strings it shows come from pure functions
+(:func:`progress_fields`, :mod:`ftmagic.textprogress`); the widget only copies them in.
+The Stop button sets a ``threading.Event`` that the engine checks after each step.
+
+Example::
+
+    progress = TrainingProgress()
+    progress.show()
+    result = finetune(config, on_event=progress, stop=progress.stop)
+    progress.finish(result.metrics, name="ft")   # replaced by the static summary
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from ftmagic.textprogress import (RunState, format_bytes, format_count, format_duration, format_loss, format_lr,
+                                  format_plan_line)
+from ftmagic.widgets.summary import as_mimebundle, loss_chart_svg
+
+
+def progress_fields(state: RunState) -> dict[str, str]:
+    """The texts of the status line, from what the events said so far.
+
+    Example::
+
+        >>> state = RunState()
+        >>> _ = state.update({"event": "step", "step": 3, "max_steps": 12, "epoch": 0.25, "loss": 2.0,
+        ...                   "lr": 1e-4, "tokens_per_s": 900, "elapsed_s": 3, "eta_s": 9, "memory_bytes": 1024**2})
+        >>> progress_fields(state)["step"], progress_fields(state)["eta"], progress_fields(state)["memory"]
+        ('step 3/12', '00:03 elapsed, 00:09 left', '1.00 MiB')
+    """
+    step = state.last_step or {}
+    total = state.max_steps
+    fields = {
+        "step": f"step {state.step}/{total}" if total else f"step {state.step}",
+        "epoch": f"epoch {step['epoch']:.2f}" if step.get("epoch") is not None else "",
+        "loss": format_loss(step.get("loss")) if step else "",
+        "eval_loss": format_loss(state.eval_points[-1][1]) if state.eval_points else "",
+        "lr": format_lr(step.get("lr")) if step else "",
+        "rate": f"{format_count(step['tokens_per_s'])} tokens/s" if step.get("tokens_per_s") is not None else "",
+        "eta": (f"{format_duration(step.get('elapsed_s'))} elapsed, {format_duration(step.get('eta_s'))} left"
+                if step else ""),
+        "memory": format_bytes(step["memory_bytes"]) if step.get("memory_bytes") is not None else "",
+    }
+    return fields
+
+
+def status_html(state: RunState) -> str:
+    """The status line under the bar: labelled values, empty ones left out."""
+    fields = progress_fields(state)
+    labelled = [("", fields["step"]), ("", fields["epoch"]), ("loss", fields["loss"]),
+                ("eval loss", fields["eval_loss"]), ("lr", fields["lr"]), ("", fields["rate"]),
+                ("", fields["eta"]), ("memory", fields["memory"])]
+    parts = [(f"<b>{label}</b> " if label else "") + html.escape(value) for label, value in labelled if value]
+    return '<span style="font-family:monospace">' + " &middot; ".join(parts) + "</span>"
+
+
+def header_html(state: RunState) -> str:
+    """The run's one-line description (model, method, device, precision, data, parameters)."""
+    if state.plan is None:
+        return "<span>ftmagic: preparing the run&hellip;</span>"
+    return f"<span>{html.escape(format_plan_line(state.plan, state.start))}</span>"
+
+
+def log_html(state: RunState, limit: int = 5) -> str:
+    """The latest messages and checkpoints (warnings first-class, not hidden in a log)."""
+    lines = []
+    for message in state.messages[-limit:]:
+        icon = "&#9888; " if message.get("level") == "warning" else ""
+        lines.append(icon + html.escape(str(message.get("text", ""))))
+    if state.checkpoints:
+        last = state.checkpoints[-1]
+        lines.append(html.escape(f"checkpoint at step {last.get('step')}: {last.get('path')}"))
+    return "<br>".join(lines)
+
+
+class TrainingProgress:
+    """An ``on_event`` callback that drives an ipywidgets progress display.
+
+    ``stop`` is the event handed to the engine; the Stop button sets it. Redraws are
+    throttled (``redraw_interval`` for the texts, ``chart_interval`` for the chart) so a
+    fast run does not flood the front end; eval and end events always redraw.
+
+    Example::
+
+        progress = TrainingProgress()
+        progress.show()
+        result = finetune(config, on_event=progress, stop=progress.stop)
+        progress.finish(result.metrics, output_dir=result.output_dir, name="ft")
+    """
+
+    def __init__(self, stop: Optional[threading.Event] = None, *, redraw_interval: float = 0.2,
+                 chart_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        import ipywidgets as w  # only a notebook run pays for ipywidgets
+
+        self.stop = stop if stop is not None else threading.Event()
+        self.state = RunState()
+        self.redraw_interval = redraw_interval
+        self.chart_interval = chart_interval
+        self.clock = clock
+        self._last_redraw: Optional[float] = None
+        self._last_chart: Optional[float] = None
+        self.chart_redraws = 0  # how many times the SVG was rebuilt (tests check the throttle)
+        self.handle = None
+
+        self.header = w.HTML(value=header_html(self.state))
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
+                                   layout=w.Layout(flex="1 1 auto", width="auto"))
+        self.button = w.Button(description="Stop", icon="stop", button_style="danger",
+                               tooltip="End training after the current step and save a checkpoint")
+        self.button.on_click(self._on_stop_click)
+        self.status = w.HTML(value="")
+        self.chart = w.HTML(value="")
+        self.log = w.HTML(value="")
+        self._row = w.HBox([self.bar, self.button])
+        self.widget = w.VBox([self.header, self._row, self.status, self.chart, self.log])
+
+    # ------------------------------------------------------------------ events
+    def __call__(self, event: dict) -> None:
+        kind = self.state.update(event)
+        if kind in ("plan", "start"):
+            self.header.value = header_html(self.state)
+            self._redraw_texts()
+        elif kind == "step":
+            now = self.clock()
+            if self._last_redraw is None or now - self._last_redraw >= self.redraw_interval:
+                self._last_redraw = now
+                self._redraw_texts()
+            if self._last_chart is None or now - self._last_chart >= self.chart_interval:
+                self._last_chart = now
+                self._redraw_chart()
+        elif kind == "eval":
+            self._redraw_texts()
+            self._redraw_chart()
+        elif kind in ("message", "checkpoint"):
+            self.log.value = log_html(self.state)
+        elif kind == "end":
+            self._on_end(event)
+
+    def _redraw_texts(self) -> None:
+        fraction = self.state.fraction
+        if fraction is not None:
+            self.bar.value = fraction
+        self.status.value = status_html(self.state)
+
+    def _redraw_chart(self) -> None:
+        self.chart_redraws += 1
+        self.chart.value = loss_chart_svg(self.state.train_points, self.state.eval_points)
+
+    def _on_end(self, event: dict) -> None:
+        self._redraw_texts()
+        self._redraw_chart()
+        self.log.value = log_html(self.state)
+        reason = event.get("reason", "finished")
+        self.bar.bar_style = "success" if reason in ("finished", "early_stopping") else "warning"
+        if reason == "finished":
+            self.bar.value = 1.0
+        self.button.disabled = True
+        self.button.description = "Done" if reason in ("finished", "early_stopping") else "Stopped"
+
+    # ------------------------------------------------------------------ stop
+    def _on_stop_click(self, _button: Any = None) -> None:
+        if self.stop.is_set() or self.state.end is not None:
+            return
+        self.stop.set()
+        self.button.disabled = True
+        self.button.description = "Stopping..."
+        self.log.value = (log_html(self.state) + ("<br>" if self.log.value else "")
+                          + "stopping after the current step; a checkpoint will be saved")
+
+    # ------------------------------------------------------------------ display
+    def show(self) -> None:
+        """Display the widget in the current cell (remembered so :meth:`finish` can replace it)."""
+        from IPython.display import display
+
+        self.handle = display(self.widget, display_id=True)
+
+    def summary_bundle(self, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
+                       name: Optional[str] = None) -> dict:
+        """The static summary (HTML + plain text) of what the events said."""
+        return as_mimebundle(self.state, metrics, output_dir, name)
+
+    def finish(self, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
+               name: Optional[str] = None) -> None:
+        """Replace the live widget with the static HTML summary, then close the widget.
+
+        The summary is plain HTML with an inline SVG, so a saved notebook shows it on
+        GitHub and in nbconvert without a kernel.
+        """
+        from IPython.display import display
+
+        bundle = self.summary_bundle(metrics, output_dir, name)
+        if self.handle is not None:
+            self.handle.update(bundle, raw=True)
+        else:
+            display(bundle, raw=True)
+        self.close()
+
+    def close(self) -> None:
+        """Close the widget and its children (frees their comms in the kernel)."""
+        for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.log):
+            child.close()
+        self.widget.close()
