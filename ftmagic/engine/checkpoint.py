@@ -1,0 +1,180 @@
+"""Checkpoints that survive a kill at any moment, and exact resume.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-00000042`` holding the
+trainable weights (``trainable.safetensors``), optimizer, scheduler and gradient
+scaler states, the RNG states of python, numpy and torch, and ``state.json`` (step,
+data position, best eval loss, history). It is written into a temporary folder next
+to its final place, every file is fsynced, and only then is the folder renamed; the
+``COMPLETE`` marker is its last file. A kill mid-write leaves a ``.tmp-*`` folder that
+:func:`latest_checkpoint` ignores, so the last good checkpoint always loads.
+
+Example::
+
+    path = save_checkpoint(ckpt_root, step=10, model=model, optimizer=opt, scheduler=sched,
+                           scaler=None, state={"step": 10}, keep=2)
+    newest = latest_checkpoint(ckpt_root)          # -> path
+    state = load_checkpoint(newest, model=model, optimizer=opt, scheduler=sched, scaler=None)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ftmagic.errors import CheckpointError
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def trainable_state(model) -> dict:
+    """The parameters that train, by name (all of them for full fine-tuning)."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) cannot open folders; rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict) -> None:
+    """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it)."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2) -> Path:
+    """Atomically write checkpoint ``step`` under ``root`` and drop all but the newest ``keep`` (0: keep all)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state)
+        (tmp / MARKER).write_text(str(step), encoding="utf-8")
+        for item in tmp.iterdir():
+            _fsync_file(item)
+        _fsync_dir(tmp)
+        if final.exists():
+            # Same step written twice (a stop right after a periodic save): move the old one
+            # aside first; the new folder is complete, so the swap is the only window.
+            old = root / f".old-{PREFIX}{step:08d}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for stale in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (unfinished ``.tmp-*`` folders are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for item in root.iterdir():
+        if not item.name.startswith(PREFIX) or not (item / MARKER).is_file():
+            continue
+        try:
+            step = int(item.name[len(PREFIX):])
+            json.loads((item / "state.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        found.append((step, item))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(root) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path, *, model, optimizer, scheduler, scaler) -> dict:
+    """Restore weights, optimizer, scheduler, scaler and RNG states; returns ``state.json``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        unknown = [name for name in weights if name not in params]
+        if unknown:
+            raise CheckpointError(f"checkpoint {path} does not match this model (unknown weight `{unknown[0]}`); "
+                                  "resume with the same model and method, or set `resume: false`")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if scaler is not None and (path / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); delete it to resume from the one before") from None
+
+
+def clean_temporaries(root) -> None:
+    """Remove folders left by a write that was killed (they are never used)."""
+    root = Path(root)
+    if root.is_dir():
+        for item in root.iterdir():
+            if item.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(item, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Which device and precision a run uses, and why (one line).
+
+The decision is a pure function of the machine's capabilities, so every GPU rule is
+tested on a CPU with faked capabilities; :func:`detect_caps` is the only part that
+looks at the real machine.
+
+Example::
+
+    >>> from ftmagic.engine.device import DeviceCaps, choose_device
+    >>> t4 = DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5),
+    ...                 total_memory=15 * 2**30, bf16_supported=False)
+    >>> plan = choose_device(t4, method="qlora")
+    >>> plan.device, plan.precision, plan.use_grad_scaler, plan.qlora_compute_dtype
+    ('cuda', 'fp16', True, 'float16')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ftmagic.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the machine can do; build one by hand to test a GPU rule without a GPU."""
+
+    cuda_available: bool = False
+    name: str = "cpu"
+    compute_capability: Optional[tuple] = None  # (major, minor); T4 is (7, 5), A100 (8, 0)
+    total_memory: int = 0  # bytes of GPU memory (0 without CUDA)
+    bf16_supported: bool = False  # Ampere (8.0) and newer
+    mps_available: bool = False
+    bnb_cpu_4bit: bool = False  # bitsandbytes can run NF4 matmuls on the CPU (bnb >= 0.48)
+    bnb_available: bool = False  # bitsandbytes imports (8-bit optimizers, CUDA 4-bit)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The outcome of :func:`choose_device`."""
+
+    device: str  # "cuda" | "mps" | "cpu"
+    precision: str  # "bf16" | "fp16" | "fp32": autocast dtype of the forward pass
+    use_grad_scaler: bool  # fp16 needs loss scaling; bf16 and fp32 do not
+    qlora_compute_dtype: Optional[str]  # "bfloat16" | "float16" | "float32" for method qlora, else None
+    method: str  # the method that will run (qlora may become lora where 4-bit cannot run)
+    reason: str  # one line: which device and precision, and why
+    fallback: Optional[str] = None  # one line when the method was changed, else None
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision != "fp32"
+
+
+def detect_caps() -> DeviceCaps:
+    """Read the capabilities of this machine (the only impure part of the device choice)."""
+    cuda = torch.cuda.is_available()
+    name, cc, total, bf16 = "cpu", None, 0, False
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        name, cc, total = props.name, (props.major, props.minor), int(props.total_memory)
+        bf16 = bool(torch.cuda.is_bf16_supported())
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    bnb_ok, bnb_cpu = _bitsandbytes_support()
+    return DeviceCaps(cuda_available=cuda, name=name, compute_capability=cc, total_memory=total,
+                      bf16_supported=bf16, mps_available=mps, bnb_cpu_4bit=bnb_cpu, bnb_available=bnb_ok)
+
+
+def _bitsandbytes_support() -> tuple[bool, bool]:
+    try:
+        import bitsandbytes  # noqa: F401  (prints a note about optional CPU kernels; harmless)
+    except Exception:  # a broken install must not stop a LoRA run
+        return False, False
+    try:
+        major, minor = (int(p) for p in bitsandbytes.__version__.split(".")[:2])
+    except ValueError:
+        return True, False
+    # The CPU backend for 4-bit (NF4) matmuls arrived in bitsandbytes 0.48.
+    return True, (major, minor) >= (0, 48)
+
+
+def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "auto",
+                  method: str = "lora") -> DevicePlan:
+    """Pick device, precision, loss scaling and the QLoRA compute dtype for ``caps``.
+
+    ``auto`` prefers CUDA (bf16 where the GPU has it, else fp16 with a gradient scaler),
+    then Apple MPS, then the CPU (fp32). QLoRA without CUDA runs on bitsandbytes' CPU
+    backend when it is there, else becomes LoRA (``plan.fallback`` says so).
+
+    Example::
+
+        plan = choose_device(detect_caps(), requested="auto", precision="auto", method="lora")
+        print(plan.reason)   # e.g. "cuda (NVIDIA A100, cc 8.0): bf16 autocast, no loss scaling needed"
+    """
+    if requested == "cuda" and not caps.cuda_available:
+        raise ConfigError("`device: cuda` was asked for but no CUDA GPU is visible; use `device: auto` or `device: cpu`")
+    if requested == "mps" and not caps.mps_available:
+        raise ConfigError("`device: mps` was asked for but Apple MPS is not available; use `device: auto` or `device: cpu`")
+    if requested not in ("auto", "cuda", "mps", "cpu"):
+        raise ConfigError(f"`device: {requested}` is not accepted; use auto, cuda, mps or cpu")
+
+    if requested == "auto":
+        device = "cuda" if caps.cuda_available else "mps" if caps.mps_available else "cpu"
+    else:
+        device = requested
+
+    fallback = None
+    if method == "qlora" and device != "cuda":
+        if device == "cpu" and caps.bnb_cpu_4bit:
+            pass  # bitsandbytes runs NF4 on the CPU; slow but real QLoRA
+        else:
+            fallback = (f"QLoRA needs CUDA or bitsandbytes' CPU backend, which {device} does not have; "
+                        "using LoRA (same adapters, unquantized base)")
+            method = "lora"
+
+    if device == "cuda":
+        where = f"cuda ({caps.name}" + (f", cc {caps.compute_capability[0]}.{caps.compute_capability[1]})"
+                                         if caps.compute_capability else ")")
+        if precision == "auto":
+            precision = "bf16" if caps.bf16_supported else "fp16"
+            why = ("bf16 autocast, no loss scaling needed" if caps.bf16_supported
+                   else "no bf16 on this GPU, so fp16 autocast with a gradient scaler")
+        elif precision == "bf16" and not caps.bf16_supported:
+            raise ConfigError(f"`precision: bf16` is not supported by {caps.name} (compute capability below 8.0); "
+                              "use `precision: fp16` or `precision: auto`")
+        else:
+            why = f"{precision} as asked" + (" with a gradient scaler" if precision == "fp16" else "")
+    elif device == "mps":
+        where = "mps (Apple GPU)"
+        if precision == "auto":
+            # fp16 autocast on MPS has no dependable loss scaler; fp32 trains correctly everywhere.
+            precision, why = "fp32", "fp32 (mixed precision on MPS is not dependable for training)"
+        elif precision == "bf16":
+            raise ConfigError("`precision: bf16` is not supported for training on MPS; use `precision: auto` (fp32)")
+        else:
+            why = f"{precision} as asked"
+    else:
+        where = "cpu" + (" (no CUDA GPU found)" if requested == "auto" else " (as asked)")
+        if precision == "auto":
+            precision, why = "fp32", "fp32 (CPUs gain little from half precision)"
+        elif precision == "fp16":
+            raise ConfigError("`precision: fp16` is not supported on the CPU; use `precision: auto` (fp32) or bf16")
+        else:
+            why = f"{precision} as asked"
+
+    use_scaler = device == "cuda" and precision == "fp16"
+    compute = None
+    if method == "qlora":
+        if device == "cuda":
+            compute = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "bfloat16" if caps.bf16_supported else "float16")
+        else:
+            # The CPU 4-bit path computes in the activation dtype; fp32 keeps it exact and portable.
+            compute = "bfloat16" if precision == "bf16" else "float32"
+        why += f"; 4-bit NF4 base computing in {compute}"
+    reason = f"{where}: {why}"
+    return DevicePlan(device=device, precision=precision, use_grad_scaler=use_scaler, qlora_compute_dtype=compute,
+                      method=method, reason=reason, fallback=fallback)
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """The optimizer class to build and how (see :func:`choose_optimizer`)."""
+
+    name: str  # "adamw" | "adamw_8bit" | "paged_adamw_8bit" | "sgd"
+    impl: str  # "fused" | "foreach" | "bnb" | "plain"
+    message: Optional[str] = None  # one line when the request was changed
+
+
+def choose_optimizer(requested: str, device: str, bnb_available: bool) -> OptimizerPlan:
+    """Decide how to build the optimizer; pure, so GPU-only choices are tested on a CPU.
+
+    8-bit and paged AdamW come from bitsandbytes and need CUDA; elsewhere the run uses
+    AdamW and says so. Plain AdamW uses the fused CUDA kernel on a GPU and the
+    multi-tensor (foreach) path elsewhere.
+
+    Example::
+
+        >>> choose_optimizer("paged_adamw_8bit", "cpu", bnb_available=True).name
+        'adamw'
+    """
+    if requested in ("adamw_8bit", "paged_adamw_8bit"):
+        if device == "cuda" and bnb_available:
+            return OptimizerPlan(requested, "bnb")
+        why = "bitsandbytes is not installed" if not bnb_available else f"they need CUDA, and this run is on {device}"
+        return OptimizerPlan("adamw", "foreach" if device != "mps" else "plain",
+                             f"`optimizer: {requested}` is not available ({why}); using AdamW")
+    if requested == "sgd":
+        return OptimizerPlan("sgd", "foreach" if device != "mps" else "plain")
+    if requested != "adamw":
+        raise ConfigError(f"`optimizer: {requested}` is not accepted; use adamw, adamw_8bit, paged_adamw_8bit or sgd")
+    return OptimizerPlan("adamw", "fused" if device == "cuda" else "foreach" if device == "cpu" else "plain")
+
+
+def build_optimizer(plan: OptimizerPlan, params, *, lr: float, weight_decay: float):
+    """Instantiate the optimizer that :func:`choose_optimizer` decided on."""
+    params = list(params)
+    if plan.impl == "bnb":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if plan.name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    extra = {"fused": True} if plan.impl == "fused" else {"foreach": True} if plan.impl == "foreach" else {}
+    if plan.name == "sgd":
+        extra.pop("fused", None)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9, **extra)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra)

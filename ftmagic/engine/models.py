@@ -1,0 +1,109 @@
+"""Load a tokenizer and a causal LM from a Hugging Face id, a local folder, or ``tiny``.
+
+``tiny`` is the small pretrained model that ships inside the package
+(``ftmagic/assets/tiny``). With the environment variable ``FTMAGIC_SMOKE=1`` every
+model id resolves to ``tiny`` and runs are capped at :data:`SMOKE_MAX_STEPS` steps, so
+a notebook written for a 7B model can be checked end to end on a laptop or in CI.
+
+Example::
+
+    from ftmagic.engine.models import resolve_model_path, load_tokenizer
+    tok = load_tokenizer(resolve_model_path("tiny"))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ftmagic.errors import ModelError
+
+SMOKE_ENV = "FTMAGIC_SMOKE"
+SMOKE_MAX_STEPS = 20  # enough to see the loss move and every event fire, small enough for CI
+TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+
+def smoke_mode() -> bool:
+    """True when ``FTMAGIC_SMOKE`` is set to a true value (1, true, yes)."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``tiny`` (and, in smoke mode, any id) to the embedded model; leave other ids alone.
+
+    Example::
+
+        >>> resolve_model_path("tiny").endswith("assets/tiny")
+        True
+    """
+    if name == "tiny" or smoke_mode():
+        if not (TINY_DIR / "config.json").exists():
+            raise ModelError(f"the embedded model is missing at {TINY_DIR}; rebuild it with "
+                             "`python scripts/build_tiny_model.py` or set `model:` to another id")
+        return str(TINY_DIR)
+    return os.path.expanduser(name)
+
+
+def load_tokenizer(path: str):
+    """A tokenizer that can pad (pad falls back to EOS) and pads on the right for training."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_found(path, exc)) from None
+    if tok.pad_token is None:
+        # Labels mask padding with -100, so reusing EOS as the pad token never teaches "stop early".
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            raise ModelError(f"the tokenizer of `{path}` has no pad, EOS or unknown token to pad with")
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(compute_dtype: str):
+    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
+def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
+               qlora_compute_dtype: Optional[str] = None):
+    """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
+
+    Example::
+
+        model = load_model(resolve_model_path("tiny"), device="cpu")
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": weight_dtype}
+    if qlora_compute_dtype:
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_found(path, exc)) from None
+    if not qlora_compute_dtype:
+        model.to(device)
+    if model.config.pad_token_id is None and getattr(model.generation_config, "eos_token_id", None) is not None:
+        eos = model.generation_config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def _not_found(path: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.path.isdir(path):
+        return f"cannot load the model in `{path}`: {first}"
+    return (f"model `{path}` was not found: it is not a local folder and could not be loaded from the "
+            f"Hugging Face hub ({first[:160]}); use `model: tiny`, a local path, or a hub id")

@@ -1,0 +1,196 @@
+"""What a run gives back: metrics, history, and a model you can talk to.
+
+``generate`` renders the prompt with the exact template the training data used (the
+data layer's :func:`ftmagic.data.render_prompt`) and stops at the tokenizer's EOS, so
+what you see is what the model learned. ``compare`` answers the same prompts with the
+base model (adapter switched off, or the original weights) and with the tuned one.
+
+Example::
+
+    result = RunResult.load("ftmagic-output")
+    print(result.metrics["train_loss"])
+    print(result.generate("reverse: hello"))
+    for row in result.compare(["reverse: abc", "reverse: xyz"]):
+        print(row["prompt"], row["base"], row["tuned"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ftmagic.errors import CheckpointError
+
+RUN_FILE = "ftmagic_run.json"
+
+
+class RunResult:
+    """The outcome of :func:`ftmagic.finetune`; also loadable from its ``output_dir``."""
+
+    def __init__(self, *, output_dir: str, metrics: dict, history: list, config, model=None, tokenizer=None,
+                 base_model_path: Optional[str] = None, method: Optional[str] = None, plan: Optional[dict] = None):
+        self.output_dir = output_dir
+        self.metrics = metrics
+        self.history = history
+        self.config = config
+        self.method = method or getattr(config, "method", None)
+        self.base_model_path = base_model_path
+        self.plan = plan or {}
+        self._model = model
+        self._tokenizer = tokenizer
+        self._base = None  # the original model, loaded on demand for methods without adapters
+
+    def __repr__(self) -> str:
+        loss = self.metrics.get("train_loss")
+        shown = f"{loss:.4f}" if isinstance(loss, float) else loss
+        return f"RunResult(output_dir={self.output_dir!r}, method={self.method!r}, steps={self.metrics.get('steps')}, train_loss={shown})"
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, output_dir) -> "RunResult":
+        """Open a finished run's folder (adapter or full weights, tokenizer, config, metrics).
+
+        Example::
+
+            result = RunResult.load("ftmagic-output")
+        """
+        from ftmagic.config import FinetuneConfig
+
+        out = Path(output_dir)
+        try:
+            info = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise CheckpointError(f"`{out}` is not a finished ftmagic run (no readable {RUN_FILE})") from None
+        if not info.get("finished"):
+            raise CheckpointError(f"the run in `{out}` did not finish; resume it with `resume: true`")
+        import yaml
+
+        values = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+        config = FinetuneConfig.from_dict(values)
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        history_file = out / "history.json"
+        history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.exists() else []
+        base = info.get("base_model") or config.model
+        if config.model == "tiny" and not os.path.isdir(base):
+            # The folder was written on another machine; the embedded model is here too.
+            from ftmagic.engine.models import resolve_model_path
+
+            base = resolve_model_path("tiny")
+        return cls(output_dir=str(out), metrics=metrics, history=history, config=config, base_model_path=base,
+                   method=info.get("trained_method", config.method), plan=info.get("plan"))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from ftmagic.engine.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.output_dir)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        """The tuned model (loaded from ``output_dir`` on first use after :meth:`load`)."""
+        if self._model is None:
+            self._model = self._load_tuned()
+        return self._model
+
+    def _device(self) -> str:
+        device = self.plan.get("device", "cpu")
+        return device if device != "cuda" or torch.cuda.is_available() else "cpu"
+
+    def _load_base(self, quantized: bool):
+        from ftmagic.engine.models import load_model
+
+        dtype = torch.float32
+        compute = self.plan.get("qlora_compute_dtype") if quantized else None
+        if compute:
+            dtype = getattr(torch, compute)
+        elif self._device() == "cuda" and self.plan.get("precision") in ("bf16", "fp16"):
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.plan["precision"]]
+        return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute)
+
+    def _load_tuned(self):
+        out = Path(self.output_dir)
+        if (out / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base = self._load_base(quantized=self.method == "qlora")
+            model = PeftModel.from_pretrained(base, str(out))
+        else:
+            from ftmagic.engine.models import load_model
+
+            model = load_model(str(out), device=self._device())
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ generation
+    def render(self, prompt: str) -> str:
+        """The exact text the model sees for ``prompt`` (training template + generation prompt)."""
+        template = getattr(self.config, "template", None)
+        system = getattr(self.config, "system_prompt", None)
+        try:
+            from ftmagic.data import render_prompt
+        except ImportError:
+            render_prompt = None
+        if render_prompt is not None:
+            return render_prompt(self.tokenizer, prompt, template=template, system_prompt=system)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> str:
+        """Answer ``prompt`` with the tuned model; greedy by default, stops at EOS.
+
+        Example::
+
+            result.generate("reverse: hello")   # -> "olleh"
+        """
+        return self._generate(self.model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+
+    def compare(self, prompts, max_new_tokens: int = 64) -> list[dict]:
+        """Base against tuned: ``[{"prompt", "base", "tuned"}, ...]`` (greedy decoding).
+
+        Example::
+
+            for row in result.compare(["reverse: abc"]):
+                print(row)
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tuned = [self.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+        with self._base_model() as base:
+            base_answers = [self._generate(base, p, max_new_tokens=max_new_tokens) for p in prompts]
+        return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_answers, tuned)]
+
+    @contextmanager
+    def _base_model(self):
+        model = self.model
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+            return
+        if self._base is None:
+            self._base = self._load_base(quantized=False)
+            self._base.eval()
+        yield self._base
+
+    def _generate(self, model, prompt: str, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> str:
+        tok = self.tokenizer
+        text = self.render(prompt)
+        # The rendered text already holds any BOS the template wants; adding another would
+        # differ from what training saw.
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        device = next(model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+        model.train(was_training)
+        new = output[0, enc["input_ids"].shape[1]:]
+        return tok.decode(new, skip_special_tokens=True).strip()

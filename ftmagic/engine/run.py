@@ -1,0 +1,319 @@
+"""``finetune()``: configuration in, trained model and :class:`RunResult` out.
+
+The steps, in order: resolve the config; choose device and precision; protect or
+resume ``output_dir``; load the tokenizer and prepare the data; emit the ``plan`` event;
+check memory (CUDA); load the model and apply the method; run the loop; write the
+adapter or weights, tokenizer, config and metrics; emit ``end``.
+
+Example::
+
+    from ftmagic.engine.run import finetune
+    result = finetune(model="tiny", data="train.jsonl", method="lora", max_steps=50,
+                      on_event=lambda e: print(e["event"], e.get("loss", "")))
+    print(result.metrics["train_loss"], result.generate("reverse: abc"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ftmagic.config import FinetuneConfig
+from ftmagic.engine import checkpoint as ckpt
+from ftmagic.engine.device import DevicePlan, choose_device, choose_optimizer, detect_caps
+from ftmagic.engine.loop import plan_steps, train_loop
+from ftmagic.engine.methods import (count_parameters, enable_gradient_checkpointing, get_method,
+                                    qlora_cpu_blocker)
+from ftmagic.engine.models import SMOKE_MAX_STEPS, load_model, load_tokenizer, resolve_model_path, smoke_mode
+from ftmagic.engine.result import RUN_FILE, RunResult
+from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
+
+# Keys that steer how long or how a run proceeds but not what it trains: changing them
+# keeps the run "the same" for output_dir protection and resume.
+_RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
+                     "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing")
+# Files a finished or crashed run leaves; only these are replaced when a run starts over.
+_OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+                 "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "README.md", "model.safetensors.index.json")
+
+
+def finetune(config: Any = None, *, on_event: Optional[Callable[[dict], None]] = None, stop=None,
+             **overrides: Any) -> RunResult:
+    """Fine-tune a model; return a :class:`RunResult`.
+
+    ``config`` is a :class:`FinetuneConfig`, a dict, a YAML file path, or None (then the
+    keyword ``overrides`` are the whole config). ``on_event(dict)`` receives the progress
+    events; ``stop`` (anything with ``is_set()``, e.g. ``threading.Event``) ends the run
+    after the current step with a checkpoint. Ctrl-C does the same.
+
+    Example::
+
+        result = finetune("run.yaml", lr=1e-4)
+        result = finetune(model="tiny", data=records, method="qlora", max_steps=30)
+    """
+    cfg = resolve_config(config, overrides)
+    emit = on_event or (lambda event: None)
+    notes: list[str] = []
+    try:
+        return _run(cfg, emit, stop, notes)
+    except torch.OutOfMemoryError:
+        raise MemoryFitError(_oom_message(cfg)) from None
+
+
+def resolve_config(config: Any, overrides: dict) -> FinetuneConfig:
+    """Turn any accepted spelling of a config into a validated :class:`FinetuneConfig`."""
+    if isinstance(config, FinetuneConfig):
+        return config.replace(**overrides) if overrides else config
+    if isinstance(config, dict):
+        return FinetuneConfig.from_dict(config, **overrides)
+    if isinstance(config, (str, os.PathLike)):
+        return FinetuneConfig.from_file(str(config), **overrides)
+    if config is None:
+        return FinetuneConfig.from_dict(overrides)
+    raise ConfigError(f"config must be a FinetuneConfig, a dict or a YAML path, not {type(config).__name__}")
+
+
+def run_identity(cfg: FinetuneConfig) -> str:
+    """A short hash of what a run trains (not how long): equal for a re-run or a resume."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_CONTROL_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prepare_data(cfg: FinetuneConfig, tokenizer):
+    """The data layer's contract: ``prepare_data(config, tokenizer) -> PreparedData``."""
+    try:
+        from ftmagic.data import prepare_data
+    except ImportError:
+        raise DataError("the data pipeline (ftmagic.data.prepare_data) is not installed in this copy of ftmagic") from None
+    return prepare_data(cfg, tokenizer)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
+    if cfg.data is None:
+        raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
+    if smoke_mode():
+        notes.append(f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of `{cfg.model}` "
+                     f"and at most {SMOKE_MAX_STEPS} steps")
+    model_path = resolve_model_path(cfg.model)
+    plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method)
+    if plan.fallback:
+        notes.append(plan.fallback)
+    if plan.method == "qlora" and plan.device == "cpu":
+        from transformers import AutoConfig
+
+        try:
+            blocker = qlora_cpu_blocker(AutoConfig.from_pretrained(model_path))
+        except (OSError, ValueError):
+            blocker = None  # load_model reports a missing model with a proper message
+        if blocker:
+            notes.append(f"QLoRA cannot run on the CPU for this model ({blocker}); using LoRA")
+            plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
+    method = get_method(plan.method)
+
+    out = Path(cfg.output_dir)
+    resume_from = _claim_output_dir(out, cfg, notes)
+
+    tokenizer = load_tokenizer(model_path)
+    data = _prepare_data(cfg, tokenizer)
+    if not data.train:
+        raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
+                        f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
+    emit({"event": "plan", "model": cfg.model, "method": plan.method, "device": plan.device,
+          "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
+          "train_records": len(data.train), "eval_records": len(data.eval or []), "output_dir": str(out)})
+    for text in notes:
+        emit({"event": "message", "level": "warning" if "using" in text else "info", "text": text})
+    if plan.device == "cuda" and not cfg.skip_memory_check:
+        _preflight(cfg, plan)
+
+    _seed_everything(cfg.seed)
+    weight_dtype = torch.float32
+    if plan.device == "cuda" and method.adapter and plan.precision != "fp32":
+        weight_dtype = plan.torch_dtype  # a frozen base needs no fp32 master copy
+    if plan.qlora_compute_dtype:
+        weight_dtype = getattr(torch, plan.qlora_compute_dtype)
+    base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
+                      qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+    model = method.prepare(base, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, method.adapter)
+    trainable, total = count_parameters(model)
+
+    per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                      epochs=cfg.epochs, max_steps=cfg.max_steps)
+    if smoke_mode():
+        max_steps = min(max_steps, SMOKE_MAX_STEPS)
+    opt_plan = choose_optimizer(cfg.optimizer, plan.device, detect_caps().bnb_available)
+    if opt_plan.message:
+        emit({"event": "message", "level": "warning", "text": opt_plan.message})
+    resumed_step = 0
+    if resume_from is not None:
+        resumed_step = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))["step"]
+    emit({"event": "start", "trainable_params": trainable, "total_params": total, "max_steps": max_steps,
+          "epochs": max_steps * cfg.grad_accum / per_epoch, "resumed_from_step": resumed_step})
+
+    outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
+                         pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
+                         checkpoint_root=out / "checkpoints", resume_from=resume_from,
+                         shifted=plan.method != "prompt_tuning")
+
+    metrics = {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
+               "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
+               "trained_tokens": outcome.trained_tokens, "runtime_s": outcome.runtime_s,
+               "peak_memory_bytes": outcome.peak_memory_bytes, "stopped": outcome.reason != "finished",
+               "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
+               "method": plan.method, "device": plan.device, "precision": plan.precision,
+               "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str, bool))}}
+    model.eval()
+    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
+                   history=outcome.history, model_path=model_path, emit=emit)
+    emit({"event": "end", "reason": outcome.reason, "metrics": metrics, "output_dir": str(out)})
+    return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
+                     model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
+                     plan=dataclasses.asdict(plan))
+
+
+def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[Path]:
+    """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
+    identity = run_identity(cfg)
+    run_file = out / RUN_FILE
+    previous = None
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+    busy = out.is_dir() and any(out.iterdir())
+    same = previous is not None and previous.get("identity") == identity
+
+    if cfg.resume:
+        if busy and previous is None:
+            raise CheckpointError(f"`output_dir: {out}` holds files that are not an ftmagic run; nothing to resume there")
+        if previous is not None and not same and not cfg.overwrite:
+            raise CheckpointError(f"`output_dir: {out}` holds a different run (method {previous.get('method')}, "
+                                  f"model {previous.get('model')}); resume with the same config or set `overwrite: true`")
+        ckpt.clean_temporaries(out / "checkpoints")
+        found = ckpt.latest_checkpoint(out / "checkpoints")
+        if found is None:
+            notes.append(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        else:
+            notes.append(f"resuming from {found.name}")
+        _write_run_file(out, cfg, identity, finished=False)
+        return found
+
+    if busy and not cfg.overwrite:
+        if previous is None:
+            raise CheckpointError(f"`output_dir: {out}` is not empty and was not written by ftmagic; "
+                                  "choose another `output_dir` or set `overwrite: true`")
+        if not same:
+            raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
+                                  f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
+                                  "or choose another `output_dir`")
+        notes.append(f"replacing the earlier result of this same config in {out}")
+    if busy:
+        for name in _OUTPUT_NAMES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    _write_run_file(out, cfg, identity, finished=False)
+    return None
+
+
+def _write_run_file(out: Path, cfg: FinetuneConfig, identity: str, finished: bool, **extra) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"identity": identity, "model": cfg.model, "method": cfg.method, "finished": finished, **extra}
+    (out / RUN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit):
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
+    _write_run_file(out, cfg, run_identity(cfg), finished=True, base_model=os.path.abspath(model_path)
+                    if os.path.isdir(model_path) else model_path, trained_method=plan.method,
+                    adapter=method.adapter, plan=dataclasses.asdict(plan))
+    if cfg.merge:
+        if not method.adapter:
+            emit({"event": "message", "level": "info", "text": f"`merge: true`: {plan.method} already saves full weights"})
+        elif not method.mergeable:
+            emit({"event": "message", "level": "warning",
+                  "text": f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)"})
+        else:
+            merge_adapter(out, model_path, out / "merged", device=plan.device)
+            emit({"event": "message", "level": "info", "text": f"merged weights written to {out / 'merged'}"})
+
+
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
+    """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
+    from peft import PeftModel
+
+    from ftmagic.engine.models import load_model, load_tokenizer
+
+    dtype = torch.float32 if device != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    base = load_model(base_path, device=device, weight_dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(target))
+    load_tokenizer(str(adapter_dir)).save_pretrained(str(target))
+    return str(target)
+
+
+def _preflight(cfg: FinetuneConfig, plan: DevicePlan) -> None:
+    try:
+        from ftmagic.memory import preflight
+    except ImportError:
+        return
+    verdict = preflight(cfg, detect_caps().total_memory)
+    if not getattr(verdict, "fits", True):
+        raise MemoryFitError(getattr(verdict, "message", None) or "the run is not expected to fit this GPU; "
+                             "set `skip_memory_check: true` to try anyway")
+
+
+def _oom_message(cfg: FinetuneConfig) -> str:
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(f"`batch_size: {max(1, cfg.batch_size // 2)}` with `grad_accum: {cfg.grad_accum * 2}`")
+    if not cfg.gradient_checkpointing:
+        tips.append("`gradient_checkpointing: true`")
+    if cfg.method in ("full", "lora", "dora", "freeze", "bitfit", "ia3"):
+        tips.append("`method: qlora`")
+    if cfg.max_seq_len > 256:
+        tips.append(f"`max_seq_len: {cfg.max_seq_len // 2}`")
+    try:
+        from ftmagic.memory import preflight
+
+        verdict = preflight(cfg, detect_caps().total_memory)
+        extra = getattr(verdict, "suggestions", None)
+        if extra:
+            tips.extend(str(s) for s in list(extra)[:2] if str(s) not in tips)
+    except Exception:  # the calculator only adds hints; the message stands without it
+        pass
+    return "CUDA ran out of GPU memory; try " + ", or ".join(tips or ["a smaller model"]) + " (see `%ft_memory`)"
+
+
+__all__ = ["finetune", "resolve_config", "run_identity", "merge_adapter", "FtmagicError"]
