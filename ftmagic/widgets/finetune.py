@@ -28,11 +28,12 @@ import typing
 from typing import Any, Callable, Optional
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class, no_var_expand
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, config_fields, parse_yaml_mapping
+from ftmagic.errors import ConfigError
 from ftmagic.usage import as_usage_error
 
 CELL_SOURCE = "%%finetune cell"
@@ -125,7 +126,8 @@ def _split_line(line: str) -> list[str]:
     in ``--data`` / ``--eval-data``, whose ``$name`` names the variable itself, not its text."""
     from IPython.utils.process import arg_split
 
-    argv = arg_split(line)
+    # Non-POSIX splitting keeps Windows paths' backslashes; the quotes it keeps are removed below.
+    argv = [_unquote(token) for token in arg_split(line)]
     data_flags = {flag_name(k) for k in _DATA_KEYS}
     out, keep_next = [], False
     for token in argv:
@@ -133,6 +135,15 @@ def _split_line(line: str) -> list[str]:
         keep_next = token in data_flags
         out.append(token if literal else _expand(token))
     return out
+
+
+def _unquote(token: str) -> str:
+    if "=" in token and token.startswith("--"):
+        flag, value = token.split("=", 1)
+        return flag + "=" + _unquote(value)
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "'\"":
+        return token[1:-1]
+    return token
 
 
 def _expand(token: str) -> str:
@@ -159,12 +170,16 @@ def parse_line(magic_func: Callable, line: str):
         message = str(exc)
         if "unrecognized arguments" in message:
             known = [opt for action in parser._actions for opt in action.option_strings]
-            unknown = message.split(":", 1)[1].split()
-            hints = [f"`{bad.split('=')[0]}`: did you mean `{close[0]}`?"
+            extra = message.split(":", 1)[1].split()
+            unknown = [token.split("=")[0] for token in extra if token.startswith("-")]
+            hints = [f"`{bad}`: did you mean `{close[0]}`?"
                      for bad in unknown
-                     for close in [difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.6)] if close]
-            message = f"unknown flag(s): {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "") + \
-                f"; see `%%{parser.prog}?` for every flag"
+                     for close in [difflib.get_close_matches(bad, known, n=1, cutoff=0.6)] if close]
+            if unknown:
+                message = f"unknown flag(s): {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
+            else:
+                message = f"unexpected value(s) {' '.join(extra)}: every value follows a flag, e.g. `--lora-r 8`"
+            message += f"; see `%%{parser.prog}?` for every flag"
         raise UsageError(message) from None
 
 
@@ -213,7 +228,19 @@ def build_config(cell: str, overrides: Optional[dict] = None, namespace: Optiona
             values[key] = resolve_variables(values[key], namespace, where, key)
         if key in overrides:
             overrides[key] = resolve_variables(overrides[key], namespace, f"{flag_name(key)}: ", key)
-    return FinetuneConfig.from_dict(values, source=source, lines=lines, **overrides)
+    try:
+        return FinetuneConfig.from_dict(values, source=source, lines=lines, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(_blame_flag(str(exc), source, overrides)) from None
+
+
+def _blame_flag(message: str, source: str, overrides: dict) -> str:
+    """Point an error about a value given as a flag at the flag, not at the cell."""
+    for key in overrides:
+        for prefix in (f"{source}: `{key}:", f"{source}: `{key}`"):
+            if message.startswith(prefix):
+                return f"{flag_name(key)}: " + message[len(source) + 2:]
+    return message
 
 
 # --------------------------------------------------------------------------- where we run
@@ -346,9 +373,11 @@ class FinetuneMagics(Magics):
               help="`auto`: a live widget in a notebook, a text bar in a terminal; or force `widget`, `text`, `none`")
     @_with_config_flags
     @no_var_expand
-    @cell_magic
-    def finetune(self, line: str, cell: str) -> None:
+    @line_cell_magic
+    def finetune(self, line: str, cell: Optional[str] = None) -> None:
         """Fine-tune a model; the cell body is the run's YAML config, flags override it.
+
+        `%finetune --data train.jsonl --max-steps 50` (one `%`) runs with flags only.
 
         Use `data: $variable` (or `--data $variable`) to train on a notebook variable: a
         list of dicts, a pandas DataFrame or a datasets.Dataset. The result (a RunResult
