@@ -1,0 +1,230 @@
+"""Tokenize rendered examples into ``input_ids`` and ``labels`` (-100 where no loss): THE encoding.
+
+Training (:func:`ftmagic.data.prepare_data`) and the previewer both call
+:func:`encode_conversations`; :func:`encode_example` is the same for one record, and
+:func:`render_prompt` is the text a model sees at generation time.
+
+The whole rendered text is tokenized at once, so tokens are exactly what the model
+would read. Each boundary of a trained span must fall between two tokens; if a token
+straddles one (the tokenizer merged prompt and answer characters), that example is
+tokenized segment by segment instead, which keeps the prompt tokens identical to the
+tokens of the prompt alone (what generation sees). ``Encoded.method`` says which.
+
+Example::
+
+    enc = encode_example(tok, {"prompt": "2+2=", "completion": "4"}, max_seq_len=64)
+    enc.input_ids, enc.labels      # labels are -100 except on "4<|im_end|>"
+    render_prompt(tok, "2+2=")     # '<|im_start|>user\\n2+2=<|im_end|>\\n<|im_start|>assistant\\n'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from ftmagic.data.formats import _parse_messages, detect_format, to_conversation
+from ftmagic.data.problems import RecordError
+from ftmagic.data.render import Rendered, render_conversations
+from ftmagic.data.templates import ChatTemplate, resolve_template
+from ftmagic.errors import DataError
+
+IGNORE = -100  # label of tokens without loss (the value torch's cross-entropy ignores)
+
+
+@dataclass
+class Encoded:
+    """One tokenized example, with what the previewer shows about it."""
+
+    input_ids: list
+    labels: list
+    segments: list  # rendered (text, trained) segments, before truncation
+    length: int  # tokens before truncation
+    truncated: bool = False
+    method: str = "prefix"  # how answers were located ("prefix"/"search"/"text"), "+segments" if split
+    eos_added: bool = False
+    no_eos: bool = False
+    warnings: list = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The rendered text, exactly as the template produced it (EOS appended where needed)."""
+        return "".join(t for t, _ in self.segments)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+    def to_dict(self) -> dict:
+        """The training example: ``{"input_ids", "labels"}``."""
+        return {"input_ids": list(self.input_ids), "labels": list(self.labels)}
+
+
+def encode_conversations(tokenizer, conversations: list, *, template: Union[None, str, ChatTemplate] = None,
+                         train_on: str = "completions", max_seq_len: Optional[int] = None) -> list:
+    """Encode many conversations in one batch; each result is an :class:`Encoded` or a :class:`RecordError`.
+
+    Example::
+
+        encode_conversations(tok, [conv1, conv2], max_seq_len=512)
+    """
+    tpl = template if isinstance(template, ChatTemplate) else resolve_template(tokenizer, template)
+    rendered = render_conversations(tokenizer, tpl, conversations, train_on)
+    todo = [(n, r) for n, r in enumerate(rendered) if isinstance(r, Rendered)]
+    results: list = list(rendered)
+    texts = [r.text for _, r in todo]
+    whole = _tokenize(tokenizer, texts)
+    split_later = []
+    for (n, r), enc in zip(todo, whole):
+        labelled = _label_whole(enc, r) if enc is not None else None
+        if labelled is None:
+            split_later.append((n, r))
+            continue
+        results[n] = _make(labelled[0], labelled[1], r, r.method, max_seq_len)
+    if split_later:
+        pieces = [text for _, r in split_later for text, _ in r.segments]
+        ids_of = iter(_tokenize_ids(tokenizer, pieces))
+        for n, r in split_later:
+            ids, labels = [], []
+            for (_, trained), piece in zip(r.segments, ids_of):
+                ids.extend(piece)
+                labels.extend(piece if trained else [IGNORE] * len(piece))
+            results[n] = _make(ids, labels, r, r.method + "+segments", max_seq_len)
+    return results
+
+
+def encode_example(tokenizer, record: Union[dict, list], *, fmt: str = "auto", template: Union[None, str, ChatTemplate] = None,
+                   train_on: str = "completions", max_seq_len: Optional[int] = None, system_prompt: Optional[str] = None,
+                   columns: Optional[dict] = None) -> Encoded:
+    """Encode one record (any supported format) or conversation exactly as training does.
+
+    Example::
+
+        enc = encode_example(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        [tok.decode([i]) for i, l in zip(enc.input_ids, enc.labels) if l != -100]   # ['yo', '<|im_end|>']
+    """
+    conv = as_conversation(record, fmt=fmt, columns=columns, system_prompt=system_prompt)
+    result = encode_conversations(tokenizer, [conv], template=template, train_on=train_on, max_seq_len=max_seq_len)[0]
+    if isinstance(result, RecordError):
+        raise DataError(f"record: {result.message}")
+    return result
+
+
+def as_conversation(record: Union[dict, list], *, fmt: str = "auto", columns: Optional[dict] = None,
+                    system_prompt: Optional[str] = None) -> list:
+    """A record of any format, or a list of messages, as a normalised conversation (DataError if unusable)."""
+    try:
+        if isinstance(record, list):
+            conv = _parse_messages(record, "messages", columns or {})
+            if system_prompt and not (conv and conv[0]["role"] == "system"):
+                conv.insert(0, {"role": "system", "content": system_prompt, "weight": 1})
+            return conv
+        if not isinstance(record, dict):
+            raise DataError(f"record: a {type(record).__name__} is not a record; pass a dict or a list of messages")
+        detection = detect_format([record], fmt, columns, source="record")
+        return to_conversation(record, detection.format, detection.columns, system_prompt)
+    except RecordError as exc:
+        raise DataError(f"record: {exc.message}") from None
+
+
+def render_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, str, ChatTemplate] = None,
+                  system_prompt: Optional[str] = None) -> str:
+    """The text a model sees before it answers ``prompt``: the training template plus the generation prompt.
+
+    ``prompt`` is a user message, or a list of messages (the conversation so far). Tokenize
+    the result with ``add_special_tokens=False`` (the template already wrote BOS where needed),
+    or use :func:`encode_prompt`.
+
+    Example::
+
+        render_prompt(tok, "reverse: abc", system_prompt="Be brief.")
+        # '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nreverse: abc<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    tpl = template if isinstance(template, ChatTemplate) else resolve_template(tokenizer, template)
+    if isinstance(prompt, str):
+        conv = [{"role": "user", "content": prompt}]
+    else:
+        conv = [{"role": m["role"], "content": m["content"]} for m in as_conversation(list(prompt))]
+    if system_prompt and conv[0]["role"] != "system":
+        conv.insert(0, {"role": "system", "content": system_prompt})
+    from ftmagic.data.templates import render_many
+
+    text = render_many(tokenizer, tpl, [conv], add_generation_prompt=True)[0]
+    if isinstance(text, Exception):
+        raise DataError(f"prompt: the chat template rejects it ({str(text).strip().splitlines()[0] if str(text).strip() else type(text).__name__})")
+    return text
+
+
+def encode_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, str, ChatTemplate] = None,
+                  system_prompt: Optional[str] = None) -> list:
+    """Token ids of :func:`render_prompt` (what generation starts from).
+
+    Example::
+
+        ids = encode_prompt(tok, "reverse: abc")
+    """
+    text = render_prompt(tokenizer, prompt, template=template, system_prompt=system_prompt)
+    return _tokenize_ids(tokenizer, [text])[0]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Optional[int]) -> Encoded:
+    length = len(ids)
+    truncated = bool(max_seq_len) and length > max_seq_len
+    if truncated:
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, list(r.warnings))
+
+
+def _backend(tokenizer):
+    return getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+
+def _tokenize(tokenizer, texts: list) -> list:
+    """Rust ``Encoding`` objects (ids + offsets) for a fast tokenizer; ``None`` each for a slow one."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return [None] * len(texts)
+    return backend.encode_batch(texts, add_special_tokens=False)
+
+
+def _tokenize_ids(tokenizer, texts: list) -> list:
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+
+
+def _label_whole(enc, r: Rendered):
+    """(ids, labels) from one tokenization of the whole text, or None if a span boundary splits a token."""
+    ids = enc.ids
+    n = len(ids)
+    labels = [IGNORE] * n
+    pos = 0
+    spans = []
+    for text, trained in r.segments:
+        if trained:
+            if spans and spans[-1][1] == pos:
+                spans[-1][1] = pos + len(text)
+            else:
+                spans.append([pos, pos + len(text)])
+        pos += len(text)
+    total = pos
+    for start, stop in spans:
+        first = _token_at(enc, start, total, n)
+        last = _token_at(enc, stop, total, n)
+        if first is None or last is None:
+            return None
+        labels[first:last] = ids[first:last]
+    return ids, labels
+
+
+def _token_at(enc, char: int, total: int, n: int) -> Optional[int]:
+    """Index of the token starting exactly at ``char`` (``n`` at the end of the text), else None."""
+    if char >= total:
+        return n
+    k = enc.char_to_token(char)
+    if k is None or enc.token_to_chars(k)[0] != char:
+        return None
+    return k

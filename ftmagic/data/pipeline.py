@@ -1,0 +1,196 @@
+"""``prepare_data(config, tokenizer)``: everything the engine trains and evaluates on.
+
+Steps: read each source (strict: a malformed line is a one-line ``DataError``), encode
+every record (:mod:`ftmagic.data.build`), hold out ``val_split`` of each source (unless
+``eval_data`` is given), mix sources by weight, and pack if asked. All random choices
+come from ``config.seed``.
+
+Several sources: ``data`` is a list of ``{path: ..., weight: ...}`` or ``{data: ..., weight: ...}``
+(optional ``format`` and ``columns`` per source). ``weight`` multiplies a source's share:
+``2`` repeats it twice, ``0.5`` keeps a random half. Without weights the sources are
+simply concatenated.
+
+Example::
+
+    from ftmagic.config import FinetuneConfig
+    cfg = FinetuneConfig(data=[{"path": "qa.jsonl", "weight": 2}, {"path": "chat.jsonl"}], val_split=0.1)
+    prepared = prepare_data(cfg, tokenizer)
+    prepared.train[0].keys(), prepared.stats["train_examples"], prepared.stats["skipped"]
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ftmagic.data.build import Built, build_examples
+from ftmagic.data.pack import pack, padding_share
+from ftmagic.data.templates import ChatTemplate, resolve_template
+from ftmagic.errors import ConfigError, DataError
+
+_SOURCE_KEYS = {"path", "data", "weight", "format", "columns", "name"}
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass
+class Source:
+    """One dataset of a mixture."""
+
+    data: Any
+    weight: float = 1.0
+    format: Optional[str] = None
+    columns: Optional[dict] = None
+    name: str = "data"
+
+
+@dataclass
+class PreparedData:
+    """Training and evaluation examples (``{"input_ids", "labels"}``, plus ``position_ids``/``seq_lens`` when packed)."""
+
+    train: list
+    eval: Optional[list]
+    stats: dict
+    template: Optional[ChatTemplate] = None
+    built: list = field(default_factory=list, repr=False)  # per source, for inspection
+
+
+def data_sources(data: Any, key: str = "data") -> list:
+    """Split a ``data`` value into :class:`Source` entries (a mixture list, a list of paths, or one dataset).
+
+    Example::
+
+        data_sources([{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl"}])
+        # [Source(data='a.jsonl', weight=2.0, ...), Source(data='b.jsonl', weight=1.0, ...)]
+    """
+    if data is None:
+        raise ConfigError(f"`{key}` is not set; give a file path, a Hugging Face dataset id or a list of records")
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, str) for d in data):
+        return [Source(d, name=d) for d in data]
+    if isinstance(data, (list, tuple)) and data and all(_is_source_spec(d) for d in data):
+        sources = []
+        for i, spec in enumerate(data):
+            weight = spec.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
+                raise ConfigError(f"`{key}[{i}].weight: {weight!r}` must be a number greater than 0 (1 = as is, 2 = twice)")
+            payload = spec["path"] if "path" in spec else spec["data"]
+            name = spec.get("name") or (payload if isinstance(payload, str) else f"{key}[{i}]")
+            sources.append(Source(payload, float(weight), spec.get("format"), spec.get("columns"), name))
+        return sources
+    return [Source(data, name=data if isinstance(data, str) else key)]
+
+
+def prepare_data(config, tokenizer) -> PreparedData:
+    """Encode ``config.data`` (and ``eval_data`` or a ``val_split``) for training, deterministically by ``config.seed``.
+
+    Example::
+
+        prepared = prepare_data(FinetuneConfig(data="train.jsonl", max_seq_len=256), tok)
+        prepared.stats   # {'format': 'messages', 'records': 1000, 'skipped': 3, 'truncated': 12, ...}
+    """
+    rng = random.Random(config.seed)
+    template = resolve_template(tokenizer, config.template)
+    sources = data_sources(config.data)
+    built = [_build(src, config, tokenizer) for src in sources]
+
+    train, held_out = [], []
+    per_source = []
+    for src, b in zip(sources, built):
+        examples = b.examples
+        if not examples:
+            first = b.problems[0] if b.problems else None
+            raise DataError(f"{src.name}: no usable records" + (f"; first problem: {first}" if first else ""))
+        eval_part: list = []
+        if config.eval_data is None and config.val_split > 0:
+            examples, eval_part = _split(examples, config.val_split, rng, src.name)
+        mixed = _weighted(examples, src.weight, rng)
+        train.extend(mixed)
+        held_out.extend(eval_part)
+        per_source.append({"name": src.name if isinstance(src.name, str) else "data", "format": b.detection.format,
+                           "records": len(b.loaded.records), "skipped": sum(b.skipped.values()),
+                           "weight": src.weight, "train_examples": len(mixed), "eval_examples": len(eval_part)})
+    if len(sources) > 1 or any(s.weight != 1 for s in sources):
+        rng.shuffle(train)  # interleave tasks instead of training on one after the other
+
+    eval_built = []
+    if config.eval_data is not None:
+        eval_built = [_build(src, config, tokenizer) for src in data_sources(config.eval_data, "eval_data")]
+        held_out = [e for b in eval_built for e in b.examples]
+
+    stats = _stats(built, eval_built, train, held_out, template, config)
+    stats["datasets"] = per_source
+    train_rows = [e.to_dict() for e in train]
+    eval_rows = [e.to_dict() for e in held_out] if held_out else None
+    if config.packing:
+        train_rows = pack(train_rows, config.max_seq_len)
+        eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
+    stats["train_rows"] = len(train_rows)
+    stats["eval_rows"] = len(eval_rows) if eval_rows else 0
+    return PreparedData(train_rows, eval_rows, stats, template, built)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _is_source_spec(value: Any) -> bool:
+    return isinstance(value, dict) and ("path" in value or "data" in value) and set(value) <= _SOURCE_KEYS
+
+
+def _build(src: Source, config, tokenizer) -> Built:
+    return build_examples(src.data, tokenizer, fmt=src.format or config.format, columns=src.columns or config.columns,
+                          template=config.template, system_prompt=config.system_prompt, train_on=config.train_on,
+                          max_seq_len=config.max_seq_len, strict=True)
+
+
+def _split(examples: list, share: float, rng: random.Random, name: str) -> tuple:
+    """Hold out ``share`` of the examples (at least one), chosen at random; order is otherwise kept."""
+    if len(examples) < 2:
+        raise DataError(f"{name}: val_split needs at least 2 usable records, found {len(examples)}; "
+                        "set `val_split: 0` or give `eval_data`")
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * share)))
+    chosen = set(rng.sample(range(len(examples)), n_eval))
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    held = [e for i, e in enumerate(examples) if i in chosen]
+    return train, held
+
+
+def _weighted(examples: list, weight: float, rng: random.Random) -> list:
+    """``weight`` copies of the examples: whole repeats, then a random share for the fraction."""
+    whole = int(weight)
+    out = examples * whole
+    extra = round((weight - whole) * len(examples))
+    if extra:
+        out.extend(examples[i] for i in sorted(rng.sample(range(len(examples)), extra)))
+    return out
+
+
+def _stats(built: list, eval_built: list, train: list, held_out: list, template: ChatTemplate, config) -> dict:
+    formats = sorted({b.detection.format for b in built})
+    skipped = Counter()
+    for b in built + eval_built:
+        skipped.update(b.skipped)
+    problems = [str(p) for b in built + eval_built for p in b.problems]
+    is_text = formats == ["text"]
+    return {
+        "format": formats[0] if len(formats) == 1 else "mixed",
+        "format_evidence": "; ".join(b.detection.evidence for b in built),
+        "template": None if is_text else template.name,
+        "template_reason": None if is_text else template.reason,
+        "records": sum(max(b.loaded.read, len(b.loaded.records)) for b in built),
+        "skipped": sum(skipped.values()),
+        "skipped_reasons": dict(sorted(skipped.items())),
+        "problems": problems[:MAX_LISTED_PROBLEMS],
+        "problem_count": len(problems),
+        "truncated": sum(b.truncated for b in built + eval_built),
+        "no_trained_tokens": skipped.get("no_trained_tokens", 0),
+        "eos_added": sum(1 for b in built for e in b.examples if e.eos_added),
+        "train_examples": len(train),
+        "eval_examples": len(held_out),
+        "trained_tokens": sum(e.trained_tokens for e in train),
+        "total_tokens": sum(len(e.input_ids) for e in train),
+        "packing": bool(config.packing),
+        "padding_share": round(padding_share([len(e.input_ids) for e in train], config.max_seq_len,
+                                              config.batch_size, packed=bool(config.packing)), 4),
+    }

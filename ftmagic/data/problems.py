@@ -1,0 +1,64 @@
+"""What can be wrong with a record, in one shape shared by the loaders, the pipeline and the previewer.
+
+A :class:`Problem` names its kind (a short stable word), where it is (``file:line``,
+``file: row N`` or ``data[N]``) and a one-line message. Training turns the first
+fatal one into a :class:`~ftmagic.errors.DataError`; the previewer lists them all.
+
+Example::
+
+    >>> p = Problem("unparseable", "train.jsonl:3", "not valid JSON (Expecting value at column 1)")
+    >>> str(p)
+    'train.jsonl:3: not valid JSON (Expecting value at column 1)'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Kinds, with the short label the previewer prints next to their counts.
+KINDS = {
+    "unparseable": "unparseable line",
+    "non_utf8": "non-UTF-8 bytes",
+    "not_a_record": "not a JSON object",
+    "missing_field": "missing field",
+    "empty_field": "empty field",
+    "bad_type": "wrong value type",
+    "role_order": "roles out of order",
+    "no_final_assistant": "does not end with an assistant turn",
+    "template_error": "rejected by the chat template",
+    "system_dropped": "system prompt dropped by the template",
+    "no_eos": "answer left without EOS",
+    "truncated": "truncated to max_seq_len",
+    "no_trained_tokens": "no trained token left",
+    "duplicate": "exact duplicate",
+    "near_duplicate": "duplicate after whitespace/case normalisation",
+    "label_imbalance": "unbalanced labels",
+}
+
+# Kinds that make a record unusable for training (it is skipped and counted).
+SKIPPING_KINDS = ("unparseable", "non_utf8", "not_a_record", "missing_field", "empty_field", "bad_type",
+                  "template_error", "no_trained_tokens")
+
+
+@dataclass
+class Problem:
+    """One problem found in a dataset: ``kind``, ``location`` and a one-line ``message``."""
+
+    kind: str
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RecordError(Exception):
+    """A single record cannot be used; the caller adds the location."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

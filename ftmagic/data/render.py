@@ -1,0 +1,183 @@
+"""Render conversations to text and mark which characters are trained.
+
+Assistant answers are located by incremental prefix rendering, which works with any chat
+template: the answer of turn ``i`` is what ``render(messages[:i + 1])`` adds after
+``render(messages[:i], add_generation_prompt=True)``. When a template is not
+prefix-consistent (it rewrites earlier turns, e.g. strips reasoning from history), the
+answer is found by searching its text in the full rendering instead.
+
+Each answer is trained up to and including the EOS token (what teaches a model to stop);
+if the template does not write EOS, it is appended after the answer. What follows EOS in
+the turn (a newline before the next header) is not trained.
+
+Example::
+
+    r = render_conversations(tok, resolve_template(tok), [[
+        {"role": "user", "content": "hi", "weight": 1},
+        {"role": "assistant", "content": "hello", "weight": 1}]])[0]
+    r.segments
+    # [('<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n', False), ('hello<|im_end|>', True), ('\\n', False)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ftmagic.data.problems import RecordError
+from ftmagic.data.templates import ChatTemplate, adds_bos, render_many
+
+
+@dataclass
+class Rendered:
+    """A rendered example as consecutive ``(text, trained)`` segments."""
+
+    segments: list
+    method: str  # "prefix", "search" or "text"
+    eos_added: bool = False  # the template did not end an answer with EOS; it was appended
+    no_eos: bool = False  # the tokenizer has no EOS token, so answers cannot end with one
+    warnings: list = field(default_factory=list)  # (kind, message) that do not stop training
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.segments)
+
+
+def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, train_on: str = "completions",
+                         bos_text: Optional[str] = None) -> list:
+    """Render many conversations; each result is a :class:`Rendered` or a :class:`RecordError`.
+
+    ``train_on="all"`` trains every segment; otherwise assistant answers with weight 1.
+    """
+    eos = getattr(tokenizer, "eos_token", None) or None
+    if bos_text is None:
+        bos_text = tokenizer.bos_token if adds_bos(tokenizer) else ""
+    results: list = [None] * len(conversations)
+    chat_ids = []
+    for n, conv in enumerate(conversations):
+        if conv and conv[0]["role"] == "text":
+            results[n] = _render_text(conv[0]["content"], eos, bos_text)
+        else:
+            chat_ids.append(n)
+    if not chat_ids:
+        return results
+
+    # One batched render per kind of prefix: full conversations, prompts, and ends of earlier answers.
+    fulls = render_many(tokenizer, tpl, [conversations[n] for n in chat_ids], add_generation_prompt=False)
+    prompt_keys, prompt_convs, end_keys, end_convs = [], [], [], []
+    for n in chat_ids:
+        conv = conversations[n]
+        for i, turn in enumerate(conv):
+            if turn["role"] != "assistant":
+                continue
+            if i > 0:
+                prompt_keys.append((n, i))
+                prompt_convs.append(conv[:i])
+            if i < len(conv) - 1:
+                end_keys.append((n, i))
+                end_convs.append(conv[:i + 1])
+    prompts = dict(zip(prompt_keys, render_many(tokenizer, tpl, prompt_convs, add_generation_prompt=True)))
+    ends = dict(zip(end_keys, render_many(tokenizer, tpl, end_convs, add_generation_prompt=False)))
+
+    for n, full in zip(chat_ids, fulls):
+        conv = conversations[n]
+        if isinstance(full, Exception):
+            results[n] = RecordError("template_error", f"the chat template rejects this conversation ({_line(full)})")
+            continue
+        bounds = []
+        for i, turn in enumerate(conv):
+            if turn["role"] == "assistant":
+                prompt = prompts.get((n, i), "")
+                end = ends.get((n, i), full)
+                bounds.append((i, prompt, end))
+        failed = next((x for _, p, e in bounds for x in (p, e) if isinstance(x, Exception)), None)
+        if failed is not None:
+            results[n] = RecordError("template_error", f"the chat template rejects part of this conversation ({_line(failed)})")
+            continue
+        rendered = _by_prefix(full, conv, bounds, eos, train_on)
+        if rendered is None:
+            rendered = _by_search(full, conv, eos, train_on)
+        if isinstance(rendered, Rendered):
+            rendered.warnings.extend(_dropped_system(full, conv))
+        results[n] = rendered
+    return results
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _render_text(content: str, eos: Optional[str], bos_text: str) -> Rendered:
+    segments = [(bos_text, False)] if bos_text else []
+    segments.append((content + (eos or ""), True))
+    return Rendered(segments, "text", no_eos=eos is None)
+
+
+def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on: str) -> Optional[Rendered]:
+    """Segments from prefix renderings, or None when the template is not prefix-consistent here."""
+    segments, pos, added = [], 0, False
+    for i, prompt, end in bounds:
+        if not (pos <= len(prompt) <= len(end) and full.startswith(prompt) and full.startswith(end)):
+            return None
+        if len(end) == len(prompt):
+            return None  # the answer vanished from the rendering
+        segments.append((full[pos:len(prompt)], False))
+        answer, rest, was_added = _close_answer(full[len(prompt):len(end)], eos)
+        added |= was_added
+        segments.append((answer, train_on == "all" or conv[i]["weight"] > 0))
+        segments.append((rest, False))
+        pos = len(end)
+    segments.append((full[pos:], False))
+    return _finish(segments, "prefix", added, eos, train_on)
+
+
+def _by_search(full: str, conv: list, eos: Optional[str], train_on: str):
+    """Find each answer's text in the full rendering, in order; EOS right after it is part of it."""
+    segments, pos, added = [], 0, False
+    for turn in conv:
+        if turn["role"] != "assistant":
+            continue
+        needle = turn["content"].strip()
+        start = full.find(needle, pos)
+        if start < 0:
+            return RecordError("template_error", "the chat template drops or rewrites an assistant answer, so its "
+                                                 "tokens cannot be located")
+        stop = start + len(needle)
+        segments.append((full[pos:start], False))
+        if eos and full.startswith(eos, stop):
+            answer, stop = full[start:stop + len(eos)], stop + len(eos)
+        else:
+            answer, added = full[start:stop] + (eos or ""), added or bool(eos)
+        segments.append((answer, train_on == "all" or turn["weight"] > 0))
+        pos = stop
+    segments.append((full[pos:], False))
+    return _finish(segments, "search", added, eos, train_on)
+
+
+def _close_answer(tail: str, eos: Optional[str]) -> tuple:
+    """Split an answer's turn into (answer up to and including EOS, the rest); append EOS if missing."""
+    if not eos:
+        return tail, "", False
+    cut = tail.rfind(eos)
+    if cut >= 0:
+        cut += len(eos)
+        return tail[:cut], tail[cut:], False
+    answer = tail.rstrip()
+    return answer + eos, tail[len(answer):], True
+
+
+def _finish(segments: list, method: str, added: bool, eos: Optional[str], train_on: str) -> Rendered:
+    if train_on == "all":
+        segments = [(text, True) for text, _ in segments]
+    segments = [(text, trained) for text, trained in segments if text]
+    return Rendered(segments, method, eos_added=added, no_eos=eos is None)
+
+
+def _dropped_system(full: str, conv: list) -> list:
+    if conv and conv[0]["role"] == "system" and conv[0]["content"].strip() and conv[0]["content"].strip() not in full:
+        return [("system_dropped", "the chat template leaves out the system prompt")]
+    return []
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
