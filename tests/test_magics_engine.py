@@ -1,0 +1,205 @@
+"""%%finetune with the real engine on a tiny random Llama: binding, Stop, interrupt, resume, notebook.
+
+Every run is a handful of steps on a 2-layer model, so each test takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import fake_prepare_data, reversal_records
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _pipeline_available() -> bool:
+    try:
+        from ftmagic.data import prepare_data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def data_pipeline(monkeypatch):
+    """The real data pipeline when it is installed, else the contract-shaped stand-in."""
+    if not _pipeline_available():
+        monkeypatch.setattr("ftmagic.engine.run._prepare_data", fake_prepare_data)
+
+
+@pytest.fixture
+def shell(data_pipeline):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ftmagic")
+    ip.user_ns["records"] = reversal_records(16)
+    yield ip
+    ip.run_line_magic("unload_ext", "ftmagic")
+
+
+def body(model_dir, output_dir, **extra):
+    lines = [f"model: {model_dir}", "data: $records", "batch_size: 4", "max_seq_len: 64", "lr: 0.01",
+             "save_steps: 0", "eval_steps: 0", f"output_dir: {output_dir}"]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_finetune_cell_trains_and_binds_the_result(shell, test_model_dir, tmp_path, capsys):
+    from ftmagic.engine.result import RunResult
+
+    out = tmp_path / "run"
+    shell.run_cell_magic("finetune", "--max-steps 3 --progress text --name tuned --lora-r 4",
+                         body(test_model_dir, out))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"ftmagic: {test_model_dir} | lora | cpu fp32 | data: 16 train records")
+    assert "parameters trainable" in lines[1]
+    assert lines[-1] == "result bound to `tuned`"
+    result = shell.user_ns["tuned"]
+    assert isinstance(result, RunResult)
+    assert result.metrics["steps"] == 3 and result.metrics["stopped"] is False
+    assert result.config.lora_r == 4
+    assert [h["step"] for h in result.history if h.get("event") == "step"] == [1, 2, 3]
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_ft_generate_with_a_real_result(shell, test_model_dir, tmp_path, capsys):
+    shell.run_cell_magic("finetune", "--max-steps 1 --progress none", body(test_model_dir, tmp_path / "g"))
+    capsys.readouterr()
+    shell.run_cell_magic("ft_generate", "--base --max-new-tokens 3", "reverse: abc\nreverse: dog\n")
+    out = capsys.readouterr().out
+    assert out.count("prompt: ") == 2
+    assert "prompt: reverse: abc\n  base:  " in out and "\n  tuned: " in out
+
+
+def _run_with_widget(config, click_at=None, interrupt_at=None):
+    """Drive the widget path the magic uses, clicking Stop (or raising Ctrl-C) from an event."""
+    from ftmagic.widgets.finetune import CellReporter, run_with_reporter
+
+    holder = {}
+
+    def listener(event):
+        if event.get("event") != "step":
+            return
+        if click_at is not None and event["step"] == click_at:
+            holder["reporter"].widget.button.click()
+        if interrupt_at is not None and event["step"] == interrupt_at:
+            raise KeyboardInterrupt  # what Jupyter's interrupt raises in the kernel's main thread
+
+    reporter = CellReporter("widget", on_event=listener)
+    holder["reporter"] = reporter
+    result = run_with_reporter(config, reporter)
+    reporter.finish(result, "ft")
+    return result, reporter
+
+
+def test_stop_button_ends_the_run_after_the_step_and_saves_a_checkpoint(data_pipeline, test_model_dir, tmp_path):
+    from ftmagic.widgets.finetune import build_config
+
+    out = tmp_path / "stopped"
+    config = build_config(body(test_model_dir, out, max_steps=8), namespace={"records": reversal_records(16)})
+    result, reporter = _run_with_widget(config, click_at=2)
+    assert reporter.stop.is_set()
+    assert result.metrics["stopped"] is True and result.metrics["reason"] == "stopped"
+    assert result.metrics["steps"] == 2
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert any(name.endswith("2") for name in checkpoints), checkpoints
+    # The widget was replaced by the static summary; the summary names the stop and the resume flag.
+    html = reporter.widget.summary_bundle(result.metrics)["text/html"]
+    assert "<svg" in html and "stopped" in html and "--resume" in html
+    assert reporter.widget.button.comm is None
+
+
+def test_interrupt_saves_a_checkpoint_and_the_cell_resumes_to_the_same_loss(shell, test_model_dir, tmp_path, capsys):
+    from ftmagic.widgets.finetune import build_config
+
+    records = shell.user_ns["records"]
+    # Reference: one uninterrupted run of 6 steps.
+    shell.run_cell_magic("finetune", "--max-steps 6 --progress none --name straight",
+                         body(test_model_dir, tmp_path / "straight"))
+    straight = shell.user_ns["straight"]
+
+    # Same run, interrupted (Ctrl-C / the kernel's stop button) during step 3.
+    out = tmp_path / "resumed"
+    config = build_config(body(test_model_dir, out, max_steps=6), namespace={"records": records})
+    interrupted, _ = _run_with_widget(config, interrupt_at=3)
+    assert interrupted.metrics["reason"] == "interrupted" and interrupted.metrics["steps"] == 3
+    capsys.readouterr()
+
+    shell.run_cell_magic("finetune", "--max-steps 6 --progress text --resume --name again", body(test_model_dir, out))
+    text = capsys.readouterr().out
+    assert "resuming from step 3" in text
+    again = shell.user_ns["again"]
+    assert again.metrics["steps"] == 6 and again.metrics["stopped"] is False
+    assert again.metrics["train_loss"] == pytest.approx(straight.metrics["train_loss"], rel=1e-4, abs=1e-5)
+
+
+def test_a_missing_data_file_is_one_line(shell, test_model_dir, tmp_path):
+    from IPython.core.error import UsageError
+
+    if not _pipeline_available():
+        pytest.skip("needs the data pipeline to read files")
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("finetune", "--progress none",
+                             f"model: {test_model_dir}\ndata: {tmp_path / 'nope.jsonl'}\noutput_dir: {tmp_path / 'o'}\n")
+    assert "nope.jsonl" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- a real notebook
+
+
+def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+
+    setup = "import sys\nsys.path.insert(0, %r)\nfrom engine_helpers import reversal_records\n" % str(TESTS_DIR)
+    if not _pipeline_available():
+        setup += ("import ftmagic.engine.run, engine_helpers\n"
+                  "ftmagic.engine.run._prepare_data = engine_helpers.fake_prepare_data\n")
+    setup += "records = reversal_records(16)"
+    cells = [
+        nbformat.v4.new_code_cell("%load_ext ftmagic"),
+        nbformat.v4.new_code_cell(setup),
+        nbformat.v4.new_code_cell("%%finetune --max-steps 3 --name ft\n" + body(test_model_dir, tmp_path / "nb-run")),
+        nbformat.v4.new_code_cell("%%ft_generate --max-new-tokens 2\nreverse: abc"),
+        nbformat.v4.new_code_cell("print(ft.metrics['steps'], type(ft).__name__)"),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    nbformat.write(nb, str(tmp_path / "executed.ipynb"))
+    if os.environ.get("FTMAGIC_KEEP_NOTEBOOK"):  # look at the saved notebook by hand
+        nbformat.write(nb, os.environ["FTMAGIC_KEEP_NOTEBOOK"])
+
+    run_cell = nb.cells[2]
+    streams = "".join(o.get("text", "") for o in run_cell.outputs if o.output_type == "stream" and o.name == "stdout")
+    assert streams.startswith(f"ftmagic: {test_model_dir} | lora | cpu fp32 | data: 16 train records")
+    assert "result bound to `ft`" in streams
+    data_outputs = [o for o in run_cell.outputs if o.output_type == "display_data"]
+    # The live widget's output was replaced in place by the static summary (a library's own
+    # loading bar may also be there; it is not ours).
+    widgets_left = [o.data["text/plain"] for o in data_outputs if "application/vnd.jupyter.widget-view+json" in o.data]
+    assert not any(text.startswith("VBox") for text in widgets_left), widgets_left
+    assert data_outputs[0].data["text/plain"].startswith("status: finished")
+    summaries = [o.data["text/html"] for o in data_outputs if "ftmagic-summary" in o.data.get("text/html", "")]
+    assert len(summaries) == 1
+    assert "<svg" in summaries[0] and "finished" in summaries[0] and "<script" not in summaries[0]
+
+    generate_cell = nb.cells[3]
+    tables = [o.data["text/html"] for o in generate_cell.outputs if o.output_type == "display_data"]
+    assert tables and "ftmagic-compare" in tables[0] and "reverse: abc" in tables[0]
+    assert nb.cells[4].outputs[0]["text"].strip() == "3 RunResult"
