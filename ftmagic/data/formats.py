@@ -188,6 +188,13 @@ def conversation_issues(turns: list) -> list:
 _ALL_FIELDS = {f for required, optional in FIELDS.values() for f in (*required, *optional)}
 
 
+def _no_fields_message(source: str, fmt: str, first: dict, columns: dict) -> str:
+    needed = " and ".join(f"`{columns.get(f, f)}`" for f in FIELDS[fmt][0])
+    keys = ", ".join(sorted(str(k) for k in first)[:12]) or "none"
+    return (f"{source}: `format: {fmt}` needs {needed} but no sampled record has them (fields: {keys}); "
+            "map your columns with `columns`, e.g. {instruction: question, output: answer}")
+
+
 def _get(record: dict, name: str) -> Any:
     value = record.get(name) if isinstance(record, dict) else None
     return value

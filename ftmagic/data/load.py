@@ -72,9 +72,9 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train") -> Loaded
         data = os.fspath(data)
     if isinstance(data, str):
         return _load_path(data, strict=strict, split=split)
-    if isinstance(data, dict):
-        raise DataError("data: a single dict is not a dataset; pass a list of dicts, e.g. [{\"text\": ...}]")
     kind = type(data).__module__.split(".")[0] + "." + type(data).__name__
+    if isinstance(data, dict) and not kind.startswith("datasets."):
+        raise DataError("data: a single dict is not a dataset; pass a list of dicts, e.g. [{\"text\": ...}]")
     if kind.startswith("pandas.") and hasattr(data, "to_dict"):
         return _from_rows([_plain(r) for r in data.to_dict("records")], "data", "row", strict)
     if kind.startswith("datasets."):

@@ -96,7 +96,7 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
             continue
         rendered = _by_prefix(full, conv, bounds, eos, train_on)
         if rendered is None:
-            rendered = _by_search(full, conv, eos, train_on)
+            rendered = _by_search(full, conv, {i: p for i, p, _ in bounds}, eos, train_on)
         if isinstance(rendered, Rendered):
             rendered.warnings.extend(_dropped_system(full, conv))
         results[n] = rendered
@@ -130,13 +130,26 @@ def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on
     return _finish(segments, "prefix", added, eos, train_on)
 
 
-def _by_search(full: str, conv: list, eos: Optional[str], train_on: str):
-    """Find each answer's text in the full rendering, in order; EOS right after it is part of it."""
+def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_on: str):
+    """Find each answer's text in the full rendering, in order; EOS right after it is part of it.
+
+    The search for answer ``i`` starts after its prompt rendering when that one is a prefix
+    of the full text, else after the previous turn's text, so an answer is not matched
+    inside an earlier turn or a template marker.
+    """
     segments, pos, added = [], 0, False
-    for turn in conv:
-        if turn["role"] != "assistant":
-            continue
+    for i, turn in enumerate(conv):
         needle = turn["content"].strip()
+        if turn["role"] != "assistant":
+            found = full.find(needle, pos) if needle else -1
+            if found >= 0:
+                segments.append((full[pos:found + len(needle)], False))
+                pos = found + len(needle)
+            continue
+        prompt = prompts.get(i, "")
+        if prompt and len(prompt) >= pos and full.startswith(prompt):
+            segments.append((full[pos:len(prompt)], False))
+            pos = len(prompt)
         start = full.find(needle, pos)
         if start < 0:
             return RecordError("template_error", "the chat template drops or rewrites an assistant answer, so its "
