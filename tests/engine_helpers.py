@@ -54,3 +54,27 @@ def fake_prepare_data(config, tokenizer):
              "train_examples": len(train), "eval_examples": len(evals or []),
              "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train)}
     return SimpleNamespace(train=train, eval=evals, stats=stats)
+
+
+def collect():
+    """An ``on_event`` callback that keeps every event; returns (callback, list)."""
+    events: list[dict] = []
+    return events.append, events
+
+
+class StopAt:
+    """A ``stop`` object that becomes set once the run reports ``step``."""
+
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "step":
+            self.seen = event["step"]
+
+    def is_set(self) -> bool:
+        return self.seen >= self.step
+
+
+def step_losses(events) -> dict:
+    return {e["step"]: e["loss"] for e in events if e.get("event") == "step"}

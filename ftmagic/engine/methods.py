@@ -113,9 +113,14 @@ def _set_trainable(model, predicate) -> int:
 
 
 def _peft(model, peft_config):
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft calls a transformers helper that was renamed; the warning is not the user's concern.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 # --------------------------------------------------------------------------- entries

@@ -1,0 +1,113 @@
+"""Device, precision and optimizer choices, tested with faked capabilities (no GPU here)."""
+
+import pytest
+
+from ftmagic.engine.device import DeviceCaps, choose_device, choose_optimizer
+from ftmagic.errors import ConfigError
+
+T4 = DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5), total_memory=15 * 2**30,
+                bf16_supported=False, bnb_available=True)
+A100 = DeviceCaps(cuda_available=True, name="NVIDIA A100-SXM4-40GB", compute_capability=(8, 0),
+                  total_memory=40 * 2**30, bf16_supported=True, bnb_available=True)
+CPU = DeviceCaps()
+CPU_BNB = DeviceCaps(bnb_cpu_4bit=True, bnb_available=True)
+MAC = DeviceCaps(mps_available=True)
+
+
+def test_t4_uses_fp16_with_scaler():
+    plan = choose_device(T4)
+    assert (plan.device, plan.precision, plan.use_grad_scaler, plan.qlora_compute_dtype) == ("cuda", "fp16", True, None)
+    assert plan.reason == "cuda (Tesla T4, cc 7.5): no bf16 on this GPU, so fp16 autocast with a gradient scaler"
+
+
+def test_t4_qlora_computes_in_fp16():
+    plan = choose_device(T4, method="qlora")
+    assert (plan.method, plan.precision, plan.qlora_compute_dtype, plan.use_grad_scaler) == ("qlora", "fp16", "float16", True)
+    assert plan.fallback is None
+
+
+def test_t4_refuses_bf16():
+    with pytest.raises(ConfigError, match="`precision: bf16` is not supported by Tesla T4"):
+        choose_device(T4, precision="bf16")
+
+
+def test_a100_uses_bf16_without_scaler():
+    plan = choose_device(A100, method="qlora")
+    assert (plan.device, plan.precision, plan.use_grad_scaler, plan.qlora_compute_dtype) == ("cuda", "bf16", False, "bfloat16")
+    assert plan.reason.startswith("cuda (NVIDIA A100-SXM4-40GB, cc 8.0): bf16 autocast, no loss scaling needed")
+
+
+def test_a100_fp16_when_asked_gets_scaler():
+    plan = choose_device(A100, precision="fp16")
+    assert (plan.precision, plan.use_grad_scaler) == ("fp16", True)
+
+
+def test_cpu_when_no_gpu():
+    plan = choose_device(CPU)
+    assert (plan.device, plan.precision, plan.use_grad_scaler) == ("cpu", "fp32", False)
+    assert plan.reason == "cpu (no CUDA GPU found): fp32 (CPUs gain little from half precision)"
+
+
+def test_cpu_can_be_forced_on_a_gpu_machine():
+    plan = choose_device(A100, requested="cpu")
+    assert (plan.device, plan.precision) == ("cpu", "fp32")
+    assert plan.reason.startswith("cpu (as asked)")
+
+
+def test_cpu_refuses_fp16_but_takes_bf16():
+    with pytest.raises(ConfigError, match="fp16` is not supported on the CPU"):
+        choose_device(CPU, precision="fp16")
+    assert choose_device(CPU, precision="bf16").precision == "bf16"
+
+
+def test_mps_preferred_over_cpu_and_trains_fp32():
+    plan = choose_device(MAC)
+    assert (plan.device, plan.precision, plan.use_grad_scaler) == ("mps", "fp32", False)
+
+
+def test_qlora_on_cpu_uses_bitsandbytes_cpu_backend():
+    plan = choose_device(CPU_BNB, method="qlora")
+    assert (plan.method, plan.device, plan.qlora_compute_dtype, plan.fallback) == ("qlora", "cpu", "float32", None)
+
+
+def test_qlora_without_cuda_or_bnb_falls_back_to_lora():
+    plan = choose_device(CPU, method="qlora")
+    assert plan.method == "lora" and plan.qlora_compute_dtype is None
+    assert plan.fallback.startswith("QLoRA needs CUDA or bitsandbytes' CPU backend")
+    assert choose_device(MAC, method="qlora").method == "lora"
+
+
+def test_asking_for_missing_devices():
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        choose_device(CPU, requested="cuda")
+    with pytest.raises(ConfigError, match="Apple MPS is not available"):
+        choose_device(CPU, requested="mps")
+
+
+@pytest.mark.parametrize("requested,device,bnb,expected", [
+    ("adamw", "cuda", True, ("adamw", "fused", None)),
+    ("adamw", "cpu", True, ("adamw", "foreach", None)),
+    ("adamw", "mps", False, ("adamw", "plain", None)),
+    ("adamw_8bit", "cuda", True, ("adamw_8bit", "bnb", None)),
+    ("paged_adamw_8bit", "cuda", True, ("paged_adamw_8bit", "bnb", None)),
+    ("sgd", "cpu", False, ("sgd", "foreach", None)),
+])
+def test_optimizer_choice(requested, device, bnb, expected):
+    plan = choose_optimizer(requested, device, bnb)
+    assert (plan.name, plan.impl, plan.message) == expected
+
+
+def test_8bit_optimizer_off_cuda_falls_back_with_message():
+    plan = choose_optimizer("paged_adamw_8bit", "cpu", True)
+    assert (plan.name, plan.impl) == ("adamw", "foreach")
+    assert plan.message == ("`optimizer: paged_adamw_8bit` is not available (they need CUDA, and this run is on cpu); "
+                            "using AdamW")
+    assert "bitsandbytes is not installed" in choose_optimizer("adamw_8bit", "cuda", False).message
+
+
+def test_detect_caps_on_this_machine():
+    from ftmagic.engine.device import detect_caps
+
+    caps = detect_caps()
+    assert caps.cuda_available is False and caps.total_memory == 0
+    assert caps.bnb_available and caps.bnb_cpu_4bit  # bitsandbytes 0.50 is installed here
