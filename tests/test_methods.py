@@ -10,14 +10,9 @@ from ftmagic.engine.result import RunResult
 from ftmagic.errors import ModelError
 
 from conftest import build_test_model_dir
-from engine_helpers import collect, fake_prepare_data, reversal_records, step_losses
+from engine_helpers import collect, reversal_records, step_losses
 
 PROMPTS = ["reverse: abc", "reverse: hello"]
-
-
-@pytest.fixture(autouse=True)
-def local_data(monkeypatch):
-    monkeypatch.setattr(run_module, "_prepare_data", fake_prepare_data)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
                         f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
     emit({"event": "plan", "model": cfg.model, "method": plan.method, "device": plan.device,
           "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
-          "train_records": len(data.train), "eval_records": len(data.eval or []), "output_dir": str(out)})
+          "train_records": data.stats.get("train_examples", len(data.train)),
+          "eval_records": data.stats.get("eval_examples", len(data.eval or [])), "output_dir": str(out)})
     for text in notes:
         emit({"event": "message", "level": "warning" if "using" in text else "info", "text": text})
     if plan.device == "cuda" and not cfg.skip_memory_check:
