@@ -203,3 +203,56 @@ def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp
     tables = [o.data["text/html"] for o in generate_cell.outputs if o.output_type == "display_data"]
     assert tables and "ftmagic-compare" in tables[0] and "reverse: abc" in tables[0]
     assert nb.cells[4].outputs[0]["text"].strip() == "3 RunResult"
+
+
+def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tmp_path):
+    """A real kernel: the click arrives while %%finetune is still training, not after it."""
+    ipykernel = pytest.importorskip("ipykernel")
+    if int(ipykernel.__version__.split(".")[0]) < 7:
+        pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path),
+                              env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+
+    def execute(code, on_message=None, timeout=240):
+        msg_id = kc.execute(code)
+        out = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=timeout)
+            if on_message is not None:
+                on_message(msg)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+                out.append(msg["content"]["text"])
+            if msg["msg_type"] == "error":
+                out.append("\n".join(msg["content"]["traceback"]))
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return "".join(out)
+
+    button = {}
+
+    def click_once_training_started(msg):
+        content = msg["content"]
+        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
+            button["id"] = content["comm_id"]
+        started = msg["msg_type"] == "stream" and "parameters trainable" in content.get("text", "")
+        if started and "id" in button and "sent" not in button:
+            click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
+            kc.shell_channel.send(kc.session.msg("comm_msg", click))
+            button["sent"] = True
+
+    try:
+        setup = f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nfrom engine_helpers import reversal_records\n" \
+                "records = reversal_records(16)\n%load_ext ftmagic"
+        assert "Error" not in execute(setup)
+        cell = "%%finetune --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "clicked")
+        out = execute(cell, on_message=click_once_training_started)
+        assert button.get("sent"), out
+        assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
+        report = execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
+        assert report[0] == "stopped" and int(report[1]) < 5000
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

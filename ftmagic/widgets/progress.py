@@ -109,6 +109,7 @@ class TrainingProgress:
         self._last_chart: Optional[float] = None
         self.chart_redraws = 0  # how many times the SVG was rebuilt (tests check the throttle)
         self.handle = None
+        self._side_channel: Optional[Callable[[], None]] = None
 
         self.header = w.HTML(value=header_html(self.state))
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
@@ -181,6 +182,7 @@ class TrainingProgress:
         from IPython.display import display
 
         self.handle = display(self.widget, display_id=True)
+        self._side_channel = listen_while_busy(self.button)
 
     def summary_bundle(self, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
                        name: Optional[str] = None) -> dict:
@@ -205,6 +207,57 @@ class TrainingProgress:
 
     def close(self) -> None:
         """Close the widget and its children (frees their comms in the kernel)."""
+        if self._side_channel is not None:
+            self._side_channel()
+            self._side_channel = None
         for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.log):
             child.close()
         self.widget.close()
+
+
+def listen_while_busy(widget: Any, timeout: float = 5.0) -> Optional[Callable[[], None]]:
+    """Let ``widget``'s front-end messages (a click) arrive while the cell is still running.
+
+    A kernel handles widget messages between cells, but training runs inside the cell, so
+    a Stop click would wait until the run is over. ipykernel 7 can run a second message
+    loop in its own thread (a "subshell", JEP 91) and routes a comm's messages to the
+    subshell named by the comm. The click handler then runs on that thread; it only sets
+    a ``threading.Event``, which is thread-safe. Returns a function that removes the
+    subshell, or None where this is not available (older kernels, no kernel): there
+    Jupyter's interrupt button stops the run the same way.
+    """
+    try:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        thread = getattr(kernel, "shell_channel_thread", None)
+        manager = getattr(thread, "manager", None)
+        comm = getattr(widget, "comm", None)
+        if manager is None or comm is None or not hasattr(comm, "_reply_subshell_for") \
+                or not hasattr(manager, "_create_subshell"):
+            return None
+        created = threading.Event()
+        box: dict = {}
+
+        def create() -> None:  # the subshell manager is only touched from its own thread
+            try:
+                box["id"] = manager._create_subshell()
+            finally:
+                created.set()
+
+        thread.io_loop.add_callback(create)
+        if not created.wait(timeout) or "id" not in box:
+            return None
+        subshell_id = box["id"]
+        comm._reply_subshell_id = subshell_id
+
+        def remove() -> None:
+            try:
+                comm._reply_subshell_id = None
+                thread.io_loop.add_callback(manager._delete_subshell, subshell_id)
+            except Exception:  # best effort: the kernel may be shutting down
+                pass
+
+        return remove
+    except Exception:  # a private kernel API changed: fall back to the kernel's interrupt
+        return None
