@@ -256,3 +256,21 @@ def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tm
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "dataset"])
+def test_a_dataframe_or_a_datasets_dataset_variable_is_the_data(shell, test_model_dir, tmp_path, kind):
+    records = reversal_records(8)
+    if kind == "dataframe":
+        pandas = pytest.importorskip("pandas")
+        value = pandas.DataFrame(records)
+    else:
+        datasets = pytest.importorskip("datasets")
+        value = datasets.Dataset.from_list(records)
+    shell.user_ns["table"] = value
+    text = body(test_model_dir, tmp_path / kind).replace("data: $records", "data: $table")
+    shell.run_cell_magic("finetune", "--max-steps 1 --progress none --name from_table", text)
+    result = shell.user_ns["from_table"]
+    assert result.metrics["steps"] == 1
+    assert result.metrics["data"]["records"] == 8
+    assert result.config.data is value

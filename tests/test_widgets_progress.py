@@ -303,3 +303,25 @@ def test_finish_replaces_the_widget_with_the_summary(monkeypatch):
     assert "result: `ft`" in bundle["text/plain"]
     # The live widget's comms are closed: nothing is left to render without a kernel.
     assert progress.widget.comm is None and progress.button.comm is None
+
+
+def test_a_kernel_without_subshells_gets_the_interrupt_hint(monkeypatch):
+    from ftmagic.widgets import progress as module
+
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: None)
+    monkeypatch.setattr(module, "_kernel", lambda: object())  # a kernel with no subshell support
+    progress = module.TrainingProgress()
+    progress.show()
+    assert progress.button.tooltip == module.NO_LIVE_CLICK_HINT
+    assert "interrupt button (\u25a0)" in progress.log.value
+    progress({"event": "message", "level": "info", "text": "resuming from checkpoint-4"})
+    assert "resuming from checkpoint-4<br>to stop early" in progress.log.value
+    progress({"event": "end", "reason": "finished", "metrics": {}})
+    assert "to stop early" not in progress.log.value
+
+
+def test_no_side_channel_outside_a_kernel():
+    from ftmagic.widgets.progress import TrainingProgress, listen_while_busy
+
+    progress = TrainingProgress()
+    assert listen_while_busy(progress.button) is None

@@ -25,6 +25,16 @@ from ftmagic.textprogress import (RunState, format_bytes, format_count, format_d
 from ftmagic.widgets.summary import as_mimebundle, loss_chart_svg
 
 
+NO_LIVE_CLICK_HINT = ("to stop early in this kernel, use the notebook's interrupt button (\u25a0): "
+                      "training ends after the current step and a checkpoint is saved")
+
+
+def _kernel() -> Any:
+    from IPython import get_ipython
+
+    return getattr(get_ipython(), "kernel", None)
+
+
 def progress_fields(state: RunState) -> dict[str, str]:
     """The texts of the status line, from what the events said so far.
 
@@ -110,6 +120,7 @@ class TrainingProgress:
         self.chart_redraws = 0  # how many times the SVG was rebuilt (tests check the throttle)
         self.handle = None
         self._side_channel: Optional[Callable[[], None]] = None
+        self._hint = ""  # a standing note under the chart (e.g. how to stop in this kernel)
 
         self.header = w.HTML(value=header_html(self.state))
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
@@ -141,7 +152,7 @@ class TrainingProgress:
             self._redraw_texts()
             self._redraw_chart()
         elif kind in ("message", "checkpoint"):
-            self.log.value = log_html(self.state)
+            self._render_log()
         elif kind == "end":
             self._on_end(event)
 
@@ -158,7 +169,8 @@ class TrainingProgress:
     def _on_end(self, event: dict) -> None:
         self._redraw_texts()
         self._redraw_chart()
-        self.log.value = log_html(self.state)
+        self._hint = ""
+        self._render_log()
         reason = event.get("reason", "finished")
         self.bar.bar_style = "success" if reason in ("finished", "early_stopping") else "warning"
         if reason == "finished":
@@ -173,8 +185,11 @@ class TrainingProgress:
         self.stop.set()
         self.button.disabled = True
         self.button.description = "Stopping..."
-        self.log.value = (log_html(self.state) + ("<br>" if self.log.value else "")
-                          + "stopping after the current step; a checkpoint will be saved")
+        self._hint = "stopping after the current step; a checkpoint will be saved"
+        self._render_log()
+
+    def _render_log(self) -> None:
+        self.log.value = "<br>".join(part for part in (log_html(self.state), self._hint) if part)
 
     # ------------------------------------------------------------------ display
     def show(self) -> None:
@@ -183,6 +198,11 @@ class TrainingProgress:
 
         self.handle = display(self.widget, display_id=True)
         self._side_channel = listen_while_busy(self.button)
+        if self._side_channel is None and _kernel() is not None:
+            # This kernel delivers the click only after the cell ends; its interrupt works now.
+            self.button.tooltip = NO_LIVE_CLICK_HINT
+            self._hint = html.escape(NO_LIVE_CLICK_HINT)
+            self._render_log()
 
     def summary_bundle(self, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
                        name: Optional[str] = None) -> dict:
@@ -227,10 +247,7 @@ def listen_while_busy(widget: Any, timeout: float = 5.0) -> Optional[Callable[[]
     Jupyter's interrupt button stops the run the same way.
     """
     try:
-        from IPython import get_ipython
-
-        kernel = getattr(get_ipython(), "kernel", None)
-        thread = getattr(kernel, "shell_channel_thread", None)
+        thread = getattr(_kernel(), "shell_channel_thread", None)
         manager = getattr(thread, "manager", None)
         comm = getattr(widget, "comm", None)
         if manager is None or comm is None or not hasattr(comm, "_reply_subshell_for") \
