@@ -53,7 +53,14 @@ def run(args: argparse.Namespace) -> int:
     """Train from the config file; print progress and where the result was saved."""
     from ftmagic.config import FinetuneConfig
 
-    cfg = FinetuneConfig.from_file(args.config, **parse_sets(args.sets))
+    cfg = FinetuneConfig.from_file(args.config)
+    sets = parse_sets(args.sets)
+    if sets:
+        try:
+            cfg = cfg.replace(**sets)
+        except ConfigError as exc:
+            # The value came from the command line, not from the file: say so.
+            raise ConfigError(f"--set: {exc}") from None
     progress = _progress(args.quiet)
     from ftmagic.engine.run import finetune
 

@@ -45,8 +45,9 @@ def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> f
         return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
-    span = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / span)
+    # Decay starts right after the warmup peak and reaches 0 at the last step.
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps + 1) / span)
     if kind == "linear":
         return 1.0 - progress
     if kind == "cosine":

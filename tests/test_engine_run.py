@@ -1,0 +1,187 @@
+"""finetune(): events, output_dir protection, packing, gradient accumulation, schedules, smoke mode."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ftmagic.engine.models as models
+from ftmagic.engine.collate import collate
+from ftmagic.engine.loop import lr_factor, plan_steps, warmup_steps
+from ftmagic.engine.run import _oom_message, finetune
+from ftmagic.config import FinetuneConfig
+from ftmagic.errors import CheckpointError, ConfigError, ModelError
+
+from engine_helpers import collect, reversal_records, step_losses
+
+BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, eval_steps=0, seed=5)
+
+
+def _train(model, out, **extra):
+    on_event, events = collect()
+    result = finetune(model=model, data=reversal_records(12), output_dir=str(out), on_event=on_event,
+                      **{**BASE, "max_steps": 3, **extra})
+    return result, events
+
+
+def test_event_sequence_and_fields(test_model_dir, tmp_path):
+    result, events = _train(test_model_dir, tmp_path / "out", eval_data=reversal_records(4, seed=2), eval_steps=2,
+                            max_steps=4, save_steps=2)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["plan", "start", "step", "step", "eval", "checkpoint", "step", "step", "eval", "end"]
+    plan = events[0]
+    assert {k: plan[k] for k in ("model", "method", "device", "precision", "format", "train_records",
+                                 "eval_records", "output_dir")} == {
+        "model": test_model_dir, "method": "lora", "device": "cpu", "precision": "fp32",
+        "format": "prompt_completion", "train_records": 12, "eval_records": 4, "output_dir": str(tmp_path / "out")}
+    assert plan["reason"].startswith("cpu")
+    step = events[2]
+    assert set(step) == {"event", "step", "max_steps", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                         "elapsed_s", "eta_s", "memory_bytes"}
+    assert step["step"] == 1 and step["max_steps"] == 4 and step["tokens"] > 0 and step["memory_bytes"] > 0
+    assert events[-1]["reason"] == "finished" and events[-1]["output_dir"] == str(tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["stopped"] is False
+    assert metrics["trained_tokens"] == sum(e["tokens"] for e in events if e["event"] == "step")
+    assert metrics["eval_loss"] == events[-2]["eval_loss"]
+    assert [h["event"] for h in result.history] == ["step", "step", "eval", "step", "step", "eval"]
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "data: <list with 12 records>" in saved and "method: lora" in saved
+
+
+def test_output_dir_of_another_run_is_protected(test_model_dir, tmp_path):
+    out = tmp_path / "out"
+    _train(test_model_dir, out)
+    with pytest.raises(CheckpointError, match=r"already holds a different run \(method lora"):
+        _train(test_model_dir, out, method="dora")
+    result, events = _train(test_model_dir, out, method="dora", overwrite=True)
+    assert result.metrics["method"] == "dora"
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_rerunning_the_same_config_replaces_its_result(test_model_dir, tmp_path):
+    _train(test_model_dir, tmp_path / "out")
+    _, events = _train(test_model_dir, tmp_path / "out", max_steps=2)  # run length is not identity
+    texts = [e["text"] for e in events if e["event"] == "message"]
+    assert any(t.startswith("replacing the earlier result of this same config") for t in texts)
+
+
+def test_foreign_files_are_never_overwritten(test_model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is not empty and was not written by ftmagic"):
+        _train(test_model_dir, out)
+    with pytest.raises(CheckpointError, match="holds files that are not an ftmagic run"):
+        _train(test_model_dir, out, resume=True)
+    _train(test_model_dir, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"  # overwrite replaces only ftmagic's own files
+
+
+def test_resume_refuses_another_runs_checkpoints(test_model_dir, tmp_path):
+    _train(test_model_dir, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="holds a different run"):
+        _train(test_model_dir, tmp_path / "out", resume=True, lora_r=8)
+
+
+def test_gradient_accumulation_equals_one_big_batch(test_model_dir, tmp_path):
+    _, big = _train(test_model_dir, tmp_path / "a", batch_size=4, grad_accum=1, lora_dropout=0.0, max_steps=3)
+    _, acc = _train(test_model_dir, tmp_path / "b", batch_size=2, grad_accum=2, lora_dropout=0.0, max_steps=3)
+    a, b = step_losses(big), step_losses(acc)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+
+
+def test_packed_examples_do_not_see_each_other(test_model_dir, test_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(test_model_dir).eval()
+    first = test_tokenizer("reverse: hello world", add_special_tokens=False)["input_ids"]
+    second = test_tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
+    row = {"input_ids": first + second, "labels": first + second,
+           "position_ids": list(range(len(first))) + list(range(len(second)))}
+    batch = collate([row, {"input_ids": second, "labels": second}], pad_id=0)
+    assert batch["attention_mask"].shape == (2, 1, len(row["input_ids"]), len(row["input_ids"]))
+    # The first label of the second packed example is not a target of the first one.
+    assert batch["labels"][0, len(first)].item() == -100
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (first, second)]
+    assert torch.allclose(packed[0, :len(first)], alone[0], atol=1e-5)
+    assert torch.allclose(packed[0, len(first):], alone[1], atol=1e-5)
+    assert torch.allclose(packed[1, :len(second)], alone[1], atol=1e-5)
+
+
+def test_packing_trains(test_model_dir, tmp_path):
+    result, events = _train(test_model_dir, tmp_path / "out", packing=True, max_seq_len=64, batch_size=2)
+    plan = events[0]
+    assert plan["train_records"] == 12 and result.metrics["steps"] == 3
+    assert all(e["loss"] > 0 for e in events if e["event"] == "step")
+
+
+def test_early_stopping(test_model_dir, tmp_path):
+    # lr so large that eval loss cannot keep improving; patience 1 stops at the first bad eval.
+    result, events = _train(test_model_dir, tmp_path / "out", eval_data=reversal_records(4, seed=2), eval_steps=1,
+                            early_stopping_patience=1, max_steps=30, lr=5.0, scheduler="constant", warmup=0)
+    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert result.metrics["reason"] == "early_stopping" and result.metrics["steps"] < 30
+    assert evals[-1] >= min(evals[:-1])
+    assert events[-1]["reason"] == "early_stopping"
+
+
+def test_schedules():
+    assert [round(lr_factor(s, kind="linear", warmup_steps=2, total_steps=6), 4) for s in range(6)] == \
+        [0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [round(lr_factor(s, kind="cosine", warmup_steps=1, total_steps=5), 4) for s in range(5)] == \
+        [1.0, 0.8536, 0.5, 0.1464, 0.0]
+    assert [lr_factor(s, kind="constant", warmup_steps=2, total_steps=5) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert warmup_steps(0.1, 95) == 10 and warmup_steps(5, 95) == 5 and warmup_steps(0, 10) == 0
+    assert plan_steps(10, batch_size=4, grad_accum=2, epochs=3, max_steps=-1) == (3, 5)
+    assert plan_steps(10, batch_size=4, grad_accum=1, epochs=1, max_steps=7) == (3, 7)
+
+
+def test_scheduler_reaches_the_loop(test_model_dir, tmp_path):
+    _, events = _train(test_model_dir, tmp_path / "out", scheduler="linear", warmup=2, max_steps=6, lr=0.1)
+    assert [round(e["lr"], 6) for e in events if e["event"] == "step"] == [0.05, 0.1, 0.075, 0.05, 0.025, 0.0]
+
+
+def test_smoke_mode_uses_tiny_and_caps_steps(test_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "TINY_DIR", Path(test_model_dir))
+    monkeypatch.setenv("FTMAGIC_SMOKE", "1")
+    result, events = _train("meta-llama/Llama-3.1-8B", tmp_path / "out", max_steps=500)
+    assert result.metrics["steps"] == models.SMOKE_MAX_STEPS
+    texts = [e["text"] for e in events if e["event"] == "message"]
+    assert texts[0] == ("smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
+                        "`meta-llama/Llama-3.1-8B` and at most 20 steps")
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    with pytest.raises(ModelError, match=r"^model `.*no-such-model` was not found"):
+        finetune(model=str(tmp_path / "no-such-model"), data=reversal_records(4), output_dir=str(tmp_path / "o"))
+
+
+def test_missing_data_and_bad_device(test_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="`data` is not set"):
+        finetune(model=test_model_dir, output_dir=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        _train(test_model_dir, tmp_path / "o", device="cuda")
+
+
+def test_config_spellings(test_model_dir, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {test_model_dir}\nmethod: lora\nmax_steps: 1\nlora_r: 2\n")
+    result = finetune(str(path), data=reversal_records(4), output_dir=str(tmp_path / "a"))
+    assert result.config.lora_r == 2 and result.metrics["steps"] == 1
+    cfg = FinetuneConfig(model=test_model_dir, data=reversal_records(4), max_steps=1, output_dir=str(tmp_path / "b"))
+    assert finetune(cfg, lora_r=3).config.lora_r == 3
+
+
+def test_oom_message_says_what_to_change():
+    cfg = FinetuneConfig(method="lora", batch_size=8, max_seq_len=1024)
+    message = _oom_message(cfg)
+    assert message.startswith("CUDA ran out of GPU memory; try `batch_size: 4` with `grad_accum: 2`, "
+                              "or `gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 512`")
+    assert "\n" not in message
