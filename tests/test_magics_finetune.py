@@ -151,6 +151,14 @@ def test_flags_win_over_the_body_and_are_typed(shell, engine):
     assert shell.user_ns["r1"].config is config
 
 
+def test_list_flags(shell, engine):
+    run(shell, "--target-modules q_proj --report-to tensorboard --progress none", "data: x.jsonl\n")
+    config = engine.calls[-1]["config"]
+    assert config.target_modules == ["q_proj"] and config.report_to == "tensorboard"
+    run(shell, "--target-modules all-linear --progress none", "data: x.jsonl\n")
+    assert engine.calls[-1]["config"].target_modules == "all-linear"
+
+
 def test_bool_flag_accepts_an_explicit_value(shell, engine):
     run(shell, "--packing false --columns '{prompt: question}' --progress none", "packing: true\ndata: x.jsonl\n")
     config = engine.calls[-1]["config"]

@@ -109,7 +109,9 @@ def flag_overrides(args) -> dict:
             continue
         annotation = _FIELD_TYPES[field.name]
         args_of = typing.get_args(annotation)
-        if list in args_of and isinstance(value, str) and "," in value:
+        if list in args_of and isinstance(value, str) and ("," in value or field.name == "target_modules"
+                                                           and value not in ("auto", "all-linear")):
+            # `--target-modules q_proj` names one module: a list, as in the YAML spelling.
             value = [part.strip() for part in value.split(",") if part.strip()]
         elif (annotation is dict or dict in args_of) and isinstance(value, str):
             try:
