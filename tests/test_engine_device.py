@@ -100,7 +100,7 @@ def test_optimizer_choice(requested, device, bnb, expected):
 def test_8bit_optimizer_off_cuda_falls_back_with_message():
     plan = choose_optimizer("paged_adamw_8bit", "cpu", True)
     assert (plan.name, plan.impl) == ("adamw", "foreach")
-    assert plan.message == ("`optimizer: paged_adamw_8bit` is not available (they need CUDA, and this run is on cpu); "
+    assert plan.message == ("`optimizer: paged_adamw_8bit` is not available here (it needs CUDA and this run is on cpu); "
                             "using AdamW")
     assert "bitsandbytes is not installed" in choose_optimizer("adamw_8bit", "cuda", False).message
 

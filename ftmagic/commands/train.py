@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     close = getattr(progress, "close", None)
     if close:
         close()
+    if not args.quiet and progress is not _plain_printer:
+        return 0  # the progress printer already wrote the summary line
     metrics = result.metrics
     loss = metrics.get("train_loss")
     line = f"{metrics.get('reason', 'finished')}: {metrics.get('steps')} steps"

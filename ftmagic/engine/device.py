@@ -74,10 +74,19 @@ def detect_caps() -> DeviceCaps:
 
 
 def _bitsandbytes_support() -> tuple[bool, bool]:
+    import logging
+
+    # On import, bitsandbytes logs that an optional faster CPU kernel package is missing;
+    # the built-in CPU path works without it, so the note is noise for a user.
+    note = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = note.level
+    note.setLevel(logging.ERROR)
     try:
-        import bitsandbytes  # noqa: F401  (prints a note about optional CPU kernels; harmless)
+        import bitsandbytes
     except Exception:  # a broken install must not stop a LoRA run
         return False, False
+    finally:
+        note.setLevel(level)
     try:
         major, minor = (int(p) for p in bitsandbytes.__version__.split(".")[:2])
     except ValueError:
@@ -188,9 +197,9 @@ def choose_optimizer(requested: str, device: str, bnb_available: bool) -> Optimi
     if requested in ("adamw_8bit", "paged_adamw_8bit"):
         if device == "cuda" and bnb_available:
             return OptimizerPlan(requested, "bnb")
-        why = "bitsandbytes is not installed" if not bnb_available else f"they need CUDA, and this run is on {device}"
+        why = "bitsandbytes is not installed" if not bnb_available else f"it needs CUDA and this run is on {device}"
         return OptimizerPlan("adamw", "foreach" if device != "mps" else "plain",
-                             f"`optimizer: {requested}` is not available ({why}); using AdamW")
+                             f"`optimizer: {requested}` is not available here ({why}); using AdamW")
     if requested == "sgd":
         return OptimizerPlan("sgd", "foreach" if device != "mps" else "plain")
     if requested != "adamw":

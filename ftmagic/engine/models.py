@@ -89,10 +89,18 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
     if qlora_compute_dtype:
         kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    from transformers.utils import logging as hf_logging
+
+    # The engine reports progress through events; a loading bar would clutter the front's output.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_not_found(path, exc)) from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if not qlora_compute_dtype:
         model.to(device)
     if model.config.pad_token_id is None and getattr(model.generation_config, "eos_token_id", None) is not None:
