@@ -7,34 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from engine_helpers import fake_prepare_data, reversal_records
+from engine_helpers import reversal_records
 
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def _pipeline_available() -> bool:
-    try:
-        from ftmagic.data import prepare_data  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture
-def data_pipeline(monkeypatch):
-    """The real data pipeline when it is installed, else the contract-shaped stand-in."""
-    if not _pipeline_available():
-        monkeypatch.setattr("ftmagic.engine.run._prepare_data", fake_prepare_data)
-
-
-@pytest.fixture
-def shell(data_pipeline):
+def shell():
     from IPython.core.interactiveshell import InteractiveShell
 
     ip = InteractiveShell.instance()
@@ -99,7 +82,7 @@ def _run_with_widget(config, click_at=None, interrupt_at=None):
     return result, reporter
 
 
-def test_stop_button_ends_the_run_after_the_step_and_saves_a_checkpoint(data_pipeline, test_model_dir, tmp_path):
+def test_stop_button_ends_the_run_after_the_step_and_saves_a_checkpoint(test_model_dir, tmp_path):
     from ftmagic.widgets.finetune import build_config
 
     out = tmp_path / "stopped"
@@ -143,8 +126,6 @@ def test_interrupt_saves_a_checkpoint_and_the_cell_resumes_to_the_same_loss(shel
 def test_a_missing_data_file_is_one_line(shell, test_model_dir, tmp_path):
     from IPython.core.error import UsageError
 
-    if not _pipeline_available():
-        pytest.skip("needs the data pipeline to read files")
     with pytest.raises(UsageError) as info:
         shell.run_cell_magic("finetune", "--progress none",
                              f"model: {test_model_dir}\ndata: {tmp_path / 'nope.jsonl'}\noutput_dir: {tmp_path / 'o'}\n")
@@ -160,9 +141,6 @@ def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp
     pytest.importorskip("ipykernel")
 
     setup = "import sys\nsys.path.insert(0, %r)\nfrom engine_helpers import reversal_records\n" % str(TESTS_DIR)
-    if not _pipeline_available():
-        setup += ("import ftmagic.engine.run, engine_helpers\n"
-                  "ftmagic.engine.run._prepare_data = engine_helpers.fake_prepare_data\n")
     setup += "records = reversal_records(16)"
     cells = [
         nbformat.v4.new_code_cell("%load_ext ftmagic"),
