@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+from xml.etree import ElementTree
 
 import pytest
 
@@ -141,6 +142,9 @@ def test_loss_chart_svg_scales_points_into_the_plot():
     assert svg.count('<circle class="eval"') == 1 and "&#9679; eval" in svg
     assert ">3<" in svg and ">1<" in svg  # the loss range is labelled
     assert loss_chart_svg([], []) == ""
+    # Well-formed XML: browsers, GitHub and nbconvert all parse it the same way.
+    root = ElementTree.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_loss_chart_downsamples_long_runs():
@@ -168,6 +172,7 @@ def test_summary_html_is_static_and_complete():
     assert rows["runtime"] == "00:20"
     assert rows["peak memory"] == "2.00 GiB"
     assert rows["output"] == "out/run"
+    assert rows["why this device"] == "no GPU found"
     assert rows["parameters"] == "12.3k of 1.00M parameters trainable (1.23%)"
     assert "resume" not in rows
     for label, value in rows.items():
@@ -216,6 +221,7 @@ def test_widget_copies_event_values_in():
     progress(PLAN)
     progress(START)
     assert "tiny | lora | cpu fp32" in progress.header.value
+    assert "<small" in progress.header.value and "no GPU found" in progress.header.value
     assert "12.3k of 1.00M parameters trainable" in progress.header.value
     progress(step(4, 2.5))
     assert progress.bar.value == pytest.approx(0.4)

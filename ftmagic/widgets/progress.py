@@ -76,7 +76,10 @@ def header_html(state: RunState) -> str:
     """The run's one-line description (model, method, device, precision, data, parameters)."""
     if state.plan is None:
         return "<span>ftmagic: preparing the run&hellip;</span>"
-    return f"<span>{html.escape(format_plan_line(state.plan, state.start))}</span>"
+    line = f"<span>{html.escape(format_plan_line(state.plan, state.start))}</span>"
+    if state.plan.get("reason"):
+        line += f'<br><small style="opacity:0.7">{html.escape(str(state.plan["reason"]))}</small>'
+    return line
 
 
 def log_html(state: RunState, limit: int = 5) -> str:

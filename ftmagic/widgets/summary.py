@@ -141,6 +141,8 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     if state.plan is not None:
         plan = state.plan
         rows.append(("run", f"{plan.get('model')} | {plan.get('method')} | {plan.get('device')} {plan.get('precision')}"))
+        if plan.get("reason"):
+            rows.append(("why this device", str(plan["reason"])))
     output_dir = output_dir or end.get("output_dir") or (state.plan or {}).get("output_dir")
     if output_dir:
         rows.append(("output", str(output_dir)))
