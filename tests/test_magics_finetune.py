@@ -176,6 +176,14 @@ def test_data_from_a_notebook_variable_in_the_body_and_as_a_flag(shell, engine):
     assert engine.calls[-1]["config"].data is other
 
 
+def test_quoted_values_and_equals_spelling(shell, engine):
+    shell.user_ns["rows"] = [{"text": "x"}]
+    run(shell, '--system-prompt "Be brief." --data=$rows --output-dir \'my runs/a\' --progress none')
+    config = engine.calls[-1]["config"]
+    assert config.system_prompt == "Be brief." and config.data is shell.user_ns["rows"]
+    assert config.output_dir == "my runs/a"
+
+
 def test_other_flags_expand_notebook_variables(shell, engine):
     shell.user_ns["rank"] = 12
     run(shell, "--lora-r {rank} --progress none", "data: x.jsonl\n")
