@@ -29,7 +29,8 @@ def test_event_sequence_and_fields(test_model_dir, tmp_path):
     result, events = _train(test_model_dir, tmp_path / "out", eval_data=reversal_records(4, seed=2), eval_steps=2,
                             max_steps=4, save_steps=2)
     kinds = [e["event"] for e in events]
-    assert kinds == ["plan", "start", "step", "step", "eval", "checkpoint", "step", "step", "eval", "end"]
+    assert kinds == ["plan", "start", "step", "step", "eval", "checkpoint", "step", "step", "checkpoint", "eval",
+                     "end"]
     plan = events[0]
     assert {k: plan[k] for k in ("model", "method", "device", "precision", "format", "train_records",
                                  "eval_records", "output_dir")} == {
@@ -45,6 +46,7 @@ def test_event_sequence_and_fields(test_model_dir, tmp_path):
     assert metrics["steps"] == 4 and metrics["stopped"] is False
     assert metrics["trained_tokens"] == sum(e["tokens"] for e in events if e["event"] == "step")
     assert metrics["eval_loss"] == events[-2]["eval_loss"]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert [h["event"] for h in result.history] == ["step", "step", "eval", "step", "step", "eval"]
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "data: <list with 12 records>" in saved and "method: lora" in saved
@@ -185,3 +187,78 @@ def test_oom_message_says_what_to_change():
     assert message.startswith("CUDA ran out of GPU memory; try `batch_size: 4` with `grad_accum: 2`, "
                               "or `gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 512`")
     assert "\n" not in message
+
+
+def test_finished_run_can_be_continued_with_more_steps(test_model_dir, tmp_path):
+    _, first = _train(test_model_dir, tmp_path / "out", max_steps=3, save_steps=2)
+    assert [e["step"] for e in first if e["event"] == "checkpoint"] == [2, 3]
+    result, events = _train(test_model_dir, tmp_path / "out", max_steps=5, save_steps=2, resume=True)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["resumed_from_step"] == 3
+    assert sorted(step_losses(events)) == [4, 5] and result.metrics["steps"] == 5
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_losses(test_model_dir, tmp_path, method):
+    _, plain = _train(test_model_dir, tmp_path / "a", method=method, lora_dropout=0.0, lr=1e-3)
+    _, ckpt = _train(test_model_dir, tmp_path / "b", method=method, lora_dropout=0.0, lr=1e-3,
+                     gradient_checkpointing=True)
+    a, b = step_losses(plain), step_losses(ckpt)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
+    grad_norms = [e["grad_norm"] for e in ckpt if e["event"] == "step"]
+    assert all(g > 0 for g in grad_norms)  # gradients reach the adapters through the frozen base
+
+
+def test_cuda_out_of_memory_becomes_one_line(test_model_dir, tmp_path, monkeypatch):
+    import ftmagic.engine.run as run_module
+    from ftmagic.errors import MemoryFitError
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run_module, "train_loop", boom)
+    with pytest.raises(MemoryFitError, match=r"^CUDA ran out of GPU memory; try `batch_size: 2` with `grad_accum: 2`"):
+        _train(test_model_dir, tmp_path / "out")
+
+
+def test_preflight_refusal_stops_before_loading(monkeypatch):
+    import sys
+    import types
+
+    import ftmagic.engine.run as run_module
+    from ftmagic.engine.device import choose_device, DeviceCaps
+    from ftmagic.errors import MemoryFitError
+
+    fake = types.ModuleType("ftmagic.memory")
+    fake.preflight = lambda cfg, total: types.SimpleNamespace(
+        fits=False, message="needs 21.3 GiB, the GPU has 15.0 GiB; try `method: qlora`", suggestions=[])
+    monkeypatch.setitem(sys.modules, "ftmagic.memory", fake)
+    plan = choose_device(DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5)))
+    with pytest.raises(MemoryFitError, match=r"^needs 21.3 GiB, the GPU has 15.0 GiB; try `method: qlora`$"):
+        run_module._preflight(FinetuneConfig(), plan)
+
+
+def test_compare_and_generate(test_model_dir, tmp_path):
+    result, _ = _train(test_model_dir, tmp_path / "out", lr=0.05, max_steps=4)
+    rows = result.compare(["reverse: abc", "reverse: fox"], max_new_tokens=5)
+    assert [r["prompt"] for r in rows] == ["reverse: abc", "reverse: fox"]
+    assert all(set(r) == {"prompt", "base", "tuned"} for r in rows)
+    assert rows[0]["tuned"] == result.generate("reverse: abc", max_new_tokens=5)
+    assert result.render("reverse: abc") == "<|im_start|>user\nreverse: abc<|im_end|>\n<|im_start|>assistant\n"
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(test_model_dir).eval()
+    enc = result.tokenizer(result.render("reverse: fox"), return_tensors="pt", add_special_tokens=False)
+    out = base.generate(**enc, max_new_tokens=5, do_sample=False, eos_token_id=result.tokenizer.eos_token_id,
+                        pad_token_id=result.tokenizer.pad_token_id)
+    assert rows[1]["base"] == result.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    # The adapter is switched back on after comparing.
+    assert result.generate("reverse: abc", max_new_tokens=5) == rows[0]["tuned"]
+
+
+def test_load_refuses_unfinished_run(tmp_path):
+    from ftmagic.engine.result import RunResult
+
+    with pytest.raises(CheckpointError, match="is not a finished ftmagic run"):
+        RunResult.load(tmp_path)

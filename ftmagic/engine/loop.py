@@ -250,7 +250,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
                     bad_evals += 1
                 if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
                     reason = "early_stopping"
-            if config.save_steps and step % config.save_steps == 0 and step < max_steps:
+            if config.save_steps and step % config.save_steps == 0:
                 last_saved = save()
             if reason == "early_stopping":
                 break
@@ -261,7 +261,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
 
-    if reason in ("stopped", "interrupted", "early_stopping") and step > 0:
+    if step > 0 and (reason != "finished" or (config.save_steps and step % config.save_steps)):
+        # A stopped run must be resumable; a finished one too, so `resume: true` with a
+        # larger max_steps continues from the end instead of the last periodic save.
         last_saved = save()
     if reason == "finished" and eval_rows:
         # The end-of-run evaluation (periodic ones skip the last step to avoid doing it twice).
