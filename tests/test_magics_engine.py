@@ -183,21 +183,21 @@ def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp
     assert nb.cells[4].outputs[0]["text"].strip() == "3 RunResult"
 
 
-def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tmp_path):
-    """A real kernel: the click arrives while %%finetune is still training, not after it."""
-    ipykernel = pytest.importorskip("ipykernel")
-    if int(ipykernel.__version__.split(".")[0]) < 7:
-        pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
-    from jupyter_client.manager import start_new_kernel
+class Kernel:
+    """A real ipykernel driven over its channels, the way a notebook front end drives it."""
 
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path),
-                              env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    def __init__(self, cwd):
+        from jupyter_client.manager import start_new_kernel
 
-    def execute(code, on_message=None, timeout=240):
-        msg_id = kc.execute(code)
+        self.km, self.kc = start_new_kernel(kernel_name="python3", cwd=str(cwd),
+                                            env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+
+    def execute(self, code, on_message=None, timeout=240):
+        """Run ``code``; return its stdout (and error traceback) once the kernel is idle."""
+        msg_id = self.kc.execute(code)
         out = []
         while True:
-            msg = kc.get_iopub_msg(timeout=timeout)
+            msg = self.kc.get_iopub_msg(timeout=timeout)
             if on_message is not None:
                 on_message(msg)
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -209,31 +209,80 @@ def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tm
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 return "".join(out)
 
+    def setup(self):
+        code = f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nfrom engine_helpers import reversal_records\n" \
+               "records = reversal_records(16)\n%load_ext ftmagic"
+        assert "Error" not in self.execute(code)
+
+    def close(self):
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def _training_started(msg) -> bool:
+    return msg["msg_type"] == "stream" and "parameters trainable" in msg["content"].get("text", "")
+
+
+def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tmp_path):
+    """A real kernel: the click arrives while %%finetune is still training, not after it."""
+    ipykernel = pytest.importorskip("ipykernel")
+    if int(ipykernel.__version__.split(".")[0]) < 7:
+        pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
+    kernel = Kernel(tmp_path)
     button = {}
 
     def click_once_training_started(msg):
         content = msg["content"]
         if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
             button["id"] = content["comm_id"]
-        started = msg["msg_type"] == "stream" and "parameters trainable" in content.get("text", "")
-        if started and "id" in button and "sent" not in button:
+        if _training_started(msg) and "id" in button and "sent" not in button:
+            # Exactly what ipywidgets' front end sends when the button is clicked.
             click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
-            kc.shell_channel.send(kc.session.msg("comm_msg", click))
+            kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", click))
             button["sent"] = True
 
     try:
-        setup = f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nfrom engine_helpers import reversal_records\n" \
-                "records = reversal_records(16)\n%load_ext ftmagic"
-        assert "Error" not in execute(setup)
+        kernel.setup()
         cell = "%%finetune --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "clicked")
-        out = execute(cell, on_message=click_once_training_started)
+        out = kernel.execute(cell, on_message=click_once_training_started)
         assert button.get("sent"), out
         assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
-        report = execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
+        report = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
         assert report[0] == "stopped" and int(report[1]) < 5000
     finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+        kernel.close()
+
+
+def test_kernel_interrupt_then_restart_then_resume(test_model_dir, tmp_path):
+    """Jupyter's interrupt ends the run with a checkpoint; after a kernel restart `--resume` finishes it."""
+    kernel = Kernel(tmp_path)
+    sent = {}
+
+    def interrupt_once_training_started(msg):
+        if _training_started(msg) and not sent:
+            kernel.km.interrupt_kernel()
+            sent["yes"] = True
+
+    out_dir = tmp_path / "interrupted"
+    try:
+        kernel.setup()
+        cell = "%%finetune --max-steps 5000 --save-steps 0\n" + body(test_model_dir, out_dir)
+        out = kernel.execute(cell, on_message=interrupt_once_training_started)
+        assert sent and "result bound to `ft`; to continue, run the cell again with `--resume`" in out, out
+        reason, steps = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
+        assert reason == "interrupted" and 0 < int(steps) < 5000
+        assert any((out_dir / "checkpoints").iterdir())
+
+        kernel.km.restart_kernel(now=True)  # a dropped session: nothing survives but the files
+        kernel.kc.wait_for_ready(timeout=60)
+        kernel.setup()
+        target = int(steps) + 2
+        out = kernel.execute(f"%%finetune --resume --max-steps {target}\n" + body(test_model_dir, out_dir))
+        assert "result bound to `ft`" in out and "--resume" not in out, out
+        reason, final = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
+        assert reason == "finished" and int(final) == target
+    finally:
+        kernel.close()
 
 
 @pytest.mark.parametrize("kind", ["dataframe", "dataset"])
