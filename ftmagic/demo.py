@@ -1,0 +1,176 @@
+"""The bundled demo task: teach the embedded tiny model to reverse a word.
+
+The base model (``model: tiny``) was pretrained on uppercase, copy, first/last letter and
+other string tasks, but never on reversal: asked ``reverse: lamp`` it answers with a copy
+or another skill it knows. A short LoRA run on :func:`demo_dataset` teaches it, and
+:func:`exact_match` on the held-out split measures the change.
+
+Example::
+
+    import ftmagic
+    from ftmagic.demo import DEMO_CONFIG, demo_dataset, exact_match
+
+    result = ftmagic.finetune(data=demo_dataset("train"), **DEMO_CONFIG)
+    exact_match(result.generate, demo_dataset("test"))   # about 0.9; the base model scores ~0
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import time
+from typing import Any, Callable, Iterable, Optional
+
+PROMPT = "reverse: {word}"
+TRAIN_SIZE = 2000
+TEST_SIZE = 100
+_LENGTHS = (3, 6)  # inclusive word lengths; short enough for a 2M model to learn in minutes
+
+# Fields of FinetuneConfig for the demo run: 2 CPU cores, about a minute of training.
+DEMO_CONFIG = dict(
+    model="tiny",
+    method="lora",
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    lr=3e-3,
+    max_steps=300,
+    batch_size=16,
+    scheduler="cosine",
+    warmup=0.05,
+    max_seq_len=128,
+    eval_steps=0,
+    save_steps=0,
+    seed=0,
+)
+
+# Prompts for before/after tables: real words, none of them in the training split.
+DEMO_PROMPTS = ["reverse: lamp", "reverse: stone", "reverse: music", "reverse: garden", "reverse: kite"]
+
+
+def _words(seed: int, count: int, exclude: frozenset = frozenset()) -> list:
+    """``count`` distinct random lowercase words, none in ``exclude`` and none a palindrome."""
+    rng = random.Random(seed)
+    out: list = []
+    seen = set(exclude)
+    while len(out) < count:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*_LENGTHS)))
+        if word in seen or word == word[::-1]:
+            continue
+        seen.add(word)
+        out.append(word)
+    return out
+
+
+def _record(word: str) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPT.format(word=word)},
+                         {"role": "assistant", "content": word[::-1]}]}
+
+
+def demo_dataset(split: str = "train", n: Optional[int] = None) -> list:
+    """Records of the demo task in OpenAI ``messages`` format; the same every call.
+
+    ``split="train"`` has 2000 records, ``split="test"`` 100 held-out ones (no word of the
+    test split or of :data:`DEMO_PROMPTS` appears in train). ``n`` keeps the first ``n``.
+
+    Example::
+
+        >>> demo_dataset("test", n=1)[0]["messages"][1]["content"] == \\
+        ...     demo_dataset("test", n=1)[0]["messages"][0]["content"].split(": ")[1][::-1]
+        True
+    """
+    from ftmagic.errors import ConfigError
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"demo_dataset: unknown split {split!r}; accepted: 'train', 'test'")
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ConfigError(f"demo_dataset: n must be a non-negative integer or None, got {n!r}")
+    test = _words(seed=1, count=TEST_SIZE)
+    reserved = frozenset(test) | {p.split(": ", 1)[1] for p in DEMO_PROMPTS}
+    words = test if split == "test" else _words(seed=0, count=TRAIN_SIZE, exclude=reserved)
+    records = [_record(w) for w in words]
+    return records if n is None else records[:n]
+
+
+def _prompt_and_answer(record: dict) -> tuple:
+    messages = record["messages"]
+    user = [m["content"] for m in messages if m["role"] == "user"][-1]
+    answer = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+    return user, answer
+
+
+def exact_match(generate_fn: Callable[[str], str], records: Iterable[dict]) -> float:
+    """Share of records whose generated answer equals the reference (surrounding spaces ignored).
+
+    ``generate_fn(prompt) -> str`` is e.g. ``RunResult.generate``.
+
+    Example::
+
+        >>> exact_match(lambda p: p.split(": ")[1][::-1], demo_dataset("test", n=10))
+        1.0
+    """
+    records = list(records)
+    if not records:
+        return 0.0
+    hits = 0
+    for record in records:
+        prompt, answer = _prompt_and_answer(record)
+        hits += generate_fn(prompt).strip() == answer.strip()
+    return hits / len(records)
+
+
+def run_demo(output_dir: str = "ftmagic-demo", *, steps: Optional[int] = None, on_event=None,
+             overwrite: bool = True, n_test: Optional[int] = None, **overrides: Any) -> dict:
+    """Train LoRA on the demo task with the real engine; score base and tuned on held-out words.
+
+    Returns ``{"base_exact_match", "tuned_exact_match", "rows", "output_dir", "train_s",
+    "total_s", "result"}`` where ``rows`` is ``[{"prompt", "expected", "base", "tuned"}]``
+    for :data:`DEMO_PROMPTS` and ``result`` is the engine's ``RunResult``.
+
+    Example::
+
+        report = run_demo("/tmp/demo", on_event=print)
+        report["base_exact_match"], report["tuned_exact_match"]   # about (0.0, 0.9)
+    """
+    from ftmagic.engine.run import finetune
+
+    start = time.monotonic()
+    settings = dict(DEMO_CONFIG, output_dir=str(output_dir), overwrite=overwrite, **overrides)
+    if steps is not None:
+        settings["max_steps"] = steps
+    result = finetune(data=demo_dataset("train"), on_event=on_event, **settings)
+    train_s = time.monotonic() - start
+    test = demo_dataset("test", n=n_test)
+    prompts = [_prompt_and_answer(r)[0] for r in test]
+    # compare() answers every prompt with the adapter on and off: one model, same template.
+    answers = {row["prompt"]: row for row in result.compare(prompts + DEMO_PROMPTS, max_new_tokens=16)}
+    base = exact_match(lambda p: answers[p]["base"], test)
+    tuned = exact_match(lambda p: answers[p]["tuned"], test)
+    rows = [{"prompt": p, "expected": p.split(": ", 1)[1][::-1], "base": answers[p]["base"],
+             "tuned": answers[p]["tuned"]} for p in DEMO_PROMPTS]
+    return {"base_exact_match": base, "tuned_exact_match": tuned, "rows": rows, "output_dir": result.output_dir,
+            "train_s": train_s, "total_s": time.monotonic() - start, "result": result}
+
+
+def format_table(rows: list, base: float, tuned: float) -> str:
+    """The before/after table the ``ftmagic demo`` command prints.
+
+    Example::
+
+        >>> print(format_table([{"prompt": "reverse: ab", "expected": "ba", "base": "ab", "tuned": "ba"}], 0.0, 1.0))
+        prompt       expected  base (before)  tuned (after)
+        reverse: ab  ba        ab             ba  ok
+        exact match on held-out words: 0% before, 100% after
+    """
+    header = ("prompt", "expected", "base (before)", "tuned (after)")
+    table = [(r["prompt"], r["expected"], r["base"] or "''", r["tuned"] or "''") for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *table]) for i in range(3)]
+
+    def line(cells, mark=""):
+        text = "  ".join(str(c).ljust(w) for c, w in zip(cells[:3], widths)) + "  " + str(cells[3])
+        return (text + ("  " + mark if mark else "")).rstrip()
+
+    out = [line(header)]
+    out += [line(cells, "ok" if r["tuned"] == r["expected"] else "") for cells, r in zip(table, rows)]
+    out.append(f"exact match on held-out words: {base:.0%} before, {tuned:.0%} after")
+    return "\n".join(out)
