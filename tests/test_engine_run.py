@@ -262,3 +262,21 @@ def test_load_refuses_unfinished_run(tmp_path):
 
     with pytest.raises(CheckpointError, match="is not a finished ftmagic run"):
         RunResult.load(tmp_path)
+
+
+def test_bf16_autocast_on_cpu_with_packing(test_model_dir, tmp_path):
+    result, events = _train(test_model_dir, tmp_path / "out", precision="bf16", packing=True, max_seq_len=64,
+                            eval_data=reversal_records(4, seed=2), eval_steps=2)
+    assert events[0]["precision"] == "bf16" and result.metrics["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
+    assert isinstance(result.metrics["eval_loss"], float) and result.metrics["eval_loss"] > 0
+
+
+def test_upcast_trainable_keeps_frozen_half_weights():
+    from ftmagic.engine.run import _upcast_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).half()
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    _upcast_trainable(model)
+    assert [p.dtype for p in model.parameters()] == [torch.float16, torch.float16, torch.float32, torch.float32]

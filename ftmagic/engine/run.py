@@ -154,6 +154,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
                       qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
     model = method.prepare(base, cfg)
+    _upcast_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
     trainable, total = count_parameters(model)
@@ -190,6 +191,14 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                      model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                      plan=dataclasses.asdict(plan))
+
+
+def _upcast_trainable(model) -> None:
+    """Trainable weights stay fp32 under autocast: optimizer updates and the fp16 gradient
+    scaler need fp32 master weights (a frozen half-precision base is fine)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
 
 
 def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[Path]:
