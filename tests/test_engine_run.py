@@ -280,3 +280,13 @@ def test_upcast_trainable_keeps_frozen_half_weights():
     model[0].bias.requires_grad_(False)
     _upcast_trainable(model)
     assert [p.dtype for p in model.parameters()] == [torch.float16, torch.float16, torch.float32, torch.float32]
+
+
+def test_tiny_resolves_to_the_embedded_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("FTMAGIC_SMOKE", raising=False)
+    if (models.TINY_DIR / "config.json").exists():
+        assert models.resolve_model_path("tiny") == str(models.TINY_DIR)
+    assert models.resolve_model_path("org/some-model") == "org/some-model"
+    monkeypatch.setattr(models, "TINY_DIR", tmp_path / "absent")
+    with pytest.raises(ModelError, match=r"^the embedded model is missing at .*absent; rebuild it"):
+        models.resolve_model_path("tiny")

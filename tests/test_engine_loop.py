@@ -1,0 +1,61 @@
+"""The loop on its own: the gradient-scaler path, and loss normalisation over trained tokens."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ftmagic.config import FinetuneConfig
+from ftmagic.engine.device import DevicePlan, choose_optimizer
+from ftmagic.engine.loop import train_loop
+
+from engine_helpers import encode, reversal_records
+
+
+def _rows(tok, n=8):
+    return [encode(tok, r) for r in reversal_records(n)]
+
+
+def _model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+PLAN = DevicePlan(device="cpu", precision="fp32", use_grad_scaler=False, qlora_compute_dtype=None, method="full",
+                  reason="cpu")
+
+
+def _loop(model, rows, plan, root=None, **cfg):
+    config = FinetuneConfig(**{"batch_size": 2, "lr": 1e-3, "max_steps": 3, "warmup": 0, "save_steps": 2,
+                               "eval_steps": 0, **cfg})
+    events = []
+    outcome = train_loop(model, rows, None, config=config, plan=plan, optimizer_plan=choose_optimizer("adamw", "cpu", False),
+                         pad_id=0, max_steps=3, emit=events.append, checkpoint_root=root)
+    return outcome, [e["loss"] for e in events if e["event"] == "step"]
+
+
+def test_grad_scaler_path_matches_unscaled_training(test_model_dir, test_tokenizer, tmp_path):
+    rows = _rows(test_tokenizer)
+    _, plain = _loop(_model(test_model_dir), rows, PLAN)
+    scaled_plan = dataclasses.replace(PLAN, use_grad_scaler=True)  # the fp16 (T4) code path, run on the CPU
+    outcome, scaled = _loop(_model(test_model_dir), rows, scaled_plan, root=tmp_path)
+    # Scaling by a power of two and unscaling is exact, so the updates are the same.
+    assert scaled == pytest.approx(plain, abs=1e-6)
+    assert (tmp_path / "step-00000002" / "scaler.pt").is_file()
+    state = torch.load(tmp_path / "step-00000002" / "scaler.pt", weights_only=False)
+    assert state["scale"] == 65536.0
+
+
+def test_step_loss_is_the_mean_over_trained_tokens(test_model_dir, test_tokenizer):
+    rows = _rows(test_tokenizer, 2)
+    model = _model(test_model_dir)
+    from ftmagic.engine.collate import collate
+
+    batch = collate(rows, 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    _, losses = _loop(model, rows, PLAN, lr=1e-9)
+    assert losses[0] == pytest.approx(float(expected), abs=1e-5)
