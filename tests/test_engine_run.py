@@ -290,3 +290,37 @@ def test_tiny_resolves_to_the_embedded_model(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "TINY_DIR", tmp_path / "absent")
     with pytest.raises(ModelError, match=r"^the embedded model is missing at .*absent; rebuild it"):
         models.resolve_model_path("tiny")
+
+
+def test_report_to_tensorboard(test_model_dir, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    _train(test_model_dir, tmp_path / "out", report_to="tensorboard", max_steps=2, eval_data=reversal_records(4))
+    assert written[0] == ("dir", str(tmp_path / "out" / "runs"))
+    assert ("train/loss", 1) in written and ("train/lr", 2) in written and ("eval/loss", 2) in written
+    assert written[-1] == ("closed",)
+
+
+def test_report_to_without_its_package_fails_early(test_model_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    on_event, events = collect()
+    with pytest.raises(ConfigError, match=r"^`report_to: wandb` needs the wandb package"):
+        finetune(model=test_model_dir, data=reversal_records(4), output_dir=str(tmp_path / "o"), report_to="wandb",
+                 on_event=on_event)
+    assert events == []  # nothing was loaded or trained

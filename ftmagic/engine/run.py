@@ -33,6 +33,7 @@ from ftmagic.engine.device import DevicePlan, choose_device, choose_optimizer, d
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import (count_parameters, enable_gradient_checkpointing, get_method,
                                     qlora_cpu_blocker)
+from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.models import SMOKE_MAX_STEPS, load_model, load_tokenizer, resolve_model_path, smoke_mode
 from ftmagic.engine.result import RUN_FILE, RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
@@ -129,6 +130,15 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     method = get_method(plan.method)
 
     out = Path(cfg.output_dir)
+    sinks = make_reporters(cfg.report_to, out, cfg.to_dict())
+    if sinks:
+        user_emit = emit
+
+        def emit(event: dict) -> None:
+            user_emit(event)
+            for sink in sinks:
+                sink(event)
+
     resume_from = _claim_output_dir(out, cfg, notes)
 
     tokenizer = load_tokenizer(model_path)
