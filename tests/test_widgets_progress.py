@@ -327,7 +327,8 @@ def test_a_kernel_without_subshells_gets_the_interrupt_hint(monkeypatch):
 
 
 def test_no_side_channel_outside_a_kernel():
-    from ftmagic.widgets.progress import TrainingProgress, listen_while_busy
+    from ftmagic.widgets.liveclicks import open_side_channel
+    from ftmagic.widgets.progress import TrainingProgress
 
     progress = TrainingProgress()
-    assert listen_while_busy(progress.button) is None
+    assert open_side_channel(progress.button) is None

@@ -30,9 +30,9 @@ NO_LIVE_CLICK_HINT = ("to stop early in this kernel, use the notebook's interrup
 
 
 def _kernel() -> Any:
-    from IPython import get_ipython
+    from ftmagic.widgets.liveclicks import current_kernel
 
-    return getattr(get_ipython(), "kernel", None)
+    return current_kernel()
 
 
 def progress_fields(state: RunState) -> dict[str, str]:
@@ -122,7 +122,9 @@ class TrainingProgress:
         self._last_chart: Optional[float] = None
         self.chart_redraws = 0  # how many times the SVG was rebuilt (tests check the throttle)
         self.handle = None
-        self._side_channel: Optional[Callable[[], None]] = None
+        self._side_channel: Any = None  # how a click reaches a busy kernel (liveclicks)
+        self._last_poll: Optional[float] = None
+        self.poll_interval = 0.1
         self._hint = ""  # a standing note under the chart (e.g. how to stop in this kernel)
 
         self.header = w.HTML(value=header_html(self.state))
@@ -140,6 +142,7 @@ class TrainingProgress:
     # ------------------------------------------------------------------ events
     def __call__(self, event: dict) -> None:
         kind = self.state.update(event)
+        self._poll_clicks()
         if kind in ("plan", "start"):
             self.header.value = header_html(self.state)
             self._redraw_texts()
@@ -158,6 +161,19 @@ class TrainingProgress:
             self._render_log()
         elif kind == "end":
             self._on_end(event)
+
+    def _poll_clicks(self) -> None:
+        """Let a waiting Stop click in (kernels where clicks queue up behind the cell)."""
+        if self._side_channel is None or self.state.end is not None:
+            return
+        now = self.clock()
+        if self._last_poll is None or now - self._last_poll >= self.poll_interval:
+            self._last_poll = now
+            try:
+                self._side_channel.poll()
+            except Exception:
+                # Never let the click plumbing break a training run; the interrupt still works.
+                self._side_channel = None
 
     def _redraw_texts(self) -> None:
         fraction = self.state.fraction
@@ -200,7 +216,9 @@ class TrainingProgress:
         from IPython.display import display
 
         self.handle = display(self.widget, display_id=True)
-        self._side_channel = listen_while_busy(self.button)
+        from ftmagic.widgets.liveclicks import open_side_channel
+
+        self._side_channel = open_side_channel(self.button)
         if self._side_channel is None and _kernel() is not None:
             # This kernel delivers the click only after the cell ends; its interrupt works now.
             self.button.tooltip = NO_LIVE_CLICK_HINT
@@ -231,53 +249,9 @@ class TrainingProgress:
     def close(self) -> None:
         """Close the widget and its children (frees their comms in the kernel)."""
         if self._side_channel is not None:
-            self._side_channel()
+            self._side_channel.close()
             self._side_channel = None
         for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.log):
             child.close()
         self.widget.close()
 
-
-def listen_while_busy(widget: Any, timeout: float = 5.0) -> Optional[Callable[[], None]]:
-    """Let ``widget``'s front-end messages (a click) arrive while the cell is still running.
-
-    A kernel handles widget messages between cells, but training runs inside the cell, so
-    a Stop click would wait until the run is over. ipykernel 7 can run a second message
-    loop in its own thread (a "subshell", JEP 91) and routes a comm's messages to the
-    subshell named by the comm. The click handler then runs on that thread; it only sets
-    a ``threading.Event``, which is thread-safe. Returns a function that removes the
-    subshell, or None where this is not available (older kernels, no kernel): there
-    Jupyter's interrupt button stops the run the same way.
-    """
-    try:
-        thread = getattr(_kernel(), "shell_channel_thread", None)
-        manager = getattr(thread, "manager", None)
-        comm = getattr(widget, "comm", None)
-        if manager is None or comm is None or not hasattr(comm, "_reply_subshell_for") \
-                or not hasattr(manager, "_create_subshell"):
-            return None
-        created = threading.Event()
-        box: dict = {}
-
-        def create() -> None:  # the subshell manager is only touched from its own thread
-            try:
-                box["id"] = manager._create_subshell()
-            finally:
-                created.set()
-
-        thread.io_loop.add_callback(create)
-        if not created.wait(timeout) or "id" not in box:
-            return None
-        subshell_id = box["id"]
-        comm._reply_subshell_id = subshell_id
-
-        def remove() -> None:
-            try:
-                comm._reply_subshell_id = None
-                thread.io_loop.add_callback(manager._delete_subshell, subshell_id)
-            except Exception:  # best effort: the kernel may be shutting down
-                pass
-
-        return remove
-    except Exception:  # a private kernel API changed: fall back to the kernel's interrupt
-        return None
