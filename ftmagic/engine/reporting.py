@@ -54,13 +54,17 @@ def _tensorboard(log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("`report_to: tensorboard` needs the tensorboard package (pip install tensorboard)") from None
-    writer = SummaryWriter(log_dir=str(log_dir))
+    state = {"writer": None}
 
     def sink(event: dict) -> None:
-        for tag, value in _scalars(event).items():
-            writer.add_scalar(tag, value, event["step"])
-        if event.get("event") == "end":
-            writer.close()
+        # Created at the first value, after the engine has claimed output_dir (the writer makes folders).
+        values = _scalars(event)
+        if values and state["writer"] is None:
+            state["writer"] = SummaryWriter(log_dir=str(log_dir))
+        for tag, value in values.items():
+            state["writer"].add_scalar(tag, value, event["step"])
+        if event.get("event") == "end" and state["writer"] is not None:
+            state["writer"].close()
 
     return sink
 
