@@ -300,7 +300,7 @@ def test_report_to_tensorboard(test_model_dir, tmp_path, monkeypatch):
 
     class Writer:
         def __init__(self, log_dir):
-            Path(log_dir).mkdir(parents=True)  # as the real writer does
+            Path(log_dir).mkdir(parents=True, exist_ok=True)  # as the real writer does
             written.append(("dir", log_dir))
 
         def add_scalar(self, tag, value, step):
