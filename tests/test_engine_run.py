@@ -327,3 +327,32 @@ def test_report_to_without_its_package_fails_early(test_model_dir, tmp_path, mon
         finetune(model=test_model_dir, data=reversal_records(4), output_dir=str(tmp_path / "o"), report_to="wandb",
                  on_event=on_event)
     assert events == []  # nothing was loaded or trained
+
+
+def test_qlora_load_failure_on_cpu_falls_back(tmp_path, monkeypatch, test_tokenizer):
+    from conftest import build_test_model_dir
+    import ftmagic.engine.run as run_module
+
+    model_dir = build_test_model_dir(tmp_path / "wide", test_tokenizer, hidden_size=64, intermediate_size=128)
+    real = run_module.load_model
+
+    def no_4bit(path, **kwargs):
+        if kwargs.get("qlora_compute_dtype"):
+            raise RuntimeError("no kernel image for this CPU\nmore detail")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_model", no_4bit)
+    result, events = _train(model_dir, tmp_path / "out", method="qlora", max_steps=1)
+    texts = [e["text"] for e in events if e["event"] == "message"]
+    assert texts == ["QLoRA's 4-bit load failed on this CPU (no kernel image for this CPU); using LoRA"]
+    assert result.metrics["method"] == "lora"
+
+
+def test_tokenizer_without_pad_pads_with_eos(tmp_path, test_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(test_tokenizer)
+    tok.pad_token = None
+    tok.save_pretrained(str(tmp_path))
+    loaded = models.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == "<|im_end|>" and loaded.padding_side == "right"

@@ -161,8 +161,19 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         weight_dtype = plan.torch_dtype  # a frozen base needs no fp32 master copy
     if plan.qlora_compute_dtype:
         weight_dtype = getattr(torch, plan.qlora_compute_dtype)
-    base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
-                      qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+    try:
+        base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
+                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+    except (RuntimeError, ImportError, NotImplementedError) as exc:
+        if not (method.quantized and plan.device == "cpu"):
+            raise
+        # bitsandbytes' CPU backend is young; a machine it cannot serve still gets a run.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        emit({"event": "message", "level": "warning",
+              "text": f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA"})
+        plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
+        method = get_method("lora")
+        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
     model = method.prepare(base, cfg)
     _upcast_trainable(model)
     if cfg.gradient_checkpointing:
