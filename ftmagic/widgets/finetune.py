@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import sys
 import threading
 import typing
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 from IPython.core.error import UsageError
@@ -458,8 +460,36 @@ def run_with_reporter(config: FinetuneConfig, reporter: CellReporter):
     """
     finetune = _engine_finetune()
     try:
-        with as_usage_error():
+        with as_usage_error(), quiet_library_progress_bars(reporter.mode != "none"):
             return finetune(config, on_event=reporter, stop=reporter.stop)
     except BaseException:
         reporter.abort()
         raise
+
+
+@contextmanager
+def quiet_library_progress_bars(active: bool = True):
+    """Silence transformers' and datasets' own progress bars during a run, then restore them.
+
+    In a notebook each of them is a widget of its own ("Loading weights: 0%") that stays
+    behind, dead, in the saved notebook; the run's progress is already on screen.
+    """
+    if not active:
+        yield
+        return
+    restore = []
+    for module_name in ("transformers.utils.logging", "datasets.utils.logging"):
+        if module_name.split(".")[0] not in sys.modules and module_name.startswith("datasets"):
+            continue  # not worth importing datasets for this; the run imports it if it needs it
+        try:
+            module = importlib.import_module(module_name)
+            if module.is_progress_bar_enabled():
+                module.disable_progress_bar()
+                restore.append(module.enable_progress_bar)
+        except (ImportError, AttributeError):
+            continue
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()
