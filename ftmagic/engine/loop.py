@@ -175,8 +175,10 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         elapsed_before, last_eval, last_loss = state["elapsed_s"], state.get("eval_loss"), state.get("train_loss")
 
     def save() -> Optional[str]:
-        if checkpoint_root is None:
-            return None
+        nonlocal saved_at
+        if checkpoint_root is None or saved_at == step:
+            return last_saved  # already written (a stop right after a periodic save)
+        saved_at = step
         epoch, index = batches.position(step * ga)
         state = {"step": step, "epoch": epoch, "batch_index": index, "order_seed": config.seed,
                  "trained_tokens": trained_tokens, "best_eval": best_eval, "bad_evals": bad_evals,
@@ -191,7 +193,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         torch.cuda.reset_peak_memory_stats()
     model.train()
     started = time.perf_counter()
-    start_step, reason, last_saved, peak = step, "finished", None, 0
+    start_step, reason, last_saved, peak, saved_at = step, "finished", None, 0, None
     try:
         while step < max_steps:
             tick = time.perf_counter()
@@ -227,7 +229,6 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
             done = now - started
             rate = (step - start_step) / done if done > 0 else 0.0
             peak = max(peak, memory_bytes(plan.device))
-            epoch, _ = batches.position(step * ga - 1)
             event = {"event": "step", "step": step, "max_steps": max_steps,
                      "epoch": round((step * ga) / batches.per_epoch, 4), "loss": step_loss if window else None,
                      "lr": lr, "grad_norm": grad_norm, "tokens": window,
@@ -261,7 +262,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
 
-    if step > 0 and (reason != "finished" or (config.save_steps and step % config.save_steps)):
+    if step > 0 and (reason != "finished" or config.save_steps):
         # A stopped run must be resumable; a finished one too, so `resume: true` with a
         # larger max_steps continues from the end instead of the last periodic save.
         last_saved = save()
