@@ -356,3 +356,9 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path, test_tokenizer):
     tok.save_pretrained(str(tmp_path))
     loaded = models.load_tokenizer(str(tmp_path))
     assert loaded.pad_token == "<|im_end|>" and loaded.padding_side == "right"
+
+
+def test_output_dir_that_is_a_file(test_model_dir, tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(CheckpointError, match=r"is a file; give a folder path$"):
+        _train(test_model_dir, tmp_path / "out")

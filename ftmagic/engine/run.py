@@ -224,6 +224,8 @@ def _upcast_trainable(model) -> None:
 
 def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[Path]:
     """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
     identity = run_identity(cfg)
     run_file = out / RUN_FILE
     previous = None
