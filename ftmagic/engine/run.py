@@ -36,7 +36,7 @@ from ftmagic.engine.methods import (count_parameters, enable_gradient_checkpoint
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.models import SMOKE_MAX_STEPS, load_model, load_tokenizer, resolve_model_path, smoke_mode
 from ftmagic.engine.result import RUN_FILE, RunResult
-from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
 # keeps the run "the same" for output_dir protection and resume.
@@ -349,4 +349,4 @@ def _oom_message(cfg: FinetuneConfig) -> str:
     return "CUDA ran out of GPU memory; try " + ", or ".join(tips or ["a smaller model"]) + " (see `%ft_memory`)"
 
 
-__all__ = ["finetune", "resolve_config", "run_identity", "merge_adapter", "FtmagicError"]
+__all__ = ["finetune", "resolve_config", "run_identity", "merge_adapter"]
