@@ -362,3 +362,14 @@ def test_output_dir_that_is_a_file(test_model_dir, tmp_path):
     (tmp_path / "out").write_text("x")
     with pytest.raises(CheckpointError, match=r"is a file; give a folder path$"):
         _train(test_model_dir, tmp_path / "out")
+
+
+def test_compare_for_full_weights_loads_the_original_model(test_model_dir, tmp_path):
+    from ftmagic.engine.result import RunResult
+
+    result, _ = _train(test_model_dir, tmp_path / "out", method="freeze", trainable_layers=1, lr=0.05)
+    reloaded = RunResult.load(tmp_path / "out")
+    rows = reloaded.compare("reverse: abc", max_new_tokens=4)
+    again = result.compare(["reverse: abc"], max_new_tokens=4)
+    assert rows == again
+    assert reloaded.base_model_path == test_model_dir
