@@ -135,6 +135,7 @@ def test_a_missing_data_file_is_one_line(shell, test_model_dir, tmp_path):
 # --------------------------------------------------------------------------- a real notebook
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -222,6 +223,7 @@ def _training_started(msg) -> bool:
     return msg["msg_type"] == "stream" and "parameters trainable" in msg["content"].get("text", "")
 
 
+@pytest.mark.slow
 def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tmp_path):
     """A real kernel: the click arrives while %%finetune is still training, not after it."""
     ipykernel = pytest.importorskip("ipykernel")
@@ -252,6 +254,7 @@ def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tm
         kernel.close()
 
 
+@pytest.mark.slow
 def test_kernel_interrupt_then_restart_then_resume(test_model_dir, tmp_path):
     """Jupyter's interrupt ends the run with a checkpoint; after a kernel restart `--resume` finishes it."""
     kernel = Kernel(tmp_path)
