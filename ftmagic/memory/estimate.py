@@ -1,0 +1,350 @@
+"""The analytic estimate: peak device memory of one training step, in milliseconds, no torch.
+
+Peak memory is the maximum over three moments of a steady-state step (optimizer states
+already exist), not the sum of everything:
+
+* end of forward: weights, optimizer states, saved activations, and the logits while the
+  loss is computed (logits, their fp32 upcast and log-softmax output: batch x seq x vocab);
+* backward: at the loss (the logits' fp32 gradients) or, later, when most parameter
+  gradients exist while one block's activations are still held (or recomputed, with
+  gradient checkpointing);
+* optimizer step: weights, gradients, states and the step's transient (torch's
+  multi-tensor AdamW allocates one more state-sized buffer for ``sqrt(v)``).
+
+Saved-activation bytes per token and block come from how the block's autograd graph saves
+tensors: for full fine-tuning in one dtype of ``c`` bytes they are exact
+(``2 (4h + 2ch) + 2c (q + kv) + 4c i`` for a Llama block); for adapters on a frozen base
+under autocast they are calibrated against the traced step (``benchmarks/memory_accuracy.py``
+measures them with torch's MemTracker on real tensors; see ``_ADAPTER_COEFFS``).
+
+Example::
+
+    >>> from ftmagic.memory import estimate_memory
+    >>> est = estimate_memory("llama-3.2-1b", method="qlora", batch_size=4, seq_len=1024)
+    >>> sorted(est.breakdown)[:3]
+    ['activations', 'frozen_weights', 'gradients']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ftmagic.errors import ConfigError
+from ftmagic.memory.architectures import ModelShape, resolve_model
+from ftmagic.memory.policy import ALL_METHODS, weight_plan, resolve_precision
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 blocks
+GIB = 1024 ** 3
+
+# Keys of MemoryEstimate.breakdown, in the order they stack in the bar.
+DEVICE_KEYS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
+               "optimizer_step_transient")
+
+# Saved bytes per token and block for a frozen base with adapters, by (compute bytes,
+# quantized, dropout): coefficients of hidden, q_dim, kv_dim, intermediate, the adapters'
+# summed in/out features and ranks, and a per-head constant. Least-squares fits to traced
+# Llama blocks (12 shapes x 6 target sets each; max error 2-4% per block, 9% for QLoRA).
+_ADAPTER_COEFFS = {
+    (2, False, True): dict(h=5.315, q=5.315, kv=3.408, i=5.818, din=5.883, dout=0.105, r=5.723, heads=111.9),
+    (2, False, False): dict(h=5.315, q=5.315, kv=3.408, i=5.818, din=1.883, dout=0.105, r=5.723, heads=111.9),
+    (4, False, True): dict(h=7.494, q=7.494, kv=7.83, i=12.02, din=8.059, dout=0.0, r=3.053, heads=61.5),
+    (4, False, False): dict(h=4.883, q=4.883, kv=9.249, i=12.715, din=2.644, dout=0.0, r=4.882, heads=243.7),
+    (2, True, True): dict(h=3.332, q=3.332, kv=1.295, i=5.061, din=5.327, dout=0.552, r=22.035, heads=452.2),
+    (2, True, False): dict(h=3.332, q=3.332, kv=1.295, i=5.061, din=1.327, dout=0.552, r=22.035, heads=452.2),
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak device memory of one training step, split by what holds it.
+
+    ``breakdown`` maps DEVICE_KEYS to bytes at the peak phase (they sum to ``total_bytes``);
+    ``paged_optimizer_states`` lives in managed host memory and is not counted;
+    ``cuda_context`` and ``allocator_headroom`` are what the fit verdict adds on top.
+
+    Example::
+
+        est = estimate_memory("qwen2.5-0.5b", method="lora")
+        print(est.total_bytes / 2**30, est.peak_phase, est.breakdown["activations"])
+    """
+
+    total_bytes: int
+    breakdown: dict
+    phases: dict  # forward / backward / optimizer_step -> bytes
+    peak_phase: str
+    settings: dict
+    model: str
+    trainable_params: int
+    total_params: int
+    paged_optimizer_states: int = 0
+    cuda_context: int = 0
+    allocator_headroom: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def required_bytes(self) -> int:
+        """What a GPU must have: the peak plus CUDA context and allocator headroom."""
+        return self.total_bytes + self.cuda_context + self.allocator_headroom
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "total_bytes": self.total_bytes, "breakdown": dict(self.breakdown),
+                "phases": dict(self.phases), "peak_phase": self.peak_phase, "settings": dict(self.settings),
+                "trainable_params": self.trainable_params, "total_params": self.total_params,
+                "paged_optimizer_states": self.paged_optimizer_states, "cuda_context": self.cuda_context,
+                "allocator_headroom": self.allocator_headroom, "required_bytes": self.required_bytes,
+                "notes": list(self.notes)}
+
+
+# ------------------------------------------------------------------------ parameters
+
+
+def _targets(shape: ModelShape, target_modules: Any) -> list:
+    names = [n for n, _, _ in shape.linears()]
+    if target_modules in (None, "auto", "all-linear"):
+        return names
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [t for t in wanted if t not in names]
+    if unknown or not wanted:
+        raise ConfigError(f"`target_modules: {unknown[0] if unknown else wanted}` does not name a linear layer of "
+                          f"{shape.name}; use `auto` or some of {', '.join(names)}")
+    return wanted
+
+
+def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_modules: Any = "auto",
+                 num_virtual_tokens: int = 16, trainable_layers: int = 2) -> dict:
+    """Parameter counts: ``total`` (base), ``trainable`` and ``added`` (new adapter parameters).
+
+    Example::
+
+        >>> count_params(resolve_model("llama-3.2-1b"), "lora", lora_r=16)["added"]
+        11272192
+    """
+    base = shape.total_params
+    linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
+    added = 0
+    trainable = 0
+    if method == "full":
+        trainable = base
+    elif method in ("lora", "qlora", "dora"):
+        targets = _targets(shape, target_modules)
+        per_layer = sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets)
+        if method == "dora":
+            per_layer += sum(linears[t][1] for t in targets)
+        added = trainable = shape.layers * per_layer
+    elif method == "ia3":
+        targets = _targets(shape, target_modules)
+        per_layer = sum(linears[t][0] if t == "down_proj" else linears[t][1] for t in targets)
+        added = trainable = shape.layers * per_layer
+    elif method == "prompt_tuning":
+        added = trainable = num_virtual_tokens * shape.hidden
+    elif method == "prefix_tuning":
+        added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
+    elif method == "bitfit":
+        bias = (shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0
+        trainable = shape.layers * (shape.norm_params_per_layer + bias) + shape.hidden
+    elif method == "freeze":
+        top = min(trainable_layers, shape.layers)
+        trainable = top * (shape.linear_params_per_layer + shape.norm_params_per_layer) + shape.hidden \
+            + shape.vocab * shape.hidden
+    return {"total": base + added, "trainable": trainable, "added": added}
+
+
+# ------------------------------------------------------------------------ the estimate
+
+
+def _check_positive(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"`{name}: {value!r}` must be a whole number of at least {low}")
+    return value
+
+
+def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str = "auto", batch_size: int = 4,
+                    seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
+                    lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
+                    lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
+                    bf16_supported: bool = True, mode: str = "analytic") -> MemoryEstimate:
+    """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
+
+    ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
+    ``tiny``. ``precision="auto"`` means bf16 (fp16 when ``bf16_supported`` is False, as on
+    a T4). ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
+    accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
+    under FakeTensorMode instead (imports torch; seconds to a minute).
+
+    Example::
+
+        est = estimate_memory("llama-3.1-8b", method="qlora", batch_size=2, seq_len=2048,
+                              gradient_checkpointing=True)
+        print(f"{est.total_gib:.1f} GiB at {est.peak_phase}")
+    """
+    if method not in ALL_METHODS:
+        raise ConfigError(f"`method: {method}` is not accepted; use one of {', '.join(ALL_METHODS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"`optimizer: {optimizer}` is not accepted; use one of {', '.join(OPTIMIZERS)}")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"`precision: {precision}` is not accepted; use one of auto, bf16, fp16, fp32")
+    _check_positive("batch_size", batch_size)
+    _check_positive("seq_len", seq_len, 8)
+    _check_positive("lora_r", lora_r)
+    if not 0 <= float(lora_dropout) < 1:
+        raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
+    if mode not in ("analytic", "exact"):
+        raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
+    shape = resolve_model(model)
+    precision = resolve_precision(precision, bf16_supported)
+    if method == "qlora" and precision == "fp32":
+        raise ConfigError("`precision: fp32` does not apply to `method: qlora`; use bf16 or fp16")
+    settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
+                    gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
+                    target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
+                    num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+    if mode == "exact":
+        from ftmagic.memory.exact import exact_estimate
+
+        return exact_estimate(shape, settings)
+    return _analytic(shape, settings)
+
+
+def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
+    method, precision = s["method"], s["precision"]
+    plan = weight_plan(method, precision)
+    counts = count_params(shape, method, lora_r=s["lora_r"], target_modules=s["target_modules"],
+                          num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"])
+    trainable = counts["trainable"]
+    adapter_method = method not in ("full", "bitfit", "freeze")
+    base_trainable = 0 if adapter_method else trainable
+
+    # ---- weights
+    linear_params = shape.layers * (shape.linear_params_per_layer
+                                    - ((shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0))
+    frozen_base = shape.total_params - base_trainable
+    if plan.quantized:
+        frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
+    else:
+        frozen = frozen_base * plan.base_bytes
+    train_w = trainable * plan.trainable_bytes
+    grads = trainable * plan.trainable_bytes
+
+    # ---- optimizer
+    state_bytes = plan.trainable_bytes
+    paged = 0
+    n_tensors = _trainable_tensors(shape, method, s)
+    if s["optimizer"] == "adamw":
+        states = 2 * trainable * state_bytes + 4 * n_tensors
+        transient = trainable * state_bytes  # foreach sqrt(v) buffer
+    elif s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
+        states = int(2 * trainable * (1 + 4 / 256)) + 4 * n_tensors  # uint8 states + fp32 absmax per 256 block
+        transient = 0  # one fused kernel per tensor
+        if s["optimizer"] == "paged_adamw_8bit":
+            paged, states = states, 0
+    else:
+        states, transient = 0, 0
+
+    # ---- activations (per token) and logits
+    batch, seq = s["batch_size"], s["seq_len"]
+    if method in ("prompt_tuning", "prefix_tuning"):
+        seq_eff = seq + (s["num_virtual_tokens"] if method == "prompt_tuning" else 0)
+    else:
+        seq_eff = seq
+    tokens = batch * seq_eff
+    per_layer = _layer_bytes_per_token(shape, method, plan, s)
+    c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
+    c_res = 4 if (plan.autocast and not adapter_method) else c_res  # fp32 master weights keep fp32 residuals
+    c_logit = plan.compute_bytes if plan.autocast else plan.base_bytes
+    outside = (4 + 2 * c_res) * shape.hidden + 8  # final norm saves its fp32 input and normed output
+    if not adapter_method or method == "freeze":
+        outside += c_logit * shape.hidden  # the head's input, saved to compute its weight gradient
+    v = shape.vocab
+    softcap = 3 * c_logit if shape.final_logit_softcap else 0  # divide, tanh, multiply copies of the logits
+    logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
+    logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
+    logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
+    gc = s["gradient_checkpointing"]
+    layers_held = tokens * shape.layers * (c_res * shape.hidden if gc else per_layer)
+    act_held = layers_held + tokens * outside
+    mixed_full = plan.autocast is not None and not adapter_method
+    if mixed_full:  # autocast keeps fp16 copies of the trainable fp32 weights alive until backward
+        act_held += shape.total_params * plan.compute_bytes
+    static = frozen + train_w + states  # alive through the whole steady-state step
+
+    fwd = static + act_held + logits_fwd
+    bwd_loss = static + act_held + logits_bwd
+    # Deeper in backward: the gradients of every block above the current one exist, while
+    # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
+    layer_grads = trainable / max(shape.layers, 1)
+    embed_grads = shape.embedding_params if (method == "full" and not shape.tied) else 0
+    grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
+    temp = tokens * (2 * plan.compute_bytes * shape.intermediate + 4 * shape.hidden)
+    bwd_deep = static + grads_deep + act_held + (tokens * per_layer if gc else 0) + temp
+    bwd = max(bwd_loss, bwd_deep)
+    step = static + grads + transient
+    phases = {"forward": int(fwd), "backward": int(bwd), "optimizer_step": int(step)}
+    peak_phase = max(phases, key=phases.get)
+
+    breakdown = dict.fromkeys(DEVICE_KEYS, 0)
+    breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
+    if peak_phase == "forward":
+        breakdown.update(activations=int(act_held), logits=int(logits_fwd))
+    elif peak_phase == "backward":
+        if bwd_loss >= bwd_deep:
+            breakdown.update(activations=int(act_held), logits=int(logits_bwd))
+        else:
+            breakdown.update(gradients=int(grads_deep),
+                             activations=int(act_held + (tokens * per_layer if gc else 0) + temp))
+    else:
+        breakdown.update(gradients=int(grads), optimizer_step_transient=int(transient))
+    total = sum(breakdown.values())
+    notes = []
+    if paged:
+        notes.append("paged optimizer states live in managed host memory and are not counted on the device")
+    if method in ("dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"):
+        notes.append(f"activations of `{method}` are approximated from the LoRA/full fine-tuning calibration")
+    return MemoryEstimate(total_bytes=int(total), breakdown=breakdown, phases=phases, peak_phase=peak_phase,
+                          settings=s, model=shape.name, trainable_params=int(trainable),
+                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes)
+
+
+def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
+    """How many trainable tensors (each AdamW state has a 4-byte step counter)."""
+    if method in ("lora", "qlora"):
+        return 2 * shape.layers * len(_targets(shape, s["target_modules"]))
+    if method == "dora":
+        return 3 * shape.layers * len(_targets(shape, s["target_modules"]))
+    if method == "full":
+        return shape.layers * (len(shape.linears()) + shape.norms_per_layer) + 2 + (0 if shape.tied else 1)
+    return shape.layers * 2
+
+
+def _layer_bytes_per_token(shape: ModelShape, method: str, plan, s: dict) -> float:
+    """Bytes one block saves for backward per token (without checkpointing)."""
+    h, q, kv, i, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate, shape.heads
+    extra_norms = (shape.norms_per_layer - 2) * (4 + 2 * plan.compute_bytes) * h
+    if method in ("full", "bitfit", "freeze"):
+        c = plan.compute_bytes
+        # two RMSNorms (fp32 input, normed, output), rotated q/k and v, SwiGLU's four i-wide tensors
+        per = 2 * (4 * h + 2 * c * h) + 2 * c * (q + kv) + 4 * c * i + 6 * heads
+        if plan.autocast:  # fp32 residual stream with fp16 compute: casts of the norms' outputs are saved too
+            per += 10 * h
+        return per + extra_norms
+    targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
+    linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
+    din = sum(linears[t][0] for t in targets)
+    dout = sum(linears[t][1] for t in targets)
+    rank = s["lora_r"] if method in ("lora", "qlora", "dora") else 0
+    dropout = s["lora_dropout"] > 0 and method in ("lora", "qlora", "dora")
+    if method == "ia3":
+        din, dout = 0, dout  # one scaling vector: the scaled output is saved
+    coeffs = _ADAPTER_COEFFS[(plan.compute_bytes, plan.quantized, dropout)]
+    per = (coeffs["h"] * h + coeffs["q"] * q + coeffs["kv"] * kv + coeffs["i"] * i + coeffs["din"] * din
+           + coeffs["dout"] * dout + coeffs["r"] * rank * len(targets) + coeffs["heads"] * 4)
+    if method == "dora":
+        per += 4 * dout  # base output and magnitude scale, saved per adapted linear
+    if method == "ia3":
+        per += plan.compute_bytes * dout
+    return per + extra_norms

@@ -1,0 +1,76 @@
+"""Which dtype each part of the model lives in, per method and precision.
+
+The analytic estimate and the traced step (exact mode, the benchmark) share this one
+table, so they describe the same training step:
+
+============  ==================  =====================  ===================  ==========
+method        precision           frozen base weights    trainable weights    autocast
+============  ==================  =====================  ===================  ==========
+full/bitfit/  bf16                bf16                   bf16 (pure bf16)     no
+freeze        fp16                fp32                   fp32 (master)        fp16
+              fp32                fp32                   fp32                 no
+adapters      bf16 / fp16         bf16 / fp16            fp32 (peft default)  bf16 / fp16
+(lora, ...)   fp32                fp32                   fp32                 no
+qlora         bf16 / fp16         linears NF4, the rest  fp32                 bf16 / fp16
+                                  fp32 (peft's prepare_model_for_kbit_training)
+============  ==================  =====================  ===================  ==========
+
+fp16 full fine-tuning keeps fp32 master weights because a gradient scaler cannot
+unscale fp16 gradients in place; bf16 needs no scaler, so pure bf16 halves the weights.
+
+Example::
+
+    >>> weight_plan("lora", "bf16")
+    WeightPlan(base_bytes=2, trainable_bytes=4, compute_bytes=2, autocast='bf16', quantized=False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ftmagic.errors import ConfigError
+
+FULL_LIKE = ("full", "bitfit", "freeze")
+ADAPTERS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+ALL_METHODS = FULL_LIKE + ADAPTERS + ("qlora",)
+PRECISIONS = ("bf16", "fp16", "fp32")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """Bytes per element of each part of the model, and the autocast dtype (None: off)."""
+
+    base_bytes: int  # frozen weights that are not quantized
+    trainable_bytes: int  # trainable weights (and their gradients)
+    compute_bytes: int  # activations of the blocks
+    autocast: Optional[str]
+    quantized: bool  # linears of the blocks stored as 4-bit NF4
+
+
+def weight_plan(method: str, precision: str) -> WeightPlan:
+    """The dtype table above for one (method, precision); precision must already be resolved."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"`precision: {precision}` is not accepted here; use one of {', '.join(PRECISIONS)}")
+    if method not in ALL_METHODS:
+        raise ConfigError(f"`method: {method}` is not accepted; use one of {', '.join(ALL_METHODS)}")
+    half = DTYPE_BYTES[precision]
+    if precision == "fp32":
+        if method == "qlora":
+            raise ConfigError("`precision: fp32` does not apply to `method: qlora`; use bf16 or fp16")
+        return WeightPlan(4, 4, 4, None, False)
+    if method in FULL_LIKE:
+        if precision == "bf16":
+            return WeightPlan(2, 2, 2, None, False)
+        return WeightPlan(4, 4, 2, "fp16", False)
+    if method == "qlora":
+        return WeightPlan(4, 4, half, precision, True)
+    return WeightPlan(half, 4, half, precision, False)
+
+
+def resolve_precision(precision: str, bf16_supported: bool = True) -> str:
+    """``auto`` -> bf16 where the GPU has it, else fp16 (a T4)."""
+    if precision in (None, "auto"):
+        return "bf16" if bf16_supported else "fp16"
+    return precision

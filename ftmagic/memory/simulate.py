@@ -1,0 +1,377 @@
+"""Exact mode: trace one real training step and read its peak memory.
+
+The model is built from its config (no weights are read), a batch of the requested
+shape goes forward and backward, and the optimizer steps, all under
+:class:`torch.distributed._tools.mem_tracker.MemTracker`, which sees every tensor
+storage the step creates and frees. With ``fake=True`` (exact mode) the step runs
+under :class:`torch._subclasses.fake_tensor.FakeTensorMode`: tensors have shapes and
+dtypes but no data, so a 7B model's step is simulated on a laptop CPU without
+allocating it. With ``fake=False`` the same step runs on real CPU tensors: that is
+the *measured* peak the benchmark and the tests compare against.
+
+torch, transformers and peft are imported inside the functions.
+
+Example::
+
+    from ftmagic.memory.simulate import simulate_memory
+    sim = simulate_memory("smollm2-135m", method="lora", batch_size=2, seq_len=512)
+    print(sim.peak_bytes, sim.phases)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ftmagic.errors import ConfigError
+from ftmagic.memory.architectures import ModelShape, resolve_model
+from ftmagic.memory.policy import weight_plan
+
+# Methods whose kernels a fake tensor cannot run (bitsandbytes), or whose state lives
+# outside what the tracer sees; these fall back to the analytic estimate.
+UNTRACEABLE_METHODS: dict = {}
+# QLoRA is traced through a stand-in: each 4-bit linear becomes a frozen linear in the
+# compute dtype. bitsandbytes' MatMul4Bit saves only the packed weight for backward, as a
+# frozen linear saves only its weight, so activations are the same; weights are then
+# counted at their NF4 size.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
+UNTRACEABLE_OPTIMIZERS = {
+    "adamw_8bit": "bitsandbytes' 8-bit optimizer kernels cannot run on fake tensors",
+    "paged_adamw_8bit": "bitsandbytes' paged optimizer kernels cannot run on fake tensors",
+}
+
+
+@dataclass
+class TraceResult:
+    """What one traced training step used.
+
+    ``phases`` holds the peak of each phase (``forward``, ``backward``, ``optimizer_step``);
+    ``breakdown`` splits the overall peak into the estimate's keys.
+    """
+
+    peak_bytes: int
+    phases: dict
+    breakdown: dict
+    trainable_params: int
+    total_params: int
+    fake: bool
+    seconds: float
+    held_after_forward: int = 0  # bytes alive once the loss is computed (weights + saved activations)
+    notes: list = field(default_factory=list)
+
+
+def untraceable_reason(method: str, optimizer: str) -> Optional[str]:
+    """Why exact mode cannot trace this setup, or None if it can."""
+    return UNTRACEABLE_METHODS.get(method) or UNTRACEABLE_OPTIMIZERS.get(optimizer)
+
+
+def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
+    """A randomly initialised Hugging Face causal LM of this shape (weights never read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = shape.hf_config()
+    model_type = values.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except ValueError as exc:
+        raise ConfigError(f"exact mode cannot build `model_type: {model_type}` ({exc})") from None
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model
+
+
+def target_module_names(shape: ModelShape, target_modules: Any) -> list:
+    """Linear names that adapters attach to; ``auto``/``all-linear`` = every linear of the blocks."""
+    names = [name for name, _, _ in shape.linears()]
+    if target_modules in (None, "auto", "all-linear"):
+        return names
+    if isinstance(target_modules, str):
+        return [target_modules]
+    return list(target_modules)
+
+
+def prepare_method(model, shape: ModelShape, *, method: str, lora_r: int, lora_alpha: int, lora_dropout: float,
+                   target_modules: Any, num_virtual_tokens: int, trainable_layers: int):
+    """Apply ``method`` the way the engine does (peft for adapters); return the model to train."""
+    import torch
+
+    if method == "full":
+        return model
+    if method in ("bitfit", "freeze"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if method == "bitfit":
+            for name, p in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name:
+                    p.requires_grad_(True)
+        else:
+            blocks = model.model.layers
+            for block in list(blocks)[len(blocks) - trainable_layers:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+            for p in model.get_output_embeddings().parameters():
+                p.requires_grad_(True)
+        return model
+    import peft
+
+    targets = target_module_names(shape, target_modules)
+    if method == "qlora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if method in ("lora", "dora", "qlora"):
+        cfg = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                              use_dora=method == "dora", task_type="CAUSAL_LM")
+    elif method == "ia3":
+        ff = [t for t in targets if t in ("down_proj",)]
+        cfg = peft.IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
+    elif method == "prompt_tuning":
+        cfg = peft.PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+    elif method == "prefix_tuning":
+        cfg = peft.PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+    else:
+        raise ConfigError(f"`method: {method}` cannot be traced; use the analytic estimate")
+    del torch
+    return peft.get_peft_model(model, cfg)
+
+
+def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: str = "bf16", batch_size: int = 1,
+               seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw", lora_r: int = 16,
+               lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: Any = "auto",
+               num_virtual_tokens: int = 16, trainable_layers: int = 2, fake: bool = True,
+               attn_implementation: str = "sdpa", seed: int = 0) -> TraceResult:
+    """Run (``fake=False``) or simulate (``fake=True``) one training step and track its memory.
+
+    The optimizer uses torch's multi-tensor (``foreach``) AdamW, as it does on CUDA,
+    so the optimizer step's transient matches a GPU run.
+
+    Example::
+
+        trace_step("smollm2-135m", method="full", precision="bf16", batch_size=1, seq_len=256)
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    reason = untraceable_reason(method, optimizer)
+    if reason:
+        raise ConfigError(f"exact mode cannot trace `method: {method}`, `optimizer: {optimizer}`: {reason}")
+    shape = resolve_model(model)
+    plan = weight_plan(method, precision)
+    dtypes = {2: torch.bfloat16 if precision == "bf16" else torch.float16, 4: torch.float32}
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    # Fake mode: build on the meta device (no storage), then turn every parameter and
+    # buffer into a CPU fake tensor. Building directly under FakeTensorMode breaks peft,
+    # whose adapter `.to()` calls cannot swap fake parameters.
+    with torch.device("meta") if fake else _null():
+        net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation)
+        quantized = _quantize_stand_in(net, dtypes[plan.compute_bytes]) if plan.quantized else 0
+        net = prepare_method(net, shape, method=method, lora_r=lora_r, lora_alpha=lora_alpha,
+                             lora_dropout=lora_dropout, target_modules=target_modules,
+                             num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+    if gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    if plan.trainable_bytes == 4:
+        for p in params:  # peft keeps adapters in fp32; full fp16 keeps fp32 master weights
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    fake_mode = None
+    if fake:
+        fake_mode = FakeTensorMode()
+        _fakify(net, fake_mode)
+        params = [p for p in net.parameters() if p.requires_grad]
+    with fake_mode if fake_mode is not None else _null(), _one_sequence_per_row(fake):
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=1e-4)
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        ids = torch.randint(0, shape.vocab, (batch_size, seq_len))
+        labels = ids.clone()
+        total = sum(p.numel() for p in net.parameters())
+        trainable = sum(p.numel() for p in params)
+        autocast = None
+        if plan.autocast:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16 if plan.autocast == "bf16" else torch.float16)
+
+        def step():
+            with autocast if autocast is not None else _null():
+                out = net(input_ids=ids, labels=labels)
+            return out.loss
+
+        # A first step outside the tracker creates the optimizer states: what is measured is
+        # the steady state, where those states are alive through forward and backward.
+        step().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tracker = _tracker_class()()
+        tracker.track_external(net, opt, ids, labels)
+        phases = {}
+        with tracker:
+            loss = step()
+            phases["forward"] = _take_peak(tracker)
+            held = _flat(tracker.get_tracker_snapshot("current")).get("Total", 0)
+            loss.backward()
+            del loss
+            phases["backward"] = _take_peak(tracker)
+            opt.step()
+            phases["optimizer_step"] = _take_peak(tracker)
+            states = _flat(tracker.get_tracker_snapshot("current")).get("Optstate", 0)
+            opt.zero_grad(set_to_none=True)
+    frozen = sum(p.numel() * p.element_size() for p in net.parameters() if not p.requires_grad)
+    if quantized:
+        # The stand-in held the 4-bit linears in the compute dtype; count them at NF4 size.
+        saved = quantized * plan.compute_bytes - int(quantized * NF4_BYTES_PER_PARAM)
+        frozen -= saved
+        phases = {name: (peak - saved, snap) for name, (peak, snap) in phases.items()}
+        held -= saved
+    peaks = {name: peak for name, (peak, _) in phases.items()}
+    worst = max(phases, key=lambda n: phases[n][0])
+    snap = phases[worst][1]
+    train_w = sum(p.numel() * p.element_size() for p in params)
+    breakdown = {
+        "frozen_weights": frozen,
+        "trainable_weights": train_w,
+        "gradients": snap.get("Gradient", 0),
+        "optimizer_states": min(states, snap.get("Optstate", 0)),
+        "optimizer_step_transient": max(0, snap.get("Optstate", 0) - states),
+    }
+    # The tracker cannot tell logits from other activations; buffers (rotary tables) count here too.
+    breakdown["activations"] = phases[worst][0] - sum(breakdown.values())
+    return TraceResult(peak_bytes=max(peaks.values()), phases=peaks, breakdown=breakdown,
+                       trainable_params=trainable, total_params=total, fake=fake, held_after_forward=held,
+                       seconds=time.perf_counter() - start)
+
+
+def _tracker_class():
+    """MemTracker that also accepts frozen parameters.
+
+    torch's MemTracker puts a gradient hook on every parameter of each module it
+    enters, which raises for parameters that do not require grad (a frozen base model
+    under LoRA). This subclass hooks only trainable parameters; the accounting is the same.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            def grad_hook(grad):
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            param_memory = 0
+            for param in module.parameters():
+                winfos = self._update_and_maybe_create_winfos(param, _MemRefType.PARAM)
+                param_memory += sum(w.mem_consumed for w in winfos)
+                if param.grad is not None:
+                    self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+                if install_grad_hooks and param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(grad_hook),
+                        param.register_post_accumulate_grad_hook(lambda p: grad_hook(p.grad)),
+                    )
+            buffer_memory = 0
+            for buffer in module.buffers():
+                winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+                buffer_memory += sum(w.mem_consumed for w in winfos)
+            return param_memory, buffer_memory
+
+    return FrozenAwareMemTracker
+
+
+def _flat(snap_by_dev: dict) -> dict:
+    """Sum a MemTracker snapshot over devices, keyed by plain names ("Gradient", "Total", ...)."""
+    out = {}
+    for dev_snap in snap_by_dev.values():
+        for key, value in dev_snap.items():
+            name = getattr(key, "value", key)
+            out[name] = out.get(name, 0) + value
+    return out
+
+
+def _take_peak(tracker) -> tuple:
+    """(peak bytes since the last call, snapshot at that peak) on the CPU device; then restart the peak."""
+    snap = _flat(tracker.get_tracker_snapshot("peak"))
+    peak = snap.get("Total", 0)
+    # MemTracker keeps one running peak; restarting it from the current state gives per-phase peaks.
+    tracker._peak_mem_snap = tracker.get_tracker_snapshot("current")
+    tracker._peak_mem = {dev: s["Total"] for dev, s in tracker._peak_mem_snap.items()}
+    return peak, {k: v for k, v in snap.items() if k != "Total"}
+
+
+def _quantize_stand_in(model, dtype) -> int:
+    """Cast every linear of the blocks to ``dtype`` (frozen); return their parameter count."""
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            module.weight.data = module.weight.data.to(dtype)
+            module.weight.requires_grad_(False)
+            count += module.weight.numel()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+    return count
+
+
+def _fakify(module, fake_mode) -> None:
+    """Replace meta parameters and buffers by CPU fake tensors (tied weights stay tied)."""
+    import torch
+
+    converter = fake_mode.fake_tensor_converter
+    cpu = torch.device("cpu")
+    memo = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in memo:
+                fake = converter.from_meta_and_device(fake_mode, param.data, cpu)
+                memo[id(param)] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+            sub._parameters[name] = memo[id(param)]
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device.type == "meta":
+                if id(buf) not in memo:
+                    memo[id(buf)] = converter.from_meta_and_device(fake_mode, buf, cpu)
+                sub._buffers[name] = memo[id(buf)]
+
+
+@contextmanager
+def _one_sequence_per_row(active: bool):
+    """Tell transformers that each traced row holds one sequence, as a real run finds out.
+
+    On real tensors transformers reads the position ids to see whether rows are packed;
+    on fake tensors it cannot, and falls back to materialising a causal mask, which makes
+    SDPA repeat the key/value heads and save a larger graph than the real step does.
+    """
+    if not active:
+        yield
+        return
+    import transformers.masking_utils as masking
+
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def simulate_memory(model: Any, **settings: Any) -> TraceResult:
+    """Exact mode: :func:`trace_step` under FakeTensorMode (nothing is allocated).
+
+    Example::
+
+        sim = simulate_memory("llama-3.2-1b", method="lora", batch_size=4, seq_len=1024)
+        sim.peak_bytes / 2**30   # GiB
+    """
+    settings.setdefault("fake", True)
+    return trace_step(model, **settings)
