@@ -39,6 +39,7 @@ class FakeEngine:
         self.steps = steps
         self.calls = []
         self.raise_at = None  # (step, exception)
+        self.click_at = None  # step after which the widget's Stop button is clicked
 
     def __call__(self, config, *, on_event=None, stop=None):
         self.calls.append({"config": config, "stop": stop, "on_event": on_event})
@@ -58,6 +59,8 @@ class FakeEngine:
             history.append(event)
             emit(event)
             done = i
+            if self.click_at == i:
+                on_event.widget.button.click()  # on_event is the magic's CellReporter
             if stop is not None and stop.is_set():
                 reason = "stopped"
                 emit({"event": "checkpoint", "step": i, "path": f"{config.output_dir}/checkpoint-{i}"})
@@ -262,27 +265,8 @@ def test_auto_progress_is_text_outside_a_kernel(shell):
 
 
 def test_widget_mode_stop_click_ends_the_run_and_shows_the_summary(shell, engine, capsys):
-    clicked = []
-
-    def click_at_step_2(event):
-        if event.get("event") == "step" and event["step"] == 2:
-            reporter = engine.calls[-1]["on_event"]
-            reporter.widget.button.click()
-            clicked.append(True)
-
-    from ftmagic.widgets import finetune as module
-
-    original = module.CellReporter.__init__
-
-    def init(self, mode, stop=None, on_event=None):
-        original(self, mode, stop, on_event=click_at_step_2)
-
-    try:
-        module.CellReporter.__init__ = init
-        run(shell, "--progress widget --name stopped_run", "data: x.jsonl\n")
-    finally:
-        module.CellReporter.__init__ = original
-    assert clicked == [True]
+    engine.click_at = 2  # the fake engine clicks the widget's Stop button after step 2
+    run(shell, "--progress widget --name stopped_run", "data: x.jsonl\n")
     result = shell.user_ns["stopped_run"]
     assert result.metrics["stopped"] is True and result.metrics["steps"] == 2
     out = capsys.readouterr().out
