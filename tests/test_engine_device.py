@@ -111,3 +111,21 @@ def test_detect_caps_on_this_machine():
     caps = detect_caps()
     assert caps.cuda_available is False and caps.total_memory == 0
     assert caps.bnb_available and caps.bnb_cpu_4bit  # bitsandbytes 0.50 is installed here
+
+
+@pytest.mark.parametrize("caps,method,adapter,expected", [
+    (T4, "lora", True, "float16"),
+    (T4, "full", False, "float32"),
+    (T4, "qlora", True, "float16"),
+    (A100, "lora", True, "bfloat16"),
+    (A100, "freeze", False, "float32"),
+    (A100, "qlora", True, "bfloat16"),
+    (CPU, "lora", True, "float32"),
+    (CPU_BNB, "qlora", True, "float32"),
+])
+def test_base_weight_dtype(caps, method, adapter, expected):
+    import torch
+
+    from ftmagic.engine.run import base_weight_dtype
+
+    assert base_weight_dtype(choose_device(caps, method=method), adapter=adapter) == getattr(torch, expected)

@@ -156,11 +156,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         _preflight(cfg, plan)
 
     _seed_everything(cfg.seed)
-    weight_dtype = torch.float32
-    if plan.device == "cuda" and method.adapter and plan.precision != "fp32":
-        weight_dtype = plan.torch_dtype  # a frozen base needs no fp32 master copy
-    if plan.qlora_compute_dtype:
-        weight_dtype = getattr(torch, plan.qlora_compute_dtype)
+    weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
     try:
         base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
                           qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
@@ -212,6 +208,27 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                      model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                      plan=dataclasses.asdict(plan))
+
+
+def base_weight_dtype(plan: DevicePlan, *, adapter: bool) -> "torch.dtype":
+    """The dtype the model's weights are loaded in.
+
+    A frozen base under an adapter needs no fp32 copy on a GPU: it loads in the autocast
+    dtype (half the memory). Methods that train the model's own weights keep fp32 master
+    weights and get half precision from autocast. The CPU always loads fp32.
+
+    Example::
+
+        >>> from ftmagic.engine.device import DeviceCaps, choose_device
+        >>> t4 = DeviceCaps(cuda_available=True, name="T4", compute_capability=(7, 5))
+        >>> base_weight_dtype(choose_device(t4, method="lora"), adapter=True)
+        torch.float16
+    """
+    if plan.qlora_compute_dtype:
+        return getattr(torch, plan.qlora_compute_dtype)  # the unquantized parts (norms, head)
+    if plan.device == "cuda" and adapter and plan.precision != "fp32":
+        return plan.torch_dtype
+    return torch.float32
 
 
 def _upcast_trainable(model) -> None:
