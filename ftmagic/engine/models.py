@@ -36,8 +36,8 @@ def resolve_model_path(name: str) -> str:
 
     Example::
 
-        >>> resolve_model_path("tiny").endswith("assets/tiny")
-        True
+        resolve_model_path("tiny")            # -> ".../ftmagic/assets/tiny"
+        resolve_model_path("Qwen/Qwen2.5-0.5B")  # -> "Qwen/Qwen2.5-0.5B" (loaded from the hub)
     """
     if name == "tiny" or smoke_mode():
         if not (TINY_DIR / "config.json").exists():
