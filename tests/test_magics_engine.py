@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from IPython.core.error import UsageError
 
 from engine_helpers import reversal_records
 
@@ -59,6 +60,12 @@ def test_ft_generate_with_a_real_result(shell, test_model_dir, tmp_path, capsys)
     out = capsys.readouterr().out
     assert out.count("prompt: ") == 2
     assert "prompt: reverse: abc\n  base:  " in out and "\n  tuned: " in out
+    # After a kernel restart the variable is gone; the run's folder is enough.
+    shell.user_ns.pop("ft")
+    shell.run_cell_magic("ft_generate", f"--run {tmp_path / 'g'} --max-new-tokens 3", "reverse: abc\n")
+    assert capsys.readouterr().out.startswith("prompt: reverse: abc\n  tuned: ")
+    with pytest.raises(UsageError, match="is not a finished ftmagic run"):
+        shell.run_cell_magic("ft_generate", f"--run {tmp_path / 'nowhere'}", "reverse: abc\n")
 
 
 def _run_with_widget(config, click_at=None, interrupt_at=None):
@@ -124,8 +131,6 @@ def test_interrupt_saves_a_checkpoint_and_the_cell_resumes_to_the_same_loss(shel
 
 
 def test_a_missing_data_file_is_one_line(shell, test_model_dir, tmp_path):
-    from IPython.core.error import UsageError
-
     with pytest.raises(UsageError) as info:
         shell.run_cell_magic("finetune", "--progress none",
                              f"model: {test_model_dir}\ndata: {tmp_path / 'nope.jsonl'}\noutput_dir: {tmp_path / 'o'}\n")

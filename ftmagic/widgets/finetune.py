@@ -410,6 +410,8 @@ class FinetuneMagics(Magics):
 
     @magic_arguments()
     @argument("--name", default="ft", help="variable holding the RunResult (default `ft`)")
+    @argument("--run", metavar="OUTPUT_DIR", default=None,
+              help="a finished run's output_dir instead of a variable (e.g. after a kernel restart)")
     @argument("--base", action="store_true", help="also answer with the base model, side by side")
     @argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer (default 64)")
     @cell_magic
@@ -434,7 +436,13 @@ class FinetuneMagics(Magics):
         prompts = split_prompts(cell)
         if not prompts:
             raise UsageError("%%ft_generate: write a prompt in the cell body (one per line)")
-        result = self.shell.user_ns.get(args.name)
+        if args.run is not None:
+            from ftmagic.engine.result import RunResult
+
+            with as_usage_error():
+                result = RunResult.load(args.run)
+        else:
+            result = self.shell.user_ns.get(args.name)
         if result is None:
             raise UsageError(f"there is no `{args.name}` in the notebook: run a %%finetune cell first "
                              f"(or pass `--name` of the variable that holds its result)")
