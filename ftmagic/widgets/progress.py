@@ -3,7 +3,8 @@
 It is built only from engine events (plain dicts), so it is tested by feeding events,
 with no training. The strings it shows come from pure functions
 (:func:`progress_fields`, :mod:`ftmagic.textprogress`); the widget only copies them in.
-The Stop button sets a ``threading.Event`` that the engine checks after each step.
+The Stop button sets a ``threading.Event`` that the engine checks after each step;
+:mod:`ftmagic.widgets.liveclicks` lets the click in while the cell is still running.
 
 Example::
 
