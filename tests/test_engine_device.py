@@ -118,14 +118,24 @@ def test_detect_caps_on_this_machine():
     (T4, "full", False, "float32"),
     (T4, "qlora", True, "float16"),
     (A100, "lora", True, "bfloat16"),
-    (A100, "freeze", False, "float32"),
+    (A100, "freeze", False, "bfloat16"),  # pure bf16: no scaler, half the memory
     (A100, "qlora", True, "bfloat16"),
     (CPU, "lora", True, "float32"),
+    (CPU, "full", False, "float32"),
     (CPU_BNB, "qlora", True, "float32"),
 ])
 def test_base_weight_dtype(caps, method, adapter, expected):
     import torch
 
-    from ftmagic.engine.run import base_weight_dtype
+    from ftmagic.engine.device import base_weight_dtype
 
     assert base_weight_dtype(choose_device(caps, method=method), adapter=adapter) == getattr(torch, expected)
+
+
+def test_trainable_weights_stay_fp32_except_pure_bf16_full_training():
+    from ftmagic.engine.device import keeps_fp32_trainable
+
+    assert keeps_fp32_trainable(choose_device(T4, method="full"), adapter=False) is True  # fp16 + scaler
+    assert keeps_fp32_trainable(choose_device(A100, method="full"), adapter=False) is False
+    assert keeps_fp32_trainable(choose_device(A100, method="lora"), adapter=True) is True
+    assert keeps_fp32_trainable(choose_device(CPU, method="freeze"), adapter=False) is True

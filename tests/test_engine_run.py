@@ -20,8 +20,8 @@ BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, eval_s
 
 def _train(model, out, **extra):
     on_event, events = collect()
-    result = finetune(model=model, data=reversal_records(12), output_dir=str(out), on_event=on_event,
-                      **{**BASE, "max_steps": 3, **extra})
+    settings = {**BASE, "data": reversal_records(12), "max_steps": 3, **extra}
+    result = finetune(model=model, output_dir=str(out), on_event=on_event, **settings)
     return result, events
 
 
@@ -373,3 +373,27 @@ def test_compare_for_full_weights_loads_the_original_model(test_model_dir, tmp_p
     again = result.compare(["reverse: abc"], max_new_tokens=4)
     assert rows == again
     assert reloaded.base_model_path == test_model_dir
+
+
+def test_pure_bf16_full_training_and_reload(test_model_dir, tmp_path):
+    from ftmagic.engine.result import RunResult
+
+    result, events = _train(test_model_dir, tmp_path / "out", method="full", precision="bf16", lr=1e-3,
+                            data=reversal_records(4), max_steps=4)
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    losses = list(step_losses(events).values())
+    assert losses[-1] < losses[0]
+    reloaded = RunResult.load(tmp_path / "out")
+    assert reloaded.model.dtype == torch.bfloat16
+    assert reloaded.generate("reverse: abc", max_new_tokens=4, min_new_tokens=4) == \
+        result.generate("reverse: abc", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_bf16_lora_reloads_to_the_same_generations(test_model_dir, tmp_path):
+    from ftmagic.engine.result import RunResult
+
+    result, _ = _train(test_model_dir, tmp_path / "out", precision="bf16", lr=0.05)
+    assert result.model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    reloaded = RunResult.load(tmp_path / "out")
+    assert reloaded.generate("reverse: abc", max_new_tokens=5, min_new_tokens=5) == \
+        result.generate("reverse: abc", max_new_tokens=5, min_new_tokens=5)

@@ -173,6 +173,36 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
                       method=method, reason=reason, fallback=fallback)
 
 
+def base_weight_dtype(plan: DevicePlan, *, adapter: bool) -> "torch.dtype":
+    """The dtype the model's weights are loaded in (the table in :mod:`ftmagic.memory.policy`).
+
+    Under an adapter the frozen base loads in the half-precision dtype (half the memory;
+    the adapters stay fp32). Methods that train the model's own weights run pure bf16
+    where bf16 is the precision (no scaler needed, half the memory of fp32 weights and
+    optimizer states), and keep fp32 master weights under fp16 autocast, since a gradient
+    scaler cannot unscale fp16 gradients. QLoRA loads its unquantized parts in the
+    compute dtype. fp32 is fp32 everywhere.
+
+    Example::
+
+        >>> t4 = DeviceCaps(cuda_available=True, name="T4", compute_capability=(7, 5))
+        >>> base_weight_dtype(choose_device(t4, method="lora"), adapter=True)
+        torch.float16
+    """
+    if plan.qlora_compute_dtype:
+        return getattr(torch, plan.qlora_compute_dtype)
+    if plan.precision == "fp32":
+        return torch.float32
+    if adapter or plan.precision == "bf16":
+        return plan.torch_dtype
+    return torch.float32
+
+
+def keeps_fp32_trainable(plan: DevicePlan, *, adapter: bool) -> bool:
+    """Whether trainable weights are fp32 masters (all cases but pure-bf16 full-weight training)."""
+    return adapter or plan.precision != "bf16"
+
+
 @dataclass(frozen=True)
 class OptimizerPlan:
     """The optimizer class to build and how (see :func:`choose_optimizer`)."""

@@ -103,20 +103,39 @@ class RunResult:
         device = self.plan.get("device", "cpu")
         return device if device != "cuda" or torch.cuda.is_available() else "cpu"
 
+    def _device_plan(self):
+        from ftmagic.engine.device import DevicePlan
+
+        fields = {k: v for k, v in (self.plan or {}).items() if k in DevicePlan.__dataclass_fields__}
+        if not fields:
+            return None
+        plan = DevicePlan(**fields)
+        if plan.device != self._device():  # a GPU run opened on a CPU machine
+            plan = DevicePlan(device="cpu", precision="fp32", use_grad_scaler=False, qlora_compute_dtype=None,
+                              method=plan.method, reason="cpu")
+        return plan
+
+    def _weight_dtype(self, adapter: bool):
+        from ftmagic.engine.device import base_weight_dtype
+
+        plan = self._device_plan()
+        # The same dtypes as in training, so reloaded generations match the trained model's.
+        return base_weight_dtype(plan, adapter=adapter) if plan is not None else torch.float32
+
     def _load_base(self, quantized: bool):
         from ftmagic.engine.models import load_model
 
-        dtype = torch.float32
-        compute = self.plan.get("qlora_compute_dtype") if quantized else None
-        if compute:
-            dtype = getattr(torch, compute)
-        elif self._device() == "cuda" and self.plan.get("precision") in ("bf16", "fp16"):
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.plan["precision"]]
+        plan = self._device_plan()
+        compute = plan.qlora_compute_dtype if (quantized and plan is not None) else None
+        dtype = self._weight_dtype(adapter=quantized or self._is_adapter())
         return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute)
+
+    def _is_adapter(self) -> bool:
+        return (Path(self.output_dir) / "adapter_config.json").exists()
 
     def _load_tuned(self):
         out = Path(self.output_dir)
-        if (out / "adapter_config.json").exists():
+        if self._is_adapter():
             from peft import PeftModel
 
             base = self._load_base(quantized=self.method == "qlora")
@@ -124,7 +143,7 @@ class RunResult:
         else:
             from ftmagic.engine.models import load_model
 
-            model = load_model(str(out), device=self._device())
+            model = load_model(str(out), device=self._device(), weight_dtype=self._weight_dtype(adapter=False))
         model.eval()
         return model
 

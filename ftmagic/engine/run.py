@@ -29,7 +29,8 @@ import torch
 
 from ftmagic.config import FinetuneConfig
 from ftmagic.engine import checkpoint as ckpt
-from ftmagic.engine.device import DevicePlan, choose_device, choose_optimizer, detect_caps
+from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
+                                   keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import (count_parameters, enable_gradient_checkpointing, get_method,
                                     qlora_cpu_blocker)
@@ -171,7 +172,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         method = get_method("lora")
         base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
     model = method.prepare(base, cfg)
-    _upcast_trainable(model)
+    if keeps_fp32_trainable(plan, adapter=method.adapter):
+        _upcast_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
     trainable, total = count_parameters(model)
@@ -210,30 +212,9 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
                      plan=dataclasses.asdict(plan))
 
 
-def base_weight_dtype(plan: DevicePlan, *, adapter: bool) -> "torch.dtype":
-    """The dtype the model's weights are loaded in.
-
-    A frozen base under an adapter needs no fp32 copy on a GPU: it loads in the autocast
-    dtype (half the memory). Methods that train the model's own weights keep fp32 master
-    weights and get half precision from autocast. The CPU always loads fp32.
-
-    Example::
-
-        >>> from ftmagic.engine.device import DeviceCaps, choose_device
-        >>> t4 = DeviceCaps(cuda_available=True, name="T4", compute_capability=(7, 5))
-        >>> base_weight_dtype(choose_device(t4, method="lora"), adapter=True)
-        torch.float16
-    """
-    if plan.qlora_compute_dtype:
-        return getattr(torch, plan.qlora_compute_dtype)  # the unquantized parts (norms, head)
-    if plan.device == "cuda" and adapter and plan.precision != "fp32":
-        return plan.torch_dtype
-    return torch.float32
-
-
 def _upcast_trainable(model) -> None:
-    """Trainable weights stay fp32 under autocast: optimizer updates and the fp16 gradient
-    scaler need fp32 master weights (a frozen half-precision base is fine)."""
+    """Trainable weights become fp32 masters: optimizer updates smaller than half precision's
+    resolution would otherwise be lost, and the fp16 gradient scaler needs fp32 gradients."""
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
