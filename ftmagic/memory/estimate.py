@@ -82,6 +82,7 @@ class MemoryEstimate:
     cuda_context: int = 0
     allocator_headroom: int = 0
     notes: list = field(default_factory=list)
+    shape: Optional[ModelShape] = field(default=None, repr=False)  # what was estimated (suggestions re-use it)
 
     @property
     def total_gib(self) -> float:
@@ -168,12 +169,13 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
-                    bf16_supported: bool = True, mode: str = "analytic") -> MemoryEstimate:
+                    grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
     ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
     ``tiny``. ``precision="auto"`` means bf16 (fp16 when ``bf16_supported`` is False, as on
-    a T4). ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
+    a T4). With ``grad_accum`` > 1 the gradients stay alive through the next micro-batches'
+    forward and backward. ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
     accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
     under FakeTensorMode instead (imports torch; seconds to a minute).
 
@@ -192,6 +194,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     _check_positive("batch_size", batch_size)
     _check_positive("seq_len", seq_len, 8)
     _check_positive("lora_r", lora_r)
+    _check_positive("grad_accum", grad_accum)
     if not 0 <= float(lora_dropout) < 1:
         raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
     if mode not in ("analytic", "exact"):
@@ -203,7 +206,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
-                    num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+                    num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum)
     if mode == "exact":
         from ftmagic.memory.exact import exact_estimate
 
@@ -273,14 +276,17 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         act_held += shape.total_params * plan.compute_bytes
     static = frozen + train_w + states  # alive through the whole steady-state step
 
-    fwd = static + act_held + logits_fwd
-    bwd_loss = static + act_held + logits_bwd
+    accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
+    fwd = static + accumulated + act_held + logits_fwd
+    bwd_loss = static + accumulated + act_held + logits_bwd
     # Deeper in backward: the gradients of every block above the current one exist, while
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
     layer_grads = trainable / max(shape.layers, 1)
     embed_grads = shape.embedding_params if (method == "full" and not shape.tied) else 0
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
     temp = tokens * (2 * plan.compute_bytes * shape.intermediate + 4 * shape.hidden)
+    if accumulated:
+        grads_deep = grads
     bwd_deep = static + grads_deep + act_held + (tokens * per_layer if gc else 0) + temp
     bwd = max(bwd_loss, bwd_deep)
     step = static + grads + transient
@@ -290,10 +296,10 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
     breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
     if peak_phase == "forward":
-        breakdown.update(activations=int(act_held), logits=int(logits_fwd))
+        breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":
         if bwd_loss >= bwd_deep:
-            breakdown.update(activations=int(act_held), logits=int(logits_bwd))
+            breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_bwd))
         else:
             breakdown.update(gradients=int(grads_deep),
                              activations=int(act_held + (tokens * per_layer if gc else 0) + temp))
@@ -307,7 +313,8 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         notes.append(f"activations of `{method}` are approximated from the LoRA/full fine-tuning calibration")
     return MemoryEstimate(total_bytes=int(total), breakdown=breakdown, phases=phases, peak_phase=peak_phase,
                           settings=s, model=shape.name, trainable_params=int(trainable),
-                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes)
+                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes,
+                          shape=shape)
 
 
 def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:

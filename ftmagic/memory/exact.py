@@ -50,4 +50,4 @@ def exact_estimate(shape: ModelShape, settings: dict) -> MemoryEstimate:
     return MemoryEstimate(total_bytes=int(sim.peak_bytes), breakdown=breakdown, phases=dict(sim.phases),
                           peak_phase=peak_phase, settings=dict(settings, mode="exact"), model=shape.name,
                           trainable_params=sim.trainable_params, total_params=sim.total_params,
-                          paged_optimizer_states=analytic.paged_optimizer_states, notes=notes)
+                          paged_optimizer_states=analytic.paged_optimizer_states, notes=notes, shape=shape)
