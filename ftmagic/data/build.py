@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ftmagic.data.encode import Encoded, encode_conversations
+from ftmagic.data.encode import label_step, render_step, tokenize_step
 from ftmagic.data.formats import Detection, conversation_issues, detect_format, to_conversation
 from ftmagic.data.load import LoadedData, load_data
-from ftmagic.data.problems import Problem, RecordError
+from ftmagic.data.problems import SKIPPING_KINDS, Problem, RecordError
 from ftmagic.data.templates import ChatTemplate, resolve_template
 
 
@@ -56,47 +56,109 @@ def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional
     counted in ``skipped`` and listed in ``problems``.
     """
     loaded = load_data(data, strict=strict)
-    detection = detect_format(loaded.records, fmt, columns, source=loaded.name) if loaded.records else \
-        Detection(fmt if fmt != "auto" else "unknown", "no records", dict(columns or {}))
-    record_problems: list = []
-    conversations: list = [None] * len(loaded.records)
-    for i, record in enumerate(loaded.records):
-        try:
-            conv = to_conversation(record, detection.format, detection.columns, system_prompt)
-        except RecordError as exc:
-            record_problems.append(Problem(exc.kind, loaded.location(i), exc.message))
-            continue
-        conversations[i] = conv
-        for kind, message in conversation_issues(conv):
-            record_problems.append(Problem(kind, loaded.location(i), message))
-
+    detection = detect(loaded, fmt, columns)
     tpl = resolve_template(tokenizer, template) if detection.format != "text" else None
+    conversations: list = [None] * len(loaded.records)
     encoded: list = [None] * len(loaded.records)
-    todo = [i for i, c in enumerate(conversations) if c is not None]
-    for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
-        results = encode_conversations(tokenizer, [conversations[i] for i in chunk], template=tpl or template,
-                                       train_on=train_on, max_seq_len=max_seq_len)
-        for i, result in zip(chunk, results):
-            if isinstance(result, RecordError):
-                record_problems.append(Problem(result.kind, loaded.location(i), result.message))
-                continue
-            for kind, message in result.warnings:
-                record_problems.append(Problem(kind, loaded.location(i), message))
-            if not any(label != -100 for label in result.labels):
-                record_problems.append(Problem("no_trained_tokens", loaded.location(i),
-                                               f"no trained token is left within max_seq_len={max_seq_len} "
-                                               f"(the example has {result.length} tokens)"))
-                continue
+    record_problems: list = []
+    for i, conv, result, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=system_prompt,
+                                                  train_on=train_on, max_seq_len=max_seq_len, batch=batch):
+        conversations[i] = conv
+        record_problems.extend(problems)
+        if result is not None and not any(p.kind == "no_trained_tokens" for p in problems):
             encoded[i] = result
     skipped = Counter(p.kind for p in loaded.problems)
-    from ftmagic.data.problems import SKIPPING_KINDS
-
     skipped.update(p.kind for p in record_problems if p.kind in SKIPPING_KINDS)
     skipped.pop("non_utf8", None)  # replaced characters: the record is still used
-    order = {id(p): n for n, p in enumerate(record_problems)}
-    problems = sorted(loaded.problems + record_problems, key=lambda p: (_sort_key(p.location), order.get(id(p), -1)))
+    problems = sort_problems(loaded.problems, record_problems)
     return Built(loaded, detection, tpl, conversations, encoded, problems, skipped)
+
+
+def detect(loaded: LoadedData, fmt: str = "auto", columns: Optional[dict] = None) -> Detection:
+    """Format detection for loaded records (an empty dataset gets format ``unknown``)."""
+    if not loaded.records:
+        return Detection(fmt if fmt != "auto" else "unknown", "no records", dict(columns or {}))
+    return detect_format(loaded.records, fmt, columns, source=loaded.name)
+
+
+def iter_encoded(loaded: LoadedData, detection: Detection, tokenizer, *, template=None,
+                 system_prompt: Optional[str] = None, train_on: str = "completions",
+                 max_seq_len: Optional[int] = None, batch: int = 4096):
+    """Yield ``(index, conversation, encoded, problems)`` for every record, in order, ``batch`` at a time.
+
+    ``conversation``/``encoded`` are None for a record that cannot be used; ``problems``
+    lists what is wrong with the record (possibly only warnings). A record whose labels
+    are all -100 comes with a ``no_trained_tokens`` problem: training skips it.
+
+    The tokenizer of batch ``k`` runs in a worker thread (it releases the GIL) while batch
+    ``k + 1`` is rendered, so both cores of a small machine are busy; results do not
+    depend on this overlap.
+    """
+    if tokenizer is not None and detection.format != "text" and not isinstance(template, ChatTemplate):
+        template = resolve_template(tokenizer, template)
+    n = len(loaded.records)
+    starts = range(0, n, batch)
+    if tokenizer is None:
+        for start in starts:
+            convs, problems = _convert(loaded, detection, system_prompt, start, min(n, start + batch))
+            yield from ((start + k, convs[k], None, problems[k]) for k in range(len(convs)))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for start in starts:
+            stop = min(n, start + batch)
+            convs, problems = _convert(loaded, detection, system_prompt, start, stop)
+            todo = [k for k, c in enumerate(convs) if c is not None]
+            rendered = render_step(tokenizer, [convs[k] for k in todo], template=template, train_on=train_on)
+            future = pool.submit(tokenize_step, tokenizer, rendered)
+            if pending is not None:
+                yield from _finish(loaded, tokenizer, max_seq_len, *pending)
+            pending = (start, convs, problems, todo, rendered, future)
+        if pending is not None:
+            yield from _finish(loaded, tokenizer, max_seq_len, *pending)
+
+
+def _convert(loaded: LoadedData, detection: Detection, system_prompt: Optional[str], start: int, stop: int) -> tuple:
+    convs, problems = [], []
+    records, fmt, columns = loaded.records, detection.format, detection.columns
+    for i in range(start, stop):
+        try:
+            conv = to_conversation(records[i], fmt, columns, system_prompt)
+        except RecordError as exc:
+            convs.append(None)
+            problems.append([Problem(exc.kind, loaded.location(i), exc.message)])
+            continue
+        convs.append(conv)
+        issues = conversation_issues(conv)
+        problems.append([Problem(kind, loaded.location(i), message) for kind, message in issues] if issues else [])
+    return convs, problems
+
+
+def _finish(loaded: LoadedData, tokenizer, max_seq_len, start, convs, problems, todo, rendered, future):
+    results = [None] * len(convs)
+    encoded = label_step(tokenizer, rendered, future.result(), max_seq_len)
+    for k, result in zip(todo, encoded):
+        if isinstance(result, RecordError):
+            problems[k].append(Problem(result.kind, loaded.location(start + k), result.message))
+            convs[k] = None
+            continue
+        if result.warnings:
+            problems[k].extend(Problem(kind, loaded.location(start + k), message) for kind, message in result.warnings)
+        if result.labels.count(-100) == len(result.labels):
+            problems[k].append(Problem("no_trained_tokens", loaded.location(start + k),
+                                       f"no trained token is left within max_seq_len={max_seq_len} "
+                                       f"(the example has {result.length} tokens)"))
+        results[k] = result
+    for k in range(len(convs)):
+        yield start + k, convs[k], results[k], problems[k]
+
+
+def sort_problems(load_problems: list, record_problems: list) -> list:
+    """Problems in file order (load problems and record problems interleaved by line or row)."""
+    order = {id(p): n for n, p in enumerate(record_problems)}
+    return sorted(load_problems + record_problems, key=lambda p: (_sort_key(p.location), order.get(id(p), -1)))
 
 
 def _sort_key(location: str) -> tuple:

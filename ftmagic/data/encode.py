@@ -52,7 +52,7 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
     def to_dict(self) -> dict:
         """The training example: ``{"input_ids", "labels"}``."""
@@ -63,18 +63,37 @@ def encode_conversations(tokenizer, conversations: list, *, template: Union[None
                          train_on: str = "completions", max_seq_len: Optional[int] = None) -> list:
     """Encode many conversations in one batch; each result is an :class:`Encoded` or a :class:`RecordError`.
 
+    The three steps (:func:`render_step`, :func:`tokenize_step`, :func:`label_step`) are
+    public so a caller can overlap the tokenizer (which runs outside the GIL) with
+    rendering the next batch; the result is the same.
+
     Example::
 
         encode_conversations(tok, [conv1, conv2], max_seq_len=512)
     """
+    rendered = render_step(tokenizer, conversations, template=template, train_on=train_on)
+    return label_step(tokenizer, rendered, tokenize_step(tokenizer, rendered), max_seq_len)
+
+
+def render_step(tokenizer, conversations: list, *, template: Union[None, str, ChatTemplate] = None,
+                train_on: str = "completions") -> list:
+    """Render conversations to trained/untrained text segments (:class:`Rendered` or :class:`RecordError` each)."""
     tpl = template if isinstance(template, ChatTemplate) else resolve_template(tokenizer, template)
-    rendered = render_conversations(tokenizer, tpl, conversations, train_on)
-    todo = [(n, r) for n, r in enumerate(rendered) if isinstance(r, Rendered)]
+    return render_conversations(tokenizer, tpl, conversations, train_on)
+
+
+def tokenize_step(tokenizer, rendered: list) -> list:
+    """Tokenize each rendered text in one batched call (fast tokenizers: Rust ``Encoding`` objects, else None)."""
+    texts = [r.text for r in rendered if isinstance(r, Rendered)]
+    return _tokenize(tokenizer, texts)
+
+
+def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional[int]) -> list:
+    """Labels from token offsets; examples whose span boundaries split a token are tokenized per segment."""
     results: list = list(rendered)
-    texts = [r.text for _, r in todo]
-    whole = _tokenize(tokenizer, texts)
+    todo = [(n, r) for n, r in enumerate(rendered) if isinstance(r, Rendered)]
     split_later = []
-    for (n, r), enc in zip(todo, whole):
+    for (n, r), enc in zip(todo, encodings):
         labelled = _label_whole(enc, r) if enc is not None else None
         if labelled is None:
             split_later.append((n, r))
@@ -225,6 +244,6 @@ def _token_at(enc, char: int, total: int, n: int) -> Optional[int]:
     if char >= total:
         return n
     k = enc.char_to_token(char)
-    if k is None or enc.token_to_chars(k)[0] != char:
-        return None
+    if k is None or (char > 0 and enc.char_to_token(char - 1) == k):
+        return None  # the character before belongs to the same token: the boundary splits it
     return k

@@ -242,19 +242,19 @@ def _message_list(record: dict, name: str, columns: dict) -> list:
 
 
 def _parse_messages(items: list, name: str, columns: dict) -> list:
-    role_keys = (columns.get("role"), "role", "from")
-    content_keys = (columns.get("content"), "content", "value")
+    role_keys = tuple(k for k in (columns.get("role"), "role", "from") if k)
+    content_keys = tuple(k for k in (columns.get("content"), "content", "value") if k)
     turns = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise RecordError("bad_type", f"`{name}[{i}]` is a {type(item).__name__}, expected {{role, content}}")
-        raw_role = next((item[k] for k in role_keys if k and k in item), None)
+        raw_role = _first(item, role_keys)
         if raw_role is None:
             raise RecordError("missing_field", f"`{name}[{i}]` has no `role` (or `from`)")
-        role = ROLE_ALIASES.get(str(raw_role).strip().lower())
+        role = ROLE_ALIASES.get(raw_role) or ROLE_ALIASES.get(str(raw_role).strip().lower())
         if role is None:
             raise RecordError("bad_type", f"`{name}[{i}]` has role `{raw_role}`; use system, user or assistant")
-        content = next((item[k] for k in content_keys if k and k in item), None)
+        content = _first(item, content_keys)
         if content is None:
             raise RecordError("missing_field", f"`{name}[{i}]` has no `content` (or `value`)")
         if not isinstance(content, str):
@@ -262,7 +262,15 @@ def _parse_messages(items: list, name: str, columns: dict) -> list:
         if not content.strip() and role in ("user", "assistant"):
             raise RecordError("empty_field", f"`{name}[{i}]` ({role}) has empty content")
         weight = item.get("weight", 1)
-        if weight not in (0, 1):
+        if weight != 1 and weight != 0:
             raise RecordError("bad_type", f"`{name}[{i}].weight` is {weight!r}; use 0 (not trained) or 1")
-        turns.append(_turn(role, content, int(weight)))
+        turns.append({"role": role, "content": content, "weight": int(weight)})
     return turns
+
+
+def _first(item: dict, keys: tuple):
+    for key in keys:
+        value = item.get(key)
+        if value is not None:
+            return value
+    return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ftmagic.data.problems import RecordError
-from ftmagic.data.templates import ChatTemplate, adds_bos, render_many
+from ftmagic.data.templates import ChatTemplate, adds_bos, plain_messages, render_many
 
 
 @dataclass
@@ -63,21 +63,23 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
         return results
 
     # One batched render per kind of prefix: full conversations, prompts, and ends of earlier answers.
-    fulls = render_many(tokenizer, tpl, [conversations[n] for n in chat_ids], add_generation_prompt=False)
+    plain = {n: plain_messages(conversations[n]) for n in chat_ids}  # copied once, sliced for prefixes
+    fulls = render_many(tokenizer, tpl, [plain[n] for n in chat_ids], add_generation_prompt=False, plain=True)
     prompt_keys, prompt_convs, end_keys, end_convs = [], [], [], []
     for n in chat_ids:
         conv = conversations[n]
+        last = len(conv) - 1
         for i, turn in enumerate(conv):
             if turn["role"] != "assistant":
                 continue
             if i > 0:
                 prompt_keys.append((n, i))
-                prompt_convs.append(conv[:i])
-            if i < len(conv) - 1:
+                prompt_convs.append(plain[n][:i])
+            if i < last:
                 end_keys.append((n, i))
-                end_convs.append(conv[:i + 1])
-    prompts = dict(zip(prompt_keys, render_many(tokenizer, tpl, prompt_convs, add_generation_prompt=True)))
-    ends = dict(zip(end_keys, render_many(tokenizer, tpl, end_convs, add_generation_prompt=False)))
+                end_convs.append(plain[n][:i + 1])
+    prompts = dict(zip(prompt_keys, render_many(tokenizer, tpl, prompt_convs, add_generation_prompt=True, plain=True)))
+    ends = dict(zip(end_keys, render_many(tokenizer, tpl, end_convs, add_generation_prompt=False, plain=True)))
 
     for n, full in zip(chat_ids, fulls):
         conv = conversations[n]

@@ -93,27 +93,97 @@ def resolve_template(tokenizer, template: Optional[str] = None) -> ChatTemplate:
                         "the tokenizer has no chat template, so `chatml` is used (set `template:` to choose)", named_vars)
 
 
-def render_many(tokenizer, tpl: ChatTemplate, conversations: list, add_generation_prompt: bool) -> list:
+def render_many(tokenizer, tpl: ChatTemplate, conversations: list, add_generation_prompt: bool,
+                plain: bool = False) -> list:
     """Render each conversation to text; a conversation the template rejects gives its exception instead.
 
-    Messages are passed as ``{"role", "content"}`` only; one batched call, then one call per
-    conversation if the batch fails, so a single bad record does not hide the others.
+    Messages are passed as ``{"role", "content"}`` only (``plain=True``: they already are,
+    so they are not copied). The text is what
+    ``tokenizer.apply_chat_template(..., tokenize=False)`` returns. For speed the compiled
+    template is called directly with the same variables, all conversations in one call;
+    the first :data:`VERIFIED` conversations of every call are also rendered through
+    ``apply_chat_template`` and, should the two ever differ, ``apply_chat_template``
+    renders them all.
     """
     if not conversations:
         return []
-    chats = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
-    kwargs = dict(chat_template=tpl.source, tokenize=False, add_generation_prompt=add_generation_prompt, **tpl.variables)
+    chats = conversations if plain else [plain_messages(conv) for conv in conversations]
+    out = _render_batch(tokenizer, tpl, chats, add_generation_prompt)
+    if out is None:
+        out = _render_each(tokenizer, tpl, chats, add_generation_prompt)
+    checked = [k for k, text in enumerate(out[:VERIFIED]) if isinstance(text, str)]
+    if all(_apply(tokenizer, tpl, chats[k], add_generation_prompt) == out[k] for k in checked):
+        return out
+    return [_apply(tokenizer, tpl, chat, add_generation_prompt) for chat in chats]
+
+
+VERIFIED = 2  # conversations per call rendered both ways and compared
+_SEPARATOR = "\ue000"  # a private-use character: not whitespace, so no `-%}` of the template strips it
+
+
+def _render_batch(tokenizer, tpl: ChatTemplate, chats: list, add_generation_prompt: bool):
+    """All conversations in one call of the template wrapped in a loop (per-call overhead dominates
+    rendering); None when that is not possible, e.g. one conversation raises."""
+    compiled = _compiled(tpl.source, batched=True)
+    if compiled is None or len(chats) < 2:
+        return None
     try:
-        return list(tokenizer.apply_chat_template(chats, **kwargs))
-    except Exception:  # noqa: BLE001 - templates raise anything (TemplateError, TypeError, ...)
-        pass
+        text = compiled.render(ftm_batch=chats, **_variables(tokenizer, tpl, add_generation_prompt))
+    except Exception:  # noqa: BLE001 - one conversation the template rejects: render one by one
+        return None
+    parts = text.split(_SEPARATOR)
+    if len(parts) != len(chats) + 1 or parts[-1]:
+        return None  # a message contained the separator
+    return parts[:-1]
+
+
+def _render_each(tokenizer, tpl: ChatTemplate, chats: list, add_generation_prompt: bool) -> list:
+    compiled = _compiled(tpl.source, batched=False)
+    if compiled is None:
+        return [_apply(tokenizer, tpl, chat, add_generation_prompt) for chat in chats]
+    variables = _variables(tokenizer, tpl, add_generation_prompt)
     out = []
     for chat in chats:
         try:
-            out.append(tokenizer.apply_chat_template(chat, **kwargs))
-        except Exception as exc:  # noqa: BLE001
+            out.append(compiled.render(messages=chat, **variables))
+        except Exception as exc:  # noqa: BLE001 - templates raise anything (TemplateError, TypeError, ...)
             out.append(exc)
     return out
+
+
+def _variables(tokenizer, tpl: ChatTemplate, add_generation_prompt: bool) -> dict:
+    """What apply_chat_template passes to a template: special tokens, then the call's variables."""
+    variables = {**dict(getattr(tokenizer, "special_tokens_map", {}) or {}), **tpl.variables}
+    variables.update(tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+    return variables
+
+
+def _compiled(source: str, batched: bool):
+    """The template compiled the way apply_chat_template compiles it (None if transformers lacks the helper)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - another transformers layout: apply_chat_template does it all
+        return None
+    if batched:
+        # `+%}` keeps a newline that starts the template; each conversation ends with the separator.
+        source = "{% for messages in ftm_batch +%}" + source + _SEPARATOR + "{% endfor %}"
+    try:
+        return _compile_jinja_template(source)
+    except Exception:  # noqa: BLE001 - a template that cannot be wrapped: render one by one
+        return None
+
+
+def plain_messages(conversation: list) -> list:
+    """``{"role", "content"}`` copies of a conversation's messages (what templates are given)."""
+    return [{"role": m["role"], "content": m["content"]} for m in conversation]
+
+
+def _apply(tokenizer, tpl: ChatTemplate, chat: list, add_generation_prompt: bool):
+    try:
+        return tokenizer.apply_chat_template(chat, chat_template=tpl.source, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **tpl.variables)
+    except Exception as exc:  # noqa: BLE001
+        return exc
 
 
 def adds_bos(tokenizer) -> bool:

@@ -1,8 +1,149 @@
-"""Placeholder: magics of this feature are registered from here."""
+"""``%ft_preview DATA``: the dataset previewer widget and its magic.
 
-from IPython.core.magic import Magics, magics_class
+DATA is a path (file, saved ``datasets`` folder, Hub id) or the name of a notebook
+variable holding a list of dicts, a DataFrame or a ``datasets.Dataset``. The widget
+shows the summary, a token-length histogram, the problem list and a record pager;
+each page shows the raw record, the rendered text and the tokens coloured by the
+training mask. Pages are encoded when shown, so a large dataset pages as fast as a
+small one. Outside a notebook the text report is printed instead.
+
+Example (in a notebook)::
+
+    %load_ext ftmagic
+    %ft_preview train.jsonl --model Qwen/Qwen2.5-0.5B --max-seq-len 1024
+    %ft_preview records --name report        # a variable; the report is bound to `report`
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ftmagic.config import FORMATS
+from ftmagic.usage import as_usage_error
+from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
+
+
+class PreviewWidget:
+    """The previewer's widget for a :class:`~ftmagic.data.report.DatasetReport`; ``.box`` is what is displayed.
+
+    Example::
+
+        w = PreviewWidget(ftmagic.preview("train.jsonl"))
+        w.next.click()            # page forward (also w.show(i))
+        w.record.value            # HTML of the record on screen
+    """
+
+    def __init__(self, report, index: int = 0):
+        import ipywidgets as widgets
+
+        self.report = report
+        self.summary = widgets.HTML(summary_html(report))
+        self.histogram = widgets.HTML(histogram_html(report.histogram, report.max_seq_len))
+        self.problems = widgets.HTML(problems_html(report.problems))
+        last = max(0, len(report) - 1)
+        self.prev = widgets.Button(description="◀ prev", layout=widgets.Layout(width="80px"))
+        self.next = widgets.Button(description="next ▶", layout=widgets.Layout(width="80px"))
+        self.index = widgets.BoundedIntText(value=0, min=0, max=last, description="record", layout=widgets.Layout(width="170px"))
+        self.total = widgets.Label(f"of {len(report)} (0-based)")
+        self.record = widgets.HTML()
+        self.prev.on_click(lambda _: self.show(self.index.value - 1))
+        self.next.on_click(lambda _: self.show(self.index.value + 1))
+        self.index.observe(lambda change: self._render(change["new"]), names="value")
+        pager = widgets.HBox([self.prev, self.index, self.next, self.total])
+        self.box = widgets.VBox([self.summary, self.histogram, self.problems, pager, self.record])
+        self.rendered = 0  # how many pages were encoded (the pager is lazy)
+        self._render(min(index, last))
+
+    def show(self, index: int) -> None:
+        """Go to record ``index`` (clamped to the dataset)."""
+        self.index.value = max(self.index.min, min(self.index.max, index))
+
+    def _render(self, index: int) -> None:
+        if len(self.report) == 0:
+            self.record.value = '<div class="ftm-prev">no records to show</div>'
+            return
+        self.record.value = record_html(self.report.record(index))
+        self.rendered += 1
+        self.prev.disabled = index <= 0
+        self.next.disabled = index >= len(self.report) - 1
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
 
 
 @magics_class
 class PreviewMagics(Magics):
-    """No magics yet."""
+    """``%ft_preview``: see exactly what the model will be trained on."""
+
+    @magic_arguments()
+    @argument("data", metavar="DATA", help="path, Hugging Face dataset id, or a notebook variable name")
+    @argument("--model", default=None, help="whose tokenizer and chat template to use (default: tiny)")
+    @argument("--format", default="auto", choices=FORMATS, help="data format (default: detect)")
+    @argument("--template", default=None, help="named template for base models: chatml, alpaca, llama3, plain")
+    @argument("--max-seq-len", type=int, default=512, help="tokens per training example")
+    @argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
+    @argument("--columns", default=None, help="FIELD=COLUMN pairs, e.g. prompt=question,completion=answer")
+    @argument("--system-prompt", default=None, help="system prompt for conversations that have none")
+    @argument("--batch-size", type=int, default=4, help="batch size for the padding estimate")
+    @argument("--name", default=None, help="bind the DatasetReport to this variable")
+    @argument("--text", action="store_true", help="print the text report instead of the widget")
+    @line_magic
+    def ft_preview(self, line: str) -> None:
+        """Preview a dataset: format, counts, lengths, problems and a record pager.
+
+        Example: ``%ft_preview train.jsonl --model tiny --max-seq-len 256``
+        """
+        args = parse_argstring(self.ft_preview, line)
+        with as_usage_error():
+            from ftmagic.commands.preview import parse_columns
+            from ftmagic.data.report import preview
+
+            report = preview(lookup_data(args.data, self.shell.user_ns if self.shell else {}), model=args.model,
+                             format=args.format, template=args.template, max_seq_len=args.max_seq_len,
+                             train_on=args.train_on, columns=parse_columns(args.columns) or None,
+                             system_prompt=args.system_prompt, batch_size=args.batch_size)
+        if args.name:
+            self.shell.user_ns[args.name] = report
+        if args.text or not _in_notebook(self.shell):
+            print(report.to_text())
+            return
+        from IPython.display import display
+
+        display(PreviewWidget(report).box)
+
+
+def lookup_data(token: str, namespace: dict) -> Any:
+    """A notebook variable when ``token`` (or ``$token``) names one, else the token as a path or id.
+
+    Example::
+
+        >>> lookup_data("rows", {"rows": [{"text": "a"}]})
+        [{'text': 'a'}]
+        >>> lookup_data("train.jsonl", {})
+        'train.jsonl'
+    """
+    import os
+
+    from ftmagic.errors import DataError
+
+    name = token[1:] if token.startswith("$") else token
+    if name.isidentifier() and name in namespace:
+        return namespace[name]
+    path = token.strip("'\"")
+    if name.isidentifier() and not os.path.exists(path):
+        raise DataError(f"`{name}` is neither a notebook variable nor a file; pass a path, a variable name, or a "
+                        "Hugging Face dataset id with its owner (e.g. stanfordnlp/imdb)")
+    return path
+
+
+def _in_notebook(shell: Optional[Any]) -> bool:
+    try:
+        from ftmagic.widgets.finetune import in_notebook
+    except ImportError:  # pragma: no cover - the finetune front is optional here
+        return False
+    return in_notebook(shell)

@@ -1,0 +1,87 @@
+"""Dataset-wide checks that need no tokenizer: duplicates and label-like answers.
+
+Example::
+
+    finder = DuplicateFinder()
+    finder.check(conv_a, "d.jsonl:1")          # None
+    finder.check(conv_a, "d.jsonl:9")          # Problem('duplicate', 'd.jsonl:9', 'same conversation as d.jsonl:1')
+    label_balance(Counter({"yes": 9, "no": 1}))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from ftmagic.data.problems import Problem
+
+MAX_LABELS = 20  # more distinct answers than this do not look like class labels
+
+
+class DuplicateFinder:
+    """Remembers conversations seen so far; flags exact and whitespace/case-normalised repeats."""
+
+    def __init__(self) -> None:
+        self._exact: dict = {}
+        self._near: dict = {}
+
+    def check(self, conversation: list, location: str) -> Optional[Problem]:
+        # One string per conversation: faster to hash than tuples; a false match needs control characters in messages.
+        exact = "\x1f".join([t["role"] + "\x1e" + t["content"] for t in conversation])
+        first = self._exact.get(exact)
+        if first is not None:
+            return Problem("duplicate", location, f"same conversation as {first}")
+        self._exact[exact] = location
+        near = " ".join(exact.lower().split())
+        first = self._near.get(near)
+        if first is not None:
+            return Problem("near_duplicate", location, f"same as {first} after normalising whitespace and case")
+        self._near[near] = location
+        return None
+
+
+def final_answer(conversation: list) -> Optional[str]:
+    """The last assistant answer, stripped (None for plain text or when there is none)."""
+    for turn in reversed(conversation):
+        if turn["role"] == "assistant":
+            return turn["content"].strip()
+    return None
+
+
+def label_balance(answers: Counter) -> Optional[dict]:
+    """If the answers look like class labels (few distinct values), how they are spread; else None.
+
+    Example::
+
+        >>> label_balance(Counter({"yes": 6, "no": 2}))
+        {'distinct': 2, 'counts': {'yes': 6, 'no': 2}, 'majority_share': 0.75, 'ratio': 3.0}
+    """
+    n = sum(answers.values())
+    distinct = len(answers)
+    if n < 4 or distinct > min(MAX_LABELS, n // 2):
+        return None
+    ranked = answers.most_common()
+    top, least = ranked[0][1], ranked[-1][1]
+    return {"distinct": distinct, "counts": dict(ranked), "majority_share": round(top / n, 4),
+            "ratio": round(top / least, 2)}
+
+
+def imbalance_problem(balance: Optional[dict], location: str, threshold: float = 3.0) -> Optional[Problem]:
+    """A ``label_imbalance`` problem when the most common label is ``threshold`` times the rarest (or alone)."""
+    if not balance:
+        return None
+    ranked = list(balance["counts"].items())
+    n = sum(balance["counts"].values())
+    (top, top_n), (least, least_n) = ranked[0], ranked[-1]
+    if balance["distinct"] == 1:
+        return Problem("label_imbalance", location, f"all {n} answers are `{_short(top)}`")
+    if balance["ratio"] < threshold:
+        return None
+    return Problem("label_imbalance", location,
+                   f"answers look like labels ({balance['distinct']} distinct values): `{_short(top)}` is {top_n} of {n} "
+                   f"({100 * top_n / n:.0f}%), `{_short(least)}` only {least_n}")
+
+
+def _short(text: str, limit: int = 30) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"

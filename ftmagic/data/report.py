@@ -1,0 +1,320 @@
+"""``preview(data)``: what a dataset looks like to the model, and what is wrong with it.
+
+The previewer runs the very code training runs (:func:`ftmagic.data.build.iter_encoded`
+and the encoder behind :func:`ftmagic.data.encode_example`); it only reads leniently, so
+every bad line is listed instead of stopping at the first.
+
+A :class:`DatasetReport` holds the detected format and its evidence, counts (read,
+usable, skipped and why), token-length statistics and a histogram against
+``max_seq_len``, truncation, records left with no trained token, padding with and
+without packing, label balance, and every problem with its location. Records are
+re-encoded on demand by :meth:`DatasetReport.record`, so the pager of a large dataset
+holds only the page on screen.
+
+Example::
+
+    import ftmagic
+    report = ftmagic.preview("train.jsonl", model="tiny", max_seq_len=256)
+    print(report.to_text())
+    report.to_dict()["token_lengths"]          # {'min': 9, 'median': 41, 'p95': 120, 'max': 700, 'mean': 47.2}
+    view = report.record(0)                    # raw record, rendered text, tokens with their training mask
+    cleaned = ftmagic.clean("train.jsonl", "train.clean.jsonl")
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+from ftmagic.data.build import detect, iter_encoded, sort_problems
+from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
+from ftmagic.data.clean import CleanResult, clean
+from ftmagic.data.encode import IGNORE, encode_conversations
+from ftmagic.data.formats import to_conversation
+from ftmagic.data.load import load_data
+from ftmagic.data.pack import padding_share
+from ftmagic.data.problems import KINDS, SKIPPING_KINDS, Problem, RecordError
+from ftmagic.data.templates import resolve_template
+from ftmagic.data.tokenizer import load_preview_tokenizer
+
+__all__ = ["preview", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
+
+DEFAULT_MAX_SEQ_LEN = 512  # the FinetuneConfig default
+HISTOGRAM_BINS = 10
+JSON_PROBLEMS_PER_KIND = 200  # the JSON lists this many of each kind; counts are always complete
+
+
+class TokenView(NamedTuple):
+    """One token of a record: id, its text, whether the loss is trained on it, whether it is EOS."""
+
+    id: int
+    text: str
+    trained: bool
+    eos: bool
+
+
+@dataclass
+class RecordView:
+    """Everything the pager shows for one record."""
+
+    index: int
+    location: str
+    raw: Any
+    text: Optional[str] = None  # rendered text (None when the record cannot be used)
+    tokens: list = field(default_factory=list)
+    truncated: bool = False
+    length: int = 0
+    problems: list = field(default_factory=list)
+
+
+@dataclass
+class DatasetReport:
+    """The previewer's findings; :meth:`to_text` for people, :meth:`to_dict` for JSON, :meth:`record` for the pager."""
+
+    source: str
+    format: str
+    format_evidence: str
+    template: Optional[str]
+    template_reason: Optional[str]
+    tokenizer: Optional[str]
+    max_seq_len: int
+    train_on: str
+    records: int
+    usable: int
+    skipped: int
+    skipped_reasons: dict
+    truncated: Optional[int]
+    no_trained_tokens: Optional[int]
+    eos_appended: Optional[int]
+    token_lengths: Optional[dict]
+    histogram: Optional[list]
+    trained_tokens: Optional[int]
+    total_tokens: Optional[int]
+    padding: Optional[dict]
+    label_balance: Optional[dict]
+    problems: list
+    notes: list
+    _context: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def problem_counts(self) -> dict:
+        return dict(sorted(Counter(p.kind for p in self.problems).items()))
+
+    def __len__(self) -> int:
+        """Number of records the pager can show."""
+        return len(self._context["loaded"].records) if self._context else 0
+
+    def record(self, index: int) -> RecordView:
+        """Record ``index`` as the model sees it, encoded now with the training code path.
+
+        Example::
+
+            view = report.record(3)
+            "".join(t.text for t in view.tokens if t.trained)     # the trained answer, EOS included
+        """
+        ctx = self._context
+        loaded = ctx["loaded"]
+        if not 0 <= index < len(loaded.records):
+            raise IndexError(f"record {index} is out of range (0..{len(loaded.records) - 1})")
+        where = loaded.location(index)
+        if "by_location" not in ctx:  # built on the first page, so opening the pager costs nothing
+            ctx["by_location"] = {}
+            for p in self.problems:
+                ctx["by_location"].setdefault(p.location, []).append(p)
+        view = RecordView(index, where, loaded.records[index], problems=list(ctx["by_location"].get(where, [])))
+        try:
+            conv = to_conversation(loaded.records[index], ctx["detection"].format, ctx["detection"].columns,
+                                   ctx["system_prompt"])
+        except RecordError:
+            return view
+        tok = ctx["tokenizer"]
+        if tok is None:
+            view.text = "\n".join(f"[{t['role']}] {t['content']}" for t in conv)
+            return view
+        enc = encode_conversations(tok, [conv], template=ctx["template"], train_on=self.train_on,
+                                   max_seq_len=self.max_seq_len)[0]
+        if isinstance(enc, RecordError):
+            return view
+        eos_id = getattr(tok, "eos_token_id", None)
+        view.text, view.truncated, view.length = enc.text, enc.truncated, enc.length
+        view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE, i == eos_id)
+                       for i, label in zip(enc.input_ids, enc.labels)]
+        return view
+
+    def to_dict(self, problems_per_kind: int = JSON_PROBLEMS_PER_KIND) -> dict:
+        """A JSON-ready dict (``problems``: up to ``problems_per_kind`` of each kind; ``problem_counts`` is complete)."""
+        shown, listed = Counter(), []
+        for p in self.problems:
+            if shown[p.kind] < problems_per_kind:
+                shown[p.kind] += 1
+                listed.append(p.to_dict())
+        out = {k: getattr(self, k) for k in (
+            "source", "format", "format_evidence", "template", "template_reason", "tokenizer", "max_seq_len", "train_on",
+            "records", "usable", "skipped", "skipped_reasons", "truncated", "no_trained_tokens", "eos_appended",
+            "token_lengths", "histogram", "trained_tokens", "total_tokens", "padding", "label_balance")}
+        out["problem_counts"] = self.problem_counts
+        out["problems"] = listed
+        out["notes"] = list(self.notes)
+        return out
+
+    def to_text(self, max_problems: int = 20) -> str:
+        """The report as plain text (what ``ftmagic preview`` prints)."""
+        from ftmagic.data.report_text import format_report
+
+        return format_report(self, max_problems=max_problems)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the text report
+        printer.text(self.to_text())
+
+
+def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
+            max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
+            system_prompt: Optional[str] = None, batch_size: int = 4, batch: int = 4096) -> DatasetReport:
+    """Analyse ``data`` exactly as training would see it and return a :class:`DatasetReport`.
+
+    ``model``/``tokenizer``: whose tokenizer and chat template to use; by default the
+    embedded tiny model's (without one, the report still has formats, counts and problems).
+
+    Example::
+
+        report = preview([{"prompt": "2+2=", "completion": "4"}] * 3, model="tiny")
+        report.problem_counts      # {'duplicate': 2}
+    """
+    note = None
+    name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None
+    if tokenizer is None:
+        tokenizer, name_or_reason = load_preview_tokenizer(model)
+        if tokenizer is None:
+            note = name_or_reason
+        else:
+            name = name_or_reason
+    loaded = load_data(data, strict=False)
+    detection = detect(loaded, format, columns)
+    is_text = detection.format == "text"
+    tpl = resolve_template(tokenizer, template) if tokenizer is not None and not is_text else None
+
+    finder = DuplicateFinder()
+    answers: Counter = Counter()
+    record_problems: list = []
+    lengths, usable_lengths = [], []
+    trained = total = truncated = untrainable = appended = usable = 0
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    no_eos_tokenizer = False
+    for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=system_prompt,
+                                               train_on=train_on, max_seq_len=max_seq_len, batch=batch):
+        record_problems.extend(problems)
+        if conv is None:
+            continue
+        where = loaded.location(i)
+        dup = finder.check(conv, where)
+        if dup is not None:
+            record_problems.append(dup)
+        if not is_text:
+            answer = final_answer(conv)
+            if answer is not None and conv[-1]["role"] == "assistant":
+                answers[answer] += 1
+        if enc is None:
+            if tokenizer is None:
+                usable += 1
+            continue
+        lengths.append(enc.length)
+        if enc.truncated:
+            truncated += 1
+            record_problems.append(Problem("truncated", where, f"{enc.length} tokens, cut to max_seq_len={max_seq_len}"))
+        n_trained = len(enc.labels) - enc.labels.count(IGNORE)
+        if n_trained == 0:
+            untrainable += 1
+            continue
+        usable += 1
+        usable_lengths.append(len(enc.input_ids))
+        trained += n_trained
+        total += len(enc.input_ids)
+        appended += enc.eos_added
+        no_eos_tokenizer |= enc.no_eos
+        if enc.truncated and not enc.no_eos and _last_trained(enc.labels) != eos_id:
+            record_problems.append(Problem("no_eos", where, "truncated inside an answer, so it ends without EOS "
+                                                            "(raise max_seq_len or shorten the record)"))
+
+    problems = sort_problems(loaded.problems, record_problems)
+    balance = label_balance(answers)
+    imbalance = imbalance_problem(balance, loaded.name)
+    dataset_level = [imbalance] if imbalance else []
+    if no_eos_tokenizer:
+        dataset_level.append(Problem("no_eos", loaded.name, "the tokenizer has no EOS token, so answers cannot end "
+                                                            "with one and the model will not learn to stop"))
+    skipped = Counter(p.kind for p in problems if p.kind in SKIPPING_KINDS and p.kind != "non_utf8")
+    notes = [note] if note else []
+    if appended:
+        notes.append(f"the template does not end answers with EOS; ftmagic appends `{tokenizer.eos_token}` "
+                     f"({appended} records)")
+    tokens_known = tokenizer is not None
+    report = DatasetReport(
+        source=loaded.name, format=detection.format, format_evidence=detection.evidence,
+        template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
+        max_seq_len=max_seq_len, train_on=train_on, records=max(loaded.read, len(loaded.records)), usable=usable,
+        skipped=sum(skipped.values()), skipped_reasons=dict(sorted(skipped.items())),
+        truncated=truncated if tokens_known else None, no_trained_tokens=untrainable if tokens_known else None,
+        eos_appended=appended if tokens_known else None,
+        token_lengths=length_stats(lengths) if tokens_known else None,
+        histogram=histogram(lengths, max_seq_len) if tokens_known else None,
+        trained_tokens=trained if tokens_known else None, total_tokens=total if tokens_known else None,
+        padding=({"batch_size": batch_size,
+                  "unpacked": round(padding_share(usable_lengths, max_seq_len, batch_size), 4),
+                  "packed": round(padding_share(usable_lengths, max_seq_len, packed=True), 4)} if tokens_known else None),
+        label_balance=balance, problems=dataset_level + problems, notes=notes,
+        _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
+                  "system_prompt": system_prompt},
+    )
+    return report
+
+
+def _last_trained(labels: list) -> int:
+    for label in reversed(labels):
+        if label != IGNORE:
+            return label
+    return IGNORE
+
+
+def length_stats(lengths: list) -> Optional[dict]:
+    """min / median / p95 (nearest rank) / max / mean of token lengths (before truncation).
+
+    Example::
+
+        >>> length_stats([1, 2, 3, 4])
+        {'min': 1, 'median': 2.5, 'p95': 4, 'max': 4, 'mean': 2.5}
+    """
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    return {"min": ordered[0], "median": statistics.median(ordered), "p95": p95, "max": ordered[-1],
+            "mean": round(sum(ordered) / len(ordered), 2)}
+
+
+def histogram(lengths: list, max_seq_len: int, bins: int = HISTOGRAM_BINS) -> list:
+    """Counts of token lengths in ``bins`` equal bins up to ``max_seq_len``, plus one bin for longer ones.
+
+    Example::
+
+        >>> histogram([1, 5, 9, 20], 10, bins=2)
+        [{'start': 1, 'end': 5, 'count': 2}, {'start': 6, 'end': 10, 'count': 1}, {'start': 11, 'end': None, 'count': 1}]
+    """
+    bins = 8 if bins == HISTOGRAM_BINS and max_seq_len % 8 == 0 else bins  # 512, 1024, 64: round edges
+    width = max(1, math.ceil(max_seq_len / bins))
+    edges = [(k * width + 1, min(max_seq_len, (k + 1) * width)) for k in range(bins) if k * width < max_seq_len]
+    counts = [0] * (len(edges) + 1)
+    for n in lengths:
+        counts[len(edges) if n > max_seq_len else max(0, (n - 1) // width)] += 1
+    out = [{"start": a, "end": b, "count": c} for (a, b), c in zip(edges, counts)]
+    out.append({"start": max_seq_len + 1, "end": None, "count": counts[-1]})
+    return out
+
+
+KIND_LABELS = KINDS

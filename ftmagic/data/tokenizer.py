@@ -1,0 +1,60 @@
+"""The tokenizer the previewer uses: the one given, the model's, or the embedded tiny model's.
+
+Loads with ``transformers.AutoTokenizer`` only (never torch), so previewing data stays quick.
+
+Example::
+
+    tok, name = load_preview_tokenizer("tiny")                 # the embedded model's tokenizer
+    tok, name = load_preview_tokenizer("Qwen/Qwen2.5-0.5B")    # any Hub id or local folder
+    tok, name = load_preview_tokenizer(None)                   # tiny if installed, else (None, reason)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ftmagic.errors import ModelError
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+
+def tiny_available() -> bool:
+    """Whether the embedded tiny model's tokenizer ships with this copy of ftmagic."""
+    return (TINY_DIR / "tokenizer_config.json").exists() or (TINY_DIR / "tokenizer.json").exists()
+
+
+def resolve_model_name(model: str) -> str:
+    """``tiny`` -> the embedded folder; in smoke mode (FTMAGIC_SMOKE=1) any id that is not a folder too."""
+    if model == "tiny":
+        return str(TINY_DIR)
+    smoke = os.environ.get("FTMAGIC_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
+    if smoke and not os.path.isdir(model) and tiny_available():
+        return str(TINY_DIR)
+    return model
+
+
+def load_preview_tokenizer(model: Optional[str]) -> tuple:
+    """``(tokenizer, name)``; with ``model=None`` and no tiny model: ``(None, why)``.
+
+    Raises :class:`~ftmagic.errors.ModelError` when a named model's tokenizer cannot be loaded.
+    """
+    if model is None:
+        if not tiny_available():
+            return None, ("no tokenizer: pass a model (e.g. --model Qwen/Qwen2.5-0.5B) to see tokens, lengths and "
+                          "loss masks; the embedded tiny model is not installed")
+        model = "tiny"
+    path = resolve_model_name(model)
+    if model == "tiny" and not tiny_available():
+        raise ModelError("model `tiny`: the embedded tiny model is not installed in this copy of ftmagic "
+                         f"({TINY_DIR} is missing); pass another model")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model `{model}`: cannot load its tokenizer ({first}); pass a local folder or a "
+                         "Hugging Face id that can be reached") from None
+    return tok, model
