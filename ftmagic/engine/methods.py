@@ -112,13 +112,11 @@ def _set_trainable(model, predicate) -> int:
 
 
 def _peft(model, peft_config):
-    import warnings
-
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        # peft calls a transformers helper that was renamed; the warning is not the user's concern.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from ftmagic.engine.models import quiet_peft
+
+    with quiet_peft():
         return get_peft_model(model, peft_config)
 
 

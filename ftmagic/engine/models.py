@@ -14,6 +14,8 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -107,6 +109,14 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
         eos = model.generation_config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+@contextmanager
+def quiet_peft():
+    """Hide a deprecation warning peft triggers inside transformers; the user cannot act on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _not_found(path: str, exc: Exception) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -138,8 +139,11 @@ class RunResult:
         if self._is_adapter():
             from peft import PeftModel
 
+            from ftmagic.engine.models import quiet_peft
+
             base = self._load_base(quantized=self.method == "qlora")
-            model = PeftModel.from_pretrained(base, str(out))
+            with quiet_peft():
+                model = PeftModel.from_pretrained(base, str(out))
         else:
             from ftmagic.engine.models import load_model
 
@@ -207,7 +211,9 @@ class RunResult:
         enc = {k: v.to(device) for k, v in enc.items()}
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # peft's prompt tuning notes that it ignores position ids; nothing for the user to act on.
+            warnings.filterwarnings("ignore", message="Position ids are not supported")
             output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
         model.train(was_training)

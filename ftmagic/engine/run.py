@@ -304,11 +304,12 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> s
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
     from peft import PeftModel
 
-    from ftmagic.engine.models import load_model, load_tokenizer
+    from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
     dtype = torch.float32 if device != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     base = load_model(base_path, device=device, weight_dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(target))
     load_tokenizer(str(adapter_dir)).save_pretrained(str(target))
     return str(target)
