@@ -59,3 +59,26 @@ def test_step_loss_is_the_mean_over_trained_tokens(test_model_dir, test_tokenize
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     _, losses = _loop(model, rows, PLAN, lr=1e-9)
     assert losses[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_packed_and_padded_batches_give_the_same_loss(test_model_dir, test_tokenizer):
+    from ftmagic.data import pack
+    from ftmagic.engine.loop import evaluate
+
+    rows = _rows(test_tokenizer, 10)
+    packed = pack(rows, 64)
+    assert len(packed) < len(rows)
+    model = _model(test_model_dir)
+    padded_loss = evaluate(model, rows, batch_size=3, pad_id=0, plan=PLAN)
+    packed_loss = evaluate(model, packed, batch_size=2, pad_id=0, plan=PLAN)
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+
+
+def test_logging_steps_thin_the_events_not_the_history(test_model_dir, test_tokenizer):
+    config = FinetuneConfig(batch_size=2, lr=1e-3, max_steps=5, logging_steps=2, save_steps=0, eval_steps=0)
+    events = []
+    outcome = train_loop(_model(test_model_dir), _rows(test_tokenizer), None, config=config, plan=PLAN,
+                         optimizer_plan=choose_optimizer("adamw", "cpu", False), pad_id=0, max_steps=5,
+                         emit=events.append)
+    assert [e["step"] for e in events if e["event"] == "step"] == [2, 4, 5]
+    assert [e["step"] for e in outcome.history] == [1, 2, 3, 4, 5]
