@@ -1,0 +1,87 @@
+"""The previewer widget (built and paged in plain pytest), its HTML, and the %ft_preview magic."""
+
+import re
+
+import pytest
+
+import ftmagic
+from ftmagic.data import IGNORE, encode_example
+from ftmagic.widgets.preview_html import record_html, summary_html
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture()
+def report(test_tokenizer):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(5)] + [{"prompt": "q", "completion": ""}]
+    return ftmagic.preview(rows, tokenizer=test_tokenizer, max_seq_len=64)
+
+
+def test_widget_builds_and_pages(report):
+    from ftmagic.widgets.preview import PreviewWidget
+
+    w = PreviewWidget(report)
+    assert "prompt_completion" in w.summary.value and "token lengths" in w.histogram.value
+    assert "empty_field" in w.problems.value and w.total.value == "of 6 (0-based)"
+    assert "record 0" in w.record.value and w.prev.disabled and not w.next.disabled
+    w.next.click()
+    w.next.click()
+    assert w.index.value == 2 and "record 2" in w.record.value and "answer 2" in w.record.value
+    w.prev.click()
+    assert w.index.value == 1
+    w.show(99)  # clamped to the last record
+    assert w.index.value == 5 and w.next.disabled
+    assert "field `completion` is empty" in w.record.value
+    assert w.rendered == 5  # the first page and one per move: pages are encoded when shown
+
+
+def test_token_spans_match_the_training_mask(report, test_tokenizer):
+    html = record_html(report.record(3))
+    classes = re.findall(r'<span class="ftm-tok (ftm-trained|ftm-context)( ftm-eos)?" title=', html)
+    enc = encode_example(test_tokenizer, {"prompt": "question 3", "completion": "answer 3"}, max_seq_len=64)
+    assert [c == "ftm-trained" for c, _ in classes] == [label != IGNORE for label in enc.labels]
+    assert [bool(e) for _, e in classes] == [i == test_tokenizer.eos_token_id for i in enc.input_ids]
+    assert "&lt;|im_end|&gt;</span>" in html  # EOS shown as text
+    assert "↵" in html  # newlines visible
+
+
+def test_summary_html_escapes(test_tokenizer):
+    r = ftmagic.preview([{"prompt": "<b>", "completion": "x"}], tokenizer=test_tokenizer)
+    assert "<b>" not in record_html(r.record(0)).replace("<b>record", "")
+    assert "usable" in summary_html(r)
+
+
+def test_magic_prints_text_outside_a_notebook(test_tokenizer, tmp_path, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    folder = tmp_path / "tok"
+    test_tokenizer.save_pretrained(str(folder))
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("ftmagic")
+    shell.user_ns["rows"] = [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "a"}]
+    shell.run_line_magic("ft_preview", f"rows --model {folder} --max-seq-len 64 --name rep")
+    out = capsys.readouterr().out
+    assert out.startswith("data: 2 records, format prompt_completion")
+    assert "duplicate: data[1]: same conversation as data[0]" in out
+    assert isinstance(shell.user_ns["rep"], ftmagic.DatasetReport)
+
+
+def test_magic_errors_are_one_line_usage_errors():
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("ftmagic")
+    magic = shell.find_line_magic("ft_preview")
+    with pytest.raises(UsageError, match="`missing_var` is neither a notebook variable nor a file"):
+        magic("missing_var")
+    with pytest.raises(UsageError, match=r"nope\.jsonl: file not found"):
+        magic("nope.jsonl")
+
+
+def test_lookup_data():
+    from ftmagic.widgets.preview import lookup_data
+
+    assert lookup_data("$rows", {"rows": [1]}) == [1]
+    assert lookup_data("data/train.jsonl", {}) == "data/train.jsonl"
+    assert lookup_data("org/name", {}) == "org/name"
