@@ -139,3 +139,11 @@ def test_trainable_weights_stay_fp32_except_pure_bf16_full_training():
     assert keeps_fp32_trainable(choose_device(A100, method="full"), adapter=False) is False
     assert keeps_fp32_trainable(choose_device(A100, method="lora"), adapter=True) is True
     assert keeps_fp32_trainable(choose_device(CPU, method="freeze"), adapter=False) is True
+
+
+def test_native_bf16_is_decided_by_compute_capability():
+    from ftmagic.engine.device import native_bf16
+
+    # torch.cuda.is_bf16_supported() answers True on a T4 (emulation); the engine must not.
+    assert [native_bf16(cc) for cc in [(7, 5), (7, 0), (8, 0), (8, 6), (8, 9), (9, 0), None]] == \
+        [False, False, True, True, True, True, False]

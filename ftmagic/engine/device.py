@@ -66,11 +66,27 @@ def detect_caps() -> DeviceCaps:
     if cuda:
         props = torch.cuda.get_device_properties(0)
         name, cc, total = props.name, (props.major, props.minor), int(props.total_memory)
-        bf16 = bool(torch.cuda.is_bf16_supported())
+        bf16 = native_bf16(cc, is_rocm=torch.version.hip is not None)
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     bnb_ok, bnb_cpu = _bitsandbytes_support()
     return DeviceCaps(cuda_available=cuda, name=name, compute_capability=cc, total_memory=total,
                       bf16_supported=bf16, mps_available=mps, bnb_cpu_4bit=bnb_cpu, bnb_available=bnb_ok)
+
+
+def native_bf16(compute_capability, is_rocm: bool = False) -> bool:
+    """Whether the GPU computes bf16 in hardware: NVIDIA Ampere (8.0) and newer.
+
+    ``torch.cuda.is_bf16_supported()`` also says True on a T4 (7.5), where bf16 is
+    emulated and slow; training there must use fp16 with a scaler instead.
+
+    Example::
+
+        >>> native_bf16((7, 5)), native_bf16((8, 0)), native_bf16((9, 0))
+        (False, True, True)
+    """
+    if is_rocm:
+        return True  # MI100 and newer, the GPUs ROCm builds of torch support for training
+    return compute_capability is not None and tuple(compute_capability) >= (8, 0)
 
 
 def _bitsandbytes_support() -> tuple[bool, bool]:
