@@ -306,7 +306,7 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> s
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
-    dtype = torch.float32 if device != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
     base = load_model(base_path, device=device, weight_dtype=dtype)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
