@@ -173,10 +173,13 @@ def test_label_imbalance(tmp_path, test_tokenizer):
     assert balanced.label_balance["ratio"] == 1.0 and balanced.problems == []
 
 
-def test_template_without_eos_is_noted(tmp_path, test_tokenizer):
-    report = ftmagic.preview([{"prompt": "q", "completion": "a"}], tokenizer=test_tokenizer, template="alpaca")
-    assert report.eos_appended == 1
-    assert report.notes == ["the template does not end answers with EOS; ftmagic appends `<|im_end|>` (1 records)"]
+def test_template_without_eos_is_reported(test_tokenizer):
+    report = ftmagic.preview([{"prompt": "q", "completion": "a"}, {"prompt": "r", "completion": "b"}],
+                             tokenizer=test_tokenizer, template="alpaca")
+    assert report.eos_appended == 2
+    assert problems(report) == [("no_eos", "data", "the chat template does not end answers with EOS (2 records); ftmagic appends "
+                                                   "`<|im_end|>` so the model learns to stop")]
+    assert [t.text for t in report.record(0).tokens if t.trained][-1] == "<|im_end|>"
 
 
 # --------------------------------------------------------------------------- records, masks, laziness

@@ -250,10 +250,10 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
         dataset_level.append(Problem("no_eos", loaded.name, "the tokenizer has no EOS token, so answers cannot end "
                                                             "with one and the model will not learn to stop"))
     skipped = Counter(p.kind for p in problems if p.kind in SKIPPING_KINDS and p.kind != "non_utf8")
-    notes = [note] if note else []
     if appended:
-        notes.append(f"the template does not end answers with EOS; ftmagic appends `{tokenizer.eos_token}` "
-                     f"({appended} records)")
+        dataset_level.append(Problem("no_eos", loaded.name, f"the chat template does not end answers with EOS ({appended} records); "
+                                     f"ftmagic appends `{tokenizer.eos_token}` so the model learns to stop"))
+    notes = [note] if note else []
     tokens_known = tokenizer is not None
     report = DatasetReport(
         source=loaded.name, format=detection.format, format_evidence=detection.evidence,
