@@ -131,7 +131,7 @@ def evaluate(model, rows, *, batch_size: int, pad_id: int, plan, shifted: bool =
             if n == 0:
                 continue
             with _autocast(plan):
-                loss = model(**_to(batch, plan.device)).loss
+                loss = model(**_to(batch, plan.device), use_cache=False).loss
             total += float(loss) * n
             tokens += n
     model.train(was_training)
@@ -205,7 +205,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
                 if n == 0:
                     continue
                 with _autocast(plan):
-                    loss = model(**_to(batch, plan.device)).loss
+                    # No KV cache in training: it would only hold memory until the step ends.
+                    loss = model(**_to(batch, plan.device), use_cache=False).loss
                 # Weight each micro-batch by its share of the window's trained tokens.
                 scaled = loss * (n / window)
                 (scaler.scale(scaled) if scaler else scaled).backward()
