@@ -210,7 +210,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
                 # Weight each micro-batch by its share of the window's trained tokens.
                 scaled = loss * (n / window)
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += float(loss.detach()) * n / window
+                step_loss = step_loss + loss.detach() * (n / window)  # stays on the device: no sync per micro-batch
+            step_loss = float(step_loss)
             if scaler:
                 scaler.unscale_(optimizer)
             limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
