@@ -85,3 +85,23 @@ def test_lookup_data():
     assert lookup_data("$rows", {"rows": [1]}) == [1]
     assert lookup_data("data/train.jsonl", {}) == "data/train.jsonl"
     assert lookup_data("org/name", {}) == "org/name"
+
+
+def test_widget_opens_before_the_analysis(test_tokenizer):
+    from ftmagic.data.report import open_preview
+    from ftmagic.widgets.preview import PreviewWidget
+
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(3000)] + [{"prompt": "q0", "completion": "a"}]
+    report = open_preview(rows, tokenizer=test_tokenizer)
+    assert not report.complete and report.usable is None
+    w = PreviewWidget(report)
+    assert "analysing…" in w.summary.value and w.problems.value == "" and w.progress.layout.display is None
+    assert "q0" in w.record.value  # the pager works before any statistics exist
+    thread = w.analyse(background=True)
+    w.show(2999)  # paging while the analysis runs
+    thread.join(timeout=60)
+    assert report.complete and report.usable == 3001 and w.progress.value == 3001
+    assert "duplicate" in w.problems.value and "analysing" not in w.summary.value
+    assert w.progress.layout.display == "none"
+    w.show(3000)
+    assert "same conversation as data[0]" in w.record.value

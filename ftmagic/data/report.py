@@ -27,7 +27,7 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ftmagic.data.build import detect, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
@@ -40,7 +40,7 @@ from ftmagic.data.problems import KINDS, SKIPPING_KINDS, Problem, RecordError
 from ftmagic.data.templates import resolve_template
 from ftmagic.data.tokenizer import load_preview_tokenizer
 
-__all__ = ["preview", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
+__all__ = ["preview", "open_preview", "analyse", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
 
 DEFAULT_MAX_SEQ_LEN = 512  # the FinetuneConfig default
 HISTOGRAM_BINS = 10
@@ -83,20 +83,22 @@ class DatasetReport:
     max_seq_len: int
     train_on: str
     records: int
-    usable: int
-    skipped: int
-    skipped_reasons: dict
-    truncated: Optional[int]
-    no_trained_tokens: Optional[int]
-    eos_appended: Optional[int]
-    token_lengths: Optional[dict]
-    histogram: Optional[list]
-    trained_tokens: Optional[int]
-    total_tokens: Optional[int]
-    padding: Optional[dict]
-    label_balance: Optional[dict]
-    problems: list
-    notes: list
+    batch_size: int = 4
+    complete: bool = False  # False until analyse() has run: only the pager works
+    usable: Optional[int] = None
+    skipped: Optional[int] = None
+    skipped_reasons: dict = field(default_factory=dict)
+    truncated: Optional[int] = None
+    no_trained_tokens: Optional[int] = None
+    eos_appended: Optional[int] = None
+    token_lengths: Optional[dict] = None
+    histogram: Optional[list] = None
+    trained_tokens: Optional[int] = None
+    total_tokens: Optional[int] = None
+    padding: Optional[dict] = None
+    label_balance: Optional[dict] = None
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
     _context: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ views
@@ -187,6 +189,23 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
         report = preview([{"prompt": "2+2=", "completion": "4"}] * 3, model="tiny")
         report.problem_counts      # {'duplicate': 2}
     """
+    report = open_preview(data, model=model, tokenizer=tokenizer, format=format, template=template,
+                          max_seq_len=max_seq_len, train_on=train_on, columns=columns, system_prompt=system_prompt,
+                          batch_size=batch_size)
+    return analyse(report, batch=batch)
+
+
+def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
+                 system_prompt: Optional[str] = None, batch_size: int = 4) -> DatasetReport:
+    """Read and detect only (seconds even for a million rows): the pager works at once; :func:`analyse` adds the rest.
+
+    Example::
+
+        report = open_preview("big.jsonl")
+        report.record(123_456)       # encoded on demand
+        analyse(report)              # statistics and problems (report.complete becomes True)
+    """
     note = None
     name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None
     if tokenizer is None:
@@ -197,9 +216,24 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
             name = name_or_reason
     loaded = load_data(data, strict=False)
     detection = detect(loaded, format, columns)
-    is_text = detection.format == "text"
-    tpl = resolve_template(tokenizer, template) if tokenizer is not None and not is_text else None
+    tpl = resolve_template(tokenizer, template) if tokenizer is not None and detection.format != "text" else None
+    return DatasetReport(
+        source=loaded.name, format=detection.format, format_evidence=detection.evidence,
+        template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
+        max_seq_len=max_seq_len, train_on=train_on, records=max(loaded.read, len(loaded.records)), batch_size=batch_size,
+        problems=list(loaded.problems), notes=[note] if note else [],
+        _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
+                  "system_prompt": system_prompt})
 
+
+def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: int = 4096) -> DatasetReport:
+    """Encode every record as training would and fill in the report's statistics and problems.
+
+    ``progress(done, total)`` is called after each batch (the widget shows it).
+    """
+    ctx = report._context
+    loaded, detection, tokenizer, tpl = ctx["loaded"], ctx["detection"], ctx["tokenizer"], ctx["template"]
+    max_seq_len, is_text, n = report.max_seq_len, detection.format == "text", len(loaded.records)
     finder = DuplicateFinder()
     answers: Counter = Counter()
     record_problems: list = []
@@ -207,8 +241,10 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
     trained = total = truncated = untrainable = appended = usable = 0
     eos_id = getattr(tokenizer, "eos_token_id", None)
     no_eos_tokenizer = False
-    for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=system_prompt,
-                                               train_on=train_on, max_seq_len=max_seq_len, batch=batch):
+    for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=ctx["system_prompt"],
+                                               train_on=report.train_on, max_seq_len=max_seq_len, batch=batch):
+        if progress is not None and (i + 1) % batch == 0:
+            progress(i + 1, n)
         record_problems.extend(problems)
         if conv is None:
             continue
@@ -249,29 +285,23 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
     if no_eos_tokenizer:
         dataset_level.append(Problem("no_eos", loaded.name, "the tokenizer has no EOS token, so answers cannot end "
                                                             "with one and the model will not learn to stop"))
-    skipped = Counter(p.kind for p in problems if p.kind in SKIPPING_KINDS and p.kind != "non_utf8")
     if appended:
         dataset_level.append(Problem("no_eos", loaded.name, f"the chat template does not end answers with EOS ({appended} records); "
                                      f"ftmagic appends `{tokenizer.eos_token}` so the model learns to stop"))
-    notes = [note] if note else []
-    tokens_known = tokenizer is not None
-    report = DatasetReport(
-        source=loaded.name, format=detection.format, format_evidence=detection.evidence,
-        template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
-        max_seq_len=max_seq_len, train_on=train_on, records=max(loaded.read, len(loaded.records)), usable=usable,
-        skipped=sum(skipped.values()), skipped_reasons=dict(sorted(skipped.items())),
-        truncated=truncated if tokens_known else None, no_trained_tokens=untrainable if tokens_known else None,
-        eos_appended=appended if tokens_known else None,
-        token_lengths=length_stats(lengths) if tokens_known else None,
-        histogram=histogram(lengths, max_seq_len) if tokens_known else None,
-        trained_tokens=trained if tokens_known else None, total_tokens=total if tokens_known else None,
-        padding=({"batch_size": batch_size,
-                  "unpacked": round(padding_share(usable_lengths, max_seq_len, batch_size), 4),
-                  "packed": round(padding_share(usable_lengths, max_seq_len, packed=True), 4)} if tokens_known else None),
-        label_balance=balance, problems=dataset_level + problems, notes=notes,
-        _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
-                  "system_prompt": system_prompt},
-    )
+    skipped = Counter(p.kind for p in problems if p.kind in SKIPPING_KINDS and p.kind != "non_utf8")
+    report.usable, report.skipped, report.skipped_reasons = usable, sum(skipped.values()), dict(sorted(skipped.items()))
+    report.label_balance, report.problems = balance, dataset_level + problems
+    if tokenizer is not None:
+        report.truncated, report.no_trained_tokens, report.eos_appended = truncated, untrainable, appended
+        report.token_lengths, report.histogram = length_stats(lengths), histogram(lengths, max_seq_len)
+        report.trained_tokens, report.total_tokens = trained, total
+        report.padding = {"batch_size": report.batch_size,
+                          "unpacked": round(padding_share(usable_lengths, max_seq_len, report.batch_size), 4),
+                          "packed": round(padding_share(usable_lengths, max_seq_len, packed=True), 4)}
+    ctx.pop("by_location", None)  # problems changed: the pager re-indexes them
+    report.complete = True
+    if progress is not None:
+        progress(n, n)
     return report
 
 

@@ -20,6 +20,9 @@ def format_report(report, max_problems: int = 20) -> str:
     lines = [f"{r.source}: {r.records} records, format {r.format} ({r.format_evidence})"]
     if r.template:
         lines.append(f"template: {r.template} ({r.template_reason}); tokenizer: {r.tokenizer}; train_on: {r.train_on}")
+    if not r.complete:
+        lines.append("analysis not run yet (call ftmagic.data.report.analyse(report))")
+        return "\n".join(lines)
     reasons = ", ".join(f"{k} {v}" for k, v in r.skipped_reasons.items())
     lines.append(f"usable: {r.usable}; skipped: {r.skipped}" + (f" ({reasons})" if reasons else ""))
     if r.token_lengths:

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -186,13 +187,29 @@ def _apply(tokenizer, tpl: ChatTemplate, chat: list, add_generation_prompt: bool
         return exc
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts plain text with BOS (Llama, Gemma) — then base-model text starts with it."""
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return False
+    """Whether the tokenizer starts plain text with BOS (Llama, Gemma) — then base-model text starts with it.
+
+    Asked once per tokenizer: calling the tokenizer may change its settings, which must not
+    happen while another thread (the previewer's pager) is encoding with it.
+    """
     try:
-        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001
-        return False
-    return bool(ids) and ids[0] == bos_id
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    answer = False
+    if bos_id is not None:
+        try:
+            ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+            answer = bool(ids) and ids[0] == bos_id
+        except Exception:  # noqa: BLE001
+            answer = False
+    try:
+        _ADDS_BOS[tokenizer] = answer
+    except TypeError:  # not weak-referenceable: ask again next time
+        pass
+    return answer

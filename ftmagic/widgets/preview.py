@@ -4,8 +4,10 @@ DATA is a path (file, saved ``datasets`` folder, Hub id) or the name of a notebo
 variable holding a list of dicts, a DataFrame or a ``datasets.Dataset``. The widget
 shows the summary, a token-length histogram, the problem list and a record pager;
 each page shows the raw record, the rendered text and the tokens coloured by the
-training mask. Pages are encoded when shown, so a large dataset pages as fast as a
-small one. Outside a notebook the text report is printed instead.
+training mask. The widget opens as soon as the data is read: pages are encoded when
+shown, and the full analysis runs in a background thread and fills in the summary
+when done, so a million-row dataset opens as fast as a small one. Outside a notebook
+the text report is printed instead.
 
 Example (in a notebook)::
 
@@ -34,15 +36,20 @@ class PreviewWidget:
         w = PreviewWidget(ftmagic.preview("train.jsonl"))
         w.next.click()            # page forward (also w.show(i))
         w.record.value            # HTML of the record on screen
+
+        w = PreviewWidget(open_preview("big.jsonl"))   # not analysed yet: the pager works already
+        w.analyse()                                    # background thread; the summary fills in
     """
 
     def __init__(self, report, index: int = 0):
         import ipywidgets as widgets
 
         self.report = report
-        self.summary = widgets.HTML(summary_html(report))
-        self.histogram = widgets.HTML(histogram_html(report.histogram, report.max_seq_len))
-        self.problems = widgets.HTML(problems_html(report.problems))
+        self.summary = widgets.HTML()
+        self.histogram = widgets.HTML()
+        self.problems = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=max(1, len(report)), description="analysing",
+                                            layout=widgets.Layout(display="none" if report.complete else None))
         last = max(0, len(report) - 1)
         self.prev = widgets.Button(description="◀ prev", layout=widgets.Layout(width="80px"))
         self.next = widgets.Button(description="next ▶", layout=widgets.Layout(width="80px"))
@@ -53,9 +60,42 @@ class PreviewWidget:
         self.next.on_click(lambda _: self.show(self.index.value + 1))
         self.index.observe(lambda change: self._render(change["new"]), names="value")
         pager = widgets.HBox([self.prev, self.index, self.next, self.total])
-        self.box = widgets.VBox([self.summary, self.histogram, self.problems, pager, self.record])
+        self.box = widgets.VBox([self.summary, self.progress, self.histogram, self.problems, pager, self.record])
         self.rendered = 0  # how many pages were encoded (the pager is lazy)
+        self.refresh()
         self._render(min(index, last))
+
+    def analyse(self, background: bool = True):
+        """Run the full analysis (in a thread by default, so the pager works meanwhile), then refresh.
+
+        Returns the thread, or None when run in the foreground.
+        """
+        from ftmagic.data.report import analyse
+
+        def work():
+            analyse(self.report, progress=self._on_progress)
+            self.refresh()
+            if self.index.value < len(self.report):
+                self._render(self.index.value)  # the page now lists the record's problems
+
+        if not background:
+            work()
+            return None
+        import threading
+
+        thread = threading.Thread(target=work, name="ftmagic-preview", daemon=True)
+        thread.start()
+        return thread
+
+    def refresh(self) -> None:
+        """Copy the report's summary, histogram and problems into the widget."""
+        self.summary.value = summary_html(self.report)
+        self.histogram.value = histogram_html(self.report.histogram, self.report.max_seq_len)
+        self.problems.value = problems_html(self.report.problems) if self.report.complete else ""
+        self.progress.layout.display = "none" if self.report.complete else None
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max, self.progress.value = max(1, total), done
 
     def show(self, index: int) -> None:
         """Go to record ``index`` (clamped to the dataset)."""
@@ -101,20 +141,23 @@ class PreviewMagics(Magics):
         args = parse_argstring(self.ft_preview, line)
         with as_usage_error():
             from ftmagic.commands.preview import parse_columns
-            from ftmagic.data.report import preview
+            from ftmagic.data.report import analyse, open_preview
 
-            report = preview(lookup_data(args.data, self.shell.user_ns if self.shell else {}), model=args.model,
-                             format=args.format, template=args.template, max_seq_len=args.max_seq_len,
-                             train_on=args.train_on, columns=parse_columns(args.columns) or None,
-                             system_prompt=args.system_prompt, batch_size=args.batch_size)
+            report = open_preview(lookup_data(args.data, self.shell.user_ns if self.shell else {}), model=args.model,
+                                  format=args.format, template=args.template, max_seq_len=args.max_seq_len,
+                                  train_on=args.train_on, columns=parse_columns(args.columns) or None,
+                                  system_prompt=args.system_prompt, batch_size=args.batch_size)
         if args.name:
             self.shell.user_ns[args.name] = report
         if args.text or not _in_notebook(self.shell):
-            print(report.to_text())
+            print(analyse(report).to_text())
             return
         from IPython.display import display
 
-        display(PreviewWidget(report).box)
+        # The pager works at once; statistics and problems fill in when the analysis ends.
+        widget = PreviewWidget(report)
+        display(widget.box)
+        widget.analyse(background=True)
 
 
 def lookup_data(token: str, namespace: dict) -> Any:

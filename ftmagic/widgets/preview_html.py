@@ -33,8 +33,9 @@ STYLE = """<style>
 def summary_html(report) -> str:
     """Format, counts, token statistics, padding and notes as a small table."""
     r = report
-    rows = [("source", r.source), ("format", f"<b>{escape(r.format)}</b> — {escape(r.format_evidence)}"),
-            ("records", f"{r.records} read, {r.usable} usable, {r.skipped} skipped" + _reasons(r.skipped_reasons))]
+    rows = [("source", escape(r.source)), ("format", f"<b>{escape(r.format)}</b> — {escape(r.format_evidence)}"),
+            ("records", f"{r.records} read, {r.usable} usable, {r.skipped} skipped" + _reasons(r.skipped_reasons)
+             if r.complete else f"{r.records} read; analysing…")]
     if r.template:
         rows.append(("template", f"{escape(r.template)} ({escape(r.template_reason)}); tokenizer {escape(str(r.tokenizer))}"))
     if r.token_lengths:
