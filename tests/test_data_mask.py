@@ -192,3 +192,42 @@ def test_fast_path_equals_tokenizer_call(test_tokenizer):
     enc = encode_example(tok, {"prompt": "héllo wörld ✓", "completion": "ünïcode ✓"})
     assert enc.input_ids == ids(tok, enc.text)
     assert enc.method == "prefix"
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, BOS added to plain text) with a Llama-2-like template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import _CORPUS
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    core.train_from_iterator(_CORPUS * 20, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                         "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+                         "{% endif %}{% endfor %}")
+    return tok
+
+
+def test_text_format_with_bos_adding_tokenizer(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    enc = encode_example(tok, {"text": "hello world"})
+    assert enc.input_ids == tok("hello world")["input_ids"] + [tok.eos_token_id]  # as the tokenizer does it alone
+    assert enc.labels == [IGNORE] + enc.input_ids[1:]
+
+
+def test_template_with_eos_in_template_and_space_before_answer(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    enc = encode_example(tok, {"prompt": "reverse hello", "completion": "olleh world"})
+    prompt_ids = encode_prompt(tok, "reverse hello")
+    assert render_prompt(tok, "reverse hello") == "<s>[INST] reverse hello [/INST]"
+    assert enc.input_ids[:len(prompt_ids)] == prompt_ids  # generation starts from the same tokens
+    assert enc.labels == [IGNORE] * len(prompt_ids) + enc.input_ids[len(prompt_ids):]
+    assert tok.decode([i for i in enc.labels if i != IGNORE]).endswith("world</s>")
+    assert not enc.eos_added

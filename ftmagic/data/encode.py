@@ -189,6 +189,8 @@ def encode_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, 
 
 
 def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Optional[int]) -> Encoded:
+    if r.bos_id is not None:
+        ids, labels = [r.bos_id] + ids, [IGNORE] + labels
     length = len(ids)
     truncated = bool(max_seq_len) and length > max_seq_len
     if truncated:

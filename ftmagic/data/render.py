@@ -37,26 +37,27 @@ class Rendered:
     eos_added: bool = False  # the template did not end an answer with EOS; it was appended
     no_eos: bool = False  # the tokenizer has no EOS token, so answers cannot end with one
     warnings: list = field(default_factory=list)  # (kind, message) that do not stop training
+    bos_id: Optional[int] = None  # put in front of the tokens (plain text with a BOS-adding tokenizer)
 
     @property
     def text(self) -> str:
         return "".join(text for text, _ in self.segments)
 
 
-def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, train_on: str = "completions",
-                         bos_text: Optional[str] = None) -> list:
+def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, train_on: str = "completions") -> list:
     """Render many conversations; each result is a :class:`Rendered` or a :class:`RecordError`.
 
     ``train_on="all"`` trains every segment; otherwise assistant answers with weight 1.
+    Plain ``text`` records are not templated: the text plus EOS, trained, with the BOS id
+    the tokenizer would add put in front (as an id, so the text tokenizes as it does alone).
     """
     eos = getattr(tokenizer, "eos_token", None) or None
-    if bos_text is None:
-        bos_text = tokenizer.bos_token if adds_bos(tokenizer) else ""
     results: list = [None] * len(conversations)
     chat_ids = []
     for n, conv in enumerate(conversations):
         if conv and conv[0]["role"] == "text":
-            results[n] = _render_text(conv[0]["content"], eos, bos_text)
+            bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+            results[n] = _render_text(conv[0]["content"], eos, bos_id)
         else:
             chat_ids.append(n)
     if not chat_ids:
@@ -108,10 +109,8 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
 # --------------------------------------------------------------------------- strategies
 
 
-def _render_text(content: str, eos: Optional[str], bos_text: str) -> Rendered:
-    segments = [(bos_text, False)] if bos_text else []
-    segments.append((content + (eos or ""), True))
-    return Rendered(segments, "text", no_eos=eos is None)
+def _render_text(content: str, eos: Optional[str], bos_id: Optional[int]) -> Rendered:
+    return Rendered([(content + (eos or ""), True)], "text", no_eos=eos is None, bos_id=bos_id)
 
 
 def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on: str) -> Optional[Rendered]:
