@@ -231,3 +231,13 @@ def test_template_with_eos_in_template_and_space_before_answer(metaspace_tokeniz
     assert enc.labels == [IGNORE] * len(prompt_ids) + enc.input_ids[len(prompt_ids):]
     assert tok.decode([i for i in enc.labels if i != IGNORE]).endswith("world</s>")
     assert not enc.eos_added
+
+
+def test_template_refusing_partial_conversations_falls_back_to_search(test_tokenizer):
+    tok = test_tokenizer
+    jinja = ("{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('must end with an answer') }}{% endif %}"
+             "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] + '<|im_end|>' }}{% endfor %}")
+    enc = encode_example(tok, {"prompt": "q", "completion": "a"}, template=jinja)
+    assert enc.method == "search"
+    want_ids, want_labels = expected(tok, [("user:\nq<|im_end|>assistant:\n", False), ("a<|im_end|>", True)])
+    assert (enc.input_ids, enc.labels) == (want_ids, want_labels)

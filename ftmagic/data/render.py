@@ -93,13 +93,13 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
                 prompt = prompts.get((n, i), "")
                 end = ends.get((n, i), full)
                 bounds.append((i, prompt, end))
-        failed = next((x for _, p, e in bounds for x in (p, e) if isinstance(x, Exception)), None)
-        if failed is not None:
-            results[n] = RecordError("template_error", f"the chat template rejects part of this conversation ({_line(failed)})")
-            continue
-        rendered = _by_prefix(full, conv, bounds, eos, train_on)
+        # A template may refuse a partial conversation (e.g. one ending with a user turn): then
+        # the answers are found in the full rendering instead.
+        failed = any(isinstance(x, Exception) for _, p, e in bounds for x in (p, e))
+        rendered = None if failed else _by_prefix(full, conv, bounds, eos, train_on)
         if rendered is None:
-            rendered = _by_search(full, conv, {i: p for i, p, _ in bounds}, eos, train_on)
+            prompts_ok = {i: p for i, p, _ in bounds if isinstance(p, str)}
+            rendered = _by_search(full, conv, prompts_ok, eos, train_on)
         if isinstance(rendered, Rendered):
             rendered.warnings.extend(_dropped_system(full, conv))
         results[n] = rendered
@@ -151,7 +151,11 @@ def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_o
         if prompt and len(prompt) >= pos and full.startswith(prompt):
             segments.append((full[pos:len(prompt)], False))
             pos = len(prompt)
-        start = full.find(needle, pos)
+        # An answer directly followed by EOS is the likeliest match (a short answer like "a"
+        # also occurs inside the role header that precedes it).
+        start = full.find(needle + eos, pos) if eos else -1
+        if start < 0:
+            start = full.find(needle, pos)
         if start < 0:
             return RecordError("template_error", "the chat template drops or rewrites an assistant answer, so its "
                                                  "tokens cannot be located")
