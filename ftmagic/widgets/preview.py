@@ -73,7 +73,15 @@ class PreviewWidget:
         from ftmagic.data.report import analyse
 
         def work():
-            analyse(self.report, progress=self._on_progress)
+            try:
+                analyse(self.report, progress=self._on_progress)
+            except Exception as exc:  # noqa: BLE001 - a thread's error would otherwise vanish
+                from html import escape
+
+                self.summary.value += f'<div class="ftm-prev ftm-bad">analysis failed: {escape(str(exc))}</div>'
+                if not background:
+                    raise
+                return
             self.refresh()
             if self.index.value < len(self.report):
                 self._render(self.index.value)  # the page now lists the record's problems
