@@ -209,7 +209,7 @@ def _text(record: dict, name: str, required: bool) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RecordError("bad_type", f"field `{name}` is a {type(value).__name__}, expected text")
     value = str(value)
-    if required and not value.strip():
+    if required and (not value or value.isspace()):
         raise RecordError("empty_field", f"field `{name}` is empty")
     return value
 
@@ -259,7 +259,7 @@ def _parse_messages(items: list, name: str, columns: dict) -> list:
             raise RecordError("missing_field", f"`{name}[{i}]` has no `content` (or `value`)")
         if not isinstance(content, str):
             raise RecordError("bad_type", f"`{name}[{i}].content` is a {type(content).__name__}, expected text")
-        if not content.strip() and role in ("user", "assistant"):
+        if (not content or content.isspace()) and role in ("user", "assistant"):
             raise RecordError("empty_field", f"`{name}[{i}]` ({role}) has empty content")
         weight = item.get("weight", 1)
         if weight != 1 and weight != 0:
