@@ -89,7 +89,7 @@ def test_system_prompt_only_when_missing():
     ({"messages": "nope"}, "messages", "bad_type", "field `messages` is text that is not a JSON list of messages"),
     ({"messages": []}, "messages", "empty_field", "field `messages` is an empty list"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "bad_type", "`messages[0]` has role `robot`; use system, user or assistant"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "messages", "missing_field", "the conversation has no assistant turn to train on"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no_assistant", "the conversation has no assistant turn to train on"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}, "messages",
      "bad_type", "`messages[1].weight` is 2; use 0 (not trained) or 1"),
     ({"text": 3.5j}, "text", "bad_type", "field `text` is a complex, expected text"),

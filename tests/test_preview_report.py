@@ -259,3 +259,12 @@ def test_clean_drops_empties_and_duplicates_never_the_original(tmp_path):
     assert len(ftmagic.clean(path, near_duplicates=False).records) == 3
     with pytest.raises(ftmagic.DataError, match="is the original dataset"):
         ftmagic.clean(path, path)
+
+
+def test_conversation_without_answer_is_skipped_but_not_cleaned(test_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "Hello?"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    report = ftmagic.preview(rows, tokenizer=test_tokenizer)
+    assert problems(report) == [("no_assistant", "data[0]", "the conversation has no assistant turn to train on")]
+    assert (report.usable, report.skipped_reasons) == (1, {"no_assistant": 1})
+    assert len(ftmagic.clean(rows).records) == 2  # needs a human: the answer may be missing, not the question

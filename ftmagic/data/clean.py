@@ -53,6 +53,7 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
     """Drop unreadable lines, records with missing or empty fields, and duplicates (first one kept).
 
     ``near_duplicates=False`` keeps records that differ only in whitespace or case.
+    Problems that need a person (no assistant turn, roles out of order, too long) are kept.
 
     Example::
 
@@ -72,7 +73,10 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         try:
             conv = to_conversation(record, detection.format, detection.columns)
         except RecordError as exc:
-            record_problems.append(Problem(exc.kind, where, exc.message))
+            if exc.kind in DROPPED_KINDS:
+                record_problems.append(Problem(exc.kind, where, exc.message))
+            else:
+                kept.append(record)  # e.g. no assistant turn: the answer may be what is missing
             continue
         dup = finder.check(conv, where)
         if dup is not None and (dup.kind == "duplicate" or near_duplicates):

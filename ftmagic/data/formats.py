@@ -149,7 +149,7 @@ def to_conversation(record: dict, fmt: str, columns: Optional[dict] = None,
     if system_prompt and not (turns and turns[0]["role"] == "system"):
         turns.insert(0, _turn("system", system_prompt))
     if not any(t["role"] == "assistant" for t in turns):
-        raise RecordError("missing_field", "the conversation has no assistant turn to train on")
+        raise RecordError("no_assistant", "the conversation has no assistant turn to train on")
     return turns
 
 

@@ -25,6 +25,7 @@ KINDS = {
     "bad_type": "wrong value type",
     "role_order": "roles out of order",
     "no_final_assistant": "does not end with an assistant turn",
+    "no_assistant": "no assistant turn",
     "template_error": "rejected by the chat template",
     "system_dropped": "system prompt dropped by the template",
     "no_eos": "answer left without EOS",
@@ -37,7 +38,7 @@ KINDS = {
 
 # Kinds that make a record unusable for training (it is skipped and counted).
 SKIPPING_KINDS = ("unparseable", "non_utf8", "not_a_record", "missing_field", "empty_field", "bad_type",
-                  "template_error", "no_trained_tokens")
+                  "no_assistant", "template_error", "no_trained_tokens")
 
 
 @dataclass
