@@ -46,7 +46,7 @@ def test_text_output(data, model_dir, capsys):
     assert lines[1] == f"template: tokenizer (the tokenizer's chat template); tokenizer: {model_dir}; train_on: completions"
     assert lines[2] == "usable: 2; skipped: 2 (empty_field 1, unparseable 1)"
     assert lines[3].startswith("tokens per record: min ") and lines[3].endswith("(max_seq_len 64)")
-    assert "problems: 3 (exact duplicate 1, empty field 1, unparseable line 1)" in lines
+    assert "problems: 3 (empty field 1, exact duplicate 1, unparseable line 1)" in lines
     assert f"  duplicate: {data}:2: same conversation as {data}:1" in lines
 
 

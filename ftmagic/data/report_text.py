@@ -46,7 +46,7 @@ def format_report(report, max_problems: int = 20) -> str:
     if not counts:
         lines.append("problems: none")
         return "\n".join(lines)
-    lines.append(f"problems: {len(r.problems)} (" + ", ".join(f"{KINDS.get(k, k)} {n}" for k, n in sorted(counts.items())) + ")")
+    lines.append(f"problems: {len(r.problems)} (" + ", ".join(f"{KINDS.get(k, k)} {n}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], KINDS.get(kv[0], kv[0])))) + ")")
     for problem in r.problems[:max_problems]:
         lines.append(f"  {problem.kind}: {problem}")
     if len(r.problems) > max_problems:
