@@ -14,6 +14,7 @@ prefix_tuning   trainable key/value prefixes in every attention layer
 bitfit          only bias terms; a model without biases is refused with an error, since
                 training "nothing" or silently switching to another method would mislead
 freeze          only the top ``trainable_layers`` blocks, the final norm and the head
+                (with tied embeddings the head *is* the input embedding, so it trains too)
 =============== ==================================================================
 
 Example::
@@ -242,5 +243,5 @@ def qlora_cpu_blocker(model_config, blocksize: int = 64) -> str | None:
     widths = [getattr(model_config, "hidden_size", 0), getattr(model_config, "intermediate_size", 0)]
     bad = [w for w in widths if w and w % blocksize]
     if bad:
-        return f"bitsandbytes' CPU 4-bit kernel needs layer widths that are multiples of {blocksize} (this model has {bad[0]})"
+        return f"bitsandbytes' CPU 4-bit kernel needs layer widths that are multiples of {blocksize}, and this model has {bad[0]}"
     return None

@@ -126,7 +126,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         except (OSError, ValueError):
             blocker = None  # load_model reports a missing model with a proper message
         if blocker:
-            notes.append(f"QLoRA cannot run on the CPU for this model ({blocker}); using LoRA")
+            notes.append(f"QLoRA cannot run on the CPU for this model: {blocker}; using LoRA")
             plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
     method = get_method(plan.method)
 
