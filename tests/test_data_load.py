@@ -187,3 +187,9 @@ def test_hub_id_goes_through_load_dataset(monkeypatch):
     assert one_line_error("org/missing") == ("org/missing: not a local file, and loading it as a Hugging Face dataset "
                                              "failed (FileNotFoundError: Dataset 'org/missing' doesn't exist on the Hub)")
     assert calls == [("org/name", "train"), ("org/missing", "train")]
+
+
+def test_csv_long_cell(tmp_path):
+    long_text = "word " * 40000  # 200 kB, above the csv module's default cell limit
+    path = write(tmp_path / "long.csv", f'text\n"{long_text}"\n')
+    assert load_data(path).records == [{"text": long_text}]

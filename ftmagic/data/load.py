@@ -248,6 +248,8 @@ def _scan_json_array(text: str, path: str, strict: bool) -> LoadedData:
 
 def _parse_csv(text: str, path: str, strict: bool, delimiter: str) -> LoadedData:
     out = LoadedData([], path, "line", [])
+    # Long documents in one cell are normal for training data; the csv default caps cells at 128 KiB.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
