@@ -1,8 +1,9 @@
 """Tokenize rendered examples into ``input_ids`` and ``labels`` (-100 where no loss): THE encoding.
 
-Training (:func:`ftmagic.data.prepare_data`) and the previewer both call
-:func:`encode_conversations`; :func:`encode_example` is the same for one record, and
-:func:`render_prompt` is the text a model sees at generation time.
+Training (:func:`ftmagic.data.prepare_data`) and the previewer both go through
+:func:`render_step`, :func:`tokenize_step` and :func:`label_step` (what
+:func:`encode_conversations` runs); :func:`encode_example` is the same for one record,
+and :func:`render_prompt` is the text a model sees at generation time.
 
 The whole rendered text is tokenized at once, so tokens are exactly what the model
 would read. Each boundary of a trained span must fall between two tokens; if a token
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from ftmagic.data.formats import _parse_messages, detect_format, to_conversation
+from ftmagic.data.formats import detect_format, parse_messages, to_conversation
 from ftmagic.data.problems import RecordError
 from ftmagic.data.render import Rendered, render_conversations
 from ftmagic.data.templates import ChatTemplate, resolve_template
@@ -133,7 +134,7 @@ def as_conversation(record: Union[dict, list], *, fmt: str = "auto", columns: Op
     """A record of any format, or a list of messages, as a normalised conversation (DataError if unusable)."""
     try:
         if isinstance(record, list):
-            conv = _parse_messages(record, "messages", columns or {})
+            conv = parse_messages(record, "messages", columns or {})
             if system_prompt and not (conv and conv[0]["role"] == "system"):
                 conv.insert(0, {"role": "system", "content": system_prompt, "weight": 1})
             return conv

@@ -221,7 +221,7 @@ def _turn(role: str, content: str, weight: int = 1) -> dict:
 def _as_turns(record: dict, name: str, role: str) -> list:
     value = record.get(name)
     if isinstance(value, list):  # conversational prompt/completion (TRL style)
-        return _parse_messages(value, name, {})
+        return parse_messages(value, name, {})
     return [_turn(role, _text(record, name, required=True))]
 
 
@@ -238,10 +238,18 @@ def _message_list(record: dict, name: str, columns: dict) -> list:
         raise RecordError("bad_type", f"field `{name}` is a {type(value).__name__}, expected a list of messages")
     if not value:
         raise RecordError("empty_field", f"field `{name}` is an empty list")
-    return _parse_messages(value, name, columns)
+    return parse_messages(value, name, columns)
 
 
-def _parse_messages(items: list, name: str, columns: dict) -> list:
+def parse_messages(items: list, name: str = "messages", columns: Optional[dict] = None) -> list:
+    """A list of ``{role|from, content|value, weight?}`` as conversation turns (RecordError if malformed).
+
+    Example::
+
+        >>> parse_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo", "weight": 0}])
+        [{'role': 'user', 'content': 'hi', 'weight': 1}, {'role': 'assistant', 'content': 'yo', 'weight': 0}]
+    """
+    columns = columns or {}
     role_keys = tuple(k for k in (columns.get("role"), "role", "from") if k)
     content_keys = tuple(k for k in (columns.get("content"), "content", "value") if k)
     turns = []
