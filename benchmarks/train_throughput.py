@@ -1,0 +1,533 @@
+"""Side-by-side LoRA fine-tuning throughput: transformers Trainer + peft, TRL SFTTrainer, ftmagic.
+
+All three systems train the same randomly initialised Llama-style model (about 28M
+parameters, built from a config with a fixed seed) on the same generated instruction
+records (long-tailed lengths, at most 512 tokens), with the same LoRA settings, effective
+batch, learning rate, schedule and number of examples, loss on the answers only:
+
+* ``trainer_peft``: ``transformers.Trainer`` + ``peft`` with dynamic padding
+  (``DataCollatorForSeq2Seq``): the recipe most Colab notebooks use;
+* ``trl``: TRL ``SFTTrainer`` in its fastest configuration here (packing with BFD, or
+  padding-free batches; ``--trl-mode`` picks, ``both`` runs both and keeps the faster);
+* ``ftmagic``: ``ftmagic.engine.run.finetune(...)``.
+
+Each system runs in its own subprocess, so peak memory is its own: peak RSS
+(``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, read when training
+ends. ``wall_s`` runs from handing the model directory and the records to the system until
+training is done (tokenising, loading, adapter set-up and training; library imports are
+done before). ``tokens_per_s`` is the number of loss-bearing tokens of the training examples
+(counted once, with one reference encoding, the same for every system) over ``wall_s``.
+``eval_loss`` is computed after training by the same function for every system: mean
+next-token cross-entropy over the answer tokens of a held-out set.
+
+Usage::
+
+    python benchmarks/train_throughput.py --quick          # all three in a few minutes on 2 CPU cores
+    python benchmarks/train_throughput.py                  # the full size
+    python benchmarks/train_throughput.py --quick --json   # one JSON object keyed by system
+
+Needs the ``bench`` extra (``pip install -e .[bench]``: trl). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SYSTEMS = ("trainer_peft", "trl", "ftmagic")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# The model: Llama-style, about 28M parameters, a 16k vocabulary (untied head).
+MODEL_CONFIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                    tie_word_embeddings=False)
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+MAX_LEN = 512
+SIZES = {
+    # examples trained on (one epoch), held-out examples, micro-batch, gradient accumulation
+    "quick": dict(train=192, eval=48, batch_size=8, grad_accum=2),
+    "full": dict(train=2000, eval=200, batch_size=8, grad_accum=2),
+}
+TRAIN_RECORDS, EVAL_RECORDS = 3000, 300  # generated once; a size trains on the first `train`
+HPARAMS = dict(lr=1e-3, warmup=0.03, scheduler="cosine", weight_decay=0.0, max_grad_norm=1.0, seed=0)
+
+
+# ------------------------------------------------------------------------ data
+
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["an", "el", "in", "or", "us", "th", "sh"]
+_FUNCTION_WORDS = ("the a of and to in is was that it for on with as by at from this be are or an "
+                   "which one all there their when who will more no if out so up what about into "
+                   "than them can only other new some could time these two may then first any").split()
+
+
+def _vocabulary(rng: random.Random, n: int = 4000) -> list[str]:
+    words = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))))
+    return sorted(words)
+
+
+class _Words:
+    """Zipf-distributed word sampler: a few words are frequent, most are rare, as in real text."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.words = _FUNCTION_WORDS + _vocabulary(rng)
+        weights = [1.0 / (i + 1) ** 1.05 for i in range(len(self.words))]
+        total = sum(weights)
+        self.cum, acc = [], 0.0
+        for w in weights:
+            acc += w / total
+            self.cum.append(acc)
+
+    def word(self) -> str:
+        import bisect
+        return self.words[min(bisect.bisect_left(self.cum, self.rng.random()), len(self.words) - 1)]
+
+    def sentence(self, n: int | None = None) -> str:
+        n = n or max(3, int(self.rng.lognormvariate(math.log(11), 0.4)))
+        text = " ".join(self.word() for _ in range(n))
+        return text[0].upper() + text[1:] + self.rng.choice((".", ".", ".", "!", "?"))
+
+    def paragraph(self, sentences: int) -> str:
+        return " ".join(self.sentence() for _ in range(sentences))
+
+
+def _lognormal_count(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def generate_records(n: int, seed: int) -> list[dict]:
+    """``n`` instruction records (``messages`` format) of several task kinds with long-tailed lengths.
+
+    The answers follow learnable rules (reverse, sort, count, add, look up a fixed fact,
+    summarise = first sentence) next to free text, so a LoRA run's eval loss moves.
+    """
+    rng = random.Random(seed)
+    words = _Words(random.Random(1234))  # the same vocabulary for every split
+    facts_rng = random.Random(99)
+    countries = words.words[60:460]
+    capitals = {c: facts_rng.choice(words.words[460:2000]).capitalize() for c in countries}
+    records = []
+    for _ in range(n):
+        kind = rng.choices(("story", "reverse", "sort", "summary", "list", "fact", "add", "count"),
+                           weights=(26, 12, 10, 14, 14, 10, 7, 7))[0]
+        words.rng = rng
+        if kind == "story":
+            a, b = words.word(), words.word()
+            prompt = f"Write a short story about {a} and {b}."
+            answer = words.paragraph(_lognormal_count(rng, 8, 0.9, 1, 60))
+        elif kind in ("reverse", "sort"):
+            items = [words.word() for _ in range(_lognormal_count(rng, 16, 0.8, 2, 200))]
+            if kind == "reverse":
+                prompt, answer = "Reverse the order of these words: " + " ".join(items), " ".join(items[::-1])
+            else:
+                prompt, answer = "Sort these words alphabetically: " + " ".join(items), " ".join(sorted(items))
+        elif kind == "summary":
+            text = words.paragraph(_lognormal_count(rng, 9, 0.8, 2, 60))
+            prompt = "Summarize the following text in one sentence.\n\n" + text
+            answer = text.split(". ")[0].rstrip(".!?") + "."
+        elif kind == "list":
+            n_items = _lognormal_count(rng, 6, 0.7, 2, 30)
+            prompt = f"List {n_items} facts about {words.word()}."
+            answer = "\n".join(f"{i + 1}. {words.sentence()}" for i in range(n_items))
+        elif kind == "fact":
+            country = rng.choice(countries)
+            prompt, answer = f"What is the capital of {country.capitalize()}?", \
+                f"The capital of {country.capitalize()} is {capitals[country]}."
+        elif kind == "add":
+            x, y = rng.randint(0, 999), rng.randint(0, 999)
+            prompt, answer = f"What is {x} + {y}?", f"{x} + {y} = {x + y}."
+        else:
+            items = [words.word() for _ in range(_lognormal_count(rng, 14, 0.8, 1, 200))]
+            prompt, answer = "How many words are in this text? " + " ".join(items), str(len(items))
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        if rng.random() < 0.2:
+            messages.insert(0, {"role": "system", "content": words.sentence()})
+        records.append({"messages": messages})
+    return records
+
+
+def encode(tokenizer, record: dict, max_len: int = MAX_LEN) -> dict:
+    """Reference encoding: chat template, loss on the answer (with its end token), truncated at ``max_len``."""
+    messages = record["messages"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids, "prompt tokens must be a prefix of the full encoding"
+    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def trained_tokens(examples: list[dict]) -> int:
+    """Loss-bearing tokens: labels that a next-token loss uses (every labelled position but the first)."""
+    return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+
+
+# ------------------------------------------------------------------------ set-up (parent)
+
+def build_workdir(workdir: Path) -> Path:
+    """Tokenizer, model and data, built once with fixed seeds and reused by every system."""
+    marker = workdir / "ready.json"
+    if marker.exists():
+        return workdir
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    train = generate_records(TRAIN_RECORDS, seed=1)
+    evals = generate_records(EVAL_RECORDS, seed=2)
+    for name, recs in (("train", train), ("eval", evals)):
+        with open(workdir / f"{name}.jsonl", "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=MODEL_CONFIG["vocab_size"], special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [m["content"] for r in train for m in r["messages"]]
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODEL_CONFIG, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    model_dir = workdir / "model"
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    lengths = sorted(len(encode(tok, r)["input_ids"]) for r in train)
+    stats = {"params": sum(p.numel() for p in model.parameters()), "tokenizer_vocab": len(tok),
+             "length_p10_p50_p90_p99_max": [lengths[int(q * (len(lengths) - 1))] for q in (.1, .5, .9, .99, 1)],
+             "truncated": sum(1 for r in train if len(encode(tok, r, 10**9)["input_ids"]) > MAX_LEN)}
+    marker.write_text(json.dumps(stats))
+    return workdir
+
+
+def load_records(workdir: Path, split: str, n: int) -> list[dict]:
+    with open(workdir / f"{split}.jsonl") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+# ------------------------------------------------------------------------ per-system runs (child)
+
+def _device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _peak_bytes() -> int:
+    import torch
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _bf16() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _hf_schedule_args(size: dict, out: str) -> dict:
+    return dict(output_dir=out, per_device_train_batch_size=size["batch_size"],
+                gradient_accumulation_steps=size["grad_accum"], learning_rate=HPARAMS["lr"], num_train_epochs=1,
+                lr_scheduler_type=HPARAMS["scheduler"], warmup_steps=HPARAMS["warmup"],
+                weight_decay=HPARAMS["weight_decay"], max_grad_norm=HPARAMS["max_grad_norm"], seed=HPARAMS["seed"],
+                logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+                bf16=_bf16(), fp16=False, use_cpu=_device() == "cpu", dataloader_num_workers=0)
+
+
+def _lora_config():
+    from peft import LoraConfig
+    return LoraConfig(task_type="CAUSAL_LM", **LORA)
+
+
+def run_trainer_peft(model_dir: str, records: list[dict], size: dict, out: str):
+    """(a) The common Colab recipe: datasets.map tokenisation, Trainer, dynamic padding."""
+    import datasets
+    import torch
+    from peft import get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = datasets.Dataset.from_list(records).map(lambda r: encode(tok, r), remove_columns=["messages"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if _bf16() else torch.float32)
+    model = get_peft_model(model, _lora_config())
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=TrainingArguments(**_hf_schedule_args(size, out)), train_dataset=ds,
+                      data_collator=collator)
+    trainer.train()
+    return model, trainer.state.global_step
+
+
+def _trl_packed_rows(size: dict, mean_len: float) -> int:
+    # Packed rows per optimizer step so that a step sees about as many examples as the others.
+    return max(1, round(size["batch_size"] * size["grad_accum"] * mean_len / MAX_LEN))
+
+
+def run_trl(model_dir: str, records: list[dict], size: dict, out: str, mode: str, mean_len: float):
+    """(b) TRL SFTTrainer, packing (BFD) or padding-free, loss on the completion."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def tokenize(record):
+        # The same tokens as the other systems; TRL takes pre-tokenised rows with a completion mask.
+        e = encode(tok, record)
+        return {"input_ids": e["input_ids"], "completion_mask": [int(t != -100) for t in e["labels"]]}
+
+    ds = datasets.Dataset.from_list(records).map(tokenize, remove_columns=["messages"])
+    args = _hf_schedule_args(size, out)
+    if mode == "packing":
+        args.update(per_device_train_batch_size=_trl_packed_rows(size, mean_len), gradient_accumulation_steps=1)
+    # Padding-free without packing wants pre-truncated rows and max_length=None (it cannot truncate).
+    config = SFTConfig(**args, max_length=MAX_LEN if mode == "packing" else None, packing=mode == "packing",
+                       padding_free=mode == "padding_free", completion_only_loss=True,
+                       gradient_checkpointing=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if _bf16() else torch.float32)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok,
+                         peft_config=_lora_config())
+    trainer.train()
+    return trainer.model, trainer.state.global_step
+
+
+def run_ftmagic(model_dir: str, records: list[dict], size: dict, out: str, extra: dict):
+    """(c) ftmagic: the same settings through ``finetune``; the records go in as a list of dicts."""
+    from ftmagic.engine.run import finetune
+
+    settings = dict(model=model_dir, data=records, format="messages", max_seq_len=MAX_LEN, packing=True,
+                    train_on="completions", epochs=1, batch_size=size["batch_size"], grad_accum=size["grad_accum"],
+                    lr=HPARAMS["lr"], scheduler=HPARAMS["scheduler"], warmup=HPARAMS["warmup"],
+                    weight_decay=HPARAMS["weight_decay"], max_grad_norm=HPARAMS["max_grad_norm"],
+                    lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                    target_modules=list(LORA["target_modules"]), gradient_checkpointing=False,
+                    output_dir=out, overwrite=True, logging_steps=10, seed=HPARAMS["seed"])
+    settings.update(extra)
+    result = finetune(**settings)
+    return result, int(result.metrics.get("steps", 0))
+
+
+def _ftmagic_trained_model(result, model_dir: str):
+    """The trained model of a RunResult: kept in memory when the engine exposes it, else reloaded."""
+    for name in ("model", "_model"):
+        model = getattr(result, name, None)
+        if model is not None and hasattr(model, "parameters"):
+            return model
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = Path(result.output_dir)
+    for candidate in (adapter, adapter / "adapter", adapter / "final"):
+        if (candidate / "adapter_config.json").exists():
+            return PeftModel.from_pretrained(base, str(candidate))
+    raise FileNotFoundError(f"no adapter_config.json under {adapter}")
+
+
+def evaluate(model, tokenizer, records: list[dict], token_budget: int = 4096) -> float:
+    """Mean next-token cross-entropy over the answer tokens of ``records`` (one function for all systems)."""
+    import torch
+    import torch.nn.functional as F
+
+    examples = sorted((encode(tokenizer, r) for r in records), key=lambda e: len(e["input_ids"]))
+    device = next(model.parameters()).device
+    model.eval()
+    total, count, i = 0.0, 0, 0
+    with torch.no_grad():
+        while i < len(examples):
+            batch = [examples[i]]
+            while i + len(batch) < len(examples) and \
+                    (len(batch) + 1) * len(examples[i + len(batch)]["input_ids"]) <= token_budget:
+                batch.append(examples[i + len(batch)])
+            i += len(batch)
+            width = max(len(e["input_ids"]) for e in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, e in enumerate(batch):
+                n = len(e["input_ids"])
+                ids[row, :n] = torch.tensor(e["input_ids"])
+                labels[row, :n] = torch.tensor(e["labels"])
+                mask[row, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shifted = labels[:, 1:].to(device)
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((shifted != -100).sum())
+    return total / count
+
+
+def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mode: str, ftmagic_extra: dict) -> None:
+    # Imports first, so wall time measures the run, not loading libraries.
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    from transformers import AutoTokenizer
+    if system == "trl":
+        import trl  # noqa: F401
+    if system == "ftmagic":
+        import ftmagic.engine.run  # noqa: F401
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+    size = SIZES[size_name]
+    model_dir = str(workdir / "model")
+    records = load_records(workdir, "train", size["train"])
+    eval_records = load_records(workdir, "eval", size["eval"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    reference = [encode(tok, r) for r in records]
+    tokens = trained_tokens(reference)
+    mean_len = sum(len(e["input_ids"]) for e in reference) / len(reference)
+    out = tempfile.mkdtemp(prefix=f"bench-{system}-")
+    random.seed(0)
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    start = time.perf_counter()
+    if system == "trainer_peft":
+        model, steps = run_trainer_peft(model_dir, records, size, out)
+    elif system == "trl":
+        model, steps = run_trl(model_dir, records, size, out, trl_mode, mean_len)
+    else:
+        result, steps = run_ftmagic(model_dir, records, size, out, ftmagic_extra)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    peak = _peak_bytes()
+
+    if system == "ftmagic":
+        model = _ftmagic_trained_model(result, model_dir)
+    eval_loss = evaluate(model, tok, eval_records)
+    report = {"wall_s": wall, "tokens_per_s": tokens / wall, "peak_bytes": peak, "eval_loss": eval_loss,
+              "trained_tokens": tokens, "steps": steps, "examples": len(records)}
+    if system == "trl":
+        report["mode"] = trl_mode
+    result_path.write_text(json.dumps(report))
+
+
+# ------------------------------------------------------------------------ parent
+
+def run_system(system: str, args, workdir: Path, trl_mode: str = "packing") -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--workdir", str(workdir),
+           "--size", args.size, "--result", str(result_path), "--trl-mode", trl_mode,
+           "--ftmagic-extra", args.ftmagic_extra]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + f"\n{system} failed with exit status {proc.returncode}\n")
+        return None
+    return json.loads(result_path.read_text())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def format_table(results: dict) -> str:
+    ref = results.get("ftmagic")
+    head = f"{'system':<14}{'wall s':>9}{'tokens/s':>11}{'peak mem':>12}{'eval loss':>11}" \
+           f"{'tok/s vs ftmagic':>18}{'mem vs ftmagic':>16}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        mem = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
+        label = name + (f" ({r['mode']})" if "mode" in r and name == "trl" else "")
+        lines.append(f"{label:<14}{r['wall_s']:>9.1f}{r['tokens_per_s']:>11,.0f}{_mb(r['peak_bytes']):>12}"
+                     f"{r['eval_loss']:>11.4f}{speed:>18}{mem:>16}")
+    if ref:
+        lines.append("")
+        for name, r in results.items():
+            if name != "ftmagic":
+                lines.append(f"ftmagic vs {name}: {ref['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s, "
+                             f"{ref['peak_bytes'] / r['peak_bytes']:.2f}x peak memory, "
+                             f"eval loss {100 * (ref['eval_loss'] / r['eval_loss'] - 1):+.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small size (a few minutes on 2 CPU cores)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object keyed by system")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--trl-mode", default="packing", choices=("packing", "padding_free", "both"),
+                        help="TRL's configuration; 'both' runs both and reports the faster as 'trl'")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ftmagic-bench"),
+                        help="where the model and data are built once and reused")
+    parser.add_argument("--ftmagic-extra", default="{}", help="JSON of extra finetune() settings, for experiments")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    if args.child:
+        child(args.child, workdir, args.size, Path(args.result), args.trl_mode, json.loads(args.ftmagic_extra))
+        return 0
+
+    args.size = args.size or ("quick" if args.quick else "full")
+    build_workdir(workdir)
+    info = json.loads((workdir / "ready.json").read_text())
+    results = {}
+    for system in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        if system not in SYSTEMS:
+            parser.error(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+        if system == "trl" and args.trl_mode == "both":
+            runs = {mode: run_system("trl", args, workdir, mode) for mode in ("packing", "padding_free")}
+            runs = {mode: r for mode, r in runs.items() if r is not None}
+            if not runs:
+                continue
+            best = max(runs, key=lambda m: runs[m]["tokens_per_s"])
+            results["trl"] = runs[best]
+            for mode, r in runs.items():
+                if mode != best:
+                    results[f"trl_{mode}"] = r
+        else:
+            results[system] = run_system(system, args, workdir, args.trl_mode)
+            if results[system] is None:
+                del results[system]
+                continue
+        if not args.json:
+            print(f"{system}: done in {results[system]['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        size = SIZES[args.size]
+        print(f"model: Llama-style, {info['params'] / 1e6:.1f}M parameters; LoRA r={LORA['r']} on "
+              f"{len(LORA['target_modules'])} projections; {size['train']} examples, effective batch "
+              f"{size['batch_size'] * size['grad_accum']}, lr {HPARAMS['lr']}; lengths p10/p50/p90/p99/max "
+              f"{info['length_p10_p50_p90_p99_max']}")
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
