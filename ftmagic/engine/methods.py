@@ -232,16 +232,3 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
-
-
-def qlora_cpu_blocker(model_config, blocksize: int = 64) -> str | None:
-    """Why 4-bit cannot run on the CPU for this model shape, or None when it can.
-
-    bitsandbytes' CPU kernel packs weights per ``blocksize`` input features, so every
-    linear layer's input width must be a multiple of it.
-    """
-    widths = [getattr(model_config, "hidden_size", 0), getattr(model_config, "intermediate_size", 0)]
-    bad = [w for w in widths if w and w % blocksize]
-    if bad:
-        return f"bitsandbytes' CPU 4-bit kernel needs layer widths that are multiples of {blocksize}, and this model has {bad[0]}"
-    return None

@@ -105,10 +105,25 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
             hf_logging.enable_progress_bar()
     if not qlora_compute_dtype:
         model.to(device)
+    elif device == "cpu":
+        _plain_cpu_4bit(model)
     if model.config.pad_token_id is None and getattr(model.generation_config, "eos_token_id", None) is not None:
         eos = model.generation_config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def _plain_cpu_4bit(model) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on their general kernel in eval mode too.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster inference
+    kernel the first time a layer runs in eval mode. That kernel needs layer widths that
+    are multiples of 64 (the embedded tiny model's are not) and computes differently from
+    the training kernel; the general kernel serves training, evaluation and generation alike.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @contextmanager

@@ -32,8 +32,7 @@ from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
-from ftmagic.engine.methods import (count_parameters, enable_gradient_checkpointing, get_method,
-                                    qlora_cpu_blocker)
+from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.models import SMOKE_MAX_STEPS, load_model, load_tokenizer, resolve_model_path, smoke_mode
 from ftmagic.engine.result import RUN_FILE, RunResult
@@ -118,16 +117,6 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method)
     if plan.fallback:
         notes.append(plan.fallback)
-    if plan.method == "qlora" and plan.device == "cpu":
-        from transformers import AutoConfig
-
-        try:
-            blocker = qlora_cpu_blocker(AutoConfig.from_pretrained(model_path))
-        except (OSError, ValueError):
-            blocker = None  # load_model reports a missing model with a proper message
-        if blocker:
-            notes.append(f"QLoRA cannot run on the CPU for this model: {blocker}; using LoRA")
-            plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
     method = get_method(plan.method)
 
     out = Path(cfg.output_dir)
