@@ -89,3 +89,13 @@ def test_resume_without_checkpoint_starts_over(test_model_dir, tmp_path):
     messages = [e["text"] for e in events if e["event"] == "message"]
     assert any(m.startswith("no checkpoint in") and m.endswith("starting from step 0") for m in messages)
     assert result.metrics["steps"] == 2
+
+
+def test_qlora_resume_is_exact_too(test_model_dir, tmp_path):
+    settings = dict(method="qlora", max_steps=4, save_steps=0, eval_steps=0)
+    _, straight_events = _run(test_model_dir, tmp_path / "a", **settings)
+    _run(test_model_dir, tmp_path / "b", stop=StopAt(2), **settings)
+    _, resumed_events = _run(test_model_dir, tmp_path / "b", resume=True, **settings)
+    reference, after = step_losses(straight_events), step_losses(resumed_events)
+    assert sorted(after) == [3, 4]
+    assert all(after[s] == pytest.approx(reference[s], abs=1e-5) for s in after)
