@@ -74,6 +74,7 @@ def test_interrupt_saves_a_checkpoint_and_resumes_exactly(test_model_dir, tmp_pa
                       output_dir=str(tmp_path / "out"), on_event=on_event, **SETTINGS)
     assert result.metrics["reason"] == "interrupted" and result.metrics["stopped"] is True
     assert (tmp_path / "out" / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step-00000004" / "adapter_model.safetensors").is_file()
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_index"], state["order_seed"]) == (4, 1, 1, 7)
 

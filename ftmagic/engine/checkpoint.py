@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any moment, and exact resume.
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step-00000042`` holding the
-trainable weights (``trainable.safetensors``), optimizer, scheduler and gradient
+trainable weights (``trainable.safetensors``; adapters also in PEFT format), optimizer, scheduler and gradient
 scaler states, the RNG states of python, numpy and torch, and ``state.json`` (step,
 data position, best eval loss, history). It is written into a temporary folder next
 to its final place, every file is fsynced, and only then is the folder renamed; the
@@ -77,6 +77,9 @@ def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict)
     from safetensors.torch import save_file
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    if hasattr(model, "peft_config"):
+        # The adapter in PEFT format too (a few MB), so any checkpoint can be loaded for inference.
+        model.save_pretrained(str(tmp))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
