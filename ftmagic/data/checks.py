@@ -19,24 +19,30 @@ MAX_LABELS = 20  # more distinct answers than this do not look like class labels
 
 
 class DuplicateFinder:
-    """Remembers conversations seen so far; flags exact and whitespace/case-normalised repeats."""
+    """Remembers conversations seen so far; flags exact and whitespace/case-normalised repeats.
 
-    def __init__(self) -> None:
+    ``location`` turns the key given to :meth:`check` into a location string; it is only
+    called for duplicates, so a record index can be passed cheaply.
+    """
+
+    def __init__(self, location=str) -> None:
         self._exact: dict = {}
         self._near: dict = {}
+        self._location = location
 
-    def check(self, conversation: list, location: str) -> Optional[Problem]:
+    def check(self, conversation: list, key) -> Optional[Problem]:
         # One string per conversation: faster to hash than tuples; a false match needs control characters in messages.
         exact = "\x1f".join([t["role"] + "\x1e" + t["content"] for t in conversation])
         first = self._exact.get(exact)
         if first is not None:
-            return Problem("duplicate", location, f"same conversation as {first}")
-        self._exact[exact] = location
+            return Problem("duplicate", self._location(key), f"same conversation as {self._location(first)}")
+        self._exact[exact] = key
         near = " ".join(exact.lower().split())
         first = self._near.get(near)
         if first is not None:
-            return Problem("near_duplicate", location, f"same as {first} after normalising whitespace and case")
-        self._near[near] = location
+            return Problem("near_duplicate", self._location(key),
+                           f"same as {self._location(first)} after normalising whitespace and case")
+        self._near[near] = key
         return None
 
 

@@ -67,7 +67,7 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
     detection = detect(loaded, format, columns)
     dropped = [p for p in loaded.problems if p.kind in DROPPED_KINDS]
     record_problems, kept = [], []
-    finder = DuplicateFinder()
+    finder = DuplicateFinder(loaded.location)
     for i, record in enumerate(loaded.records):
         where = loaded.location(i)
         try:
@@ -78,7 +78,7 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
             else:
                 kept.append(record)  # e.g. no assistant turn: the answer may be what is missing
             continue
-        dup = finder.check(conv, where)
+        dup = finder.check(conv, i)
         if dup is not None and (dup.kind == "duplicate" or near_duplicates):
             record_problems.append(dup)
             continue

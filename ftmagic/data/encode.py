@@ -196,7 +196,7 @@ def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Option
     truncated = bool(max_seq_len) and length > max_seq_len
     if truncated:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, list(r.warnings))
+    return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, r.warnings)
 
 
 def _backend(tokenizer):

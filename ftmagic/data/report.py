@@ -234,7 +234,7 @@ def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: i
     ctx = report._context
     loaded, detection, tokenizer, tpl = ctx["loaded"], ctx["detection"], ctx["tokenizer"], ctx["template"]
     max_seq_len, is_text, n = report.max_seq_len, detection.format == "text", len(loaded.records)
-    finder = DuplicateFinder()
+    finder = DuplicateFinder(loaded.location)
     answers: Counter = Counter()
     record_problems: list = []
     lengths, usable_lengths = [], []
@@ -248,8 +248,7 @@ def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: i
         record_problems.extend(problems)
         if conv is None:
             continue
-        where = loaded.location(i)
-        dup = finder.check(conv, where)
+        dup = finder.check(conv, i)
         if dup is not None:
             record_problems.append(dup)
         if not is_text:
@@ -261,6 +260,7 @@ def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: i
                 usable += 1
             continue
         lengths.append(enc.length)
+        where = loaded.location(i) if enc.truncated else None
         if enc.truncated:
             truncated += 1
             record_problems.append(Problem("truncated", where, f"{enc.length} tokens, cut to max_seq_len={max_seq_len}"))
