@@ -127,3 +127,16 @@ def test_text_format_stats(test_tokenizer):
     prepared = prepare_data(FinetuneConfig(data=[{"text": "hello world"}, {"text": "abc"}]), test_tokenizer)
     assert prepared.stats["format"] == "text" and prepared.stats["template"] is None
     assert all(r["labels"] == r["input_ids"] for r in prepared.train)
+
+
+def test_mixture_of_formats_with_per_source_columns(test_tokenizer):
+    qa = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    cfg = FinetuneConfig(data=[{"data": qa, "columns": {"prompt": "question", "completion": "answer"}},
+                               {"data": chat, "format": "messages"}], system_prompt="S")
+    prepared = prepare_data(cfg, test_tokenizer)
+    assert prepared.stats["format"] == "mixed"
+    assert [d["format"] for d in prepared.stats["datasets"]] == ["prompt_completion", "messages"]
+    assert len(prepared.train) == 4
+    texts = [test_tokenizer.decode(r["input_ids"]) for r in prepared.train]
+    assert all(t.startswith("<|im_start|>system\nS<|im_end|>") for t in texts)
