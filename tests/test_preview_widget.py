@@ -105,3 +105,14 @@ def test_widget_opens_before_the_analysis(test_tokenizer):
     assert w.progress.layout.display == "none"
     w.show(3000)
     assert "same conversation as data[0]" in w.record.value
+
+
+def test_jump_to_a_problem(report):
+    from ftmagic.widgets.preview import PreviewWidget, problem_choices
+
+    assert problem_choices(report) == [("empty_field: data[5]", 5)]
+    w = PreviewWidget(report, index=2)
+    assert w.index.value == 2 and "record 2" in w.record.value
+    w.jump.value = 5
+    assert w.index.value == 5 and "field `completion` is empty" in w.record.value and w.jump.value == -1
+    assert report.index_of("data[3]") == 3 and report.index_of("nowhere") is None

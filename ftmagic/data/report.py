@@ -147,6 +147,14 @@ class DatasetReport:
                        for i, label in zip(enc.input_ids, enc.labels)]
         return view
 
+    def index_of(self, location: str) -> Optional[int]:
+        """The record shown at ``location`` (e.g. ``train.jsonl:12``), or None (an unparseable line, a dataset note)."""
+        ctx = self._context
+        if "by_index" not in ctx:  # built once, when first asked
+            loaded = ctx["loaded"]
+            ctx["by_index"] = {loaded.location(i): i for i in range(len(loaded.records))}
+        return ctx["by_index"].get(location)
+
     def to_dict(self, problems_per_kind: int = JSON_PROBLEMS_PER_KIND) -> dict:
         """A JSON-ready dict (``problems``: up to ``problems_per_kind`` of each kind; ``problem_counts`` is complete)."""
         shown, listed = Counter(), []

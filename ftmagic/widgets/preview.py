@@ -28,6 +28,9 @@ from ftmagic.usage import as_usage_error
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
 
+JUMP_LIMIT = 200  # problems offered in the "go to a problem" list
+
+
 class PreviewWidget:
     """The previewer's widget for a :class:`~ftmagic.data.report.DatasetReport`; ``.box`` is what is displayed.
 
@@ -59,11 +62,16 @@ class PreviewWidget:
         self.prev.on_click(lambda _: self.show(self.index.value - 1))
         self.next.on_click(lambda _: self.show(self.index.value + 1))
         self.index.observe(lambda change: self._render(change["new"]), names="value")
-        pager = widgets.HBox([self.prev, self.index, self.next, self.total])
+        self.jump = widgets.Dropdown(options=[("go to a problem…", -1)], value=-1, layout=widgets.Layout(width="340px"))
+        self.jump.observe(self._on_jump, names="value")
+        pager = widgets.HBox([self.prev, self.index, self.next, self.total, self.jump])
         self.box = widgets.VBox([self.summary, self.progress, self.histogram, self.problems, pager, self.record])
         self.rendered = 0  # how many pages were encoded (the pager is lazy)
         self.refresh()
-        self._render(min(index, last))
+        if min(index, last) == 0:
+            self._render(0)
+        else:
+            self.index.value = min(index, last)
 
     def analyse(self, background: bool = True):
         """Run the full analysis (in a thread by default, so the pager works meanwhile), then refresh.
@@ -100,7 +108,14 @@ class PreviewWidget:
         self.summary.value = summary_html(self.report)
         self.histogram.value = histogram_html(self.report.histogram, self.report.max_seq_len)
         self.problems.value = problems_html(self.report.problems) if self.report.complete else ""
+        if self.report.complete:
+            self.jump.options = [("go to a problem…", -1)] + problem_choices(self.report)
         self.progress.layout.display = "none" if self.report.complete else None
+
+    def _on_jump(self, change) -> None:
+        if change["new"] >= 0:
+            self.show(change["new"])
+            self.jump.value = -1  # so the same problem can be picked again
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.max, self.progress.value = max(1, total), done
@@ -166,6 +181,23 @@ class PreviewMagics(Magics):
         widget = PreviewWidget(report)
         display(widget.box)
         widget.analyse(background=True)
+
+
+def problem_choices(report, limit: int = JUMP_LIMIT) -> list:
+    """``(label, record index)`` for the first ``limit`` problems that belong to a record.
+
+    Example::
+
+        problem_choices(report)   # [('duplicate: d.jsonl:2', 1), ('empty_field: d.jsonl:3', 2)]
+    """
+    out = []
+    for p in report.problems:
+        index = report.index_of(p.location)
+        if index is not None:
+            out.append((f"{p.kind}: {p.location}", index))
+            if len(out) == limit:
+                break
+    return out
 
 
 def lookup_data(token: str, namespace: dict) -> Any:
