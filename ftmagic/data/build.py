@@ -146,7 +146,7 @@ def _finish(loaded: LoadedData, tokenizer, max_seq_len, start, convs, problems, 
             continue
         if result.warnings:
             problems[k].extend(Problem(kind, loaded.location(start + k), message) for kind, message in result.warnings)
-        if result.labels.count(-100) == len(result.labels):
+        if result.trained_tokens == 0:
             problems[k].append(Problem("no_trained_tokens", loaded.location(start + k),
                                        f"no trained token is left within max_seq_len={max_seq_len} "
                                        f"(the example has {result.length} tokens)"))

@@ -45,6 +45,7 @@ class Encoded:
     eos_added: bool = False
     no_eos: bool = False
     warnings: list = field(default_factory=list)
+    n_trained: int = -1  # tokens with a loss (labels != -100), counted once when encoded
 
     @property
     def text(self) -> str:
@@ -53,7 +54,9 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        return len(self.labels) - self.labels.count(IGNORE)
+        if self.n_trained < 0:
+            self.n_trained = len(self.labels) - self.labels.count(IGNORE)
+        return self.n_trained
 
     def to_dict(self) -> dict:
         """The training example: ``{"input_ids", "labels"}``."""
@@ -196,7 +199,8 @@ def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Option
     truncated = bool(max_seq_len) and length > max_seq_len
     if truncated:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, r.warnings)
+    return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, r.warnings,
+                   len(labels) - labels.count(IGNORE))
 
 
 def _backend(tokenizer):

@@ -272,7 +272,7 @@ def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: i
         if enc.truncated:
             truncated += 1
             record_problems.append(Problem("truncated", where, f"{enc.length} tokens, cut to max_seq_len={max_seq_len}"))
-        n_trained = len(enc.labels) - enc.labels.count(IGNORE)
+        n_trained = enc.trained_tokens
         if n_trained == 0:
             untrainable += 1
             continue
