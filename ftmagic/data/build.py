@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -55,18 +57,20 @@ def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional
     be used (missing fields, rejected by the template, nothing left to train) are skipped,
     counted in ``skipped`` and listed in ``problems``.
     """
-    loaded = load_data(data, strict=strict)
-    detection = detect(loaded, fmt, columns)
-    tpl = resolve_template(tokenizer, template) if detection.format != "text" else None
-    conversations: list = [None] * len(loaded.records)
-    encoded: list = [None] * len(loaded.records)
-    record_problems: list = []
-    for i, conv, result, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=system_prompt,
-                                                  train_on=train_on, max_seq_len=max_seq_len, batch=batch):
-        conversations[i] = conv
-        record_problems.extend(problems)
-        if result is not None and not any(p.kind == "no_trained_tokens" for p in problems):
-            encoded[i] = result
+    with gc_paused():
+        loaded = load_data(data, strict=strict)
+        detection = detect(loaded, fmt, columns)
+        tpl = resolve_template(tokenizer, template) if detection.format != "text" else None
+        conversations: list = [None] * len(loaded.records)
+        encoded: list = [None] * len(loaded.records)
+        record_problems: list = []
+        for i, conv, result, problems in iter_encoded(loaded, detection, tokenizer, template=tpl,
+                                                      system_prompt=system_prompt, train_on=train_on,
+                                                      max_seq_len=max_seq_len, batch=batch):
+            conversations[i] = conv
+            record_problems.extend(problems)
+            if result is not None and not any(p.kind == "no_trained_tokens" for p in problems):
+                encoded[i] = result
     skipped = Counter(p.kind for p in loaded.problems)
     skipped.update(p.kind for p in record_problems if p.kind in SKIPPING_KINDS)
     skipped.pop("non_utf8", None)  # replaced characters: the record is still used
@@ -168,3 +172,20 @@ def _sort_key(location: str) -> tuple:
         if sep in tail:
             tail = tail.rsplit(sep, 1)[-1]
     return (0, int(tail)) if tail.isdigit() else (1, 0)
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while a dataset is read or encoded.
+
+    Reading and encoding allocate millions of small objects that never form cycles; each
+    full collection would walk all of them again (about a third of the previewer's time
+    on 100,000 records). Reference counting still frees everything as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ftmagic.data.build import detect, sort_problems
+from ftmagic.data.build import detect, gc_paused, sort_problems
 from ftmagic.data.checks import DuplicateFinder
 from ftmagic.data.formats import to_conversation
 from ftmagic.data.load import load_data
@@ -60,7 +60,8 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         clean([{"text": "a"}, {"text": "a"}, {"text": ""}]).summary()
         # 'kept 1 of 3 records; dropped 2: duplicate 1, empty_field 1'
     """
-    loaded = load_data(data, strict=False)
+    with gc_paused():
+        loaded = load_data(data, strict=False)
     if path is not None and isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
             os.path.samefile(path, os.fspath(data)):
         raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")

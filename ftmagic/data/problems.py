@@ -63,3 +63,4 @@ class RecordError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+

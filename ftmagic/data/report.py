@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
-from ftmagic.data.build import detect, iter_encoded, sort_problems
+from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
 from ftmagic.data.clean import CleanResult, clean
 from ftmagic.data.encode import IGNORE, encode_conversations
@@ -222,7 +222,8 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
             note = name_or_reason
         else:
             name = name_or_reason
-    loaded = load_data(data, strict=False)
+    with gc_paused():
+        loaded = load_data(data, strict=False)
     detection = detect(loaded, format, columns)
     tpl = resolve_template(tokenizer, template) if tokenizer is not None and detection.format != "text" else None
     return DatasetReport(
@@ -239,6 +240,11 @@ def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: i
 
     ``progress(done, total)`` is called after each batch (the widget shows it).
     """
+    with gc_paused():
+        return _analyse(report, progress, batch)
+
+
+def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) -> DatasetReport:
     ctx = report._context
     loaded, detection, tokenizer, tpl = ctx["loaded"], ctx["detection"], ctx["tokenizer"], ctx["template"]
     max_seq_len, is_text, n = report.max_seq_len, detection.format == "text", len(loaded.records)
