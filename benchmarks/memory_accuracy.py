@@ -71,7 +71,7 @@ def run_row(row: dict, cuda: bool = False) -> dict:
     shape = MODELS[row["model"]]
     settings = {k: v for k, v in row.items() if k != "model"}
     t0 = time.perf_counter()
-    est = estimate_memory(shape, **settings)
+    est = estimate_memory(shape, device="cpu", **settings)
     analytic_ms = (time.perf_counter() - t0) * 1000
     exact = trace_step(shape, fake=True, **settings)
     measured = trace_step(shape, fake=False, **settings)

@@ -35,7 +35,7 @@ def _quiet():
 ], ids=lambda s: f"{s['method']}-{s['precision']}-gc{int(s.get('gradient_checkpointing', False))}")
 def test_analytic_estimate_within_10_percent_of_measured(settings):
     measured = trace_step(TINY, fake=False, **settings)
-    est = estimate_memory(TINY, **settings)
+    est = estimate_memory(TINY, device="cpu", **settings)
     error = (est.total_bytes - measured.peak_bytes) / measured.peak_bytes
     assert abs(error) < 0.10, (est.phases, measured.phases)
     assert est.peak_phase == max(measured.phases, key=measured.phases.get)

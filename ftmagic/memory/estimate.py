@@ -15,7 +15,7 @@ Saved-activation bytes per token and block come from how the block's autograd gr
 tensors: for full fine-tuning in one dtype of ``c`` bytes they are exact
 (``2 (4h + 2ch) + 2c (q + kv) + 4c i`` for a Llama block); for adapters on a frozen base
 under autocast they are calibrated against the traced step (``benchmarks/memory_accuracy.py``
-measures them with torch's MemTracker on real tensors; see ``_ADAPTER_COEFFS``).
+measures them with torch's MemTracker on real tensors; see ``_ADAPTER_PARAMS``).
 
 Example::
 
@@ -42,18 +42,25 @@ GIB = 1024 ** 3
 DEVICE_KEYS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
                "optimizer_step_transient")
 
-# Saved bytes per token and block for a frozen base with adapters, by (compute bytes,
-# quantized, dropout): coefficients of hidden, q_dim, kv_dim, intermediate, the adapters'
-# summed in/out features and ranks, and a per-head constant. Least-squares fits to traced
-# Llama blocks (12 shapes x 6 target sets each; max error 2-4% per block, 9% for QLoRA).
-_ADAPTER_COEFFS = {
-    (2, False, True): dict(h=5.315, q=5.315, kv=3.408, i=5.818, din=5.883, dout=0.105, r=5.723, heads=111.9),
-    (2, False, False): dict(h=5.315, q=5.315, kv=3.408, i=5.818, din=1.883, dout=0.105, r=5.723, heads=111.9),
-    (4, False, True): dict(h=7.494, q=7.494, kv=7.83, i=12.02, din=8.059, dout=0.0, r=3.053, heads=61.5),
-    (4, False, False): dict(h=4.883, q=4.883, kv=9.249, i=12.715, din=2.644, dout=0.0, r=4.882, heads=243.7),
-    (2, True, True): dict(h=3.332, q=3.332, kv=1.295, i=5.061, din=5.327, dout=0.552, r=22.035, heads=452.2),
-    (2, True, False): dict(h=3.332, q=3.332, kv=1.295, i=5.061, din=1.327, dout=0.552, r=22.035, heads=452.2),
+# Bytes per element that a frozen-base block saves for backward, by (compute bytes,
+# quantized, dropout): norm_in (each RMSNorm's fp32 input), attn (q, k, v and the attention
+# output), mlp (SwiGLU's gate, up and activation), and per adapter group: shared (one
+# copy of the group's input), per (each adapter's own copy: casts, dropout output and mask),
+# r (the A projection's output) and const (per block). The dtype terms follow from the
+# graph; the adapter terms are least-squares fits to traced steps of Llama blocks with
+# every target set (benchmarks/memory_accuracy.py checks the result).
+_ADAPTER_PARAMS = {
+    (4, False, False): dict(norm_in=4, attn=4, mlp=4, shared=4, per=0, r=4, const=24),
+    (4, False, True): dict(norm_in=4, attn=4, mlp=4, shared=0, per=4, r=0, const=0),
+    (2, False, False): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=2, const=57),
+    (2, False, True): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=0, const=0),
+    (2, True, False): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=2, const=270),
+    (2, True, True): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=0, const=70),
 }
+# Dropout saves its mask per adapter: a bool on CUDA (native_dropout), but on CPU torch
+# multiplies by a noise tensor of the input's dtype (fp32: peft casts adapter inputs to
+# the adapters' fp32), so the CPU benchmark sees 4 bytes where a GPU run holds 1.
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
 
 
 @dataclass
@@ -169,7 +176,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
-                    grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic") -> MemoryEstimate:
+                    grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic",
+                    device: str = "cuda") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
     ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
@@ -177,7 +185,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     a T4). With ``grad_accum`` > 1 the gradients stay alive through the next micro-batches'
     forward and backward. ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
     accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
-    under FakeTensorMode instead (imports torch; seconds to a minute).
+    under FakeTensorMode instead (imports torch; seconds to a minute). ``device="cpu"``
+    models what differs on CPU (dropout masks), for comparing with CPU measurements.
 
     Example::
 
@@ -197,6 +206,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     _check_positive("grad_accum", grad_accum)
     if not 0 <= float(lora_dropout) < 1:
         raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
+    if device not in DROPOUT_MASK_BYTES:
+        raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
     if mode not in ("analytic", "exact"):
         raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
     shape = resolve_model(model)
@@ -206,7 +217,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
-                    num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum)
+                    num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
+                    device=device)
     if mode == "exact":
         from ftmagic.memory.exact import exact_estimate
 
@@ -256,24 +268,28 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     else:
         seq_eff = seq
     tokens = batch * seq_eff
-    per_layer = _layer_bytes_per_token(shape, method, plan, s)
+    if adapter_method:
+        layers_total, per_layer = _adapter_layers(shape, method, plan, s)
+    else:
+        per_layer = _layer_bytes_per_token(shape, method, plan, s)
+        layers_total = shape.layers * per_layer
     c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
     c_res = 4 if (plan.autocast and not adapter_method) else c_res  # fp32 master weights keep fp32 residuals
     c_logit = plan.compute_bytes if plan.autocast else plan.base_bytes
-    outside = (4 + 2 * c_res) * shape.hidden + 8  # final norm saves its fp32 input and normed output
-    if not adapter_method or method == "freeze":
-        outside += c_logit * shape.hidden  # the head's input, saved to compute its weight gradient
+    if adapter_method:
+        outside = 4 * shape.hidden + 8  # the final norm's fp32 input
+    else:  # the final norm's fp32 input, normed value and output (the head's input, for its weight gradient)
+        outside = (4 + 2 * c_res) * shape.hidden + 8
     v = shape.vocab
     softcap = 3 * c_logit if shape.final_logit_softcap else 0  # divide, tanh, multiply copies of the logits
     logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
     logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
     logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
     gc = s["gradient_checkpointing"]
-    layers_held = tokens * shape.layers * (c_res * shape.hidden if gc else per_layer)
+    layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total)
     act_held = layers_held + tokens * outside
-    mixed_full = plan.autocast is not None and not adapter_method
-    if mixed_full:  # autocast keeps fp16 copies of the trainable fp32 weights alive until backward
-        act_held += shape.total_params * plan.compute_bytes
+    if plan.autocast is not None:  # autocast's half-precision copies of the fp32 trainable weights, saved for backward
+        act_held += trainable * plan.compute_bytes
     static = frozen + train_w + states  # alive through the whole steady-state step
 
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
@@ -329,29 +345,88 @@ def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
 
 
 def _layer_bytes_per_token(shape: ModelShape, method: str, plan, s: dict) -> float:
-    """Bytes one block saves for backward per token (without checkpointing)."""
+    """Bytes one block of full-like fine-tuning saves for backward per token (no checkpointing)."""
     h, q, kv, i, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate, shape.heads
     extra_norms = (shape.norms_per_layer - 2) * (4 + 2 * plan.compute_bytes) * h
-    if method in ("full", "bitfit", "freeze"):
-        c = plan.compute_bytes
-        # two RMSNorms (fp32 input, normed, output), rotated q/k and v, SwiGLU's four i-wide tensors
-        per = 2 * (4 * h + 2 * c * h) + 2 * c * (q + kv) + 4 * c * i + 6 * heads
-        if plan.autocast:  # fp32 residual stream with fp16 compute: casts of the norms' outputs are saved too
-            per += 10 * h
-        return per + extra_norms
-    targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
-    linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
-    din = sum(linears[t][0] for t in targets)
-    dout = sum(linears[t][1] for t in targets)
-    rank = s["lora_r"] if method in ("lora", "qlora", "dora") else 0
-    dropout = s["lora_dropout"] > 0 and method in ("lora", "qlora", "dora")
-    if method == "ia3":
-        din, dout = 0, dout  # one scaling vector: the scaled output is saved
-    coeffs = _ADAPTER_COEFFS[(plan.compute_bytes, plan.quantized, dropout)]
-    per = (coeffs["h"] * h + coeffs["q"] * q + coeffs["kv"] * kv + coeffs["i"] * i + coeffs["din"] * din
-           + coeffs["dout"] * dout + coeffs["r"] * rank * len(targets) + coeffs["heads"] * 4)
-    if method == "dora":
-        per += 4 * dout  # base output and magnitude scale, saved per adapted linear
-    if method == "ia3":
-        per += plan.compute_bytes * dout
+    c = plan.compute_bytes
+    # two RMSNorms (fp32 input, normed, output), rotated q/k and v, SwiGLU's four i-wide tensors
+    per = 2 * (4 * h + 2 * c * h) + 2 * c * (q + kv) + 4 * c * i + 6 * heads
+    if plan.autocast:  # fp32 residual stream with fp16 compute: casts of the norms' outputs are saved too
+        per += 10 * h
     return per + extra_norms
+
+
+def adapter_features(shape: ModelShape, targets: list, rank: int) -> list:
+    """Per block, what a frozen base with adapters on ``targets`` must save, as counts per token.
+
+    Gradients flow only from the first adapter on: a block saves a tensor only when
+    something at or before it trains. Each entry: dict(norm_in, attn, mlp, shared, per, r, const)
+    holding the element counts that _ADAPTER_PARAMS turns into bytes.
+    """
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    group_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "down_proj": "down"}
+    width = {"qkv": h, "o": q, "mlp_in": h, "down": i}
+    count = {g: 0 for g in width}
+    for t in targets:
+        count[group_of.get(t, "qkv")] += 1
+    gate_adapted = any(t in ("gate_proj", "gate_up_proj") for t in targets)
+    up_adapted = any(t in ("up_proj", "gate_up_proj") for t in targets)
+    layers = []
+    flow = False  # embeddings are frozen: nothing before the first adapter needs gradients
+    for _ in range(shape.layers):
+        f = dict(norm_in=0, attn=0, mlp=0, shared=0, per=0, r=rank * len(targets), const=1)
+
+        def adapters(group: str) -> None:
+            if count[group]:
+                f["shared"] += width[group]
+                f["per"] += width[group] * count[group]
+
+        if flow:
+            f["norm_in"] += h
+        adapters("qkv")
+        attn_rg = flow or count["qkv"] > 0
+        if attn_rg:
+            f["attn"] += 2 * q + 2 * kv
+        adapters("o")
+        h1_rg = flow or attn_rg or count["o"] > 0
+        if h1_rg:
+            f["norm_in"] += h
+        adapters("mlp_in")
+        gate_rg, up_rg = h1_rg or gate_adapted, h1_rg or up_adapted
+        f["mlp"] += i * (2 * gate_rg + up_rg)
+        adapters("down")
+        flow = h1_rg or gate_rg or up_rg or count["down"] > 0
+        layers.append(f)
+    return layers
+
+
+def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
+    """(bytes per token over all blocks, the largest single block) for adapter methods."""
+    targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
+    rank = s["lora_r"] if method in ("lora", "qlora", "dora") else 0
+    if method == "ia3":
+        rank = 0
+    dropout = s["lora_dropout"] > 0 and method in ("lora", "qlora", "dora")
+    params = dict(_ADAPTER_PARAMS[(plan.compute_bytes, plan.quantized, dropout)])
+    if dropout:
+        params["per"] += DROPOUT_MASK_BYTES[s.get("device", "cuda")]
+    if method in ("prompt_tuning", "prefix_tuning"):
+        feats = adapter_features(shape, ["q_proj"], 0)  # the virtual tokens make every block need gradients
+        for f in feats:
+            f.update(shared=0, per=0)
+        feats[0]["norm_in"] = 2 * shape.hidden
+    else:
+        feats = adapter_features(shape, targets, rank)
+    extra_norms = (shape.norms_per_layer - 2) * (4 + 2 * plan.compute_bytes) * shape.hidden
+    linears = {name: fan_out for name, _, fan_out in shape.linears()}
+    dout = sum(linears[t] for t in targets)
+    blocks = []
+    for f in feats:
+        b = sum(params[k] * f[k] for k in f) + extra_norms
+        if method == "dora":
+            b += 4 * dout  # base output and magnitude scale, saved per adapted linear
+        if method == "ia3":
+            b += plan.compute_bytes * dout
+        blocks.append(b)
+    return sum(blocks), max(blocks) if blocks else 0
