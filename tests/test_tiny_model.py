@@ -77,11 +77,11 @@ def test_chat_template_renders_chatml(tiny):
 
 
 @pytest.mark.parametrize("prompt, expected", [
-    ("uppercase: lamp", "LAMP"),
     ("copy: garden", "garden"),
+    ("copy: lamp", "lamp"),
     ("first letter: music", "m"),
-    ("last letter: stone", "e"),
-    ("spell: kite", "k i t e"),
+    ("length: garden", "6"),
+    ("join: k i t e", "kite"),
 ])
 def test_answers_pretraining_tasks_and_stops_at_eos(tiny, prompt, expected):
     tok, model = tiny
