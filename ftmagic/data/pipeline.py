@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ftmagic.data.build import Built, build_examples
@@ -53,8 +53,7 @@ class PreparedData:
     train: list
     eval: Optional[list]
     stats: dict
-    template: Optional[ChatTemplate] = None
-    built: list = field(default_factory=list, repr=False)  # per source, for inspection
+    template: Optional[ChatTemplate] = None  # what generation must use (RunResult.generate renders with it)
 
 
 def data_sources(data: Any, key: str = "data") -> list:
@@ -128,7 +127,8 @@ def prepare_data(config, tokenizer) -> PreparedData:
         eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
-    return PreparedData(train_rows, eval_rows, stats, template, built)
+    # Only the rows are kept: the rendered texts and raw records would double the memory of a run.
+    return PreparedData(train_rows, eval_rows, stats, template)
 
 
 # --------------------------------------------------------------------------- steps
