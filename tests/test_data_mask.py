@@ -241,3 +241,21 @@ def test_template_refusing_partial_conversations_falls_back_to_search(test_token
     assert enc.method == "search"
     want_ids, want_labels = expected(tok, [("user:\nq<|im_end|>assistant:\n", False), ("a<|im_end|>", True)])
     assert (enc.input_ids, enc.labels) == (want_ids, want_labels)
+
+
+def test_template_that_rewrites_history_like_reasoning_models(test_tokenizer):
+    # Like Qwen3: only the last assistant turn carries an (empty) reasoning block.
+    tok = test_tokenizer
+    jinja = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+             "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    single = encode_example(tok, {"prompt": "q", "completion": "a"}, template=jinja)
+    assert single.method == "prefix"  # the empty reasoning block belongs to the trained answer
+    assert tok.decode([i for i in single.labels if i != IGNORE]) == "<think>\n\n</think>\n\na<|im_end|>"
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    multi = encode_example(tok, conv, template=jinja)
+    assert multi.method == "search"  # an earlier turn renders differently once it is not the last
+    assert tok.decode([i for i in multi.labels if i != IGNORE]) == "a1<|im_end|>a2<|im_end|>"
+    assert multi.text == tok.apply_chat_template(conv, chat_template=jinja, tokenize=False)
