@@ -71,6 +71,17 @@ def run(args: argparse.Namespace) -> int:
                      max_seq_len=args.max_seq_len, train_on=args.train_on, columns=columns,
                      system_prompt=args.system_prompt, batch_size=args.batch_size)
     cleaned = clean(args.data, args.write_clean, format=args.format, columns=columns) if args.write_clean else None
+    try:
+        _print(report, cleaned, args)
+    except BrokenPipeError:  # `ftmagic preview data.jsonl | head` closed the pipe early: not an error
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print(report, cleaned, args) -> None:
     if args.json:
         out = report.to_dict()
         if cleaned is not None:
@@ -80,4 +91,3 @@ def run(args: argparse.Namespace) -> int:
         print(report.to_text(max_problems=args.max_problems))
         if cleaned is not None:
             print(f"clean: {cleaned.summary()}")
-    return 0
