@@ -140,3 +140,13 @@ def test_mixture_of_formats_with_per_source_columns(test_tokenizer):
     assert len(prepared.train) == 4
     texts = [test_tokenizer.decode(r["input_ids"]) for r in prepared.train]
     assert all(t.startswith("<|im_start|>system\nS<|im_end|>") for t in texts)
+
+
+def test_data_layer_imports_no_heavy_modules():
+    import subprocess
+    import sys
+
+    code = ("import sys, ftmagic.data, ftmagic.data.report, ftmagic.widgets.preview, ftmagic.commands.preview; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ipywidgets', 'datasets', 'pandas'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
