@@ -82,3 +82,18 @@ def test_logging_steps_thin_the_events_not_the_history(test_model_dir, test_toke
                          emit=events.append)
     assert [e["step"] for e in events if e["event"] == "step"] == [2, 4, 5]
     assert [e["step"] for e in outcome.history] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_step_matches_the_model_forward(test_model_dir, test_tokenizer, monkeypatch, packed):
+    import ftmagic.engine.loop as loop
+    from ftmagic.data import pack
+
+    rows = _rows(test_tokenizer, 12)
+    if packed:
+        rows = pack(rows, 64)
+    assert loop.supports_fast_path(_model(test_model_dir))
+    _, fast = _loop(_model(test_model_dir), rows, PLAN)
+    monkeypatch.setattr(loop, "supports_fast_path", lambda model: False)
+    _, slow = _loop(_model(test_model_dir), rows, PLAN)
+    assert fast == pytest.approx(slow, abs=1e-5)

@@ -9,6 +9,11 @@ The loss of one optimizer step is the mean over every trained token of all its
 micro-batches (not a mean of per-batch means), so gradient accumulation gives the same
 update as one large batch.
 
+Causal LMs take the fast step of :mod:`ftmagic.engine.fastpath`: each micro-batch is
+flattened into one unpadded row whose examples attend only to themselves, and only
+labelled positions go through the output layer. Prompt learning and models with unusual
+heads run the model's own forward on padded batches (block-diagonal masks for packed rows).
+
 Progress is reported only through ``emit(dict)`` (see the events in the package plan).
 
 Example::
@@ -31,6 +36,7 @@ import torch
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.collate import collate, count_targets
 from ftmagic.engine.device import build_optimizer
+from ftmagic.engine.fastpath import fast_loss, flatten_batch, supports_fast_path, varlen_attention
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -123,19 +129,39 @@ def evaluate(model, rows, *, batch_size: int, pad_id: int, plan, shifted: bool =
         return None
     was_training = model.training
     model.eval()
+    fast = supports_fast_path(model)
     total, tokens = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), _attention(model, fast):
         for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start:start + batch_size], pad_id, plan.torch_dtype)
+            batch = make_batch(rows[start:start + batch_size], pad_id, plan, fast)
             n = count_targets(batch["labels"], shifted)
             if n == 0:
                 continue
             with _autocast(plan):
-                loss = model(**_to(batch, plan.device), use_cache=False).loss
+                loss = _mean_loss(model, batch, plan, fast, n)
             total += float(loss) * n
             tokens += n
     model.train(was_training)
     return total / tokens if tokens else None
+
+
+def make_batch(rows, pad_id: int, plan, fast: bool) -> dict:
+    """One unpadded row for the fast path (:mod:`ftmagic.engine.fastpath`), else a padded batch."""
+    return flatten_batch(rows) if fast else collate(rows, pad_id, plan.torch_dtype)
+
+
+def _attention(model, fast: bool):
+    # Per-example attention for flattened rows; forward, backward and checkpoint recomputation run inside.
+    return varlen_attention(model) if fast else nullcontext()
+
+
+def _mean_loss(model, batch: dict, plan, fast: bool, n: int):
+    """Mean next-token loss over the ``n`` trained tokens of ``batch``."""
+    if fast:
+        # Only labelled positions reach the output layer, in chunks: no full [tokens, vocab] logits.
+        return fast_loss(model, _to(batch, plan.device), reduction="sum") / n
+    # No KV cache in training: it would only hold memory until the step ends.
+    return model(**_to(batch, plan.device), use_cache=False).loss
 
 
 def _autocast(plan):
@@ -145,7 +171,7 @@ def _autocast(plan):
 
 
 def _to(batch: dict, device: str) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pad_id: int, max_steps: int,
@@ -158,6 +184,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
     methods, whose first real token is also a target (predicted from a virtual token).
     """
     batches = _Batches(train_rows, config.batch_size, config.seed)
+    fast = supports_fast_path(model)
     ga = config.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(optimizer_plan, params, lr=config.lr, weight_decay=config.weight_decay)
@@ -197,19 +224,19 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
     try:
         while step < max_steps:
             tick = time.perf_counter()
-            micro = [collate(batches.get(k), pad_id, plan.torch_dtype) for k in range(step * ga, step * ga + ga)]
+            micro = [make_batch(batches.get(k), pad_id, plan, fast) for k in range(step * ga, step * ga + ga)]
             counts = [count_targets(b["labels"], shifted) for b in micro]
             window = sum(counts)
             step_loss = 0.0
             for batch, n in zip(micro, counts):
                 if n == 0:
                     continue
-                with _autocast(plan):
-                    # No KV cache in training: it would only hold memory until the step ends.
-                    loss = model(**_to(batch, plan.device), use_cache=False).loss
-                # Weight each micro-batch by its share of the window's trained tokens.
-                scaled = loss * (n / window)
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                with _attention(model, fast):
+                    with _autocast(plan):
+                        loss = _mean_loss(model, batch, plan, fast, n)
+                    # Weight each micro-batch by its share of the window's trained tokens.
+                    scaled = loss * (n / window)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss = step_loss + loss.detach() * (n / window)  # stays on the device: no sync per micro-batch
             step_loss = float(step_loss)
             if scaler:
