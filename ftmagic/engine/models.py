@@ -91,18 +91,11 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
     if qlora_compute_dtype:
         kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
-    from transformers.utils import logging as hf_logging
-
-    # The engine reports progress through events; a loading bar would clutter the front's output.
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_not_found(path, exc)) from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if not qlora_compute_dtype:
         model.to(device)
     elif device == "cpu":
@@ -124,6 +117,20 @@ def _plain_cpu_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def quiet_progress():
+    """No transformers loading/saving bars: the engine reports progress through events only."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

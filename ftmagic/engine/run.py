@@ -34,7 +34,8 @@ from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device,
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.reporting import make_reporters
-from ftmagic.engine.models import SMOKE_MAX_STEPS, load_model, load_tokenizer, resolve_model_path, smoke_mode
+from ftmagic.engine.models import (SMOKE_MAX_STEPS, load_model, load_tokenizer, quiet_progress, resolve_model_path,
+                                   smoke_mode)
 from ftmagic.engine.result import RUN_FILE, RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 
@@ -270,7 +271,8 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
 
     out.mkdir(parents=True, exist_ok=True)
     # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
-    model.save_pretrained(str(out))
+    with quiet_progress():
+        model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
@@ -299,7 +301,8 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> s
     base = load_model(base_path, device=device, weight_dtype=dtype)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(target))
+    with quiet_progress():
+        merged.save_pretrained(str(target))
     load_tokenizer(str(adapter_dir)).save_pretrained(str(target))
     return str(target)
 
