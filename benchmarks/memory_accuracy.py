@@ -16,8 +16,8 @@ counted at NF4 size) because bitsandbytes' CPU kernels are not what a GPU run us
 
 Usage::
 
-    python benchmarks/memory_accuracy.py            # the full matrix (a few minutes on 2 cores)
-    python benchmarks/memory_accuracy.py --quick    # 8 rows
+    python benchmarks/memory_accuracy.py            # the full matrix, 48 rows (15-30 minutes on 2 busy cores)
+    python benchmarks/memory_accuracy.py --quick    # 7 rows
     python benchmarks/memory_accuracy.py --json out.json
 """
 
@@ -34,34 +34,38 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ftmagic.memory import estimate_memory  # noqa: E402
-from ftmagic.memory.architectures import ModelShape  # noqa: E402
+from ftmagic.memory.architectures import ModelShape, resolve_model  # noqa: E402
 
 MIB = 2 ** 20
 
-# Small Llama shapes whose real step runs in about a second on a laptop CPU.
+# Small shapes whose real step runs in about a second on a laptop CPU, plus one public model.
 MODELS = {
     "llama-s": ModelShape(name="llama-s", model_type="llama", hidden=256, intermediate=688, layers=4, heads=8,
                           kv_heads=4, vocab=8000),
     "llama-m": ModelShape(name="llama-m", model_type="llama", hidden=512, intermediate=1376, layers=6, heads=8,
                           kv_heads=2, vocab=16000, tied=True),
+    "gemma-s": ModelShape(name="gemma-s", model_type="gemma2", hidden=256, intermediate=704, layers=4, heads=4,
+                          kv_heads=2, vocab=8000, head_dim=64, tied=True, norms_per_layer=4, final_logit_softcap=30.0),
+    "smollm2-135m": resolve_model("smollm2-135m"),
 }
 
 
+def _rows(model, methods, shapes, gcs=(False, True)) -> list:
+    return [dict(model=model, method=m, precision=p, batch_size=b, seq_len=s, gradient_checkpointing=gc)
+            for m, p in methods for b, s in shapes for gc in gcs]
+
+
 def matrix(quick: bool) -> list:
-    rows = []
-    for model in MODELS:
-        for method, precision in (("full", "bf16"), ("full", "fp32"), ("lora", "bf16"), ("lora", "fp32"),
-                                  ("qlora", "bf16")):
-            for batch, seq in ((1, 512), (4, 128), (4, 512)):
-                for gc in (False, True):
-                    rows.append(dict(model=model, method=method, precision=precision, batch_size=batch,
-                                     seq_len=seq, gradient_checkpointing=gc))
+    every = (("full", "bf16"), ("full", "fp32"), ("lora", "bf16"), ("lora", "fp32"), ("qlora", "bf16"))
+    main3 = (("full", "bf16"), ("lora", "bf16"), ("qlora", "bf16"))
+    rows = (_rows("llama-s", every, ((1, 512), (4, 128), (4, 512)))
+            + _rows("llama-m", main3, ((1, 512), (4, 512)))
+            + _rows("gemma-s", (("full", "bf16"), ("lora", "bf16")), ((2, 256),))
+            + _rows("smollm2-135m", (("lora", "bf16"),), ((1, 256),), (False,))
+            + _rows("smollm2-135m", (("full", "bf16"),), ((1, 256),), (True,)))
     if quick:
         rows = [r for r in rows if r["model"] == "llama-s" and r["seq_len"] == 512 and r["batch_size"] == 4
-                and r["precision"] == "bf16"] + [dict(model="llama-m", method="lora", precision="bf16", batch_size=4,
-                                                      seq_len=512, gradient_checkpointing=False),
-                                                 dict(model="llama-m", method="full", precision="fp32", batch_size=1,
-                                                      seq_len=512, gradient_checkpointing=True)]
+                and r["precision"] == "bf16"] + _rows("llama-m", (("lora", "bf16"),), ((4, 512),), (False,))
     return rows
 
 
@@ -101,7 +105,7 @@ def format_table(results: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 rows instead of the full matrix")
+    parser.add_argument("--quick", action="store_true", help="7 rows instead of the full matrix")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

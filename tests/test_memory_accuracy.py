@@ -41,6 +41,16 @@ def test_analytic_estimate_within_10_percent_of_measured(settings):
     assert est.peak_phase == max(measured.phases, key=measured.phases.get)
 
 
+def test_gemma2_eager_attention_scores_are_counted():
+    """Gemma 2 trains with eager attention: batch x heads x seq x seq scores per block."""
+    shape = ModelShape(name="tiny-gemma2", model_type="gemma2", hidden=64, intermediate=176, layers=2, heads=4,
+                       kv_heads=2, vocab=512, head_dim=16, tied=True, norms_per_layer=4, final_logit_softcap=30.0)
+    settings = dict(method="lora", precision="bf16", batch_size=2, seq_len=128)
+    measured = trace_step(shape, fake=False, **settings)
+    est = estimate_memory(shape, device="cpu", **settings)
+    assert abs(est.total_bytes - measured.peak_bytes) / measured.peak_bytes < 0.10
+
+
 def test_exact_mode_within_3_percent_of_measured():
     settings = dict(method="lora", precision="bf16", batch_size=2, seq_len=128)
     measured = trace_step(TINY, fake=False, **settings)

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Optional
 
 from ftmagic.errors import ConfigError
@@ -37,6 +38,7 @@ from ftmagic.memory.policy import ALL_METHODS, weight_plan, resolve_precision
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 blocks
 GIB = 1024 ** 3
+EAGER_ATTENTION = ("gemma2",)  # architectures trained with the eager attention kernel (seq x seq scores)
 
 # Keys of MemoryEstimate.breakdown, in the order they stack in the bar.
 DEVICE_KEYS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
@@ -286,7 +288,13 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
     logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
     gc = s["gradient_checkpointing"]
-    layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total)
+    # Eager attention (Gemma 2's soft-capped logits) materialises batch x heads x seq x seq
+    # scores per block: the soft-capped scores and the fp32 softmax are saved (calibrated on traces).
+    eager = 0
+    if shape.model_type in EAGER_ATTENTION:
+        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not adapter_method
+                                                            else (2 + plan.compute_bytes))
+    layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total) + (0 if gc else shape.layers * eager)
     act_held = layers_held + tokens * outside
     if plan.autocast is not None:  # autocast's half-precision copies of the fp32 trainable weights, saved for backward
         act_held += trainable * plan.compute_bytes
@@ -303,7 +311,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     temp = tokens * (2 * plan.compute_bytes * shape.intermediate + 4 * shape.hidden)
     if accumulated:
         grads_deep = grads
-    bwd_deep = static + grads_deep + act_held + (tokens * per_layer if gc else 0) + temp
+    bwd_deep = static + grads_deep + act_held + (tokens * per_layer + eager if gc else 0) + temp
     bwd = max(bwd_loss, bwd_deep)
     step = static + grads + transient
     phases = {"forward": int(fwd), "backward": int(bwd), "optimizer_step": int(step)}
@@ -318,7 +326,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
             breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_bwd))
         else:
             breakdown.update(gradients=int(grads_deep),
-                             activations=int(act_held + (tokens * per_layer if gc else 0) + temp))
+                             activations=int(act_held + (tokens * per_layer + eager if gc else 0) + temp))
     else:
         breakdown.update(gradients=int(grads), optimizer_step_transient=int(transient))
     total = sum(breakdown.values())
@@ -356,7 +364,7 @@ def _layer_bytes_per_token(shape: ModelShape, method: str, plan, s: dict) -> flo
     return per + extra_norms
 
 
-def adapter_features(shape: ModelShape, targets: list, rank: int) -> list:
+def adapter_features(shape: ModelShape, targets, rank: int) -> list:
     """Per block, what a frozen base with adapters on ``targets`` must save, as counts per token.
 
     Gradients flow only from the first adapter on: a block saves a tensor only when
@@ -401,6 +409,11 @@ def adapter_features(shape: ModelShape, targets: list, rank: int) -> list:
     return layers
 
 
+@lru_cache(maxsize=256)
+def _cached_features(shape: ModelShape, targets: tuple, rank: int) -> list:
+    return adapter_features(shape, list(targets), rank)
+
+
 def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     """(bytes per token over all blocks, the largest single block) for adapter methods."""
     targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
@@ -417,7 +430,7 @@ def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
             f.update(shared=0, per=0)
         feats[0]["norm_in"] = 2 * shape.hidden
     else:
-        feats = adapter_features(shape, targets, rank)
+        feats = _cached_features(shape, tuple(targets), rank)
     extra_norms = (shape.norms_per_layer - 2) * (4 + 2 * plan.compute_bytes) * shape.hidden
     linears = {name: fan_out for name, _, fan_out in shape.linears()}
     dout = sum(linears[t] for t in targets)

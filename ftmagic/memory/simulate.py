@@ -43,6 +43,10 @@ UNTRACEABLE_OPTIMIZERS = {
 }
 
 
+# Architectures whose attention (logit soft-capping) runs only in the eager kernel here.
+EAGER_ONLY = ("gemma2",)
+
+
 @dataclass
 class TraceResult:
     """What one traced training step used.
@@ -78,6 +82,8 @@ def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
     except ValueError as exc:
         raise ConfigError(f"exact mode cannot build `model_type: {model_type}` ({exc})") from None
     config.use_cache = False
+    if model_type in EAGER_ONLY:
+        attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model
 

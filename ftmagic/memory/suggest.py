@@ -125,12 +125,13 @@ def _combination(model: Any, base: dict, gpu_total_bytes: int) -> Optional[Sugge
     labels, changes = [], {}
     for _ in range(8):
         options = []
+        current = estimate_memory(model, **settings).total_bytes
         for cost, label, change in _candidates(settings):
             try:
                 est = estimate_memory(model, **{**settings, **change})
             except FtmagicError:
                 continue
-            if est.total_bytes < estimate_memory(model, **settings).total_bytes:
+            if est.total_bytes < current:
                 options.append((cost, label, change, est))
         if not options:
             return None
