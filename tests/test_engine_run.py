@@ -397,3 +397,12 @@ def test_bf16_lora_reloads_to_the_same_generations(test_model_dir, tmp_path):
     reloaded = RunResult.load(tmp_path / "out")
     assert reloaded.generate("reverse: abc", max_new_tokens=5, min_new_tokens=5) == \
         result.generate("reverse: abc", max_new_tokens=5, min_new_tokens=5)
+
+
+@pytest.mark.skipif(not (models.TINY_DIR / "config.json").exists(), reason="the embedded model is not built")
+def test_qlora_on_the_embedded_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("FTMAGIC_SMOKE", raising=False)
+    result, events = _train("tiny", tmp_path / "out", method="qlora", max_steps=2)
+    assert events[0]["model"] == "tiny" and events[0]["method"] == "qlora"
+    assert [e for e in events if e["event"] == "message"] == []
+    assert result.metrics["steps"] == 2 and isinstance(result.generate("reverse: abc", max_new_tokens=4), str)
