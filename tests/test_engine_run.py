@@ -406,3 +406,11 @@ def test_qlora_on_the_embedded_tiny_model(tmp_path, monkeypatch):
     assert events[0]["model"] == "tiny" and events[0]["method"] == "qlora"
     assert [e for e in events if e["event"] == "message"] == []
     assert result.metrics["steps"] == 2 and isinstance(result.generate("reverse: abc", max_new_tokens=4), str)
+
+
+def test_message_levels(test_model_dir, tmp_path):
+    _, events = _train(test_model_dir, tmp_path / "out", resume=True, max_steps=1, save_steps=1)
+    assert [(e["level"], e["text"].split(";")[0]) for e in events if e["event"] == "message"] == \
+        [("warning", f"no checkpoint in {tmp_path / 'out' / 'checkpoints'}")]
+    _, events = _train(test_model_dir, tmp_path / "out", resume=True, max_steps=2, save_steps=1)
+    assert [(e["level"], e["text"]) for e in events if e["event"] == "message"] == [("info", "resuming from step-00000001")]

@@ -67,7 +67,7 @@ def finetune(config: Any = None, *, on_event: Optional[Callable[[dict], None]] =
     """
     cfg = resolve_config(config, overrides)
     emit = on_event or (lambda event: None)
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []  # (level, text) messages, sent right after the plan event
     try:
         return _run(cfg, emit, stop, notes)
     except torch.OutOfMemoryError:
@@ -112,12 +112,12 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     if smoke_mode():
-        notes.append(f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of `{cfg.model}` "
-                     f"and at most {SMOKE_MAX_STEPS} steps")
+        notes.append(("info", f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
+                              f"`{cfg.model}` and at most {SMOKE_MAX_STEPS} steps"))
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method)
     if plan.fallback:
-        notes.append(plan.fallback)
+        notes.append(("warning", plan.fallback))
     method = get_method(plan.method)
 
     out = Path(cfg.output_dir)
@@ -141,8 +141,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
           "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
           "train_records": data.stats.get("train_examples", len(data.train)),
           "eval_records": data.stats.get("eval_examples", len(data.eval or [])), "output_dir": str(out)})
-    for text in notes:
-        emit({"event": "message", "level": "warning" if "using" in text else "info", "text": text})
+    for level, text in notes:
+        emit({"event": "message", "level": level, "text": text})
     if plan.device == "cuda" and not cfg.skip_memory_check:
         _preflight(cfg, plan)
 
@@ -189,7 +189,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     metrics = {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
                "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
                "trained_tokens": outcome.trained_tokens, "runtime_s": outcome.runtime_s,
-               "peak_memory_bytes": outcome.peak_memory_bytes, "stopped": outcome.reason != "finished",
+               "peak_memory_bytes": outcome.peak_memory_bytes,
+               "stopped": outcome.reason in ("stopped", "interrupted"),
                "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
                "method": plan.method, "device": plan.device, "precision": plan.precision,
                "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str, bool))}}
@@ -234,9 +235,9 @@ def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[P
         ckpt.clean_temporaries(out / "checkpoints")
         found = ckpt.latest_checkpoint(out / "checkpoints")
         if found is None:
-            notes.append(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+            notes.append(("warning", f"no checkpoint in {out / 'checkpoints'}; starting from step 0"))
         else:
-            notes.append(f"resuming from {found.name}")
+            notes.append(("info", f"resuming from {found.name}"))
         _write_run_file(out, cfg, identity, finished=False)
         return found
 
@@ -248,7 +249,7 @@ def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[P
             raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
                                   f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
                                   "or choose another `output_dir`")
-        notes.append(f"replacing the earlier result of this same config in {out}")
+        notes.append(("info", f"replacing the earlier result of this same config in {out}"))
     if busy:
         for name in _OUTPUT_NAMES:
             target = out / name
