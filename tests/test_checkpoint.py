@@ -105,3 +105,16 @@ def test_crash_during_a_run_then_resume_is_exact(test_model_dir, tmp_path, monke
     for step in after:
         assert after[step] == pytest.approx(reference[step], abs=1e-5)
     assert result.metrics["steps"] == 6
+
+
+def test_best_weights_travel_with_the_checkpoint(tmp_path):
+    model, opt, sched = _parts()
+    best = ckpt.trainable_state(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the snapshot is a copy, not a view of the live weights
+    assert not torch.equal(best["weight"], model.weight)
+    path = ckpt.save_checkpoint(tmp_path, step=3, model=model, optimizer=opt, scheduler=sched, scaler=None,
+                                state={"step": 3}, best=best)
+    loaded = ckpt.load_best(path)
+    assert torch.equal(loaded["weight"], best["weight"]) and torch.equal(loaded["bias"], best["bias"])
+    assert ckpt.load_best(_save(tmp_path, 4, model, opt, sched)) is None

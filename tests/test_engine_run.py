@@ -11,6 +11,7 @@ from ftmagic.engine.collate import collate
 from ftmagic.engine.loop import lr_factor, plan_steps, warmup_steps
 from ftmagic.engine.run import _oom_message, finetune
 from ftmagic.config import FinetuneConfig
+from ftmagic.engine.device import DeviceCaps, choose_device
 from ftmagic.errors import CheckpointError, ConfigError, ModelError
 
 from engine_helpers import collect, reversal_records, step_losses
@@ -128,10 +129,26 @@ def test_early_stopping(test_model_dir, tmp_path):
     # lr so large that eval loss cannot keep improving; patience 1 stops at the first bad eval.
     result, events = _train(test_model_dir, tmp_path / "out", eval_data=reversal_records(4, seed=2), eval_steps=1,
                             early_stopping_patience=1, max_steps=30, lr=5.0, scheduler="constant", warmup=0)
-    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    evals = [e for e in events if e["event"] == "eval"]
     assert result.metrics["reason"] == "early_stopping" and result.metrics["steps"] < 30
-    assert evals[-1] >= min(evals[:-1])
+    assert result.metrics["stopped"] is False
+    assert evals[-1]["eval_loss"] >= min(e["eval_loss"] for e in evals[:-1])
     assert events[-1]["reason"] == "early_stopping"
+    best = min(evals, key=lambda e: e["eval_loss"])
+    messages = [e["text"] for e in events if e["event"] == "message"]
+    assert messages == [f"early stopping: kept the weights of step {best['step']} (best eval loss {best['eval_loss']:.4f})"]
+    assert result.metrics["eval_loss"] == best["eval_loss"]
+
+    # The saved model really is the best one: evaluate it again.
+    from ftmagic.data import prepare_data
+    from ftmagic.engine.loop import evaluate
+    from ftmagic.engine.result import RunResult
+
+    reloaded = RunResult.load(tmp_path / "out")
+    rows = prepare_data(result.config, reloaded.tokenizer).eval
+    plan = choose_device(DeviceCaps())
+    again = evaluate(reloaded.model, rows, batch_size=4, pad_id=reloaded.tokenizer.pad_token_id, plan=plan)
+    assert again == pytest.approx(best["eval_loss"], abs=1e-5)
 
 
 def test_schedules():

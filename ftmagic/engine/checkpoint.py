@@ -35,8 +35,10 @@ PREFIX = "step-"
 
 
 def trainable_state(model) -> dict:
-    """The parameters that train, by name (all of them for full fine-tuning)."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of the parameters that train, by name (all of them for full fine-tuning)."""
+    # copy=True: on the CPU `.to("cpu")` would return the live tensor, which keeps training.
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -72,11 +74,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict) -> None:
+def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None) -> None:
     """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it)."""
     from safetensors.torch import save_file
 
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file(best, str(tmp / "best.safetensors"))  # weights of the best evaluation (early stopping)
     if hasattr(model, "peft_config"):
         # The adapter in PEFT format too (a few MB), so any checkpoint can be loaded for inference.
         model.save_pretrained(str(tmp))
@@ -88,7 +92,8 @@ def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict)
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
-def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
+                    best: Optional[dict] = None) -> Path:
     """Atomically write checkpoint ``step`` under ``root`` and drop all but the newest ``keep`` (0: keep all)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -98,7 +103,7 @@ def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, sta
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state)
+        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, best=best)
         (tmp / MARKER).write_text(str(step), encoding="utf-8")
         for item in tmp.iterdir():
             _fsync_file(item)
@@ -172,6 +177,14 @@ def load_checkpoint(path, *, model, optimizer, scheduler, scaler) -> dict:
             raise
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); delete it to resume from the one before") from None
+
+
+def load_best(path) -> Optional[dict]:
+    """The best-evaluation weights stored with a checkpoint, or None."""
+    from safetensors.torch import load_file
+
+    best = Path(path) / "best.safetensors"
+    return load_file(str(best)) if best.is_file() else None
 
 
 def clean_temporaries(root) -> None:

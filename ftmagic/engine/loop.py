@@ -86,6 +86,9 @@ def memory_bytes(device: str) -> int:
         return 0
 
 
+BEST_COPY_LIMIT = 2**28  # trainable elements (1 GiB in fp32) up to which the best weights are kept in memory
+
+
 @dataclass
 class LoopOutcome:
     reason: str  # finished | stopped | interrupted | early_stopping
@@ -195,11 +198,17 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
 
     step, trained_tokens, best_eval, bad_evals, history = 0, 0, None, 0, []
     elapsed_before, last_eval, last_loss = 0.0, None, None
+    # With early stopping, a CPU copy of the trainable weights at the best evaluation, restored
+    # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
+    keep_best = bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
+    best_weights, best_step = None, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         step, trained_tokens = state["step"], state["trained_tokens"]
         best_eval, bad_evals, history = state["best_eval"], state["bad_evals"], state["history"]
         elapsed_before, last_eval, last_loss = state["elapsed_s"], state.get("eval_loss"), state.get("train_loss")
+        best_step = state.get("best_step")
+        best_weights = ckpt.load_best(resume_from) if keep_best else None
 
     def save() -> Optional[str]:
         nonlocal saved_at
@@ -210,9 +219,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         state = {"step": step, "epoch": epoch, "batch_index": index, "order_seed": config.seed,
                  "trained_tokens": trained_tokens, "best_eval": best_eval, "bad_evals": bad_evals,
                  "history": history, "elapsed_s": elapsed_before + (time.perf_counter() - started),
-                 "eval_loss": last_eval, "train_loss": last_loss}
+                 "eval_loss": last_eval, "train_loss": last_loss, "best_step": best_step}
         path = ckpt.save_checkpoint(checkpoint_root, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, state=state, keep=config.save_total_limit)
+                                    scaler=scaler, state=state, keep=config.save_total_limit, best=best_weights)
         emit({"event": "checkpoint", "step": step, "path": str(path)})
         return str(path)
 
@@ -275,7 +284,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
                 history.append(ev)
                 emit(ev)
                 if last_eval is not None and (best_eval is None or last_eval < best_eval):
-                    best_eval, bad_evals = last_eval, 0
+                    best_eval, bad_evals, best_step = last_eval, 0, step
+                    if keep_best:
+                        best_weights = ckpt.trainable_state(model)
                 else:
                     bad_evals += 1
                 if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
@@ -303,6 +314,20 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         emit(ev)
         if last_eval is not None and (best_eval is None or last_eval < best_eval):
             best_eval = last_eval
+    if reason == "early_stopping" and best_step is not None and best_step != step:
+        if best_weights is not None:
+            # The run ends with the weights of its best evaluation, not the ones that stopped improving.
+            current = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in best_weights.items():
+                    current[name].copy_(tensor.to(current[name].device, current[name].dtype))
+            last_eval = best_eval
+            emit({"event": "message", "level": "info",
+                  "text": f"early stopping: kept the weights of step {best_step} (best eval loss {best_eval:.4f})"})
+        else:
+            emit({"event": "message", "level": "info",
+                  "text": f"early stopping: the saved weights are those of step {step}; the best eval loss was at "
+                          f"step {best_step} (its checkpoint, if kept, is in checkpoints/)"})
     runtime = elapsed_before + (time.perf_counter() - started)
     return LoopOutcome(reason=reason, step=step, train_loss=last_loss, eval_loss=last_eval, best_eval_loss=best_eval,
                        trained_tokens=trained_tokens, runtime_s=runtime, peak_memory_bytes=peak, history=history,
