@@ -19,7 +19,7 @@ from ftmagic.errors import ConfigError
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     """Declare the arguments of ``ftmagic train``."""
-    parser.add_argument("config", metavar="CONFIG.yaml", help="YAML file with the run's settings (same keys as %%finetune)")
+    parser.add_argument("config", metavar="CONFIG.yaml", help="YAML file with the run's settings (same keys as %%%%finetune)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set lr=1e-4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
