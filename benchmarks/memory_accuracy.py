@@ -107,13 +107,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="7 rows instead of the full matrix")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--only", metavar="WORD", help="only rows whose model or method is WORD (e.g. qlora, gemma-s)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
-    for row in matrix(args.quick):
+    rows = [r for r in matrix(args.quick) if not args.only or args.only in (r["model"], r["method"])]
+    for row in rows:
         results.append(run_row(row))
         print(format_table(results[-1:]).splitlines()[2], flush=True)
     print()

@@ -56,8 +56,10 @@ _ADAPTER_PARAMS = {
     (4, False, True): dict(norm_in=4, attn=4, mlp=4, shared=0, per=4, r=0, const=0),
     (2, False, False): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=2, const=57),
     (2, False, True): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=0, const=0),
-    (2, True, False): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=2, const=270),
-    (2, True, True): dict(norm_in=4, attn=2, mlp=2, shared=0, per=2, r=0, const=70),
+    # QLoRA: peft keeps norms and embeddings in fp32 and Linear4bit casts its output back
+    # to its input dtype, so the residual stream and the MLP's saved tensors are fp32.
+    (2, True, False): dict(norm_in=4, attn=2.5, mlp=4, shared=0, per=2, r=2, const=24),
+    (2, True, True): dict(norm_in=4, attn=2.5, mlp=4, shared=0, per=2, r=0, const=0),
 }
 # Dropout saves its mask per adapter: a bool on CUDA (native_dropout), but on CPU torch
 # multiplies by a noise tensor of the input's dtype (fp32: peft casts adapter inputs to
@@ -283,7 +285,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     else:  # the final norm's fp32 input, normed value and output (the head's input, for its weight gradient)
         outside = (4 + 2 * c_res) * shape.hidden + 8
     v = shape.vocab
-    softcap = 3 * c_logit if shape.final_logit_softcap else 0  # divide, tanh, multiply copies of the logits
+    softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
     logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
     logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
     logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
@@ -298,6 +300,8 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     act_held = layers_held + tokens * outside
     if plan.autocast is not None:  # autocast's half-precision copies of the fp32 trainable weights, saved for backward
         act_held += trainable * plan.compute_bytes
+    if plan.quantized:  # the fp32 output head (upcast by peft) is cast to the compute dtype and saved for backward
+        act_held += shape.vocab * shape.hidden * plan.compute_bytes
     static = frozen + train_w + states  # alive through the whole steady-state step
 
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
@@ -308,7 +312,8 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     layer_grads = trainable / max(shape.layers, 1)
     embed_grads = shape.embedding_params if (method == "full" and not shape.tied) else 0
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
-    temp = tokens * (2 * plan.compute_bytes * shape.intermediate + 4 * shape.hidden)
+    mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
+    temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
     if accumulated:
         grads_deep = grads
     bwd_deep = static + grads_deep + act_held + (tokens * per_layer + eager if gc else 0) + temp

@@ -172,7 +172,11 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     # whose adapter `.to()` calls cannot swap fake parameters.
     with torch.device("meta") if fake else _null():
         net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation)
-        quantized = _quantize_stand_in(net, dtypes[plan.compute_bytes]) if plan.quantized else 0
+        quantized, quant_states = 0, []
+        if plan.quantized and not fake and _bnb_available():
+            quant_states = _quantize_bnb(net, dtypes[plan.compute_bytes])  # real NF4 weights, CPU kernels
+        elif plan.quantized:
+            quantized = _quantize_stand_in(net, dtypes[plan.compute_bytes])
         net = prepare_method(net, shape, method=method, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=target_modules,
                              num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
@@ -213,7 +217,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         tracker = _tracker_class()()
-        tracker.track_external(net, opt, ids, labels)
+        tracker.track_external(net, opt, ids, labels, *quant_states)
         phases = {}
         with tracker:
             loss = step()
@@ -227,6 +231,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
             states = _flat(tracker.get_tracker_snapshot("current")).get("Optstate", 0)
             opt.zero_grad(set_to_none=True)
     frozen = sum(p.numel() * p.element_size() for p in net.parameters() if not p.requires_grad)
+    frozen += sum(t.numel() * t.element_size() for t in quant_states)
     if quantized:
         # The stand-in held the 4-bit linears in the compute dtype; count them at NF4 size.
         saved = quantized * plan.compute_bytes - int(quantized * NF4_BYTES_PER_PARAM)
@@ -313,18 +318,71 @@ def _take_peak(tracker) -> tuple:
     return peak, {k: v for k, v in snap.items() if k != "Total"}
 
 
-def _quantize_stand_in(model, dtype) -> int:
-    """Cast every linear of the blocks to ``dtype`` (frozen); return their parameter count."""
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or no kernels for this machine
+        return False
+    return True
+
+
+def _quantize_bnb(model, compute_dtype) -> list:
+    """Replace the blocks' linears by bitsandbytes NF4 (double-quantized) Linear4bit on CPU.
+
+    Returns the quantization-state tensors (absmax and friends), which are not parameters
+    and so must be handed to the tracker separately.
+    """
+    import bitsandbytes as bnb
     import torch
 
+    states = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not (isinstance(child, torch.nn.Linear) and ".layers." in f".{full}"):
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            q = q.to("cpu")  # quantizes
+            setattr(module, child_name, q)
+            qs = q.weight.quant_state
+            states += [t for t in (qs.absmax, getattr(qs.state2, "absmax", None), getattr(qs, "offset", None))
+                       if isinstance(t, torch.Tensor)]
+    model.is_loaded_in_4bit = True  # peft then wraps Linear4bit with its bnb LoRA layer
+    return states
+
+
+def _quantize_stand_in(model, dtype) -> int:
+    """Replace every linear of the blocks by a frozen stand-in for bitsandbytes' Linear4bit.
+
+    Like Linear4bit, it computes in ``dtype`` and casts its output back to the input's
+    dtype (fp32 here, since peft upcasts norms and embeddings); like MatMul4Bit it saves
+    only the weight for backward. Returns the number of weights it stands in for.
+    """
+    import torch
+
+    class StandIn4bit(torch.nn.Linear):
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
     count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
-            module.weight.data = module.weight.data.to(dtype)
-            module.weight.requires_grad_(False)
-            count += module.weight.numel()
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(dtype)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not (isinstance(child, torch.nn.Linear) and ".layers." in f".{full}"):
+                continue
+            stand_in = StandIn4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.weight.device, dtype=dtype)
+            stand_in.weight = torch.nn.Parameter(child.weight.data.to(dtype), requires_grad=False)
+            if child.bias is not None:
+                stand_in.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(module, child_name, stand_in)
+            count += child.weight.numel()
     return count
 
 
