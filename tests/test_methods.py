@@ -143,3 +143,17 @@ def test_registry_refuses_duplicates():
     assert list(METHODS) == ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"]
     with pytest.raises(ValueError, match="'lora' is already registered"):
         register(Method("lora", lambda m, c: m, adapter=True))
+
+
+def test_unknown_target_module_is_one_line(test_model_dir, tmp_path):
+    from ftmagic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^`target_modules`: qproj not found in the model; linear layers there are: "
+                                          r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj$"):
+        _train(test_model_dir, tmp_path / "out", "lora", target_modules=["qproj", "v_proj"])
+
+
+def test_explicit_target_modules(test_model_dir, tmp_path):
+    result, _ = _train(test_model_dir, tmp_path / "out", "lora", max_steps=1, target_modules=["q_proj", "v_proj"])
+    adapted = {name.split(".")[-4] for name, p in result.model.named_parameters() if p.requires_grad}
+    assert adapted == {"q_proj", "v_proj"}
