@@ -1,7 +1,10 @@
 """The training engine: the only layer that imports torch, transformers and peft.
 
-Modules: ``device`` (device, precision and optimizer choice), ``models`` (loading),
-``methods`` (the method registry), ``collate`` (batches), ``loop`` (the training loop),
-``checkpoint`` (atomic checkpoints, resume), ``run`` (:func:`finetune`), ``result``
+Modules: ``device`` (device, precision, weight dtypes and optimizer choice, pure
+functions of the machine's capabilities), ``models`` (loading, ``tiny``, smoke mode),
+``methods`` (the method registry), ``collate`` (padded batches, block-diagonal masks),
+``fastpath`` and ``losses`` (unpadded rows, per-example attention, chunked loss),
+``loop`` (the training loop), ``checkpoint`` (atomic checkpoints, resume),
+``reporting`` (TensorBoard / W&B sinks), ``run`` (:func:`finetune`), ``result``
 (:class:`RunResult`).
 """
