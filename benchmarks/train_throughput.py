@@ -62,6 +62,7 @@ MAX_LEN = 512
 SIZES = {
     # examples trained on (one epoch), held-out examples, micro-batch, gradient accumulation
     "quick": dict(train=192, eval=48, batch_size=8, grad_accum=2),
+    "probe": dict(train=96, eval=16, batch_size=8, grad_accum=2),  # for A/B runs of one change
     "full": dict(train=2000, eval=200, batch_size=8, grad_accum=2),
 }
 TRAIN_RECORDS, EVAL_RECORDS = 3000, 300  # generated once; a size trains on the first `train`
@@ -284,8 +285,9 @@ def run_trainer_peft(model_dir: str, records: list[dict], size: dict, out: str):
     return model, trainer.state.global_step
 
 
-def _trl_packed_rows(size: dict, mean_len: float) -> int:
-    # Packed rows per optimizer step so that a step sees about as many examples as the others.
+def packed_rows_per_step(size: dict, mean_len: float) -> int:
+    # With packing, a batch counts rows of up to 512 tokens: this many rows per optimizer step
+    # hold about as many examples as the others' effective batch, so all take as many steps.
     return max(1, round(size["batch_size"] * size["grad_accum"] * mean_len / MAX_LEN))
 
 
@@ -306,7 +308,7 @@ def run_trl(model_dir: str, records: list[dict], size: dict, out: str, mode: str
     ds = datasets.Dataset.from_list(records).map(tokenize, remove_columns=["messages"])
     args = _hf_schedule_args(size, out)
     if mode == "packing":
-        args.update(per_device_train_batch_size=_trl_packed_rows(size, mean_len), gradient_accumulation_steps=1)
+        args.update(per_device_train_batch_size=packed_rows_per_step(size, mean_len), gradient_accumulation_steps=1)
     # Padding-free without packing wants pre-truncated rows and max_length=None (it cannot truncate).
     config = SFTConfig(**args, max_length=MAX_LEN if mode == "packing" else None, packing=mode == "packing",
                        padding_free=mode == "padding_free", completion_only_loss=True,
@@ -322,7 +324,9 @@ def run_ftmagic(model_dir: str, records: list[dict], size: dict, out: str, extra
     """(c) ftmagic: the same settings through ``finetune``; the records go in as a list of dicts."""
     from ftmagic.engine.run import finetune
 
-    settings = dict(model=model_dir, data=records, format="messages", max_seq_len=MAX_LEN, packing=True,
+    # Exactly (a)'s batch settings. No `packing` needed: ftmagic's loop flattens every micro-batch
+    # into one unpadded row with per-example attention (packing measured no faster here).
+    settings = dict(model=model_dir, data=records, format="messages", max_seq_len=MAX_LEN, packing=False,
                     train_on="completions", epochs=1, batch_size=size["batch_size"], grad_accum=size["grad_accum"],
                     lr=HPARAMS["lr"], scheduler=HPARAMS["scheduler"], warmup=HPARAMS["warmup"],
                     weight_decay=HPARAMS["weight_decay"], max_grad_norm=HPARAMS["max_grad_norm"],
@@ -332,6 +336,43 @@ def run_ftmagic(model_dir: str, records: list[dict], size: dict, out: str, extra
     settings.update(extra)
     result = finetune(**settings)
     return result, int(result.metrics.get("steps", 0))
+
+
+FTMAGIC_VARIANTS = {
+    "full": "everything on (the default)",
+    "no_fast_path": "the model's own forward on padded packed rows with a block-diagonal 4D mask, full logits",
+    "no_chunked_loss": "flattened rows and per-example attention, but full logits and torch cross-entropy",
+    "no_varlen": "flattened rows and chunked loss, but one SDPA over the whole row with a packed mask",
+}
+
+
+def _apply_ftmagic_variant(variant: str) -> None:
+    """Turn one speed-up of ftmagic's loop off, to measure what it brings (``--ftmagic-variant``)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from ftmagic.engine import fastpath, loop
+
+    if variant == "no_fast_path":
+        loop.supports_fast_path = lambda model: False
+    elif variant == "no_chunked_loss":
+        def full_logits_loss(model, batch, *, reduction="sum"):
+            lm = fastpath._causal_lm(model)
+            inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
+            hidden = getattr(lm, lm.base_model_prefix)(**inputs, seq_bounds=batch.get("seq_bounds"),
+                                                        use_cache=False).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden).float()
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                   ignore_index=-100, reduction=reduction)
+        loop.fast_loss = full_logits_loss
+    elif variant == "no_varlen":
+        # SDPA sees the packed position_ids and builds a [T, T] block-diagonal mask itself.
+        loop.varlen_attention = lambda model: contextlib.nullcontext()
+        flatten = loop.flatten_batch
+        loop.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
+    elif variant != "full":
+        raise SystemExit(f"unknown --ftmagic-variant {variant!r}; choose from {', '.join(FTMAGIC_VARIANTS)}")
 
 
 def _ftmagic_trained_model(result, model_dir: str):
@@ -384,7 +425,8 @@ def evaluate(model, tokenizer, records: list[dict], token_budget: int = 4096) ->
     return total / count
 
 
-def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mode: str, ftmagic_extra: dict) -> None:
+def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mode: str, ftmagic_extra: dict,
+          threads: int = 0, variant: str = "full") -> None:
     # Imports first, so wall time measures the run, not loading libraries.
     import datasets  # noqa: F401
     import peft  # noqa: F401
@@ -395,6 +437,7 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
         import trl  # noqa: F401
     if system == "ftmagic":
         import ftmagic.engine.run  # noqa: F401
+        _apply_ftmagic_variant(variant)
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
@@ -412,7 +455,9 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
     if system == "trainer_peft":
         model, steps = run_trainer_peft(model_dir, records, size, out)
     elif system == "trl":
@@ -422,26 +467,31 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    # CPU seconds of this process: with --threads 1 a comparison that other load barely moves.
+    cpu = time.process_time() - cpu_start
     peak = _peak_bytes()
 
     if system == "ftmagic":
         model = _ftmagic_trained_model(result, model_dir)
     eval_loss = evaluate(model, tok, eval_records)
     report = {"wall_s": wall, "tokens_per_s": tokens / wall, "peak_bytes": peak, "eval_loss": eval_loss,
-              "trained_tokens": tokens, "steps": steps, "examples": len(records)}
+              "trained_tokens": tokens, "steps": steps, "examples": len(records), "cpu_s": cpu}
     if system == "trl":
         report["mode"] = trl_mode
+    if system == "ftmagic" and variant != "full":
+        report["variant"] = variant
     result_path.write_text(json.dumps(report))
 
 
 # ------------------------------------------------------------------------ parent
 
-def run_system(system: str, args, workdir: Path, trl_mode: str = "packing") -> dict:
+def run_system(system: str, args, workdir: Path, trl_mode: str = "padding_free") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--workdir", str(workdir),
            "--size", args.size, "--result", str(result_path), "--trl-mode", trl_mode,
-           "--ftmagic-extra", args.ftmagic_extra]
+           "--ftmagic-extra", args.ftmagic_extra, "--threads", str(args.threads),
+           "--ftmagic-variant", args.ftmagic_variant]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + f"\n{system} failed with exit status {proc.returncode}\n")
@@ -479,18 +529,23 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small size (a few minutes on 2 CPU cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by system")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
-    parser.add_argument("--trl-mode", default="packing", choices=("packing", "padding_free", "both"),
+    parser.add_argument("--trl-mode", default="padding_free", choices=("packing", "padding_free", "both"),
                         help="TRL's configuration; 'both' runs both and reports the faster as 'trl'")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ftmagic-bench"),
                         help="where the model and data are built once and reused")
     parser.add_argument("--ftmagic-extra", default="{}", help="JSON of extra finetune() settings, for experiments")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per system (default: torch's choice, all cores)")
+    parser.add_argument("--ftmagic-variant", default="full", choices=list(FTMAGIC_VARIANTS),
+                        help="turn one of ftmagic's speed-ups off: " + "; ".join(f"{k}: {v}" for k, v in FTMAGIC_VARIANTS.items()))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     if args.child:
-        child(args.child, workdir, args.size, Path(args.result), args.trl_mode, json.loads(args.ftmagic_extra))
+        child(args.child, workdir, args.size, Path(args.result), args.trl_mode, json.loads(args.ftmagic_extra),
+              args.threads, args.ftmagic_variant)
         return 0
 
     args.size = args.size or ("quick" if args.quick else "full")
