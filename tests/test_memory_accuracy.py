@@ -61,6 +61,16 @@ def test_exact_mode_within_3_percent_of_measured():
     assert sum(exact.breakdown.values()) == exact.total_bytes
 
 
+def test_qlora_stand_in_matches_real_bitsandbytes_nf4():
+    """Exact mode traces QLoRA with a stand-in; on CPU the real bitsandbytes NF4 step is measurable."""
+    pytest.importorskip("bitsandbytes")
+    settings = dict(method="qlora", precision="bf16", batch_size=2, seq_len=64, gradient_checkpointing=True)
+    real = trace_step(TINY, fake=False, **settings)
+    stand_in = trace_step(TINY, fake=True, **settings)
+    assert abs(stand_in.peak_bytes - real.peak_bytes) / real.peak_bytes < 0.03
+    assert abs(stand_in.breakdown["frozen_weights"] - real.breakdown["frozen_weights"]) < 1024  # NF4 + absmax
+
+
 def test_measured_optimizer_step_matches_the_hand_count():
     """Full fp32 AdamW, tiny batch: the peak is weights + grads + 2 states + the foreach sqrt(v) buffer."""
     measured = trace_step(TINY, fake=False, method="full", precision="fp32", batch_size=1, seq_len=8)

@@ -208,9 +208,15 @@ def test_single_change_ranking_prefers_checkpointing_when_it_fits():
 
 
 def test_preflight_uses_the_config_fields():
+    from ftmagic.memory import preflight as exported  # the name the engine imports
+
+    assert exported is preflight
     config = FinetuneConfig(model="llama-3.1-8b", method="full", batch_size=2, max_seq_len=512)
     verdict = preflight(config, 16 * GIB)
     assert not verdict.fits and verdict.suggestions and verdict.estimate.settings["seq_len"] == 512
+    assert verdict.message.startswith("does not fit this GPU (16 GiB)")
+    assert verdict.message.endswith("set `skip_memory_check: true` to try anyway")
+    assert str(verdict.suggestions[0]).startswith(verdict.suggestions[0].label + " (needs ")
     small = preflight(FinetuneConfig(model="smollm2-135m", method="lora", batch_size=1, max_seq_len=256), 80 * GIB)
     assert small.fits and "to spare" in small.message
     unknown = preflight(FinetuneConfig(model="someone/unknown-model"), 16 * GIB)

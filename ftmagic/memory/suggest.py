@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from ftmagic.errors import FtmagicError
 from ftmagic.memory.estimate import MemoryEstimate, estimate_memory
-from ftmagic.memory.gpus import (CUDA_CONTEXT_BYTES, GIB, GPU, format_bytes, headroom_bytes, required_bytes,
+from ftmagic.memory.gpus import (CUDA_CONTEXT_BYTES, GPU, format_bytes, headroom_bytes, required_bytes,
                                  resolve_gpu)
 
 
@@ -39,6 +39,9 @@ class Suggestion:
     @property
     def required_bytes(self) -> int:
         return required_bytes(self.estimate.total_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.label} (needs {format_bytes(self.required_bytes)})"
 
 
 @dataclass
@@ -215,13 +218,16 @@ def preflight(config, gpu_total_bytes: int, *, bf16_supported: bool = True) -> V
         if not verdict.fits and not config.skip_memory_check:
             raise MemoryFitError(verdict.message)
     """
-    gpu = GPU(f"GPU with {gpu_total_bytes / GIB:.1f} GiB", int(gpu_total_bytes), bf16_supported)
+    gpu = GPU("this GPU", int(gpu_total_bytes), bf16_supported)
     settings = settings_from_config(config)
     try:
         estimate = with_overheads(estimate_memory(config.model, bf16_supported=bf16_supported, **settings))
     except FtmagicError as exc:
         return Verdict(True, None, [], f"memory check skipped: {exc}", gpu)
-    return verdict_for(estimate, gpu)
+    verdict = verdict_for(estimate, gpu)
+    if not verdict.fits:
+        verdict.message += "; set `skip_memory_check: true` to try anyway"
+    return verdict
 
 
 def settings_from_config(config) -> dict:
