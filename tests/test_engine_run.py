@@ -198,13 +198,20 @@ def test_config_spellings(test_model_dir, tmp_path):
     assert finetune(cfg, lora_r=3).config.lora_r == 3
 
 
-def test_oom_message_says_what_to_change():
-    cfg = FinetuneConfig(method="lora", batch_size=8, max_seq_len=1024)
-    message = _oom_message(cfg)
-    assert message.startswith("CUDA ran out of GPU memory; try `batch_size: 4` with `grad_accum: 2`, "
-                              "or `gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 512`")
-    assert "\n" not in message
+def test_oom_message_says_what_to_change(monkeypatch, test_model_dir):
+    import sys
 
+    t4 = DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5), total_memory=2**20)
+    cfg = FinetuneConfig(model=test_model_dir, method="lora", batch_size=8, max_seq_len=1024)
+    # With the memory calculator: its two best changes for this GPU.
+    assert _oom_message(cfg, t4) == ("CUDA ran out of GPU memory; try micro-batch 8 -> 1 with grad_accum 8 (same "
+                                     "effective batch), or shorter sequences: max_seq_len 1024 -> 512 (longer examples "
+                                     "are truncated) (see `%ft_memory`)")
+    # Without it: rules of thumb.
+    monkeypatch.setitem(sys.modules, "ftmagic.memory", None)
+    message = _oom_message(cfg, t4)
+    assert message == ("CUDA ran out of GPU memory; try `batch_size: 4` with `grad_accum: 2`, or "
+                       "`gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 512` (see `%ft_memory`)")
 
 def test_finished_run_can_be_continued_with_more_steps(test_model_dir, tmp_path):
     _, first = _train(test_model_dir, tmp_path / "out", max_steps=3, save_steps=2)
@@ -235,25 +242,31 @@ def test_cuda_out_of_memory_becomes_one_line(test_model_dir, tmp_path, monkeypat
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(run_module, "train_loop", boom)
-    with pytest.raises(MemoryFitError, match=r"^CUDA ran out of GPU memory; try `batch_size: 2` with `grad_accum: 2`"):
+    with pytest.raises(MemoryFitError, match=r"^CUDA ran out of GPU memory; try [^\n]+ \(see `%ft_memory`\)$"):
         _train(test_model_dir, tmp_path / "out")
 
 
-def test_preflight_refusal_stops_before_loading(monkeypatch):
-    import sys
-    import types
-
-    import ftmagic.engine.run as run_module
-    from ftmagic.engine.device import choose_device, DeviceCaps
+def test_preflight_with_the_memory_calculator(test_model_dir):
+    from ftmagic.engine.run import preflight_check
     from ftmagic.errors import MemoryFitError
 
-    fake = types.ModuleType("ftmagic.memory")
-    fake.preflight = lambda cfg, total: types.SimpleNamespace(
-        fits=False, message="needs 21.3 GiB, the GPU has 15.0 GiB; try `method: qlora`", suggestions=[])
-    monkeypatch.setitem(sys.modules, "ftmagic.memory", fake)
-    plan = choose_device(DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5)))
-    with pytest.raises(MemoryFitError, match=r"^needs 21.3 GiB, the GPU has 15.0 GiB; try `method: qlora`$"):
-        run_module._preflight(FinetuneConfig(), plan)
+    cfg = FinetuneConfig(model=test_model_dir, method="full", batch_size=64, max_seq_len=512)
+    tiny_gpu = DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5), total_memory=2**20)
+    with pytest.raises(MemoryFitError, match=r"^does not fit this GPU .* fp16 batch 64 x 512 needs .*; try: micro-batch "
+                                             r"64 -> 1 with grad_accum 64 .*; set `skip_memory_check: true` to try anyway$"):
+        preflight_check(cfg, tiny_gpu)
+    big_gpu = DeviceCaps(cuda_available=True, name="H100", compute_capability=(9, 0), total_memory=80 * 2**30,
+                         bf16_supported=True)
+    assert preflight_check(cfg, big_gpu).startswith("fits this GPU (80 GiB): ")
+
+
+def test_preflight_is_skipped_without_the_calculator(monkeypatch):
+    import sys
+
+    from ftmagic.engine.run import preflight_check
+
+    monkeypatch.setitem(sys.modules, "ftmagic.memory", None)  # `from ftmagic.memory import ...` fails
+    assert preflight_check(FinetuneConfig(), DeviceCaps(cuda_available=True, total_memory=2**20)) is None
 
 
 def test_compare_and_generate(test_model_dir, tmp_path):

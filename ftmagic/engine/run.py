@@ -144,7 +144,9 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     for level, text in notes:
         emit({"event": "message", "level": level, "text": text})
     if plan.device == "cuda" and not cfg.skip_memory_check:
-        _preflight(cfg, plan)
+        verdict_line = preflight_check(cfg.replace(model=model_path), detect_caps())
+        if verdict_line:
+            emit({"event": "message", "level": "info", "text": verdict_line})
 
     _seed_everything(cfg.seed)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
@@ -308,36 +310,45 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> s
     return str(target)
 
 
-def _preflight(cfg: FinetuneConfig, plan: DevicePlan) -> None:
+def preflight_check(cfg: FinetuneConfig, caps) -> Optional[str]:
+    """The memory calculator's verdict for this GPU: raise MemoryFitError when the run will not
+    fit, else return its one-line message (None when the calculator is not installed).
+
+    Example::
+
+        preflight_check(cfg, DeviceCaps(cuda_available=True, name="T4", total_memory=15 * 2**30))
+    """
     try:
         from ftmagic.memory import preflight
     except ImportError:
-        return
-    verdict = preflight(cfg, detect_caps().total_memory)
-    if not getattr(verdict, "fits", True):
-        raise MemoryFitError(getattr(verdict, "message", None) or "the run is not expected to fit this GPU; "
+        return None
+    verdict = preflight(cfg, caps.total_memory, bf16_supported=caps.bf16_supported)
+    if not verdict.fits:
+        raise MemoryFitError(verdict.message or "the run is not expected to fit this GPU; "
                              "set `skip_memory_check: true` to try anyway")
+    return verdict.message
 
 
-def _oom_message(cfg: FinetuneConfig) -> str:
+def _oom_message(cfg: FinetuneConfig, caps=None) -> str:
+    """One line for a CUDA out-of-memory error: the memory calculator's best changes, or rules of thumb."""
     tips = []
-    if cfg.batch_size > 1:
-        tips.append(f"`batch_size: {max(1, cfg.batch_size // 2)}` with `grad_accum: {cfg.grad_accum * 2}`")
-    if not cfg.gradient_checkpointing:
-        tips.append("`gradient_checkpointing: true`")
-    if cfg.method in ("full", "lora", "dora", "freeze", "bitfit", "ia3"):
-        tips.append("`method: qlora`")
-    if cfg.max_seq_len > 256:
-        tips.append(f"`max_seq_len: {cfg.max_seq_len // 2}`")
     try:
         from ftmagic.memory import preflight
 
-        verdict = preflight(cfg, detect_caps().total_memory)
-        extra = getattr(verdict, "suggestions", None)
-        if extra:
-            tips.extend(str(s) for s in list(extra)[:2] if str(s) not in tips)
+        caps = caps or detect_caps()
+        verdict = preflight(cfg, caps.total_memory, bf16_supported=caps.bf16_supported)
+        tips = [s.label for s in (getattr(verdict, "suggestions", None) or [])[:2] if getattr(s, "label", None)]
     except Exception:  # the calculator only adds hints; the message stands without it
-        pass
+        tips = []
+    if not tips:
+        if cfg.batch_size > 1:
+            tips.append(f"`batch_size: {max(1, cfg.batch_size // 2)}` with `grad_accum: {cfg.grad_accum * 2}`")
+        if not cfg.gradient_checkpointing:
+            tips.append("`gradient_checkpointing: true`")
+        if cfg.method in ("full", "lora", "dora", "freeze", "bitfit", "ia3"):
+            tips.append("`method: qlora`")
+        if cfg.max_seq_len > 256:
+            tips.append(f"`max_seq_len: {cfg.max_seq_len // 2}`")
     return "CUDA ran out of GPU memory; try " + ", or ".join(tips or ["a smaller model"]) + " (see `%ft_memory`)"
 
 
