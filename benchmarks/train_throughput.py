@@ -433,9 +433,13 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
     import torch
     import transformers  # noqa: F401
     from transformers import AutoTokenizer
+    import transformers.models.llama.modeling_llama  # noqa: F401  (lazy in transformers; same for all)
+    from peft import get_peft_model  # noqa: F401
+    from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
     if system == "trl":
-        import trl  # noqa: F401
+        from trl import SFTConfig, SFTTrainer  # noqa: F401
     if system == "ftmagic":
+        import ftmagic.data  # noqa: F401
         import ftmagic.engine.run  # noqa: F401
         _apply_ftmagic_variant(variant)
     transformers.logging.set_verbosity_error()
