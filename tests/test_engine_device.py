@@ -147,3 +147,14 @@ def test_native_bf16_is_decided_by_compute_capability():
     # torch.cuda.is_bf16_supported() answers True on a T4 (emulation); the engine must not.
     assert [native_bf16(cc) for cc in [(7, 5), (7, 0), (8, 0), (8, 6), (8, 9), (9, 0), None]] == \
         [False, False, True, True, True, True, False]
+
+
+def test_qlora_quantization_config():
+    import torch
+
+    from ftmagic.engine.models import quantization_config
+
+    q = quantization_config(choose_device(T4, method="qlora").qlora_compute_dtype)
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
+        (True, "nf4", True, torch.float16)
+    assert quantization_config("bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
