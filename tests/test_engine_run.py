@@ -444,3 +444,12 @@ def test_message_levels(test_model_dir, tmp_path):
         [("warning", f"no checkpoint in {tmp_path / 'out' / 'checkpoints'}")]
     _, events = _train(test_model_dir, tmp_path / "out", resume=True, max_steps=2, save_steps=1)
     assert [(e["level"], e["text"]) for e in events if e["event"] == "message"] == [("info", "resuming from step-00000001")]
+
+
+def test_data_warnings_name_skipped_and_truncated_records():
+    from ftmagic.engine.run import data_warnings
+
+    assert data_warnings({"records": 5, "skipped": 0, "truncated": 0}) == []
+    lines = data_warnings({"records": 5, "skipped": 1, "skipped_reasons": {"empty": 1}, "truncated": 2})
+    assert lines[0] == "1 of 5 records skipped (empty: 1); `ftmagic preview` shows which and why"
+    assert lines[1].startswith("2 records are longer than max_seq_len and were truncated")

@@ -102,6 +102,29 @@ def _prepare_data(cfg: FinetuneConfig, tokenizer):
     return prepare_data(cfg, tokenizer)
 
 
+def data_warnings(stats: dict) -> list[str]:
+    """One line each for records that will not train as written (skipped, truncated).
+
+    Nothing is dropped silently: a user sees these before the first step.
+
+    Example::
+
+        >>> data_warnings({"records": 10, "skipped": 2, "skipped_reasons": {"no_trained_tokens": 2}, "truncated": 0})
+        ['2 of 10 records skipped (no_trained_tokens: 2); `ftmagic preview` shows which and why']
+    """
+    lines = []
+    skipped = stats.get("skipped") or 0
+    if skipped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in (stats.get("skipped_reasons") or {}).items())
+        lines.append(f"{skipped} of {stats.get('records', '?')} records skipped"
+                     + (f" ({reasons})" if reasons else "") + "; `ftmagic preview` shows which and why")
+    truncated = stats.get("truncated") or 0
+    if truncated:
+        lines.append(f"{truncated} records are longer than max_seq_len and were truncated; "
+                     "raise `max_seq_len` or check them with `ftmagic preview`")
+    return lines
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -141,6 +164,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
           "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
           "train_records": data.stats.get("train_examples", len(data.train)),
           "eval_records": data.stats.get("eval_examples", len(data.eval or [])), "output_dir": str(out)})
+    notes.extend(("warning", text) for text in data_warnings(data.stats))
     for level, text in notes:
         emit({"event": "message", "level": level, "text": text})
     if plan.device == "cuda" and not cfg.skip_memory_check:
