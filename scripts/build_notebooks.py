@@ -17,6 +17,11 @@ Usage::
     python scripts/build_notebooks.py 01_quickstart        # just one (name or source module)
     python scripts/build_notebooks.py --no-execute         # write cells only (fast; no outputs)
     python scripts/build_notebooks.py --check              # exit 1 if a committed notebook's cells differ from its source
+    python scripts/build_notebooks.py --threads 1          # on a busy machine: one torch thread per kernel
+
+On a machine shared with other CPU-heavy jobs, torch's default of one thread per core
+can make the training cells many times slower (threads wait on each other);
+``--threads 1`` sets ``OMP_NUM_THREADS`` for the kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import nbformat
 
@@ -75,30 +81,43 @@ def make_notebook(source) -> nbformat.NotebookNode:
 
 
 @contextmanager
-def _environment(smoke: bool):
+def _environment(smoke: bool, threads: Optional[int] = None):
     """The kernel inherits this process's environment: smoke mode for Colab notebooks only."""
-    saved = os.environ.get("FTMAGIC_SMOKE")
-    if smoke:
-        os.environ["FTMAGIC_SMOKE"] = "1"
-    else:
-        os.environ.pop("FTMAGIC_SMOKE", None)
+    changes = {"FTMAGIC_SMOKE": "1" if smoke else None}
+    if threads:
+        changes.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    saved = {key: os.environ.get(key) for key in changes}
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("FTMAGIC_SMOKE", None)
-        else:
-            os.environ["FTMAGIC_SMOKE"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def execute(nb: nbformat.NotebookNode, cwd: Path, *, smoke: bool, timeout: int) -> None:
+def execute(nb: nbformat.NotebookNode, cwd: Path, *, smoke: bool, timeout: int, threads: Optional[int] = None) -> None:
     """Run every cell (except ``nbval-skip`` ones) in a fresh kernel started in ``cwd``."""
     from nbclient import NotebookClient
 
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
                             skip_cells_with_tag=SKIP_TAG, record_timing=False)
-    with _environment(smoke):
-        client.execute()
+    with _environment(smoke, threads):
+        try:
+            client.execute()
+        except Exception:
+            # Keep what ran, to see where it failed; the next good build replaces it.
+            failed = cwd / "runs" / "failed.ipynb"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, str(failed))
+            print(f"partial notebook written to {failed}", file=sys.stderr)
+            raise
 
 
 def strip_outputs(nb: nbformat.NotebookNode) -> None:
@@ -115,7 +134,7 @@ def _clean_metadata(nb: nbformat.NotebookNode) -> None:
         cell.metadata.pop("execution", None)
 
 
-def build(module: str, *, run: bool = True, timeout: int = 900) -> Path:
+def build(module: str, *, run: bool = True, timeout: int = 900, threads: Optional[int] = None) -> Path:
     """Write one notebook; execute it when ``run`` (Colab ones in smoke mode, outputs dropped)."""
     source = load_source(module)
     nb = make_notebook(source)
@@ -123,7 +142,7 @@ def build(module: str, *, run: bool = True, timeout: int = 900) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if run:
         started = time.perf_counter()
-        execute(nb, path.parent, smoke=source.KIND == "colab", timeout=timeout)
+        execute(nb, path.parent, smoke=source.KIND == "colab", timeout=timeout, threads=threads)
         print(f"{path.relative_to(ROOT)}: executed in {time.perf_counter() - started:.1f}s", flush=True)
     if source.KIND == "colab":
         strip_outputs(nb)
@@ -170,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-execute", action="store_true", help="write the cells without running them")
     parser.add_argument("--check", action="store_true", help="only compare committed notebooks with their sources")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per kernel (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     modules = _select(args.names)
     if args.check:
@@ -180,7 +200,7 @@ def main(argv=None) -> int:
             print("run `python scripts/build_notebooks.py` to rebuild them")
         return 1 if problems else 0
     for module in modules:
-        path = build(module, run=not args.no_execute, timeout=args.timeout)
+        path = build(module, run=not args.no_execute, timeout=args.timeout, threads=args.threads)
         if args.no_execute:
             print(f"{path.relative_to(ROOT)}: written (not executed)")
     return 0

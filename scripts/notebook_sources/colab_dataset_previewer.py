@@ -48,7 +48,7 @@ CELLS = [
     code(f"""
     report = ftmagic.preview("runs/data/mine.jsonl", model="{MODEL}", max_seq_len=64)
     for problem in report.to_dict()["problems"]:
-        print(f"{{problem['kind']:<14}} {{problem['location']:<24}} {{problem['message']}}")
+        print(f"{{problem['kind']:<18}} {{problem['location']:<24}} {{problem['message']}}")
     """),
     md("""
     `ftmagic.clean` writes a copy without the unreadable lines, empty fields and duplicates,

@@ -106,7 +106,7 @@ CELLS = [
     data = broken.to_dict()
     print({key: data[key] for key in ("format", "records", "skipped", "truncated")})
     for problem in data["problems"]:
-        print(f"{problem['kind']:<14} {problem['location']:<26} {problem['message']}")
+        print(f"{problem['kind']:<18} {problem['location']:<26} {problem['message']}")
     """, CHECK),
     md("""
     ## Fixing it: `ftmagic.clean`

@@ -1,6 +1,6 @@
 """notebooks/02_memory_calculator.ipynb: will a run fit, and what to change if not."""
 
-from cells import CHECK, RAISES, code, md
+from cells import CHECK, code, md
 
 NAME = "02_memory_calculator"
 KIND = "notebooks"
@@ -30,54 +30,61 @@ CELLS = [
     md("""
     ## A 7B model on a free Colab T4
 
-    A T4 has 16 GB (torch sees about 14.7 GiB, and the CUDA context takes a few hundred MiB
-    of that) and no bf16, so training runs in fp16. Here is every method for Mistral 7B with
-    2 sequences of 1024 tokens per step and gradient checkpointing on:
+    A T4 has 16 GB (about 14.7 GiB visible to torch, part of it taken by the CUDA context)
+    and no bf16, so training runs in fp16. `check_fit` gives the verdict for a GPU preset:
+    the predicted peak plus the CUDA context and allocator headroom must fit. Here is every
+    method for Mistral 7B with 2 sequences of 1024 tokens per step and gradient
+    checkpointing on:
     """),
     code("""
-    GiB = 2**30
-    T4_ROOM = 14.3 * GiB  # what a T4 leaves for tensors after the CUDA context
-    methods = ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "bitfit", "freeze"]
+    from ftmagic.memory import check_fit
 
-    print("{:<14}{:>15}{:>9}{:>13}{:>12}{:>8}{:>9}".format(
-        "method", "trainable", "weights", "grads+optim", "act+logits", "peak", "fits T4"))
+    GiB = 2**30
+    methods = ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "bitfit", "freeze"]
+    run = dict(batch_size=2, seq_len=1024, gradient_checkpointing=True)
+
+    print("{:<14}{:>15}{:>9}{:>13}{:>12}{:>8}{:>10}{:>9}".format(
+        "method", "trainable", "weights", "grads+optim", "act+logits", "peak", "required", "fits T4"))
     for method in methods:
-        est = ftmagic.estimate_memory("mistral-7b", method=method, batch_size=2, seq_len=1024,
-                                      gradient_checkpointing=True, bf16_supported=False)
-        b = est.breakdown
+        verdict = check_fit("mistral-7b", "T4", method=method, **run)
+        est, b = verdict.estimate, verdict.estimate.breakdown
         weights = b["frozen_weights"] + b["trainable_weights"]
         training = b["gradients"] + b["optimizer_states"] + b["optimizer_step_transient"]
-        print("{:<14}{:>15,}{:>9.1f}{:>13.1f}{:>12.1f}{:>8.1f}{:>9}".format(
+        print("{:<14}{:>15,}{:>9.1f}{:>13.1f}{:>12.1f}{:>8.1f}{:>10.1f}{:>9}".format(
             method, est.trainable_params, weights / GiB, training / GiB, (b["activations"] + b["logits"]) / GiB,
-            est.total_gib, "yes" if est.total_bytes <= T4_ROOM else "no"))
-    print("(GiB at the peak phase of one step)")
+            est.total_gib, verdict.required_bytes / GiB, "yes" if verdict.fits else "no"))
+    print("(GiB, at the peak phase of one step)")
     """, CHECK),
     md("""
-    Only QLoRA fits with room to spare: its frozen weights are NF4, about half a byte per
-    parameter, while every method that keeps 16-bit weights spends 13.5 GiB on them alone.
-    Full fine-tuning needs fp32 master weights, gradients and two AdamW states: 16 bytes
-    per parameter before a single activation.
+    Only QLoRA fits: its frozen weights are NF4, about half a byte per parameter, while every
+    method that keeps 16-bit weights spends 13.5 GiB on them alone. Full fine-tuning keeps
+    fp32 master weights, gradients and two AdamW states: 16 bytes per parameter before a
+    single activation.
 
-    What changes the picture, each with its own new estimate: gradient checkpointing
-    (recompute activations in backward instead of keeping them), a smaller micro-batch with
-    gradient accumulation (same effective batch), shorter sequences, an 8-bit optimizer.
+    When a run does not fit, the verdict comes with ranked suggestions, each with its own
+    new estimate: the cheapest change that makes it fit comes first.
     """),
     code("""
-    def peak(**changes):
-        settings = dict(method="lora", batch_size=2, seq_len=1024, bf16_supported=False)
+    verdict = check_fit("mistral-7b", "T4", method="lora", **run)
+    print(verdict.message)
+    for suggestion in verdict.suggestions:
+        print(" -", suggestion, "fits" if suggestion.fits else "does not fit")
+    """, CHECK),
+    code("""
+    def required(**changes):
+        settings = dict(method="lora", batch_size=2, seq_len=1024)
         settings.update(changes)
-        return ftmagic.estimate_memory("mistral-7b", **settings).total_gib
+        return check_fit("mistral-7b", "T4", **settings).required_bytes / GiB
 
     for label, changes in [
         ("LoRA, no checkpointing", {}),
         ("LoRA + gradient checkpointing", dict(gradient_checkpointing=True)),
-        ("LoRA + checkpointing, batch 1", dict(gradient_checkpointing=True, batch_size=1)),
         ("QLoRA, no checkpointing", dict(method="qlora")),
         ("QLoRA + checkpointing", dict(method="qlora", gradient_checkpointing=True)),
         ("QLoRA + checkpointing, batch 8", dict(method="qlora", gradient_checkpointing=True, batch_size=8)),
         ("QLoRA + checkpointing, 4096 tokens", dict(method="qlora", gradient_checkpointing=True, seq_len=4096)),
     ]:
-        print(f"{label:<36} {peak(**changes):5.1f} GiB")
+        print(f"{label:<36} needs {required(**changes):5.1f} GiB")
     """, CHECK),
     md("""
     ## The interactive calculator
@@ -88,7 +95,7 @@ CELLS = [
     breakdown, and ranked suggestions. Each change recomputes in milliseconds.
     """),
     code("""
-    %ft_memory mistral-7b --method lora --batch-size 2 --seq-len 1024
+    %ft_memory mistral-7b --method lora --batch-size 2 --seq-len 1024 --gradient-checkpointing --gpu T4
     """),
     md("""
     ## Any model: a local folder or a config dict
@@ -105,8 +112,13 @@ CELLS = [
     Mistakes give one line that says what is accepted; a near-miss name gets a suggestion:
     """),
     code("""
-    ftmagic.estimate_memory("mistral-7", method="lora")
-    """, RAISES),
+    for mistake in [dict(model="mistral-7"), dict(model="mistral-7b", method="qlora", precision="fp32"),
+                    dict(model="mistral-7b", batch_size=0)]:
+        try:
+            ftmagic.estimate_memory(**mistake)
+        except ftmagic.FtmagicError as error:
+            print(f"{type(error).__name__}: {error}")
+    """, CHECK),
     md("""
     ## Exact mode: trace one real training step
 

@@ -1,6 +1,6 @@
 """notebooks/01_quickstart.ipynb: the whole journey on the embedded tiny model, on a CPU."""
 
-from cells import CHECK, code, md
+from cells import CHECK, RAISES, code, md
 
 NAME = "01_quickstart"
 KIND = "notebooks"
@@ -98,8 +98,8 @@ CELLS = [
     lora_r: 16
     lora_alpha: 32
     lora_dropout: 0.0
-    lr: 3.0e-3
-    max_steps: 200
+    lr: 5.0e-3
+    max_steps: 500
     batch_size: 16
     max_seq_len: 128
     warmup: 0.05
@@ -108,6 +108,16 @@ CELLS = [
     output_dir: runs/quickstart
     overwrite: true
     """),
+    md("""
+    A mistake in the cell (an unknown key, a value of the wrong type, bad YAML) stops it
+    before anything loads, with one line that names the key and what would be accepted:
+    """),
+    code("""
+    %%finetune --name oops
+    model: tiny
+    data: $train
+    lora_rank: 8
+    """, CHECK, RAISES),
     md("""
     ## 4. Before and after
 

@@ -111,7 +111,9 @@ CELLS = [
     code("""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # no "Loading weights" bar in the saved notebook
     tokenizer = AutoTokenizer.from_pretrained("runs/resume/merged")
     merged = AutoModelForCausalLM.from_pretrained("runs/resume/merged")
 
