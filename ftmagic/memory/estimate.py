@@ -314,9 +314,21 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
     temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
+    if gc:
+        deep_grads, deep_acts = grads_deep, act_held + tokens * per_layer + eager + temp
+    else:
+        # Without checkpointing, a block's activations are freed as its gradients appear: the
+        # worst moment is either the start (every activation, the head's gradient) or the end
+        # (every gradient, one block's activations).
+        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if method in ("full", "freeze") else 0
+        extra = act_held - layers_held
+        if layers_held + head_grads >= grads_deep + tokens * per_layer + eager:
+            deep_grads, deep_acts = head_grads, extra + temp + layers_held
+        else:
+            deep_grads, deep_acts = grads_deep, extra + temp + tokens * per_layer + eager
     if accumulated:
-        grads_deep = grads
-    bwd_deep = static + grads_deep + act_held + (tokens * per_layer + eager if gc else 0) + temp
+        deep_grads = grads  # every gradient already exists from the earlier micro-batches
+    bwd_deep = static + deep_grads + deep_acts
     bwd = max(bwd_loss, bwd_deep)
     step = static + grads + transient
     phases = {"forward": int(fwd), "backward": int(bwd), "optimizer_step": int(step)}
@@ -330,8 +342,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         if bwd_loss >= bwd_deep:
             breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_bwd))
         else:
-            breakdown.update(gradients=int(grads_deep),
-                             activations=int(act_held + (tokens * per_layer + eager if gc else 0) + temp))
+            breakdown.update(gradients=int(deep_grads), activations=int(deep_acts))
     else:
         breakdown.update(gradients=int(grads), optimizer_step_transient=int(transient))
     total = sum(breakdown.values())
