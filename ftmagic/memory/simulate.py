@@ -319,11 +319,9 @@ def _take_peak(tracker) -> tuple:
 
 
 def _bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # not installed, or no kernels for this machine
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _quantize_bnb(model, compute_dtype) -> list:

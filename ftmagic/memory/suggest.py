@@ -125,7 +125,7 @@ def suggest(model: Any, settings: dict, gpu_total_bytes: Optional[int] = None, l
 def _combination(model: Any, base: dict, gpu_total_bytes: int) -> Optional[Suggestion]:
     """Apply changes cheapest first until the run fits (or nothing is left to change)."""
     settings = dict(base)
-    labels, changes = [], {}
+    changes = {}
     for _ in range(8):
         options = []
         current = estimate_memory(model, **settings).total_bytes
@@ -138,7 +138,7 @@ def _combination(model: Any, base: dict, gpu_total_bytes: int) -> Optional[Sugge
                 options.append((cost, label, change, est))
         if not options:
             return None
-        cost, label, change, est = min(options, key=lambda o: o[0])
+        _, _, change, est = min(options, key=lambda o: o[0])
         settings.update(change)
         changes.update(change)
         if required_bytes(est.total_bytes) <= gpu_total_bytes:
