@@ -17,9 +17,9 @@ def _word(record):
 def test_demo_dataset_is_deterministic_and_split_cleanly():
     train, test = demo_dataset("train"), demo_dataset("test")
     assert len(train) == 2000 and len(test) == 100
-    assert train == demo_dataset("train") and test == demo_dataset()[:0] + demo_dataset("test")
-    assert train[0] == {"messages": [{"role": "user", "content": "reverse: ynbiqp"},
-                                     {"role": "assistant", "content": "pqibny"}]}
+    assert train == demo_dataset("train") and test == demo_dataset("test")
+    assert train[0] == {"messages": [{"role": "user", "content": "reverse: ynbi"},
+                                     {"role": "assistant", "content": "ibny"}]}
     train_words = {_word(r) for r in train}
     test_words = [_word(r) for r in test]
     assert len(train_words) == 2000 and len(set(test_words)) == 100
@@ -27,7 +27,7 @@ def test_demo_dataset_is_deterministic_and_split_cleanly():
     assert not train_words & {p.split(": ", 1)[1] for p in DEMO_PROMPTS}
     for record in train + test:
         word = _word(record)
-        assert 3 <= len(word) <= 6 and word != word[::-1]
+        assert 3 <= len(word) <= 5 and word != word[::-1]
         assert record["messages"][1]["content"] == word[::-1]
     assert demo_dataset("test", n=5) == test[:5]
 
