@@ -79,24 +79,24 @@ PUBLISHED = [
     ("peft method_comparison (MetaMathQA): LoRA r=32 on q,v; bf16 weights, no AMP; batch 4, max_seq_length 768; "
      "cuda_memory_max; NVIDIA L40S", 22_273_851_392, "llama-3.2-3b",
      dict(method="lora", precision="bf16", lora_r=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-          batch_size=4, seq_len=768),
+          batch_size=4, seq_len=768, loss="full"),
      "their rows are padded to the longest in the batch (<= 768); no autocast: adapters run in fp32"),
     ("peft method_comparison (MetaMathQA): full fine-tuning, bf16, AdamW; batch 4, max_seq_length 768; "
      "cuda_memory_max; NVIDIA L40S", 37_241_225_216, "llama-3.2-3b",
-     dict(method="full", precision="bf16", batch_size=4, seq_len=768), ""),
+     dict(method="full", precision="bf16", batch_size=4, seq_len=768, loss="full"), ""),
     ("torchtune README: Llama 3.1 8B LoRA, 1x RTX 4090, batch 2, packed 2048, activation checkpointing", 16.2 * GIB,
      "llama-3.1-8b", dict(method="lora", precision="bf16", batch_size=2, seq_len=2048, lora_r=8, lora_dropout=0.0,
-                          gradient_checkpointing=True),
-     "torchtune computes the loss in chunks (no full batch x seq x vocab fp32 logits: -5.9 GiB here)"),
+                          gradient_checkpointing=True, loss="chunked"),
+     "torchtune also computes the loss in chunks; with Hugging Face's full-logits loss: +5.9 GiB"),
     ("torchtune README: Llama 3.1 8B QLoRA, 1x RTX 4090, batch 2, packed 2048, activation checkpointing", 7.4 * GIB,
      "llama-3.1-8b", dict(method="qlora", precision="bf16", batch_size=2, seq_len=2048, lora_r=8, lora_dropout=0.0,
-                          gradient_checkpointing=True),
-     "torchtune: chunked loss (-5.9 GiB), bf16 rather than fp32 embeddings and head (-2.0 GiB), so no "
-     "half-precision copy of the head either (-1.0 GiB)"),
+                          gradient_checkpointing=True, loss="chunked"),
+     "torchtune keeps embeddings and head in bf16 where peft's prepare_model_for_kbit_training upcasts them "
+     "to fp32 (-2.0 GiB, and no half-precision copy of the head)"),
     ("QLoRA paper (Dettmers et al. 2023): LLaMA 65B QLoRA fits a 48 GB GPU; batch 1, gradient checkpointing, "
      "paged AdamW; sequence length assumed 512", 48e9, _LLAMA1_65B,
      dict(method="qlora", precision="bf16", batch_size=1, seq_len=512, lora_r=64, gradient_checkpointing=True,
-          optimizer="paged_adamw_8bit"), "a bound (fits 48 GB), not a measured peak"),
+          optimizer="paged_adamw_8bit", loss="full"), "a bound (fits 48 GB), not a measured peak"),
 ]
 
 
@@ -115,6 +115,7 @@ def run_row(row: dict, cuda: bool = False) -> dict:
 
     shape = MODELS[row["model"]]
     settings = {k: v for k, v in row.items() if k != "model"}
+    settings.setdefault("loss", "auto")
     t0 = time.perf_counter()
     est = estimate_memory(shape, device="cpu", **settings)
     analytic_ms = (time.perf_counter() - t0) * 1000
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="7 rows instead of the full matrix")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--loss", default="auto", choices=("auto", "chunked", "full"),
+                        help="auto/chunked: ftmagic's chunked loss (the engine's step); full: Hugging Face's loss")
     parser.add_argument("--published", action="store_true", help="only compare with published measurements")
     parser.add_argument("--only", metavar="WORD", help="only rows whose model or method is WORD (e.g. qlora, gemma-s)")
     args = parser.parse_args(argv)
@@ -159,9 +162,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
+    print(f"loss: {args.loss} (auto = the engine's step: chunked loss except soft-capped logits)")
     rows = [r for r in matrix(args.quick) if not args.only or args.only in (r["model"], r["method"])]
     for row in rows:
-        results.append(run_row(row))
+        results.append(run_row(dict(row, loss=args.loss)))
         print(format_table(results[-1:]).splitlines()[2], flush=True)
     print()
     print(format_table(results))

@@ -32,7 +32,9 @@ def _quiet():
     dict(method="lora", precision="bf16", batch_size=4, seq_len=128),
     dict(method="lora", precision="fp32", batch_size=2, seq_len=128, gradient_checkpointing=True),
     dict(method="qlora", precision="bf16", batch_size=4, seq_len=128),
-], ids=lambda s: f"{s['method']}-{s['precision']}-gc{int(s.get('gradient_checkpointing', False))}")
+    dict(method="lora", precision="bf16", batch_size=4, seq_len=128, loss="full"),
+    dict(method="full", precision="bf16", batch_size=2, seq_len=128, loss="full"),
+], ids=lambda s: f"{s['method']}-{s['precision']}-gc{int(s.get('gradient_checkpointing', False))}-{s.get('loss', 'auto')}")
 def test_analytic_estimate_within_10_percent_of_measured(settings):
     measured = trace_step(TINY, fake=False, **settings)
     est = estimate_memory(TINY, device="cpu", **settings)
@@ -73,7 +75,7 @@ def test_qlora_stand_in_matches_real_bitsandbytes_nf4():
 
 def test_measured_optimizer_step_matches_the_hand_count():
     """Full fp32 AdamW, tiny batch: the peak is weights + grads + 2 states + the foreach sqrt(v) buffer."""
-    measured = trace_step(TINY, fake=False, method="full", precision="fp32", batch_size=1, seq_len=8)
+    measured = trace_step(TINY, fake=False, method="full", precision="fp32", batch_size=1, seq_len=8, loss="full")
     p = TINY.total_params
     assert max(measured.phases, key=measured.phases.get) == "optimizer_step"
     assert measured.breakdown["trainable_weights"] == 4 * p

@@ -32,6 +32,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--target-modules", default="auto", help="auto, or comma-separated linear names")
+    parser.add_argument("--loss", default="auto", choices=("auto", "chunked", "full"),
+                        help="auto: as ftmagic trains (chunked loss); full: Hugging Face's full-logits loss")
     parser.add_argument("--gpu", default=None, help=f"judge the fit: {', '.join(GPU_PRESETS)}, or a size in GiB")
     parser.add_argument("--exact", action="store_true",
                         help="trace one step under FakeTensorMode (imports torch; seconds to a minute)")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, method=args.method, precision=args.precision, batch_size=args.batch_size,
         seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
         lora_r=args.lora_r, lora_dropout=args.lora_dropout, target_modules=targets, grad_accum=args.grad_accum,
-        bf16_supported=gpu.bf16 if gpu else True, mode="exact" if args.exact else "analytic")
+        bf16_supported=gpu.bf16 if gpu else True, mode="exact" if args.exact else "analytic", loss=args.loss)
     verdict = verdict_for(estimate, gpu)
     if args.json:
         out = estimate.to_dict()

@@ -36,6 +36,8 @@ from ftmagic.memory.architectures import ModelShape, resolve_model
 from ftmagic.memory.policy import ALL_METHODS, weight_plan, resolve_precision
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+LOSSES = ("auto", "chunked", "full")
+CHUNK_ELEMENTS = 1 << 23  # fp32 logits per loss chunk in ftmagic's engine (32 MB)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 blocks
 GIB = 1024 ** 3
 EAGER_ATTENTION = ("gemma2",)  # architectures trained with the eager attention kernel (seq x seq scores)
@@ -181,7 +183,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
                     grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic",
-                    device: str = "cuda") -> MemoryEstimate:
+                    device: str = "cuda", loss: str = "auto") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
     ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
@@ -191,6 +193,10 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
     under FakeTensorMode instead (imports torch; seconds to a minute). ``device="cpu"``
     models what differs on CPU (dropout masks), for comparing with CPU measurements.
+    ``loss``: ``chunked`` is ftmagic's training step (the loss is computed in chunks of
+    rows, never holding full logits), ``full`` is Hugging Face's ``model(..., labels=...)``
+    (batch x seq x vocab fp32 logits); ``auto`` picks what the engine runs (``full`` for
+    soft-capped logits and prompt learning, which keep the model's own forward).
 
     Example::
 
@@ -212,6 +218,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
     if device not in DROPOUT_MASK_BYTES:
         raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
+    if loss not in LOSSES:
+        raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
     if mode not in ("analytic", "exact"):
         raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
     shape = resolve_model(model)
@@ -222,12 +230,21 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
-                    device=device)
+                    device=device, loss=resolve_loss(loss, shape, method))
     if mode == "exact":
         from ftmagic.memory.exact import exact_estimate
 
         return exact_estimate(shape, settings)
     return _analytic(shape, settings)
+
+
+def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
+    """``auto`` -> what the engine runs: the chunked loss, except for soft-capped logits and prompt learning."""
+    if loss != "auto":
+        return loss
+    if shape.final_logit_softcap or method in ("prompt_tuning", "prefix_tuning"):
+        return "full"
+    return "chunked"
 
 
 def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
@@ -286,9 +303,27 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         outside = (4 + 2 * c_res) * shape.hidden + 8
     v = shape.vocab
     softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
-    logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
-    logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
-    logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
+    if s.get("loss", "full") == "full":
+        logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
+        logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
+        logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
+    else:
+        # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
+        # head trains) are computed during forward and kept; one chunk of logits exists at a time.
+        head_w = 4 if plan.quantized else (plan.trainable_bytes if not adapter_method else plan.base_bytes)
+        head_trains = method in ("full", "freeze")
+        rows = min(tokens, max(16, CHUNK_ELEMENTS // v))
+        logits_held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
+        # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
+        # freed by then); from the second chunk on, the previous chunk's gradient is still
+        # referenced while the next one is computed. Plus the copy of the labelled rows.
+        multi = tokens > rows
+        chunk = rows * v * (12 if multi else 8)
+        if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
+            chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
+        chunk += tokens * shape.hidden * c_res
+        logits_fwd = logits_held + chunk
+        logits_bwd = logits_held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
     gc = s["gradient_checkpointing"]
     # Eager attention (Gemma 2's soft-capped logits) materialises batch x heads x seq x seq
     # scores per block: the soft-capped scores and the fp32 softmax are saved (calibrated on traces).
@@ -300,7 +335,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     act_held = layers_held + tokens * outside
     if plan.autocast is not None:  # autocast's half-precision copies of the fp32 trainable weights, saved for backward
         act_held += trainable * plan.compute_bytes
-    if plan.quantized:  # the fp32 output head (upcast by peft) is cast to the compute dtype and saved for backward
+    if plan.quantized and s.get("loss", "full") == "full":  # the fp32 head (upcast by peft), cast and saved
         act_held += shape.vocab * shape.hidden * plan.compute_bytes
     static = frozen + train_w + states  # alive through the whole steady-state step
 

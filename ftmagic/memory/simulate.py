@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from ftmagic.errors import ConfigError
 from ftmagic.memory.architectures import ModelShape, resolve_model
+from ftmagic.memory.estimate import resolve_loss
 from ftmagic.memory.policy import weight_plan
 
 # Methods whose kernels a fake tensor cannot run (bitsandbytes), or whose state lives
@@ -146,7 +147,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
                seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw", lora_r: int = 16,
                lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: Any = "auto",
                num_virtual_tokens: int = 16, trainable_layers: int = 2, fake: bool = True,
-               attn_implementation: str = "sdpa", seed: int = 0) -> TraceResult:
+               attn_implementation: str = "sdpa", seed: int = 0, loss: str = "auto") -> TraceResult:
     """Run (``fake=False``) or simulate (``fake=True``) one training step and track its memory.
 
     The optimizer uses torch's multi-tensor (``foreach``) AdamW, as it does on CUDA,
@@ -206,10 +207,17 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         if plan.autocast:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16 if plan.autocast == "bf16" else torch.float16)
 
+        loss_kind = resolve_loss(loss, shape, method)
+        chunked = _chunked_loss() if loss_kind == "chunked" else None
+
         def step():
             with autocast if autocast is not None else _null():
-                out = net(input_ids=ids, labels=labels)
-            return out.loss
+                if chunked is None:  # Hugging Face's loss: full batch x seq x vocab logits
+                    return net(input_ids=ids, labels=labels).loss
+                # ftmagic's engine: decoder to hidden states, then the chunked loss
+                lm = net.get_base_model() if hasattr(net, "get_base_model") else net
+                hidden = getattr(lm, lm.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state
+                return chunked(hidden, lm.get_output_embeddings(), labels)
 
         # A first step outside the tracker creates the optimizer states: what is measured is
         # the steady state, where those states are alive through forward and backward.
@@ -254,6 +262,25 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     return TraceResult(peak_bytes=max(peaks.values()), phases=peaks, breakdown=breakdown,
                        trainable_params=trainable, total_params=total, fake=fake, held_after_forward=held,
                        seconds=time.perf_counter() - start)
+
+
+def _chunked_loss():
+    """The engine's chunked loss for a batch whose every position carries a label.
+
+    ``linear_cross_entropy`` drops unlabelled positions with a boolean mask, whose size a
+    fake tensor cannot know; every traced position is labelled, so the rows are taken
+    directly (a copy, as the mask makes) and handed to the same chunked autograd function.
+    """
+    from ftmagic.engine.losses import _ChunkedLinearCrossEntropy, default_chunk_rows
+
+    def loss(hidden, head, labels):
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        total = _ChunkedLinearCrossEntropy.apply(rows, head.weight, head.bias, targets,
+                                                 default_chunk_rows(head.weight.shape[0]))
+        return total / targets.shape[0]
+
+    return loss
 
 
 def _tracker_class():

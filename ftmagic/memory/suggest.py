@@ -67,7 +67,8 @@ def with_overheads(estimate: MemoryEstimate) -> MemoryEstimate:
 
 
 _ESTIMATE_KEYS = ("method", "precision", "batch_size", "seq_len", "gradient_checkpointing", "optimizer", "lora_r",
-                  "target_modules", "packing", "lora_dropout", "num_virtual_tokens", "trainable_layers", "grad_accum")
+                  "target_modules", "packing", "lora_dropout", "num_virtual_tokens", "trainable_layers", "grad_accum",
+                  "device", "loss")
 
 
 def _candidates(settings: dict) -> list:
