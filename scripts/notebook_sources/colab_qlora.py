@@ -8,9 +8,9 @@ MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 
 CELLS = [
     *colab_intro(NAME, "QLoRA on a T4: Llama 3.2 1B in 4-bit", f"""
-    QLoRA keeps the frozen base weights in 4-bit NF4 and trains LoRA adapters on top: a 1B
-    model's weights take about 0.7 GiB instead of 2.3 GiB, and a 7B or 8B model fits a free
-    16 GB T4. On a T4 (no bf16) ftmagic computes in fp16 with a gradient scaler.
+    QLoRA keeps the frozen base weights in 4-bit NF4 and trains LoRA adapters on top: Llama
+    3.2 1B's weights take about 1.5 GiB instead of 2.3 GiB (its large embedding table stays
+    16-bit), and a 7B or 8B model fits a free 16 GB T4. On a T4 (no bf16) ftmagic computes in fp16 with a gradient scaler.
 
     `{MODEL}` is gated: accept its licence on its Hugging Face page and log in
     (`from huggingface_hub import notebook_login; notebook_login()`), or use the ungated

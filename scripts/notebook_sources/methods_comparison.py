@@ -30,7 +30,7 @@ CELLS = [
     code("""
     %load_ext ftmagic
     import ftmagic
-    from ftmagic.demo import demo_dataset, exact_match
+    from ftmagic.demo import demo_dataset
 
     train = demo_dataset("train", n=960)
     test = demo_dataset("test", n=30)
@@ -71,7 +71,6 @@ CELLS = [
         generate = lambda prompt: ft.generate(prompt, max_new_tokens=12)
         results[method] = dict(
             letters=letter_accuracy(generate, test),
-            exact=exact_match(generate, test),
             eval_loss=ft.metrics["eval_loss"],
             trainable=ft.metrics["trainable_params"],
             seconds=ft.metrics["runtime_s"],
@@ -86,15 +85,16 @@ CELLS = [
 
     ## The table
 
-    *letters*: share of answer letters in the right place on 30 held-out words; *exact*:
-    exact match on them; *held-out loss*: loss on those words; *trainable*: parameters that
+    *letters*: share of answer letters in the right place on 30 held-out words (after one
+    pass over the data no method gets whole words right yet, so exact match would read 0%
+    everywhere); *eval_loss*: loss on those words; *trainable*: parameters that
     receive gradients; *time*: training wall time on this machine; *memory*: the
     calculator's predicted peak for one step.
     """),
     code("""
     from IPython.display import HTML
 
-    columns = [("letters", "{:.0%}"), ("exact", "{:.0%}"), ("eval_loss", "{:.3f}"), ("trainable", "{:,}"),
+    columns = [("letters", "{:.0%}"), ("eval_loss", "{:.3f}"), ("trainable", "{:,}"),
                ("seconds", "{:.1f}"), ("memory_mib", "{:.2f}")]
     head = "<th>method</th>" + "".join(f"<th>{name}</th>" for name, _ in columns)
     body = "".join(f"<tr><td>{method}</td>" + "".join(f"<td>{fmt.format(row[name])}</td>" for name, fmt in columns)
@@ -141,10 +141,12 @@ CELLS = [
     ## What to read from it
 
     * **Full fine-tuning** moves every weight and stores gradients and two optimizer states
-      for all of them: the most memory per step. At 7B that rules it out on one consumer
-      GPU (see `02_memory_calculator`); on this 1M-parameter model it is cheap.
-    * **LoRA** and **DoRA** train a few percent of the parameters and keep up with full
-      fine-tuning here; DoRA costs a little more time per step.
+      for all of them. At 7B that rules it out on one consumer GPU (see
+      `02_memory_calculator`); on this 1M-parameter model activations dominate the memory
+      of every method, so the memory column differs little here.
+    * **LoRA** and **DoRA** train a fraction of the parameters (17% here: rank 16 is large
+      for a model this small; on a 7B model it is about 0.6%) and keep up with full
+      fine-tuning; DoRA costs more time per step.
     * **IA3** and **prompt tuning** train very few parameters. They are cheap to store and
       swap, but in one pass over the data they learn a new skill like reversal much more
       slowly than the adapters.
@@ -161,6 +163,6 @@ CELLS = [
     """, CHECK),
     code("""
     assert results["lora"]["letters"] > results["prompt_tuning"]["letters"], results
-    assert results["lora"]["trainable"] < results["full"]["trainable"] / 10, results
+    assert results["ia3"]["trainable"] < results["lora"]["trainable"] < results["full"]["trainable"] / 4, results
     """),
 ]

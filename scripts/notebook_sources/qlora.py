@@ -19,10 +19,9 @@ CELLS = [
     code("""
     %load_ext ftmagic
     import ftmagic
-    from ftmagic.demo import demo_dataset, exact_match
+    from ftmagic.demo import demo_dataset
 
     train = demo_dataset("train", n=800)
-    test = demo_dataset("test", n=20)
     """),
     md("""
     ## What the same cell does on a T4
@@ -62,7 +61,7 @@ CELLS = [
     md("""
     ## Train with QLoRA here
 
-    The plan line says which method really runs. When 4-bit cannot run on this machine (no
+    The plan line says which method really runs. When 4-bit cannot run on a machine (no
     bitsandbytes, or a model shape its CPU kernel does not support) the engine says so in
     one line and trains plain LoRA instead of failing.
     """),
@@ -85,55 +84,23 @@ CELLS = [
     """),
     code("""
     q_proj = ft.model.base_model.model.model.layers[0].self_attn.q_proj
-    print("method that ran:", ft.metrics["method"], "| q_proj base layer:", type(q_proj.base_layer).__name__)
-    score = exact_match(lambda prompt: ft.generate(prompt, max_new_tokens=12), test)
-    print(f"exact match on {len(test)} held-out words after {ft.metrics['steps']} steps: {score:.0%}")
+    losses = [row["loss"] for row in ft.history if "loss" in row]
+    print("method that ran:", ft.metrics["method"])
+    print("q_proj:", type(q_proj).__module__, type(q_proj).__name__)
+    print("  frozen base layer:", type(q_proj.base_layer).__module__, type(q_proj.base_layer).__name__,
+          "| weight stored as", q_proj.base_layer.weight.dtype, tuple(q_proj.base_layer.weight.shape))
+    print(f"loss {losses[0]:.2f} at step 1 -> {losses[-1]:.2f} at step {len(losses)}")
     """),
     md("""
-    ## 4-bit on the CPU, for real
-
-    bitsandbytes' CPU kernel packs 4-bit weights in blocks of 64 input features, so every
-    layer width must be a multiple of 64. The embedded `tiny` model is 144 wide, which is
-    why the run above fell back to LoRA (if the plan line said `qlora`, your copy's model
-    fits the kernel). To see the 4-bit path itself run here, take a model whose widths fit:
-    a small randomly initialised Llama, 128 wide, with the tiny model's tokenizer. It knows
-    nothing, so we only check that it trains and what its layers became.
+    The frozen linear layers are bitsandbytes `Linear4bit` layers now, with LoRA adapters
+    around them. 60 steps is a short run: the answers move toward reversals but are not there
+    yet (the quickstart's 500 LoRA steps teach the task fully).
     """),
     code("""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ftmagic.engine.models import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
-    torch.manual_seed(0)
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                        num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=True,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    wide.save_pretrained("runs/wide-model")
-    tokenizer.save_pretrained("runs/wide-model")
-    """),
-    code("""
-    %%finetune --name ft4
-    model: runs/wide-model
-    method: qlora
-    data: $train
-    lr: 3.0e-3
-    max_steps: 20
-    batch_size: 16
-    max_seq_len: 128
-    eval_steps: 0
-    save_steps: 0
-    output_dir: runs/qlora-wide
-    overwrite: true
-    """),
-    code("""
-    q_proj = ft4.model.base_model.model.model.layers[0].self_attn.q_proj
-    losses = [row["loss"] for row in ft4.history if "loss" in row]
-    print("method that ran:", ft4.metrics["method"], "| q_proj base layer:", type(q_proj.base_layer).__name__)
-    print(f"loss {losses[0]:.2f} at step 1 -> {losses[-1]:.2f} at step {len(losses)}")
-    assert ft4.metrics["method"] == "qlora" and type(q_proj.base_layer).__name__ == "Linear4bit"
-    assert losses[-1] < losses[0]
+    %%ft_generate --base --max-new-tokens 12
+    reverse: lamp
+    reverse: garden
+    reverse: kite
     """),
     md("""
     ## On a real GPU

@@ -67,13 +67,15 @@ CELLS = [
     `%ft_preview` shows what training will really see: the detected format, token lengths
     against `max_seq_len`, problems, and each record rendered through the model's chat
     template with the trained tokens highlighted (in Jupyter it is a widget with a pager).
-    `--name` keeps the report in a variable.
     """),
     code("""
-    %ft_preview train --max-seq-len 128 --name report
+    %ft_preview train --max-seq-len 128
+    """),
+    md("""
+    The same analysis from Python, as data (`ftmagic.preview` returns a `DatasetReport`):
     """),
     code("""
-    summary = report.to_dict()
+    summary = ftmagic.preview(train, max_seq_len=128).to_dict()
     print("format:", summary["format"], "| records:", summary["records"], "| skipped:", summary["skipped"],
           "| truncated:", summary["truncated"])
     print("token lengths:", summary["token_lengths"])
