@@ -291,9 +291,20 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     tokens = batch * seq_eff
     if adapter_method:
         layers_total, per_layer = _adapter_layers(shape, method, plan, s)
+    elif method == "bitfit":
+        # Frozen linears, trainable norms: every block passes gradients (like prompt learning)
+        # and each RMSNorm also keeps its normalised input for its weight's gradient.
+        layers_total, per_layer = _adapter_layers(shape, "prompt_tuning", plan, s)
+        norms = shape.norms_per_layer * plan.compute_bytes * shape.hidden
+        layers_total, per_layer = layers_total + shape.layers * norms, per_layer + norms
     else:
         per_layer = _layer_bytes_per_token(shape, method, plan, s)
-        layers_total = shape.layers * per_layer
+        # `freeze`: blocks below the trainable ones neither train nor pass gradients (unless the
+        # trained head is tied to the input embeddings, which then need gradients through all)
+        trained = shape.layers
+        if method == "freeze" and not shape.tied:
+            trained = min(s["trainable_layers"], shape.layers)
+        layers_total = trained * per_layer
     c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
     c_res = 4 if (plan.autocast and not adapter_method) else c_res  # fp32 master weights keep fp32 residuals
     c_logit = plan.compute_bytes if plan.autocast else plan.base_bytes
@@ -489,7 +500,7 @@ def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     for f in feats:
         b = sum(params[k] * f[k] for k in f) + extra_norms
         if method == "dora":
-            b += 4 * dout  # base output and magnitude scale, saved per adapted linear
+            b += 6 * dout  # base output, LoRA output and magnitude scale, saved per adapted linear
         if method == "ia3":
             b += plan.compute_bytes * dout
         blocks.append(b)
