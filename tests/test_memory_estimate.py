@@ -78,7 +78,7 @@ def test_tiny_resolves_or_says_how_to_build_it():
 
 
 def test_full_fp32_adamw_breakdown_by_hand():
-    est = estimate_memory(TOY, method="full", precision="fp32", batch_size=1, seq_len=8)
+    est = estimate_memory(TOY, method="full", precision="fp32", batch_size=1, seq_len=8, device="cpu")
     p = TOY.total_params
     n_tensors = 2 * (7 + 2) + 2 + 1  # per block: 7 linears + 2 norms; embeddings, final norm; untied head
     assert est.trainable_params == p
@@ -90,6 +90,9 @@ def test_full_fp32_adamw_breakdown_by_hand():
     assert est.breakdown["optimizer_step_transient"] == 4 * p  # foreach AdamW's sqrt(v) buffer
     assert est.total_bytes == 16 * p + 4 * p + 4 * n_tensors
     assert sum(est.breakdown.values()) == est.total_bytes
+    # on CUDA the engine's fused AdamW needs no extra buffer
+    cuda = estimate_memory(TOY, method="full", precision="fp32", batch_size=1, seq_len=8)
+    assert cuda.breakdown["optimizer_step_transient"] == 0 and cuda.total_bytes == 16 * p + 4 * n_tensors
 
 
 def test_full_bf16_activations_by_hand():

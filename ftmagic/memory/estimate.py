@@ -8,8 +8,9 @@ already exist), not the sum of everything:
 * backward: at the loss (the logits' fp32 gradients) or, later, when most parameter
   gradients exist while one block's activations are still held (or recomputed, with
   gradient checkpointing);
-* optimizer step: weights, gradients, states and the step's transient (torch's
-  multi-tensor AdamW allocates one more state-sized buffer for ``sqrt(v)``).
+* optimizer step: weights, gradients, states and the step's transient (none for the
+  fused AdamW the engine uses on CUDA; torch's multi-tensor AdamW, used on CPU, allocates
+  one more state-sized buffer for ``sqrt(v)``).
 
 Saved-activation bytes per token and block come from how the block's autograd graph saves
 tensors: for full fine-tuning in one dtype of ``c`` bytes they are exact
@@ -273,7 +274,9 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     n_tensors = _trainable_tensors(shape, method, s)
     if s["optimizer"] == "adamw":
         states = 2 * trainable * state_bytes + 4 * n_tensors
-        transient = trainable * state_bytes  # foreach sqrt(v) buffer
+        # ftmagic's engine steps with the fused AdamW kernel on CUDA (no extra buffer); torch's
+        # multi-tensor (foreach) AdamW, used on CPU, allocates one more state-sized sqrt(v) buffer.
+        transient = trainable * state_bytes if s.get("device", "cuda") == "cpu" else 0
     elif s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
         states = int(2 * trainable * (1 + 4 / 256)) + 4 * n_tensors  # uint8 states + fp32 absmax per 256 block
         transient = 0  # one fused kernel per tensor

@@ -33,7 +33,8 @@ def exact_estimate(shape: ModelShape, settings: dict) -> MemoryEstimate:
                 gradient_checkpointing=settings["gradient_checkpointing"], optimizer=settings["optimizer"],
                 lora_r=settings["lora_r"], lora_dropout=settings["lora_dropout"],
                 target_modules=settings["target_modules"], num_virtual_tokens=settings["num_virtual_tokens"],
-                trainable_layers=settings["trainable_layers"], loss=settings.get("loss", "auto"))
+                trainable_layers=settings["trainable_layers"], loss=settings.get("loss", "auto"),
+                optimizer_impl="foreach" if settings.get("device") == "cpu" else "fused")
         except FtmagicError as exc:
             reason = str(exc)
         except Exception as exc:  # an architecture or op the tracer cannot run: say so, keep the analytic answer

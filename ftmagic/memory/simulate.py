@@ -147,11 +147,12 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
                seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw", lora_r: int = 16,
                lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: Any = "auto",
                num_virtual_tokens: int = 16, trainable_layers: int = 2, fake: bool = True,
-               attn_implementation: str = "sdpa", seed: int = 0, loss: str = "auto") -> TraceResult:
+               attn_implementation: str = "sdpa", seed: int = 0, loss: str = "auto",
+               optimizer_impl: str = "foreach") -> TraceResult:
     """Run (``fake=False``) or simulate (``fake=True``) one training step and track its memory.
 
-    The optimizer uses torch's multi-tensor (``foreach``) AdamW, as it does on CUDA,
-    so the optimizer step's transient matches a GPU run.
+    ``optimizer_impl`` is ``foreach`` (torch's multi-tensor AdamW, what the engine uses on
+    CPU: one extra state-sized buffer during the step) or ``fused`` (the engine on CUDA).
 
     Example::
 
@@ -198,7 +199,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         if optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=1e-4)
         else:
-            opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+            impl = {"fused": True} if optimizer_impl == "fused" else {"foreach": True}
+            opt = torch.optim.AdamW(params, lr=1e-4, **impl)
         ids = torch.randint(0, shape.vocab, (batch_size, seq_len))
         labels = ids.clone()
         total = sum(p.numel() for p in net.parameters())
