@@ -1,6 +1,6 @@
 """Shared fixtures: a small tokenizer with a chat template and a tiny Llama built from a config.
 
-Nothing here downloads anything; every model is built in a temporary folder.
+The builders live in ``model_builders.py``; nothing here downloads anything.
 """
 
 from __future__ import annotations
@@ -15,61 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "user assistant system instruction input output response question answer",
-    "reverse the word hello world python tensor model data train test",
-    "0 1 2 3 4 5 6 7 8 9 a b c d e f g h i j k l m n o p q r s t u v w x y z",
-    "Below is an instruction that describes a task. Write a response that completes the request.",
-]
-
-
-def build_test_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with ChatML special tokens and chat template (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    core.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
+from model_builders import build_test_model_dir, build_test_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def test_tokenizer():
     """A small byte-level BPE tokenizer with a ChatML chat template; EOS is `<|im_end|>`."""
     return build_test_tokenizer()
-
-
-def build_test_model_dir(path, tokenizer=None, **overrides):
-    """Save a randomly initialised 2-layer Llama (about 60k parameters) and its tokenizer to ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tokenizer or build_test_tokenizer()
-    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    settings.update(overrides)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**settings))
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="session")

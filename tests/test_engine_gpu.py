@@ -28,7 +28,7 @@ def _train(model_dir, out, **extra):
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory, test_tokenizer):
-    from conftest import build_test_model_dir
+    from model_builders import build_test_model_dir
 
     return build_test_model_dir(tmp_path_factory.mktemp("gpu-wide"), test_tokenizer, hidden_size=64,
                                 intermediate_size=128)

@@ -360,7 +360,7 @@ def test_report_to_without_its_package_fails_early(test_model_dir, tmp_path, mon
 
 
 def test_qlora_load_failure_on_cpu_falls_back(tmp_path, monkeypatch, test_tokenizer):
-    from conftest import build_test_model_dir
+    from model_builders import build_test_model_dir
     import ftmagic.engine.run as run_module
 
     model_dir = build_test_model_dir(tmp_path / "wide", test_tokenizer, hidden_size=64, intermediate_size=128)

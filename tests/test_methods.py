@@ -9,7 +9,7 @@ from ftmagic.engine.methods import METHODS, Method, auto_target_modules, registe
 from ftmagic.engine.result import RunResult
 from ftmagic.errors import ModelError
 
-from conftest import build_test_model_dir
+from model_builders import build_test_model_dir
 from engine_helpers import collect, reversal_records, step_losses
 
 PROMPTS = ["reverse: abc", "reverse: hello"]

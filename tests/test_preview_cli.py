@@ -10,7 +10,7 @@ from ftmagic.cli import main
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A folder holding only the test tokenizer (all the previewer loads from a model)."""
-    from conftest import build_test_tokenizer
+    from model_builders import build_test_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     build_test_tokenizer().save_pretrained(str(folder))
