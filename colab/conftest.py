@@ -11,6 +11,8 @@ import os
 import pytest
 
 SMOKE_ENV = "FTMAGIC_SMOKE"
+# What the notebooks write when they run (outputs, data files, a failed build's partial notebook).
+collect_ignore_glob = ["runs/*"]
 _saved = []
 
 
