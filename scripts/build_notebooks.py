@@ -127,11 +127,21 @@ def strip_outputs(nb: nbformat.NotebookNode) -> None:
             cell.execution_count = None
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = "(an interactive widget: it shows when the notebook runs in Jupyter, VS Code or Colab)"
+
+
 def _clean_metadata(nb: nbformat.NotebookNode) -> None:
     """Drop what changes on every execution and is no use to a reader."""
     nb.metadata.pop("widgets", None)  # widget state: the static summaries carry the results
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        for output in cell.get("outputs", []):
+            # Without a kernel a live widget falls back to its text/plain repr, a long
+            # "VBox(children=(HTML(value='<style>..." string; say what it is instead.
+            data = output.get("data", {})
+            if WIDGET_MIME in data and "text/html" not in data:
+                data["text/plain"] = WIDGET_NOTE
 
 
 def build(module: str, *, run: bool = True, timeout: int = 900, threads: Optional[int] = None) -> Path:
