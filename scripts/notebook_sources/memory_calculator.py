@@ -126,8 +126,10 @@ CELLS = [
     actual model under torch's `FakeTensorMode` with its memory tracker: every tensor has a
     shape and a dtype but no storage, so any architecture's peak is measured on a laptop CPU
     without allocating it. It takes seconds to a minute instead of milliseconds; we use the
-    small `tiny` model so this notebook stays quick. Methods whose kernels cannot be traced
-    (bitsandbytes' 4-bit) fall back to the analytic estimate and say so.
+    small `tiny` model so this notebook stays quick. QLoRA is traced with a stand-in for the
+    4-bit layers (same saved activations, weights counted at their NF4 size); what cannot
+    run on fake tensors at all (bitsandbytes' 8-bit optimizers) falls back to the analytic
+    estimate with a note saying so.
     """),
     code("""
     for method in ["full", "lora"]:
