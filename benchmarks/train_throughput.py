@@ -508,16 +508,20 @@ def _mb(n: int) -> str:
 
 
 def format_table(results: dict) -> str:
+    """The per-system table, then ftmagic against each other system."""
     ref = results.get("ftmagic")
-    head = f"{'system':<14}{'wall s':>9}{'tokens/s':>11}{'peak mem':>12}{'eval loss':>11}" \
+    head = f"{'system':<14}{'wall s':>9}{'CPU s':>9}{'tokens/s':>10}{'peak mem':>11}{'eval loss':>11}" \
            f"{'tok/s vs ftmagic':>18}{'mem vs ftmagic':>16}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         mem = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
-        label = name + (f" ({r['mode']})" if "mode" in r and name == "trl" else "")
-        lines.append(f"{label:<14}{r['wall_s']:>9.1f}{r['tokens_per_s']:>11,.0f}{_mb(r['peak_bytes']):>12}"
-                     f"{r['eval_loss']:>11.4f}{speed:>18}{mem:>16}")
+        lines.append(f"{name:<14}{r['wall_s']:>9.1f}{r.get('cpu_s', 0):>9.1f}{r['tokens_per_s']:>10,.0f}"
+                     f"{_mb(r['peak_bytes']):>11}{r['eval_loss']:>11.4f}{speed:>18}{mem:>16}")
+    notes = [f"{name}: TRL mode {r['mode']}" for name, r in results.items() if "mode" in r]
+    notes += [f"{name}: variant {r['variant']}" for name, r in results.items() if "variant" in r]
+    if notes:
+        lines.append("(" + "; ".join(notes) + ")")
     if ref:
         lines.append("")
         for name, r in results.items():
