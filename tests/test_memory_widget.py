@@ -71,9 +71,9 @@ def test_pure_html_pieces():
 
 @pytest.fixture()
 def shell():
-    from IPython.testing.globalipapp import get_ipython
+    from IPython.core.interactiveshell import InteractiveShell
 
-    ip = get_ipython()
+    ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "ftmagic")
     yield ip
     ip.run_line_magic("unload_ext", "ftmagic")
