@@ -26,6 +26,7 @@ from ftmagic.memory.gpus import GPU_PRESETS, format_bytes, resolve_gpu
 from ftmagic.memory.policy import ALL_METHODS
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.usage import as_usage_error
+from ftmagic.widgets.static import display_with_snapshot
 
 COLORS = {
     "frozen_weights": "#8da0cb", "trainable_weights": "#66c2a5", "gradients": "#fc8d62",
@@ -209,10 +210,12 @@ class MemoryCalculator:
             self.suggestions_box.value = suggestions_html(verdict.suggestions)
         self.last_ms = (time.perf_counter() - start) * 1000
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def snapshot_html(self) -> str:
+        """The bar, verdict and suggestions as static HTML (what a saved notebook shows)."""
+        return "".join((self.bar.value, self.verdict_box.value, self.suggestions_box.value))
 
-        display(self.widget)
+    def _ipython_display_(self):
+        display_with_snapshot(self.widget, self.snapshot_html())
 
 
 # ----------------------------------------------------------------------------- the magic
@@ -256,7 +259,5 @@ class MemoryMagics(Magics):
                 return None
             estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True, **settings)  # errors as one line
             calc = MemoryCalculator(model=args.model, gpu=gpu, **settings)
-        from IPython.display import display
-
-        display(calc.widget)
+        display_with_snapshot(calc.widget, calc.snapshot_html())
         return None

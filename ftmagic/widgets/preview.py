@@ -25,9 +25,11 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ftmagic.config import FORMATS
 from ftmagic.usage import as_usage_error
+from ftmagic.widgets.static import display_with_snapshot
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
 
+FOREGROUND_RECORDS = 20_000  # up to this many records the analysis runs before the widget shows
 JUMP_LIMIT = 200  # problems offered in the "go to a problem" list
 
 
@@ -133,10 +135,12 @@ class PreviewWidget:
         self.prev.disabled = index <= 0
         self.next.disabled = index >= len(self.report) - 1
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
+    def snapshot_html(self) -> str:
+        """Summary, histogram, problems and the record on screen as static HTML (for saved notebooks)."""
+        return "".join((self.summary.value, self.histogram.value, self.problems.value, self.record.value))
 
-        display(self.box)
+    def _ipython_display_(self) -> None:
+        display_with_snapshot(self.box, self.snapshot_html())
 
 
 @magics_class
@@ -175,11 +179,15 @@ class PreviewMagics(Magics):
         if args.text or not _in_notebook(self.shell):
             print(analyse(report).to_text())
             return
-        from IPython.display import display
-
-        # The pager works at once; statistics and problems fill in when the analysis ends.
         widget = PreviewWidget(report)
-        display(widget.box)
+        if len(report) <= FOREGROUND_RECORDS:
+            # Small data is analysed in about a second: do it now, so the saved notebook's
+            # static copy carries the full summary and problem list.
+            widget.analyse(background=False)
+            display_with_snapshot(widget.box, widget.snapshot_html())
+            return
+        # The pager works at once; statistics and problems fill in when the analysis ends.
+        display_with_snapshot(widget.box, widget.snapshot_html())
         widget.analyse(background=True)
 
 
