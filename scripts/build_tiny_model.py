@@ -230,6 +230,9 @@ def build(output: str, steps: int = 2400, batch_size: int = 16, lr: float = 3e-3
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
+    for name in os.listdir(output):
+        # safetensors writes 0600; files installed from a wheel must be readable by every user.
+        os.chmod(os.path.join(output, name), 0o644)
     stats = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
              "parameters": sum(p.numel() for p in model.parameters()),
              "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4) if losses else None,
