@@ -9,8 +9,10 @@ starts, so the memory calculator and the magics answer at once.
 Example::
 
     import ftmagic
-    result = ftmagic.finetune(model="tiny", data=ftmagic.demo_dataset(), max_steps=50)
-    print(result.generate("reverse: hello"))
+    from ftmagic.demo import DEMO_CONFIG
+
+    result = ftmagic.finetune(data=ftmagic.demo_dataset("train"), **DEMO_CONFIG)  # about a minute on a CPU
+    print(result.generate("reverse: lamp"))  # 'pmal'; the base model cannot reverse
 """
 
 from __future__ import annotations
