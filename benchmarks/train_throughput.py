@@ -166,7 +166,7 @@ def generate_records(n: int, seed: int) -> list[dict]:
 
 
 def encode(tokenizer, record: dict, max_len: int = MAX_LEN) -> dict:
-    """Reference encoding: chat template, loss on the answer (with its end token), truncated at ``max_len``."""
+    """Reference encoding: chat template, loss on the answer and its end-of-turn token, truncated at ``max_len``."""
     messages = record["messages"]
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -174,6 +174,12 @@ def encode(tokenizer, record: dict, max_len: int = MAX_LEN) -> dict:
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids, "prompt tokens must be a prefix of the full encoding"
     labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    # The template's newline after the end-of-turn token carries no loss (as in ftmagic's data
+    # layer), so every system trains on, and is evaluated on, the same tokens.
+    eos = tokenizer.eos_token_id
+    if eos in ids[len(prompt_ids):]:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        labels[last + 1:] = [-100] * (len(labels) - last - 1)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
