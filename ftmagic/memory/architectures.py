@@ -213,7 +213,7 @@ def resolve_model(model: Any) -> ModelShape:
     close = _close_builtin(key)
     hint = f"; did you mean `{close}`?" if close else ""
     raise ModelError(f"`model: {text}` is not known here (offline, not in the local Hugging Face cache){hint} "
-                     f"Give {ACCEPTED}")
+                     f"Accepted: {ACCEPTED}")
 
 
 def _close_builtin(key: str) -> Optional[str]:
