@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "finetune": "ftmagic.engine.run",
     "RunResult": "ftmagic.engine.result",
-    "estimate_memory": "ftmagic.memory",
+    "estimate_memory": "ftmagic.api",
     "MemoryEstimate": "ftmagic.memory",
     "preview": "ftmagic.data.report",
     "clean": "ftmagic.data.report",
@@ -71,4 +71,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ftmagic.demo import demo_dataset
     from ftmagic.engine.result import RunResult
     from ftmagic.engine.run import finetune
-    from ftmagic.memory import MemoryEstimate, estimate_memory
+    from ftmagic.api import estimate_memory
+    from ftmagic.memory import MemoryEstimate
