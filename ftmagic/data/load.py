@@ -316,7 +316,8 @@ def _load_hub(name: str, split: str, strict: bool, subset: Optional[str] = None)
     try:
         import datasets
 
-        obj = datasets.load_dataset(name, subset, split=split)
+        obj = datasets.load_dataset(name, split=split) if subset is None else datasets.load_dataset(name, subset,
+                                                                                                    split=split)
     except Exception as exc:
         raise DataError(f"{name}: not a local file, and loading it as a Hugging Face dataset failed "
                         f"({type(exc).__name__}: {_first_line(exc)})") from None

@@ -26,11 +26,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ftmagic.constants import DATA_SOURCE_KEYS
 from ftmagic.data.build import Built, build_examples
+from ftmagic.data.load import load_data
 from ftmagic.data.pack import pack, padding_share
 from ftmagic.data.templates import ChatTemplate, resolve_template
-from ftmagic.constants import DATA_SOURCE_KEYS
-from ftmagic.data.load import load_data
 from ftmagic.errors import ConfigError, DataError
 
 MAX_LISTED_PROBLEMS = 20

@@ -177,8 +177,9 @@ def builtin_names() -> list:
 
 def tiny_config_path() -> str:
     """Where the embedded tiny model's config.json lives (it may not be built yet)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "assets", "tiny", "config.json")
+    from ftmagic.constants import TINY_MODEL_DIR
+
+    return str(TINY_MODEL_DIR / "config.json")
 
 
 def resolve_model(model: Any) -> ModelShape:
