@@ -6,6 +6,15 @@
 Importing this package is cheap: torch, transformers and peft load only when a run
 starts, so the memory calculator and the magics answer at once.
 
+Layers (imports only point downwards; ``tests/test_layers.py`` walks every import):
+
+* front: this package's ``__init__``, ``api``, ``cli`` + ``commands/``, ``magics`` +
+  ``widgets/``, ``textprogress``, ``usage``, ``demo``: parse, validate, call, display;
+* engine: ``engine/``, the only layer that imports torch, transformers, peft and
+  accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
+* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``units``, ``data/``
+  and ``memory/``: pure Python that never imports the engine or a front.
+
 Example::
 
     import ftmagic
