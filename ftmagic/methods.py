@@ -103,8 +103,11 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-_IA3_TARGETS = ("k_proj", "v_proj", "down_proj", "qkv_proj", "query_key_value", "dense_4h_to_h", "c_attn", "fc2", "w2")
-_IA3_FEEDFORWARD = ("down_proj", "dense_4h_to_h", "fc2", "w2")
+# IA3's keys, values and MLP output projection in each layout's names (peft's own defaults per
+# family): fused qkv layers are rescaled whole; GPT-2's MLP output is `mlp.c_proj`.
+_IA3_TARGETS = ("k_proj", "v_proj", "down_proj", "qkv_proj", "query_key_value", "dense_4h_to_h", "c_attn",
+                "mlp.c_proj", "fc2", "w2")
+_IA3_FEEDFORWARD = ("down_proj", "dense_4h_to_h", "mlp.c_proj", "fc2", "w2")
 
 register_method(MethodSpec("full", trains="all", adapter=False, summary="every weight trains"))
 register_method(MethodSpec("lora", trains="adapters", adapter=True, mergeable=True, peft_type="LORA",
@@ -142,20 +145,22 @@ def get_method_spec(name: str) -> MethodSpec:
 
 
 def select_targets(spec: MethodSpec, linear_names: Sequence[str], target_modules: Any = "auto") -> list:
-    """Leaf names of the block's linear layers that ``spec`` adapts.
+    """Names of the block's linear layers that ``spec`` adapts.
 
-    ``linear_names`` are the leaf names of every linear layer of one block, in model order.
+    ``linear_names`` name every linear layer of one block, in model order: the leaf name, or
+    the parent and leaf where a leaf name repeats (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``).
     ``auto`` takes the method's defaults (every linear for LoRA and DoRA; keys, values and
-    the MLP's down projection for IA3), ``all-linear`` every linear, a list exactly those
-    names (each must exist). The calculator and the engine both call this, so they adapt
+    the MLP's output projection for IA3), ``all-linear`` every linear, a list exactly those
+    layers: a name selects every layer it ends (``c_proj`` selects both of GPT-2's), as peft
+    matches ``target_modules``. The calculator and the engine both call this, so they adapt
     the same layers.
 
     Example::
 
         >>> select_targets(get_method_spec("lora"), ["q_proj", "v_proj"], "auto")
         ['q_proj', 'v_proj']
-        >>> select_targets(get_method_spec("lora"), ["q_proj", "v_proj"], ["v_proj"])
-        ['v_proj']
+        >>> select_targets(get_method_spec("lora"), ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"], ["c_proj"])
+        ['attn.c_proj', 'mlp.c_proj']
     """
     names = list(dict.fromkeys(linear_names))
     if target_modules in (None, "auto"):
@@ -166,11 +171,16 @@ def select_targets(spec: MethodSpec, linear_names: Sequence[str], target_modules
     if target_modules == "all-linear":
         return names
     wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [t for t in wanted if t not in names]
+    unknown = [t for t in wanted if not any(_names_same_layer(n, str(t)) for n in names)]
     if unknown or not wanted:
         raise ConfigError(f"`target_modules`: {', '.join(map(str, unknown or wanted))} not found among the linear "
                           f"layers of the blocks; use `auto` or some of {', '.join(names)}")
-    return list(dict.fromkeys(wanted))
+    return [n for n in names if any(_names_same_layer(n, str(t)) for t in wanted)]
+
+
+def _names_same_layer(name: str, wanted: str) -> bool:
+    """Whether ``wanted`` names the layer ``name``: equal, or one a dotted suffix of the other (peft's rule)."""
+    return name == wanted or name.endswith("." + wanted) or wanted.endswith("." + name)
 
 
 def feedforward_targets(spec: MethodSpec, targets: Sequence[str]) -> list:

@@ -135,11 +135,33 @@ def test_varlen_attention_restores_setting_even_on_error():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_prompt_learning_and_capped_logits_keep_the_model_forward():
+def test_prompt_learning_and_scaled_logits_keep_the_model_forward():
     from peft import PromptTuningConfig, get_peft_model
+
+    from ftmagic.engine.fastpath import fast_path_blocker
 
     prompt = get_peft_model(_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert not supports_fast_path(prompt)
-    capped = _model()
-    capped.config.final_logit_softcapping = 30.0
-    assert not supports_fast_path(capped)
+    assert fast_path_blocker(prompt) == "prompt learning's virtual tokens are inserted by peft's own forward"
+    scaled = _model()
+    scaled.config.logit_scale = 0.5
+    assert fast_path_blocker(scaled) == "its logits are scaled (`logit_scale`)"
+
+
+def test_soft_capped_chunked_loss_equals_capped_logits():
+    from ftmagic.engine.losses import causal_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, 3, 4, 5], [-100, -100, 6, 7, 8, 9]])
+    ours = causal_lm_loss(hidden, weight, labels, softcap=2.0, chunk_rows=3)
+    ours.backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = torch.tanh((hidden @ weight.t()) / 2.0) * 2.0
+    theirs = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)

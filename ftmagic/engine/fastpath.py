@@ -88,23 +88,51 @@ def flatten_batch(rows: list) -> dict:
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                               scaling=None, **kwargs):
-    """Causal SDPA on each ``seq_bounds`` segment of a single flattened row; plain SDPA otherwise."""
+    """Causal attention on each ``seq_bounds`` segment of a single flattened row; plain SDPA otherwise.
+
+    A segment longer than the layer's sliding window (Mistral, Gemma 2 and 3, Phi-3, Qwen2
+    with `use_sliding_window`) attends within the window only, and Gemma 2's soft-capped
+    attention scores are capped, exactly as the model's own attention does for one example.
+    """
     bounds = kwargs.pop("seq_bounds", None)
     if bounds is None or query.shape[0] != 1 or attention_mask is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         # Expand key/value heads once for the whole row rather than once per segment.
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                            scale=scaling, is_causal=True)
+    parts = [_segment_attention(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout, scaling,
+                                window, softcap)
              for a, b in zip(bounds[:-1], bounds[1:])]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _segment_attention(module, query, key, value, dropout: float, scaling: float, window, softcap):
+    """One example's causal attention ``[1, heads, n, head_dim]``, within ``window`` and soft-capped if asked."""
+    n = query.shape[2]
+    if softcap is None and (window is None or n <= window):
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+    pos = torch.arange(n, device=query.device)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:  # transformers' sliding window: key k is seen from query q when q - k < window
+        allowed &= pos[None, :] > pos[:, None] - window
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    # Gemma 2's eager attention: scores soft-capped before the mask, softmax in fp32.
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value)
 
 
 def _register() -> None:
@@ -119,27 +147,48 @@ def _causal_lm(model):
     return get_base() if callable(get_base) else model
 
 
-def supports_fast_path(model) -> bool:
-    """True for a causal LM whose loss is ``cross_entropy(lm_head(decoder(x)))`` and whose attention is replaceable.
+def fast_path_blocker(model):
+    """Why the fast step would not equal the model's own forward for ``model``, or None when it does.
 
-    Prompt learning (virtual tokens), soft-capped or scaled logits, and non-linear or
-    quantized heads keep the model's own forward.
+    The fast step needs a causal LM whose loss is ``cross_entropy(softcap(lm_head(decoder(x))))``
+    (a plain linear head; Gemma 2's soft-capping is applied by the chunked loss) and whose
+    attention goes through transformers' attention interface, which is where examples in
+    one flattened row are kept apart (sliding windows and soft-capped scores included).
+    ``tests/test_architectures.py`` checks loss and gradients against the model's own
+    forward for Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3 and GPT-2.
+
+    Example::
+
+        fast_path_blocker(model)   # None, or e.g. "its logits are scaled (`logit_scale`)"
     """
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return False
+        return "prompt learning's virtual tokens are inserted by peft's own forward"
     lm = _causal_lm(model)
     config = getattr(lm, "config", None)
     decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if config is None or decoder is None or type(head) is not torch.nn.Linear:
-        return False
-    if not type(lm).__name__.endswith("ForCausalLM"):
-        return False
-    for attr in ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling"):
+    if config is None or decoder is None or not type(lm).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return f"{type(lm).__name__} is not a causal LM with a decoder and an output layer"
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain linear layer"
+    if not getattr(lm, "_supports_attention_backend", False):
+        # Older modelling code computes attention itself: examples in one row would see each other.
+        return f"{type(lm).__name__} does not use transformers' attention interface"
+    for attr in ("logit_scale", "logits_scaling"):  # Cohere, Granite: the loss would need the same scale
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            return False
-    return getattr(config, "_attn_implementation", None) in _REPLACEABLE + (VARLEN,)
+            return f"its logits are scaled (`{attr}`)"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _REPLACEABLE + (VARLEN,):
+        return f"`{implementation}` attention handles packed rows itself"
+    return None
+
+
+def supports_fast_path(model) -> bool:
+    """True when the fast step is exact for ``model`` (see :func:`fast_path_blocker`)."""
+    return fast_path_blocker(model) is None
 
 
 @contextmanager
@@ -175,10 +224,11 @@ def fast_loss(model, batch: dict, *, reduction: str = "sum") -> torch.Tensor:
     if "seq_bounds" in batch:
         inputs["seq_bounds"] = batch["seq_bounds"]
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
     if "label_index" in batch:  # a flattened row: the trained positions are already known
         rows = hidden[0].index_select(0, batch["label_index"].to(hidden.device))
         targets = batch["label_targets"].to(hidden.device)
-        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias)
+        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias, softcap=softcap)
         return total if reduction == "sum" else total / max(1, targets.shape[0])
     return causal_lm_loss(hidden, head.weight, batch["labels"].to(hidden.device), bias=head.bias,
-                          reduction=reduction)
+                          reduction=reduction, softcap=softcap)

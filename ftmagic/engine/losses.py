@@ -45,20 +45,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None = None) -> torch.Tensor:
     # The matmul runs in the weight's dtype, as `lm_head` would (no fp32 copy of a large head);
     # only the chunk's logits are upcast for the softmax.
     logits = hidden.to(weight.dtype) @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return logits.to(_acc_dtype(logits.dtype))
+    logits = logits.to(_acc_dtype(logits.dtype))
+    if softcap:  # Gemma 2: cap * tanh(logits / cap), as its forward applies after the head
+        logits = torch.tanh(logits / softcap).mul_(softcap)
+    return logits
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked over rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap=None):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         acc = _acc_dtype(weight.dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -69,13 +73,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
             # One fused pass for log-softmax (a separate logsumexp, subtract and exp measured ~30% slower).
-            logp = torch.log_softmax(_logits_block(h, weight, bias), dim=-1)
+            logits = _logits_block(h, weight, bias, softcap)
+            logp = torch.log_softmax(logits, dim=-1)
+            if not softcap:  # only the cap's gradient needs the logits again
+                del logits
             total -= logp.gather(1, t[:, None]).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum CE)/d(logits) = softmax - onehot, computed in place over the chunk's log-probabilities.
             grad_logits = logp.exp_()
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if softcap:  # through the cap: d(cap * tanh(z / cap))/dz = 1 - (capped / cap)**2
+                grad_logits.mul_(1.0 - (logits / softcap).square_())
             if need_h:
                 grad_h[start:start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
@@ -93,23 +102,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def labelled_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                               bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+                               bias: torch.Tensor | None = None, chunk_rows: int | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of rows ``hidden`` ``[N, H]`` that all carry a target ``[N]``, chunked.
 
     The core of :func:`linear_cross_entropy`, without its masking of unlabelled positions
     (the memory tracer calls it on fake tensors, whose masked size cannot be known).
+    ``softcap`` soft-caps the logits (``cap * tanh(logits / cap)``, Gemma 2).
     """
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows, softcap)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, reduction: str = "mean",
-                         chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                         chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX,
+                         softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without full logits.
 
     ``hidden`` is ``[..., H]``, ``weight`` is ``[V, H]``, ``targets`` has ``hidden``'s leading
@@ -132,7 +144,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # Only positions with a label go through the output layer at all.
     hidden = hidden[keep]
     targets = targets[keep]
-    total = labelled_cross_entropy_sum(hidden, weight, targets, bias=bias, chunk_rows=chunk_rows)
+    total = labelled_cross_entropy_sum(hidden, weight, targets, bias=bias, chunk_rows=chunk_rows, softcap=softcap)
     if reduction == "sum":
         return total
     return total / targets.shape[0] if targets.shape[0] else total
@@ -140,7 +152,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                    bias: torch.Tensor | None = None, reduction: str = "mean",
-                   chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                   chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX,
+                   softcap: float | None = None) -> torch.Tensor:
     """Next-token loss from last hidden states ``[B, T, H]`` and ``labels`` ``[B, T]``.
 
     Position ``t`` predicts ``labels[:, t + 1]``, as in ``LlamaForCausalLM``; packed rows
@@ -154,4 +167,4 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         >>> loss = causal_lm_loss(h, w, torch.tensor([[-100, 2, 3, 4]]), reduction="sum")
     """
     return linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], bias=bias, reduction=reduction,
-                                chunk_rows=chunk_rows, ignore_index=ignore_index)
+                                chunk_rows=chunk_rows, ignore_index=ignore_index, softcap=softcap)

@@ -88,18 +88,29 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+# Layer types that are linear maps: torch's, transformers' Conv1D (GPT-2 stores its weight
+# transposed), and bitsandbytes' quantized ones (matched by name: importing bitsandbytes is slow).
+_LINEAR_TYPE_NAMES = ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Leaf names of every linear layer of one transformer block, in model order."""
-    names = []
+    """Names of every linear layer of one transformer block, in model order.
+
+    A layer is named by its leaf name (``q_proj``), or by its parent and leaf where the leaf
+    repeats within the block (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``): these are the
+    names :func:`ftmagic.methods.select_targets` chooses from, and peft matches them as
+    suffixes of the full module names.
+    """
+    found = []
     for block in transformer_blocks(model)[:1]:
         for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf not in names:
-                    names.append(leaf)
-    if not names:
+            if name and (isinstance(module, nn.Linear) or type(module).__name__ in _LINEAR_TYPE_NAMES):
+                found.append(name.split("."))
+    if not found:
         raise ModelError(f"no linear layers found in the blocks of {type(model).__name__}; set `target_modules`")
-    return names
+    leaves = [parts[-1] for parts in found]
+    names = [".".join(parts[-2:]) if leaves.count(parts[-1]) > 1 else parts[-1] for parts in found]
+    return list(dict.fromkeys(names))
 
 
 def auto_target_modules(model: nn.Module, method: str = "lora") -> list[str]:

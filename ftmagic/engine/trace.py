@@ -82,6 +82,10 @@ def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
 
     values = shape.hf_config()
     model_type = values.pop("model_type")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        # A config's default token ids (Phi-3 pads with id 32000) may lie outside a smaller vocabulary.
+        if key not in values:
+            values[key] = None
     try:
         config = AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
@@ -191,7 +195,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
                 # ftmagic's engine: decoder to hidden states, then the chunked loss
                 lm = net.get_base_model() if hasattr(net, "get_base_model") else net
                 hidden = getattr(lm, lm.base_model_prefix)(input_ids=ids, use_cache=False).last_hidden_state
-                return chunked(hidden, lm.get_output_embeddings(), labels)
+                return chunked(hidden, lm.get_output_embeddings(), labels,
+                               getattr(lm.config, "final_logit_softcapping", None))
 
         # A first step outside the tracker creates the optimizer states: what is measured is
         # the steady state, where those states are alive through forward and backward.
@@ -247,10 +252,10 @@ def _chunked_loss():
     """
     from ftmagic.engine.losses import labelled_cross_entropy_sum
 
-    def loss(hidden, head, labels):
+    def loss(hidden, head, labels, softcap=None):
         rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
-        return labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias) / targets.shape[0]
+        return labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias, softcap=softcap) / targets.shape[0]
 
     return loss
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS
 from ftmagic.errors import ConfigError, ModelError
-from ftmagic.memory.architectures import ModelShape, resolve_model
+from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, resolve_model
 from ftmagic.memory.policy import resolve_precision, weight_plan
 from ftmagic.methods import LOSSES as ENGINE_LOSSES
 from ftmagic.methods import MethodSpec, get_method_spec, select_targets
@@ -157,13 +157,13 @@ def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_mod
         else:  # prefix tuning: a key and a value per virtual token in every layer
             added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
     elif spec.trains == "biases":
-        trainable = shape.layers * shape.bias_params_per_layer
+        trainable = shape.bias_params
         if not trainable:
             raise ModelError(f"`method: {method}` trains bias terms, and {shape.name} has none "
                              "(Llama-style models are bias-free); use `method: lora` or a model with biases")
     else:  # top_layers: the top blocks, the final norm and the head (the embedding when tied)
         top = min(trainable_layers, shape.layers)
-        trainable = top * (shape.linear_params_per_layer + shape.norm_params_per_layer) + shape.hidden \
+        trainable = top * (shape.linear_params_per_layer + shape.norm_params_per_layer) + shape.final_norm_params \
             + shape.vocab * shape.hidden
     return {"total": base + added, "trainable": trainable, "added": added}
 
@@ -194,7 +194,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     ``loss``: ``chunked`` is ftmagic's training step (the loss is computed in chunks of
     rows, never holding full logits), ``full`` is Hugging Face's ``model(..., labels=...)``
     (batch x seq x vocab fp32 logits); ``auto`` picks what the engine runs (``full`` for
-    soft-capped logits and prompt learning, which keep the model's own forward). Exact
+    prompt learning, which keeps the model's own forward). Exact
     mode (a traced step) is :func:`ftmagic.estimate_memory` with ``mode="exact"``, which
     lives with the engine because it runs torch.
 
@@ -232,10 +232,10 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
 
 
 def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
-    """``auto`` -> what the engine runs: the chunked loss, except for soft-capped logits and prompt learning."""
+    """``auto`` -> what the engine runs: the chunked loss (soft-capped logits included), except for prompt learning."""
     if loss != "auto":
         return loss
-    if shape.final_logit_softcap or "chunked" not in get_method_spec(method).losses:
+    if "chunked" not in get_method_spec(method).losses:
         return "full"
     return "chunked"
 
@@ -273,7 +273,7 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
 def _weight_bytes(shape: ModelShape, spec: MethodSpec, plan, trainable: int) -> tuple:
     """(frozen weights, trainable weights, their gradients) in bytes."""
     base_trainable = 0 if spec.adapter else trainable
-    linear_params = shape.layers * (shape.linear_params_per_layer - shape.bias_params_per_layer)
+    linear_params = shape.layers * shape.linear_weight_params_per_layer
     frozen_base = shape.total_params - base_trainable
     if plan.quantized:
         frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
@@ -327,20 +327,26 @@ def _activation_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, traina
     else:  # the final norm's fp32 input, normed value and output (the head's input, for its weight gradient)
         outside = (4 + 2 * c_res) * shape.hidden + 8
     gc = s["gradient_checkpointing"]
-    # Eager attention (Gemma 2's soft-capped logits) materialises batch x heads x seq x seq
-    # scores per block: the soft-capped scores and the fp32 softmax are saved (calibrated on traces).
-    eager = 0
-    if shape.model_type in EAGER_ATTENTION:
-        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not spec.adapter
-                                                            else (2 + plan.compute_bytes))
+    # Eager attention (Gemma 2's soft-capped scores) and the CPU's math kernel (attention
+    # dropout) materialise batch x heads x seq x seq scores per block.
+    eager = batch * shape.heads * seq_eff * seq_eff * _score_bytes(shape, plan, spec.adapter, s)
     layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total) + (0 if gc else shape.layers * eager)
     act_held = layers_held + tokens * outside
+    if _masked_attention(shape, s):  # the explicit mask, one per forward, in the model's dtype
+        act_held += batch * seq_eff * seq_eff * acts_dtype_bytes(plan)
+    if shape.residual_dropout > 0:  # the embeddings' dropout mask
+        act_held += tokens * shape.hidden * (plan.compute_bytes if s.get("device", "cuda") == "cpu" else 1)
     if plan.autocast is not None:  # autocast's half-precision copies of the fp32 trainable weights, saved for backward
         act_held += trainable * plan.compute_bytes
     if plan.quantized and s.get("loss", "full") == "full":  # the fp32 head (upcast by peft), cast and saved
         act_held += shape.vocab * shape.hidden * plan.compute_bytes
     return dict(tokens=tokens, per_layer=per_layer, layers_held=layers_held, act_held=act_held, eager=eager,
                 c_res=c_res, c_logit=plan.compute_bytes if plan.autocast else plan.base_bytes)
+
+
+def acts_dtype_bytes(plan) -> int:
+    """Bytes per element of tensors in the model's own dtype (its masks): the compute dtype under autocast."""
+    return plan.compute_bytes if plan.autocast else plan.base_bytes
 
 
 def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict) -> tuple:
@@ -361,6 +367,8 @@ def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict)
     # referenced while the next one is computed. Plus the copy of the labelled rows.
     multi = tokens > rows
     chunk = rows * v * (12 if multi else 8)
+    if shape.final_logit_softcap:  # cap * tanh(z / cap): the fp32 quotient and the capped logits, kept for the cap's gradient
+        chunk += rows * v * 8
     if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
         chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
     chunk += tokens * shape.hidden * c_res
@@ -420,7 +428,7 @@ def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
     if spec.peft_type == "LORA":  # A and B per target, and DoRA's magnitude
         return (3 if spec.magnitude else 2) * shape.layers * len(_targets(shape, spec, s["target_modules"]))
     if spec.trains == "all":
-        return shape.layers * (len(shape.linears()) + shape.norms_per_layer) + 2 + (0 if shape.tied else 1)
+        return shape.param_tensors
     return shape.layers * 2
 
 
@@ -433,7 +441,69 @@ def _layer_bytes_per_token(shape: ModelShape, method: str, plan, s: dict) -> flo
     per = 2 * (4 * h + 2 * c * h) + 2 * c * (q + kv) + 4 * c * i + 6 * heads
     if plan.autocast:  # fp32 residual stream with fp16 compute: casts of the norms' outputs are saved too
         per += 10 * h
-    return per + extra_norms
+    return per + extra_norms + _family_block_bytes(shape, plan, s, adapter=False)
+
+
+# i-wide tensors a plain (ungated) MLP's activation saves: GPT-2's `gelu_new` is five
+# elementwise ops (x, x**3, tanh, ...), torch's erf GELU saves its input only.
+PLAIN_MLP_SAVED = {"gelu_new": 4, "gelu": 1}
+
+
+def _masked_attention(shape: ModelShape, s: dict) -> bool:
+    """Whether transformers builds an explicit attention mask: a sliding window shorter than the rows
+    (SDPA then also receives key and value heads expanded to the query heads)."""
+    return bool(shape.sliding_window) and s["seq_len"] > shape.sliding_window and shape.model_type not in EAGER_ATTENTION
+
+
+def _math_attention(shape: ModelShape, s: dict) -> bool:
+    """Attention dropout on the CPU runs SDPA's math kernel, which saves fp32 scores (a GPU's kernels do not)."""
+    return shape.attention_dropout > 0 and s.get("device", "cuda") == "cpu" and shape.model_type not in EAGER_ATTENTION
+
+
+def _family_block_bytes(shape: ModelShape, plan, s: dict, *, adapter: bool) -> float:
+    """What a block of this family saves per token beyond a Llama block of the same sizes (0 for Llama).
+
+    Each term is read off the tensors the family's modelling code saves for backward (traced
+    in ``tests/test_architectures.py``): q/k norms, Gemma's fp32 norms, LayerNorm, ungated
+    MLPs, dropout masks, explicit masks and the math attention kernel. With a frozen base
+    (``adapter``) the norms save only their fp32 input.
+    """
+    h, q, kv, i, heads, c = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate, shape.heads, plan.compute_bytes
+    extra = 0.0
+    if shape.qk_norm:  # each head's fp32 input and its inverse RMS; with trained weights the normed value too
+        normed = 0 if adapter else (4 if shape.norm_kind == "rms_fp32" else c)
+        extra += (4 + normed) * (q + kv) + 4 * (heads + shape.kv_heads)
+    if not adapter:
+        if shape.norm_kind == "rms_fp32":  # Gemma: the normed value is fp32, post-norms keep no consumer copy
+            extra += 2 * (4 - c) * h + (shape.norms_per_layer - 2) * ((4 - 2 * c) * h + 4)
+        elif shape.norm_kind == "layer":  # LayerNorm in the compute dtype: input, mean and inverse std
+            extra += shape.norms_per_layer * ((c - 4) * h - c * h + 2 * c)
+        if not shape.gated_mlp:
+            extra += (PLAIN_MLP_SAVED.get(shape.mlp_act, 1) + 1 - 4) * c * i
+    else:
+        if shape.norms_per_layer > 2:  # the extra norms of a frozen block save their fp32 input only
+            extra += (shape.norms_per_layer - 2) * (4 * h + 4 - (4 + 2 * c) * h)
+        if shape.norm_kind == "layer":
+            extra += 2 * ((c - 4) * h + 2 * c - 4)
+    if shape.residual_dropout > 0:  # each residual branch's dropout mask (input dtype on CPU, bool on CUDA)
+        extra += 2 * h * (c if s.get("device", "cuda") == "cpu" else 1)
+    if _masked_attention(shape, s):
+        extra += 2 * c * (q - kv)
+    if _math_attention(shape, s):  # fp32 q, k, v instead of the fused kernel's saved tensors
+        extra += 12 * q + c * q - 2 * c * (q + kv) - 4 * heads
+    if shape.model_type in EAGER_ATTENTION:  # eager attention expands key and value heads
+        extra += 2 * c * (q - kv)
+    return extra
+
+
+def _score_bytes(shape: ModelShape, plan, adapter: bool, s: dict) -> float:
+    """Bytes a block saves per attention score (batch x heads x seq x seq) where scores are materialised."""
+    c = plan.compute_bytes
+    if shape.model_type in EAGER_ATTENTION:  # fp32 softmax and its cast; the soft-capped scores (tanh)
+        return 4 + c + (c if shape.attn_softcap else 0)
+    if _math_attention(shape, s):  # fp32 scores, softmax and dropout output
+        return 12
+    return 0
 
 
 def adapter_features(shape: ModelShape, targets, rank: int) -> list:
@@ -444,12 +514,10 @@ def adapter_features(shape: ModelShape, targets, rank: int) -> list:
     holding the element counts that _ADAPTER_PARAMS turns into bytes.
     """
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    group_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "down_proj": "down"}
     width = {"qkv": h, "o": q, "mlp_in": h, "down": i}
     count = {g: 0 for g in width}
     for t in targets:
-        count[group_of.get(t, "qkv")] += 1
+        count[LINEAR_GROUP.get(t, "qkv")] += 1
     gate_adapted = any(t in ("gate_proj", "gate_up_proj") for t in targets)
     up_adapted = any(t in ("up_proj", "gate_up_proj") for t in targets)
     layers = []
@@ -474,7 +542,11 @@ def adapter_features(shape: ModelShape, targets, rank: int) -> list:
             f["norm_in"] += h
         adapters("mlp_in")
         gate_rg, up_rg = h1_rg or gate_adapted, h1_rg or up_adapted
-        f["mlp"] += i * (2 * gate_rg + up_rg)
+        if shape.gated_mlp:
+            f["mlp"] += i * (2 * gate_rg + up_rg)
+        else:  # one linear in: its activation saves what it needs once the linear's output requires grad
+            up_rg = gate_rg = h1_rg or count["mlp_in"] > 0
+            f["mlp"] += i * PLAIN_MLP_SAVED.get(shape.mlp_act, 1) * up_rg
         adapters("down")
         flow = h1_rg or gate_rg or up_rg or count["down"] > 0
         layers.append(f)
@@ -507,8 +579,9 @@ def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     linears = {name: fan_out for name, _, fan_out in shape.linears()}
     dout = sum(linears[t] for t in targets)
     blocks = []
+    family = _family_block_bytes(shape, plan, s, adapter=True)
     for f in feats:
-        b = sum(params[k] * f[k] for k in f) + extra_norms
+        b = sum(params[k] * f[k] for k in f) + extra_norms + family
         if spec.magnitude:
             b += 6 * dout  # base output, LoRA output and magnitude scale, saved per adapted linear
         if spec.peft_type == "IA3":
