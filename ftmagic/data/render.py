@@ -6,9 +6,12 @@ template: the answer of turn ``i`` is what ``render(messages[:i + 1])`` adds aft
 prefix-consistent (it rewrites earlier turns, e.g. strips reasoning from history), the
 answer is found by searching its text in the full rendering instead.
 
-Each answer is trained up to and including the EOS token (what teaches a model to stop);
-if the template does not write EOS, it is appended after the answer. What follows EOS in
-the turn (a newline before the next header) is not trained.
+Each answer is trained up to and including the token that ends it (what teaches a model to
+stop): EOS, or the family's own end-of-turn token where the template writes one (Gemma's
+``<end_of_turn>``, Phi-3's ``<|end|>``, ChatML's ``<|im_end|>``; see
+:func:`~ftmagic.data.templates.end_of_turn`); if the template writes neither, EOS is
+appended after the answer. What follows in the turn (a newline before the next header) is
+not trained.
 
 Example::
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ftmagic.data.problems import RecordError
-from ftmagic.data.templates import ChatTemplate, adds_bos, plain_messages, render_many
+from ftmagic.data.templates import ChatTemplate, adds_bos, end_of_turn, plain_messages, render_many
 
 
 @dataclass
@@ -53,6 +56,7 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
     """
     eos = getattr(tokenizer, "eos_token", None) or None
     results: list = [None] * len(conversations)
+    turn_end = None
     chat_ids = []
     for n, conv in enumerate(conversations):
         if conv and conv[0]["role"] == "text":
@@ -62,6 +66,7 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
             chat_ids.append(n)
     if not chat_ids:
         return results
+    turn_end = end_of_turn(tokenizer, tpl)
 
     # One batched render per kind of prefix: full conversations, prompts, and ends of earlier answers.
     plain = {n: plain_messages(conversations[n]) for n in chat_ids}  # copied once, sliced for prefixes
@@ -96,10 +101,10 @@ def render_conversations(tokenizer, tpl: ChatTemplate, conversations: list, trai
         # A template may refuse a partial conversation (e.g. one ending with a user turn): then
         # the answers are found in the full rendering instead.
         failed = any(isinstance(x, Exception) for _, p, e in bounds for x in (p, e))
-        rendered = None if failed else _by_prefix(full, conv, bounds, eos, train_on)
+        rendered = None if failed else _by_prefix(full, conv, bounds, eos, train_on, turn_end)
         if rendered is None:
             prompts_ok = {i: p for i, p, _ in bounds if isinstance(p, str)}
-            rendered = _by_search(full, conv, prompts_ok, eos, train_on)
+            rendered = _by_search(full, conv, prompts_ok, eos, train_on, turn_end)
         if isinstance(rendered, Rendered):
             rendered.warnings.extend(_dropped_system(full, conv))
         results[n] = rendered
@@ -113,7 +118,8 @@ def _render_text(content: str, eos: Optional[str], bos_id: Optional[int]) -> Ren
     return Rendered([(content + (eos or ""), True)], "text", no_eos=eos is None, bos_id=bos_id)
 
 
-def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on: str) -> Optional[Rendered]:
+def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on: str,
+               turn_end: Optional[str] = None) -> Optional[Rendered]:
     """Segments from prefix renderings, or None when the template is not prefix-consistent here."""
     segments, pos, added = [], 0, False
     for i, prompt, end in bounds:
@@ -122,7 +128,7 @@ def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on
         if len(end) == len(prompt):
             return None  # the answer vanished from the rendering
         segments.append((full[pos:len(prompt)], False))
-        answer, rest, was_added = _close_answer(full[len(prompt):len(end)], eos)
+        answer, rest, was_added = _close_answer(full[len(prompt):len(end)], eos, turn_end)
         added |= was_added
         segments.append((answer, train_on == "all" or conv[i]["weight"] > 0))
         segments.append((rest, False))
@@ -131,8 +137,9 @@ def _by_prefix(full: str, conv: list, bounds: list, eos: Optional[str], train_on
     return _finish(segments, "prefix", added, eos, train_on)
 
 
-def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_on: str):
-    """Find each answer's text in the full rendering, in order; EOS right after it is part of it.
+def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_on: str,
+               turn_end: Optional[str] = None):
+    """Find each answer's text in the full rendering, in order; EOS (or the end-of-turn token) right after it is part of it.
 
     The search for answer ``i`` starts after its prompt rendering when that one is a prefix
     of the full text, else after the previous turn's text, so an answer is not matched
@@ -151,9 +158,10 @@ def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_o
         if prompt and len(prompt) >= pos and full.startswith(prompt):
             segments.append((full[pos:len(prompt)], False))
             pos = len(prompt)
-        # An answer directly followed by EOS is the likeliest match (a short answer like "a"
-        # also occurs inside the role header that precedes it).
-        start = full.find(needle + eos, pos) if eos else -1
+        # An answer directly followed by its closing token is the likeliest match (a short
+        # answer like "a" also occurs inside the role header that precedes it).
+        marks = [m for m in (turn_end, eos) if m]
+        start = next((found for found in (full.find(needle + m, pos) for m in marks) if found >= 0), -1)
         if start < 0:
             start = full.find(needle, pos)
         if start < 0:
@@ -161,8 +169,9 @@ def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_o
                                                  "tokens cannot be located")
         stop = start + len(needle)
         segments.append((full[pos:start], False))
-        if eos and full.startswith(eos, stop):
-            answer, stop = full[start:stop + len(eos)], stop + len(eos)
+        closing = next((m for m in marks if full.startswith(m, stop)), None)
+        if closing:
+            answer, stop = full[start:stop + len(closing)], stop + len(closing)
         else:
             answer, added = full[start:stop] + (eos or ""), added or bool(eos)
         segments.append((answer, train_on == "all" or turn["weight"] > 0))
@@ -171,14 +180,18 @@ def _by_search(full: str, conv: list, prompts: dict, eos: Optional[str], train_o
     return _finish(segments, "search", added, eos, train_on)
 
 
-def _close_answer(tail: str, eos: Optional[str]) -> tuple:
-    """Split an answer's turn into (answer up to and including EOS, the rest); append EOS if missing."""
+def _close_answer(tail: str, eos: Optional[str], turn_end: Optional[str] = None) -> tuple:
+    """Split an answer's turn into (answer up to and including its closing token, the rest); append EOS if none.
+
+    The closing token is the end-of-turn token or EOS, whichever the template writes first
+    after the answer (Phi-3 closes the last turn with ``<|end|>`` and then EOS: ``<|end|>`` ends it).
+    """
+    cuts = [tail.rfind(m) + len(m) for m in (turn_end, eos) if m and m in tail]
+    if cuts:
+        cut = min(cuts)
+        return tail[:cut], tail[cut:], False
     if not eos:
         return tail, "", False
-    cut = tail.rfind(eos)
-    if cut >= 0:
-        cut += len(eos)
-        return tail[:cut], tail[cut:], False
     answer = tail.rstrip()
     return answer + eos, tail[len(answer):], True
 

@@ -33,7 +33,7 @@ from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
 from ftmagic.data.clean import CleanResult, clean
-from ftmagic.data.encode import encode_conversations
+from ftmagic.data.encode import encode_conversations, stop_token_ids
 from ftmagic.data.formats import to_conversation
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
@@ -49,7 +49,8 @@ JSON_PROBLEMS_PER_KIND = 200  # the JSON lists this many of each kind; counts ar
 
 
 class TokenView(NamedTuple):
-    """One token of a record: id, its text, whether the loss is trained on it, whether it is EOS."""
+    """One token of a record: id, its text, whether the loss is trained on it, whether it ends an answer (EOS, or
+    the template's end-of-turn token)."""
 
     id: int
     text: str
@@ -142,9 +143,9 @@ class DatasetReport:
                                    max_seq_len=self.max_seq_len)[0]
         if isinstance(enc, RecordError):
             return view
-        eos_id = getattr(tok, "eos_token_id", None)
+        stops = ctx.setdefault("stop_ids", set(stop_token_ids(tok, template=ctx["template"])))
         view.text, view.truncated, view.length = enc.text, enc.truncated, enc.length
-        view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i == eos_id)
+        view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i in stops)
                        for i, label in zip(enc.input_ids, enc.labels)]
         return view
 
@@ -256,7 +257,8 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     record_problems: list = []
     lengths, usable_lengths = [], []
     trained = total = truncated = untrainable = appended = usable = 0
-    eos_id = getattr(tokenizer, "eos_token_id", None)
+    stops = set(stop_token_ids(tokenizer, template=tpl)) if tokenizer is not None and not is_text else \
+        {getattr(tokenizer, "eos_token_id", None)}
     no_eos_tokenizer = False
     for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=ctx["system_prompt"],
                                                train_on=report.train_on, max_seq_len=max_seq_len, batch=batch):
@@ -291,7 +293,7 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
         total += len(enc.input_ids)
         appended += enc.eos_added
         no_eos_tokenizer |= enc.no_eos
-        if enc.truncated and not enc.no_eos and _last_trained(enc.labels) != eos_id:
+        if enc.truncated and not enc.no_eos and _last_trained(enc.labels) not in stops:
             record_problems.append(Problem("no_eos", where, "truncated inside an answer, so it ends without EOS "
                                                             "(raise max_seq_len or shorten the record)"))
 

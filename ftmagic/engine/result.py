@@ -1,8 +1,9 @@
 """What a run gives back: metrics, history, and a model you can talk to.
 
 ``generate`` renders the prompt with the exact template the training data used (the
-data layer's :func:`ftmagic.data.render_prompt`) and stops at the tokenizer's EOS, so
-what you see is what the model learned. ``compare`` answers the same prompts with the
+data layer's :func:`ftmagic.data.render_prompt`) and stops where training ended answers
+(EOS, or the family's end-of-turn token: :func:`ftmagic.data.stop_token_ids`), so what
+you see is what the model learned. ``compare`` answers the same prompts with the
 base model (adapter switched off, or the original weights) and with the tuned one.
 
 Example::
@@ -197,6 +198,8 @@ class RunResult:
         yield self._base
 
     def _generate(self, model, prompt: str, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> str:
+        from ftmagic.data import stop_token_ids
+
         tok = self.tokenizer
         text = self.render(prompt)
         # The rendered text already holds any BOS the template wants; adding another would
@@ -210,7 +213,8 @@ class RunResult:
             # peft's prompt tuning notes that it ignores position ids; nothing for the user to act on.
             warnings.filterwarnings("ignore", message="Position ids are not supported")
             output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+                                    eos_token_id=stop_token_ids(tok, template=self.config.template),
+                                    pad_token_id=tok.pad_token_id, **kwargs)
         model.train(was_training)
         new = output[0, enc["input_ids"].shape[1]:]
         return tok.decode(new, skip_special_tokens=True).strip()
