@@ -62,7 +62,8 @@ def build_test_model_dir(path, tokenizer=None, **overrides):
 # One small tokenizer per family, with that family's special tokens and (a trimmed copy of)
 # its chat template, and one tiny random-weight model per family with the features that
 # make it differ from Llama: attention biases (Qwen2), q/k norms (Qwen3, Gemma 3), a sliding
-# window shorter than the examples (Mistral, Gemma 2 and 3, Phi-3), logit soft-capping
+# window (Mistral, Gemma 2 and 3, Phi-3; shorter than the memory test's rows, and narrowed
+# below the examples' length by the fast-path test), soft-capped attention and logits
 # (Gemma 2), fused projections (Phi-3), Conv1D layers, LayerNorm and learned positions (GPT-2).
 
 LLAMA3_TEMPLATE = (
@@ -131,31 +132,31 @@ FAMILIES = {
     "llama": ("llama3", dict(_BASE, model_type="llama", tie_word_embeddings=True)),  # SmolLM2-style tied head
     "qwen2": ("chatml", dict(_BASE, model_type="qwen2", tie_word_embeddings=True)),  # q/k/v biases
     "qwen3": ("chatml", dict(_BASE, model_type="qwen3", head_dim=24, tie_word_embeddings=True)),  # q/k norms
-    "mistral": ("mistral", dict(_BASE, model_type="mistral", sliding_window=8)),
-    "gemma2": ("gemma", dict(_BASE, model_type="gemma2", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+    "mistral": ("mistral", dict(_BASE, model_type="mistral", sliding_window=32)),
+    "gemma2": ("gemma", dict(_BASE, model_type="gemma2", head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
-    "gemma3": ("gemma", dict(_BASE, model_type="gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+    "gemma3": ("gemma", dict(_BASE, model_type="gemma3_text", head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
                              layer_types=["sliding_attention", "full_attention"])),
-    "phi3": ("phi3", dict(_BASE, model_type="phi3", sliding_window=8)),  # fused qkv and gate_up
+    "phi3": ("phi3", dict(_BASE, model_type="phi3", sliding_window=32)),  # fused qkv and gate_up
     "gpt2": ("gpt2", dict(model_type="gpt2", n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=256)),
 }
 
 
-def family_config(family: str, tokenizer) -> dict:
+def family_config(family: str, tokenizer, **overrides) -> dict:
     """The family's tiny config, with the vocabulary and special token ids of ``tokenizer``."""
-    values = dict(FAMILIES[family][1])
+    values = dict(FAMILIES[family][1], **overrides)
     values.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     return values
 
 
-def build_family_model(family: str, tokenizer):
+def build_family_model(family: str, tokenizer, **overrides):
     """A randomly initialised model of ``family`` (seeded, so every build is the same)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values = family_config(family, tokenizer)
+    values = family_config(family, tokenizer, **overrides)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
