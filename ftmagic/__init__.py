@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, ExportError, FtmagicError, MemoryFitError, ModelError
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ _LAZY = {
 
 __all__ = [
     "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
-    "CheckpointError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+    "CheckpointError", "ExportError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
 ]
 
 
