@@ -189,12 +189,13 @@ def _gguf(run, model_dir: Path, gguf_dir: Path, name: str, quants: list, summary
             f16_source = targets[quant]
     if needs_quantizer:
         scratch = None
-        if f16_source is None:
-            scratch = gguf_dir / f".{name}-f16.quantize-source.gguf"
-            _say(emit, f"converting {model_dir} to GGUF f16 (the quantizer's input)")
-            convert_to_gguf(model_dir, scratch, "f16", metadata=metadata)
-            f16_source = scratch
         try:
+            if f16_source is None:
+                gguf_dir.mkdir(parents=True, exist_ok=True)
+                scratch = gguf_dir / f".{name}-f16.quantize-source.gguf"
+                _say(emit, f"converting {model_dir} to GGUF f16 (the quantizer's input)")
+                convert_to_gguf(model_dir, scratch, "f16", metadata=metadata)
+                f16_source = scratch
             for quant in needs_quantizer:
                 _say(emit, f"quantizing to {quant} with llama.cpp's quantizer")
                 with atomic_target(targets[quant], overwrite=overwrite) as tmp:

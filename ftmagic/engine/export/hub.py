@@ -23,6 +23,8 @@ from ftmagic.errors import ExportError
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")
 # Files that describe this machine or this training session, not the model.
 LOCAL_ONLY = ("ftmagic_run.json", "history.json", "README.md", "state.json")
+# The run's own config travels under a name that says whose config it is.
+RENAMED = {"config.yaml": "ftmagic_config.yaml"}
 
 
 def model_files(folder, prefix: str = "") -> list:
@@ -30,7 +32,9 @@ def model_files(folder, prefix: str = "") -> list:
     folder = Path(folder)
     out = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and path.name not in LOCAL_ONLY \
+        if path.name in RENAMED and path.is_file():
+            out.append((str(path), prefix + RENAMED[path.name]))
+        elif path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and path.name not in LOCAL_ONLY \
                 and not path.name.startswith("."):
             out.append((str(path), prefix + path.name))
     return out
