@@ -50,10 +50,18 @@ def test_cli_export_merged_prints_sizes_and_commands(run_dir, capsys):
     assert f"--lora-modules reverse={run_dir}" in out and "--max-lora-rank 16" in out
     assert f"vllm serve {merged}" in out
     assert 'pipeline("text-generation"' in out
-    # A second export refuses to replace it: one line on stderr, status 2.
+    # A second export keeps what the first wrote.
+    before = (merged / "model.safetensors").stat().st_mtime_ns
+    assert main(["export", run_dir, "--to", "merged", "--quiet"]) == 0
+    assert f"{merged}  (already there)" in capsys.readouterr().out
+    assert (merged / "model.safetensors").stat().st_mtime_ns == before
+    # Once the run's weights are newer, the old export is refused: one line on stderr, status 2.
+    os.utime(Path(run_dir) / "adapter_model.safetensors", ns=(before, before + 10**9))
     assert main(["export", run_dir, "--to", "merged", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ftmagic: error: ") and "already exists" in err and err.count("\n") == 1
+    assert err.startswith("ftmagic: error: ") and "older than the run's weights" in err and err.count("\n") == 1
+    assert main(["export", run_dir, "--to", "merged", "--quiet", "--overwrite"]) == 0
+    assert (merged / "model.safetensors").stat().st_mtime_ns > before
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -85,10 +93,13 @@ def test_ft_export_magic_shows_files_and_commands(shell, run_dir, capsys):
     out = capsys.readouterr().out
     assert "merging the adapter" in out  # progress while it works
     assert f"merged model  {Path(run_dir) / 'merged'}" in out and "vllm serve" in out
-    with pytest.raises(UsageError, match="already exists"):
+    shell.run_line_magic("ft_export", "--to merged")
+    assert "(already there)" in capsys.readouterr().out
+    os.utime(Path(run_dir) / "adapter_model.safetensors")  # as if the run had trained further
+    with pytest.raises(UsageError, match="older than the run's weights"):
         shell.run_line_magic("ft_export", "--to merged")
     shell.run_line_magic("ft_export", f"--run {run_dir} --to merged --overwrite")
-    assert "merged model" in capsys.readouterr().out
+    assert "(already there)" not in capsys.readouterr().out
 
 
 def test_ft_export_magic_mistakes(shell):

@@ -9,6 +9,7 @@ keep its tensors in a fallback type).
 """
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_files_are_where_the_summary_says(exported):
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
     text = str(summary)
     assert re.search(r"\d+\.\d MiB +GGUF f16 +\S+reverse-f16\.gguf", text)
-    assert f"ollama create reverse -f {(out / 'gguf' / 'Modelfile').resolve()}" in text
+    assert f"ollama create reverse -f {out / 'gguf' / 'Modelfile'}" in text
     assert "llama-cli -m " in text and "vllm serve " in text
 
 
@@ -91,8 +92,8 @@ def test_q8_0_agrees_on_at_least_90_percent(exported):
 def test_llama_cpp_tokenizes_like_transformers(exported):
     run, summary = exported
     llm = load(gguf_path(summary, "f16"))
-    texts = [run.render(p) for p in PROMPTS[:3]] + [
-        "  two  spaces\tand a tab\n\nnew lines", "ünïcödé – 🦙 and 中文", "<|im_start|>user\nx<|im_end|>", "3.14 333 '' \"q\""]
+    texts = [run.render(p) for p in PROMPTS[:3]] + ["  two  spaces\tand a tab\n\nnew lines", "ünïcödé – 🦙 and 中文",
+                                                    "<|im_start|>user\nx<|im_end|>", "3.14 333 '' \"q\""]
     try:
         for text in texts:
             ours = run.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,15 +148,23 @@ def test_chat_completion_through_llama_cpp_answers_like_generate(exported):
         llm.close()
 
 
-def test_existing_files_are_never_overwritten_silently(exported):
+def test_existing_exports_are_reused_and_stale_ones_refused(exported):
     run, summary = exported
     f16 = Path(gguf_path(summary, "f16"))
     before = f16.stat().st_mtime_ns
-    with pytest.raises(ExportError, match="already exists.*overwrite"):
-        run.export("gguf", quant="f16")
-    assert f16.stat().st_mtime_ns == before
-    with pytest.raises(ExportError, match="already exists"):
-        run.export("merged")
+    again = run.export("gguf", quant="f16")
+    assert [(f.kind, f.reused) for f in again.files] == [("merged model", True), ("GGUF f16", True)]
+    assert "(already there)" in str(again) and f16.stat().st_mtime_ns == before
+    # The run trained further since (its weights are newer): the old file is refused, not kept or replaced.
+    weights = Path(run.output_dir) / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, f16.stat().st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(ExportError, match="older than the run's weights.*overwrite"):
+            run.export("gguf", quant="f16")
+        assert f16.stat().st_mtime_ns == before
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_a_failed_conversion_leaves_nothing_half_written(exported, monkeypatch):

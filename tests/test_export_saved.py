@@ -9,6 +9,7 @@ conversations, and the merged model must too.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_saved_folder_describes_the_training_template_and_end_tokens(short_run):
                                 system_prompt=short_run.config.system_prompt)
         plain = saved.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert plain == trained
-    ends = json.loads(open(f"{folder}/generation_config.json").read())["eos_token_id"]
+    ends = json.loads(Path(folder, "generation_config.json").read_text())["eos_token_id"]
     ends = ends if isinstance(ends, list) else [ends]
     assert ends == short_run.end_token_ids()  # one home: the file holds what generation uses
     assert ends[0] == training.eos_token_id

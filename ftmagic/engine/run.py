@@ -29,10 +29,10 @@ import torch
 
 from ftmagic.config import FinetuneConfig
 from ftmagic.engine import checkpoint as ckpt
-from ftmagic.engine.export import export_after_run
-from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
+from ftmagic.engine.export import export_after_run
+from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.reporting import make_reporters

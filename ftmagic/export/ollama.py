@@ -76,11 +76,11 @@ def named_equivalent(tokenizer, tpl: ChatTemplate) -> Optional[str]:
     if any(isinstance(text, Exception) for text in mine):
         return None
     bos = getattr(tokenizer, "bos_token", None) or ""
-    strip = (lambda text: text[len(bos):] if bos and text.startswith(bos) else text)
+    mine = [text[len(bos):] if bos and text.startswith(bos) else text for text in mine]
     for name in GO_TEMPLATES:
         named = ChatTemplate(name, NAMED_TEMPLATES[name], "", {"bos_token": ""})
         theirs = render_many(tokenizer, named, PROBE_CONVERSATIONS, add_generation_prompt=True)
-        if all(strip(a) == b for a, b in zip(mine, theirs)):
+        if mine == theirs:
             return name
     return None
 

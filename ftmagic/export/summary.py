@@ -73,7 +73,8 @@ def format_summary(summary: ExportSummary) -> str:
     lines = [f"exported {summary.run_dir}:"]
     width = max((len(f.kind) for f in summary.files), default=0)
     for f in summary.files:
-        lines.append(f"  {format_size(f.size):>9}  {f.kind:<{width}}  {f.path}" + ("  (already there)" if f.reused else ""))
+        kept = "  (already there)" if f.reused else ""
+        lines.append(f"  {format_size(f.size):>9}  {f.kind:<{width}}  {f.path}{kept}")
     if summary.hub_url:
         lines.append(f"  uploaded to {summary.hub_url}")
     for label, command in summary.commands.items():
@@ -120,7 +121,8 @@ def vllm_lora_command(base: str, adapter_dir: str, *, name: str, rank: int) -> s
     q = shlex.quote
     return (f"vllm serve {q(base)} --enable-lora --lora-modules {q(name + '=' + adapter_dir)} "
             f"--max-lora-rank {vllm_max_lora_rank(rank)} "
-            f"--chat-template {q(adapter_dir.rstrip('/') + '/chat_template.jinja')} --generation-config {q(adapter_dir)}")
+            f"--chat-template {q(adapter_dir.rstrip('/') + '/chat_template.jinja')} "
+            f"--generation-config {q(adapter_dir)}")
 
 
 def vllm_model_command(model_dir: str) -> str:

@@ -13,8 +13,10 @@ by a later one:
 4. ``hub``: one commit with the model (adapter, or merged when asked), GGUF files and
    Modelfile when made, a model card and the loss curve.
 
-Every output is written atomically and never over an existing one unless ``overwrite``.
-Progress goes through ``on_event`` as ``message`` events.
+Every output is written atomically. An output an earlier export of the same weights
+wrote is used as it is (listed as "already there"); one older than the run's weights
+(the run was resumed and trained further since) is refused; ``overwrite`` rebuilds
+either. Progress goes through ``on_event`` as ``message`` events.
 
 Example::
 
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ftmagic.errors import ExportError
-from ftmagic.export.files import atomic_target, path_size, refuse_existing
+from ftmagic.export.files import atomic_target, path_size
 from ftmagic.export.summary import (VLLM_LORA_METHODS, ExportSummary, llama_cpp_commands, pipeline_snippet,
                                     vllm_lora_command, vllm_model_command)
 from ftmagic.export.targets import GGUF_TYPES, check_quants, check_targets
@@ -133,28 +135,48 @@ def _size(num_bytes: int) -> str:
     return format_size(num_bytes)
 
 
+# The files that hold a run's trained weights; exports newer than these are exports of them.
+_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def _reuse(target: Path, run_dir: Path, overwrite: bool) -> bool:
+    """True when ``target`` exists and was exported from the run's current weights (so it is kept).
+
+    Raises when it exists but is older than the weights: it belongs to an earlier state of the run.
+    """
+    if overwrite or not target.exists():
+        return False
+    weights = [run_dir / name for name in _WEIGHT_FILES if (run_dir / name).is_file()]
+    newest = max((p.stat().st_mtime for p in weights), default=0.0)
+    if target.stat().st_mtime < newest:
+        raise ExportError(f"`{target}` is older than the run's weights (the run trained further since); pass "
+                          "overwrite=True (`--overwrite`) to export it again")
+    return True
+
+
 def _say(emit, text: str) -> None:
     emit({"event": "message", "level": "info", "text": text})
 
 
 def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overwrite: bool, emit) -> Path:
-    """The folder of full weights a GGUF is converted from (made when it does not exist)."""
+    """The folder of full weights a GGUF is converted from (made when it does not exist).
+
+    ``explicit``: the user asked for ``merged`` (a full-weights run then says where its weights are).
+    """
     if not run._is_adapter():
         if explicit:
-            summary.add_file(run_dir, path_size(run_dir / "model.safetensors") if (run_dir / "model.safetensors").exists()
-                             else path_size(run_dir), "full weights", reused=True)
+            weights = [run_dir / name for name in _WEIGHT_FILES if (run_dir / name).is_file()]
+            summary.add_file(run_dir, sum(path_size(p) for p in weights), "full weights", reused=True)
             summary.notes.append(f"`{run.method}` saves full weights, so {run_dir} itself is the merged model")
         return run_dir
     target = run_dir / MERGED_DIR
-    complete = (target / "config.json").is_file()
-    if complete and not (explicit or overwrite):
+    if _reuse(target, run_dir, overwrite) and (target / "config.json").is_file():
         summary.add_file(target, path_size(target), "merged model", reused=True)
         return target
-    refuse_existing(target, overwrite)
     from ftmagic.engine.run import merge_adapter
 
     _say(emit, f"merging the adapter into the weights of {run.base_model_path}")
-    with atomic_target(target, overwrite=overwrite) as tmp:
+    with atomic_target(target, overwrite=True) as tmp:  # an incomplete folder is replaced
         merge_adapter(run_dir, run.base_model_path, tmp, device="cpu")
     summary.add_file(target, path_size(target), "merged model")
     return target
@@ -167,9 +189,16 @@ def _gguf(run, model_dir: Path, gguf_dir: Path, name: str, quants: list, summary
     from ftmagic.engine.export.llamacpp import convert_to_gguf, quantize_gguf, require_quantizer
     from ftmagic.engine.export.saved import run_template
 
+    run_dir = Path(run.output_dir)
+    requested = list(quants)
     targets = {q: gguf_dir / f"{name}-{q}.gguf" for q in quants}
-    for path in targets.values():
-        refuse_existing(path, overwrite)
+    made = []
+    for quant, path in list(targets.items()):
+        if _reuse(path, run_dir, overwrite):
+            made.append(path)
+            summary.add_file(path, path_size(path), f"GGUF {quant}", reused=True)
+            del targets[quant]
+    quants = [q for q in quants if q in targets]
     needs_quantizer = [q for q in quants if GGUF_TYPES[q].tool == "quantizer"]
     if needs_quantizer:
         require_quantizer(needs_quantizer[0])  # before any work: a missing piece is said at once
@@ -177,11 +206,10 @@ def _gguf(run, model_dir: Path, gguf_dir: Path, name: str, quants: list, summary
     eot = end_of_turn(tokenizer, run_template(tokenizer, run.config))
     metadata = {"name": name, "add_bos": adds_bos(tokenizer),
                 "eot_id": tokenizer.convert_tokens_to_ids(eot) if eot else None}
-    made = []
-    f16_source = None
+    f16_source = next((p for p in made if p.name.endswith("-f16.gguf")), None)
     for quant in [q for q in quants if GGUF_TYPES[q].tool == "converter"]:
         _say(emit, f"converting {model_dir} to GGUF {quant} with llama.cpp's converter")
-        with atomic_target(targets[quant], overwrite=overwrite) as tmp:
+        with atomic_target(targets[quant], overwrite=True) as tmp:  # `_reuse` decided about an existing file
             convert_to_gguf(model_dir, tmp, quant, metadata=metadata)
         made.append(targets[quant])
         summary.add_file(targets[quant], path_size(targets[quant]), f"GGUF {quant}")
@@ -198,14 +226,14 @@ def _gguf(run, model_dir: Path, gguf_dir: Path, name: str, quants: list, summary
                 f16_source = scratch
             for quant in needs_quantizer:
                 _say(emit, f"quantizing to {quant} with llama.cpp's quantizer")
-                with atomic_target(targets[quant], overwrite=overwrite) as tmp:
+                with atomic_target(targets[quant], overwrite=True) as tmp:
                     quantize_gguf(f16_source, tmp, quant)
                 made.append(targets[quant])
                 summary.add_file(targets[quant], path_size(targets[quant]), f"GGUF {quant}")
         finally:
             if scratch is not None and scratch.exists():
                 scratch.unlink()
-    order = {q: i for i, q in enumerate(quants)}
+    order = {q: i for i, q in enumerate(requested)}
     return sorted(made, key=lambda p: order[p.stem.rsplit("-", 1)[-1]])
 
 
@@ -217,6 +245,15 @@ def _ollama(run, gguf_dir: Path, gguf_file: Path, name: str, summary: ExportSumm
                                        ollama_model_name)
     from ftmagic.export.files import write_text_atomic
 
+    path = gguf_dir / MODELFILE
+    model_name = ollama_model_name(name)
+    summary.commands["Ollama"] = f"{ollama_create_command(model_name, path)}\nollama run {model_name}"
+    if _reuse(path, Path(run.output_dir), overwrite):
+        if f"FROM ./{gguf_file.name}" not in path.read_text(encoding="utf-8").splitlines():
+            raise ExportError(f"`{path}` is there and points at another GGUF file than {gguf_file.name}; pass "
+                              "overwrite=True (`--overwrite`) to write it for this one")
+        summary.add_file(path, path_size(path), "Ollama Modelfile", reused=True)
+        return path
     tokenizer = run.tokenizer
     tpl = run_template(tokenizer, run.config)
     named = named_equivalent(tokenizer, tpl)
@@ -227,10 +264,8 @@ def _ollama(run, gguf_dir: Path, gguf_file: Path, name: str, summary: ExportSumm
         summary.notes.append(f"the training template ({tpl.name}) has no Ollama translation, so the Modelfile has no "
                              "TEMPLATE line and Ollama guesses the prompt format; llama.cpp and transformers use the "
                              "exact template")
-    path = write_text_atomic(gguf_dir / MODELFILE, text, overwrite=overwrite)
+    write_text_atomic(path, text, overwrite=True)
     summary.add_file(path, path_size(path), "Ollama Modelfile")
-    model_name = ollama_model_name(name)
-    summary.commands["Ollama"] = f"{ollama_create_command(model_name, path.resolve())}\nollama run {model_name}"
     _say(emit, f"wrote {path}")
     return path
 

@@ -54,7 +54,8 @@ def fallback_pre_tokenizer(tokenizer_json: dict):
 
 def inert_merge(tokenizer_json: dict):
     """One merge of two control tokens: BPE never applies it (control tokens are split off first)."""
-    specials = [t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special") and " " not in t["content"]]
+    specials = [t["content"] for t in tokenizer_json.get("added_tokens", [])
+                if t.get("special") and " " not in t["content"]]
     return f"{specials[0]} {specials[1]}" if len(specials) >= 2 else None
 
 
@@ -68,7 +69,8 @@ def convert(args) -> None:
         import gguf  # noqa: F401 - llama.cpp's own copy, from the converter folder
         from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
     except ImportError as exc:
-        fail(f"llama.cpp's converter cannot start: {exc}; install its Python packages with `pip install 'ftmagic[gguf]'`")
+        fail(f"llama.cpp's converter cannot start: {exc}; install its Python packages with "
+             "`pip install 'ftmagic[gguf]'`")
     extra = json.loads(args.metadata)
     model_dir = Path(args.model)
     tokenizer_file = model_dir / "tokenizer.json"
