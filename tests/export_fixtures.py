@@ -30,7 +30,7 @@ def tiny_lora_run(tmp_path_factory):
 def tiny_eos_variant(tmp_path_factory):
     """A copy of the tiny model whose EOS is ``<|endoftext|>``, so ChatML's ``<|im_end|>`` is a
     second, different answer-ending token (as in Qwen base models)."""
-    from ftmagic.engine.models import TINY_DIR
+    from ftmagic.constants import TINY_MODEL_DIR as TINY_DIR
 
     folder = tmp_path_factory.mktemp("tiny-eos") / "tiny-eos"
     shutil.copytree(TINY_DIR, folder)

@@ -183,8 +183,8 @@ def test_summary_text():
     summary.notes.append("something to know")
     assert format_summary(summary).splitlines() == [
         "exported runs/a:",
-        "    3.0 MiB  GGUF q8_0     runs/a/gguf/a-q8_0.gguf",
-        "   12.0 MiB  merged model  runs/a/merged  (already there)",
+        "  3.00 MiB  GGUF q8_0     runs/a/gguf/a-q8_0.gguf",
+        "  12.0 MiB  merged model  runs/a/merged  (already there)",
         "Ollama:",
         "  ollama create a -f runs/a/gguf/Modelfile",
         "  ollama run a",

@@ -64,7 +64,7 @@ def test_files_are_where_the_summary_says(exported):
     assert (out / "merged" / "config.json").is_file() and (out / "gguf" / "Modelfile").is_file()
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
     text = str(summary)
-    assert re.search(r"\d+\.\d MiB +GGUF f16 +\S+reverse-f16\.gguf", text)
+    assert re.search(r"\d+\.\d+ MiB +GGUF f16 +\S+reverse-f16\.gguf", text)
     assert f"ollama create reverse -f {out / 'gguf' / 'Modelfile'}" in text
     assert "llama-cli -m " in text and "vllm serve " in text
 

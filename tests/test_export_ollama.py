@@ -27,7 +27,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from ftmagic.engine.models import TINY_DIR
+    from ftmagic.constants import TINY_MODEL_DIR as TINY_DIR
 
     return AutoTokenizer.from_pretrained(str(TINY_DIR))
 

@@ -112,7 +112,7 @@ def test_generation_stops_at_the_end_of_turn_token(tiny_eos_variant, tmp_path):
 
 
 def test_portable_template_bakes_variables_and_system_prompt():
-    from ftmagic.engine.models import TINY_DIR
+    from ftmagic.constants import TINY_MODEL_DIR as TINY_DIR
 
     tok = AutoTokenizer.from_pretrained(str(TINY_DIR))
     source = portable_template(tok, resolve_template(tok, "chatml"), system_prompt='Say "hi".')

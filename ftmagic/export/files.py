@@ -9,7 +9,6 @@ Example::
 
     with atomic_target(Path("runs/a/gguf/a-q8_0.gguf")) as tmp:
         convert(..., outfile=tmp)        # renamed to runs/a/gguf/a-q8_0.gguf on success
-    format_size(4_139_720)               # '3.9 MiB'
 """
 
 from __future__ import annotations
@@ -81,21 +80,3 @@ def path_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def format_size(num_bytes: int) -> str:
-    """Binary units, one decimal: ``format_size(4_139_720) == '3.9 MiB'``.
-
-    Example::
-
-        >>> format_size(512), format_size(1536), format_size(3 * 2**30)
-        ('512 B', '1.5 KiB', '3.0 GiB')
-    """
-    if num_bytes < 1024:
-        return f"{int(num_bytes)} B"
-    value, unit = float(num_bytes), "B"
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024:
-            break
-    return f"{value:.1f} {unit}"

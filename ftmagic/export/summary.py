@@ -20,13 +20,26 @@ import html
 import shlex
 from dataclasses import dataclass, field
 
-from ftmagic.export.files import format_size
+from ftmagic.units import format_bytes
 
 # The ranks vLLM accepts for --max-lora-rank (vllm.config.LoRAConfig); an adapter of rank r
 # needs the smallest one that is at least r.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# Methods whose saved adapter vLLM serves as a LoRA module; the others are served merged.
-VLLM_LORA_METHODS = ("lora", "qlora")
+
+
+def vllm_serves_adapter(method: str) -> bool:
+    """Whether vLLM serves this method's saved adapter as a LoRA module (plain LoRA only:
+    not DoRA's magnitudes, IA3 or virtual tokens); the others are served merged.
+
+    Example::
+
+        >>> vllm_serves_adapter("qlora"), vllm_serves_adapter("dora"), vllm_serves_adapter("full")
+        (True, False, False)
+    """
+    from ftmagic.methods import get_method_spec
+
+    spec = get_method_spec(method)
+    return spec.adapter and spec.peft_type == "LORA" and not spec.magnitude
 
 
 @dataclass
@@ -68,13 +81,13 @@ def format_summary(summary: ExportSummary) -> str:
         >>> s = ExportSummary("runs/a"); s.add_file("runs/a/gguf/a-f16.gguf", 2048, "GGUF f16")
         >>> print(format_summary(s))
         exported runs/a:
-          2.0 KiB  GGUF f16  runs/a/gguf/a-f16.gguf
+          2.00 KiB  GGUF f16  runs/a/gguf/a-f16.gguf
     """
     lines = [f"exported {summary.run_dir}:"]
     width = max((len(f.kind) for f in summary.files), default=0)
     for f in summary.files:
         kept = "  (already there)" if f.reused else ""
-        lines.append(f"  {format_size(f.size):>9}  {f.kind:<{width}}  {f.path}{kept}")
+        lines.append(f"  {format_bytes(f.size):>8}  {f.kind:<{width}}  {f.path}{kept}")
     if summary.hub_url:
         lines.append(f"  uploaded to {summary.hub_url}")
     for label, command in summary.commands.items():
@@ -86,7 +99,7 @@ def format_summary(summary: ExportSummary) -> str:
 
 def summary_html(summary: ExportSummary) -> str:
     """The same content as a small HTML table and code blocks (for notebooks)."""
-    rows = "".join(f"<tr><td style='text-align:right'>{format_size(f.size)}</td><td>{html.escape(f.kind)}</td>"
+    rows = "".join(f"<tr><td style='text-align:right'>{format_bytes(f.size)}</td><td>{html.escape(f.kind)}</td>"
                    f"<td><code>{html.escape(f.path)}</code>{' (already there)' if f.reused else ''}</td></tr>"
                    for f in summary.files)
     parts = [f"<b>exported {html.escape(summary.run_dir)}</b><table>{rows}</table>"]

@@ -31,16 +31,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ftmagic.errors import ExportError
+from ftmagic.events import Message
 from ftmagic.export.files import atomic_target, path_size
-from ftmagic.export.summary import (VLLM_LORA_METHODS, ExportSummary, llama_cpp_commands, pipeline_snippet,
-                                    vllm_lora_command, vllm_model_command)
+from ftmagic.export.summary import (ExportSummary, llama_cpp_commands, pipeline_snippet, vllm_lora_command,
+                                    vllm_model_command, vllm_serves_adapter)
 from ftmagic.export.targets import GGUF_TYPES, check_quants, check_targets
+from ftmagic.methods import get_method_spec
+from ftmagic.units import format_bytes
 
 MERGED_DIR = "merged"
 GGUF_DIR = "gguf"
 MODELFILE = "Modelfile"
-# Methods whose trained part cannot be folded into the weights (virtual tokens).
-_UNMERGEABLE = ("prompt_tuning", "prefix_tuning")
 
 
 def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite: bool = False,
@@ -77,7 +78,8 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
     name = _file_stem(run_dir)
     method = run.method or getattr(config, "method", "")
     needs_weights = bool({"merged", "gguf", "ollama"} & set(targets))
-    if needs_weights and method in _UNMERGEABLE:
+    spec = get_method_spec(method)
+    if needs_weights and spec.adapter and not spec.mergeable:
         raise ExportError(f"`method: {method}` trains virtual tokens that cannot be folded into the weights, so it "
                           "cannot become merged weights, GGUF or an Ollama model; the Hub upload (`--to hub`) works")
 
@@ -112,14 +114,13 @@ def export_after_run(result, emit) -> None:
         result.exports = export_run(result, targets, on_event=emit)
     except ExportError as exc:
         result.export_error = str(exc)
-        emit({"event": "message", "level": "warning",
-              "text": f"export failed: {exc} (the run is saved; retry with `ftmagic export {result.output_dir} "
-                      f"--to {','.join(targets)}`)"})
+        _say(emit, f"export failed: {exc} (the run is saved; retry with `ftmagic export {result.output_dir} "
+                   f"--to {','.join(targets)}`)", level="warning")
         return
     for f in result.exports.files:
-        emit({"event": "message", "level": "info", "text": f"exported {f.kind}: {f.path} ({_size(f.size)})"})
+        _say(emit, f"exported {f.kind}: {f.path} ({format_bytes(f.size)})")
     if result.exports.hub_url:
-        emit({"event": "message", "level": "info", "text": f"uploaded to {result.exports.hub_url}"})
+        _say(emit, f"uploaded to {result.exports.hub_url}")
 
 
 # --------------------------------------------------------------------------- steps
@@ -127,12 +128,6 @@ def export_after_run(result, emit) -> None:
 
 def _file_stem(run_dir: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.resolve().name).strip("-.") or "model"
-
-
-def _size(num_bytes: int) -> str:
-    from ftmagic.export.files import format_size
-
-    return format_size(num_bytes)
 
 
 # The files that hold a run's trained weights; exports newer than these are exports of them.
@@ -154,8 +149,8 @@ def _reuse(target: Path, run_dir: Path, overwrite: bool) -> bool:
     return True
 
 
-def _say(emit, text: str) -> None:
-    emit({"event": "message", "level": "info", "text": text})
+def _say(emit, text: str, level: str = "info") -> None:
+    emit(Message(text=text, level=level).to_dict())
 
 
 def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overwrite: bool, emit) -> Path:
@@ -340,7 +335,7 @@ def _commands(run, run_dir: Path, summary: ExportSummary, ggufs: list) -> None:
     config = run.config
     summary.commands["transformers"] = pipeline_snippet(str(run_dir))
     merged = run_dir / MERGED_DIR
-    if run._is_adapter() and run.method in VLLM_LORA_METHODS:
+    if run._is_adapter() and vllm_serves_adapter(run.method):
         serve = vllm_lora_command(str(run.base_model_path), str(run_dir), name=_file_stem(run_dir),
                                   rank=int(getattr(config, "lora_r", 16)))
         if (merged / "config.json").is_file():
