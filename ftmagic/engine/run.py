@@ -325,13 +325,14 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
             emit({"event": "message", "level": "info", "text": f"merged weights written to {out / 'merged'}"})
 
 
-def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
     from peft import PeftModel
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
-    dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
+    if dtype is None:
+        dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
     base = load_model(base_path, device=device, weight_dtype=dtype)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -32,7 +32,8 @@ CELLS = [
     md("""
     ## Train
 
-    LoRA on the demo task, as in `01_quickstart`.
+    LoRA on the demo task with the settings of `ftmagic demo` (`DEMO_CONFIG`), which teach
+    the tiny model to reverse held-out words.
     """),
     code("""
     %%finetune --name ft
@@ -42,11 +43,13 @@ CELLS = [
     lora_r: 16
     lora_alpha: 32
     lora_dropout: 0.0
-    lr: 5.0e-3
-    max_steps: 500
+    lr: 3.0e-3
+    max_steps: 800
     batch_size: 16
     max_seq_len: 128
+    scheduler: cosine
     warmup: 0.05
+    seed: 0
     eval_steps: 0
     save_steps: 0
     output_dir: runs/ship

@@ -172,7 +172,8 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
 
     _say(emit, f"merging the adapter into the weights of {run.base_model_path}")
     with atomic_target(target, overwrite=True) as tmp:  # an incomplete folder is replaced
-        merge_adapter(run_dir, run.base_model_path, tmp, device="cpu")
+        # On the CPU (the trained model may still fill the GPU), in the base's own stored precision.
+        merge_adapter(run_dir, run.base_model_path, tmp, device="cpu", dtype=stored_dtype(run.base_model_path))
     summary.add_file(target, path_size(target), "merged model")
     return target
 
@@ -263,6 +264,24 @@ def _ollama(run, gguf_dir: Path, gguf_file: Path, name: str, summary: ExportSumm
     summary.add_file(path, path_size(path), "Ollama Modelfile")
     _say(emit, f"wrote {path}")
     return path
+
+
+def stored_dtype(model_path):
+    """The precision a model's weights are published in (config.json's dtype): bf16, fp16 or fp32.
+
+    A merged model is saved in it: fp32 for a bf16 model would double its size for nothing.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_path))
+    except (OSError, ValueError):
+        return torch.float32
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if value in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 def _hub(run, repo_id: str, summary: ExportSummary, *, model_dir: Optional[Path], ggufs: list, private: bool,

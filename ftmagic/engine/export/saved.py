@@ -51,10 +51,13 @@ def write_generation_config(out, tokenizer, config, base_dir=None) -> list:
     out = Path(out)
     ends = answer_end_ids(tokenizer, run_template(tokenizer, config))
     generation = GenerationConfig()
-    for folder in (out, Path(base_dir) if base_dir else None):
-        if folder is not None and (folder / GENERATION_CONFIG).is_file():
-            generation = GenerationConfig.from_pretrained(str(folder))
-            break
+    if (out / GENERATION_CONFIG).is_file():
+        generation = GenerationConfig.from_pretrained(str(out))
+    elif base_dir is not None:
+        try:  # a local folder, or a Hub id already in the cache
+            generation = GenerationConfig.from_pretrained(str(base_dir))
+        except (OSError, ValueError):
+            pass  # the base has none: transformers' defaults
     if ends:
         generation.eos_token_id = ends if len(ends) > 1 else ends[0]
     if tokenizer.pad_token_id is not None:
