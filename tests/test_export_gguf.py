@@ -124,10 +124,12 @@ def test_embedded_template_renders_the_training_prompt(exported):
     llm = load(gguf_path(summary, "q8_0"))
     try:
         template = llm.metadata["tokenizer.chat_template"]
+        # What llama-cpp-python passes to the template (a gpt2 vocabulary without BOS gets llama.cpp's default id).
+        bos, eos = (llm.detokenize([i], special=True).decode() for i in (llm.token_bos(), llm.token_eos()))
     finally:
         llm.close()
-    # llama-cpp-python's own chat formatter, with the BOS text llama.cpp would pass for this vocabulary.
-    formatter = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token=",")
+    assert bos and eos == "<|im_end|>"
+    formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]] + [
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "reverse: lamp"}],
         [{"role": "user", "content": "reverse: ab"}, {"role": "assistant", "content": "ba"},
