@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
@@ -96,7 +96,7 @@ class FinetuneConfig:
     save_steps: int = 100  # 0: only the final save
     save_total_limit: int = 2  # older checkpoints are removed once a newer one is written
     eval_steps: int = 50  # 0: evaluate only at the end
-    logging_steps: int = 1
+    logging_steps: int = 0  # 0: auto (every step on CPU; on CUDA ~200 reads a run, as each read waits for the GPU)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
     seed: int = 42
     resume: bool = False  # continue from the newest good checkpoint in output_dir
@@ -189,7 +189,7 @@ class FinetuneConfig:
         if not 0 <= self.val_split < 1:
             fail("val_split", f"`val_split: {self.val_split}` must be in [0, 1), e.g. 0.1")
         for key, low in (("lora_r", 1), ("lora_alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 8),
-                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 1)):
+                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 0)):
             if getattr(self, key) < low:
                 fail(key, f"`{key}: {getattr(self, key)}` must be at least {low}")
         for key in ("save_steps", "eval_steps", "early_stopping_patience", "save_total_limit", "weight_decay",

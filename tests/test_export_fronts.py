@@ -132,9 +132,9 @@ def test_python_keywords_export_gguf_at_the_end(tmp_path):
                            save_steps=0, output_dir=str(tmp_path / "kw"), export="gguf", gguf_quant="f16",
                            on_event=events.append)
     assert [Path(p).name for p in run.exports.paths("GGUF")] == ["kw-f16.gguf"]
-    texts = [e["text"] for e in events if e.get("event") == "message"]
+    texts = [e.text for e in events if e.kind == "message"]
     assert any(t.startswith("exported GGUF f16: ") and t.endswith("MiB)") for t in texts)
-    assert events[-1]["event"] == "end"  # the export happens before the run reports its end
+    assert events[-1].kind == "end"  # the export happens before the run reports its end
 
 
 def test_config_keys_are_the_same_field_in_every_spelling():

@@ -159,7 +159,7 @@ def test_push_to_hub_at_the_end_of_a_run_that_cannot_upload(tmp_path, monkeypatc
                            eval_steps=0, save_steps=0, output_dir=str(tmp_path / "run"), push_to_hub="me/never",
                            on_event=events.append)
     assert run.export_error and "me/never" in run.export_error
-    warnings = [e["text"] for e in events if e.get("event") == "message" and e.get("level") == "warning"]
+    warnings = [e.text for e in events if e.kind == "message" and e.level == "warning"]
     assert any("export failed" in w and "ftmagic export" in w for w in warnings)
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert ftmagic.RunResult.load(tmp_path / "run").generate("reverse: abc", max_new_tokens=4) is not None

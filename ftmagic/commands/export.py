@@ -46,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_message(event: dict) -> None:
-    if event.get("event") == "message":
-        print(f"... {event.get('text')}", flush=True)
+def _print_message(event) -> None:
+    if getattr(event, "kind", None) == "message":
+        print(f"... {event.text}", flush=True)

@@ -66,6 +66,6 @@ class ExportMagics(Magics):
         display({"text/plain": str(summary), "text/html": summary_html(summary)}, raw=True)
 
 
-def _print_progress(event: dict) -> None:
-    if event.get("event") == "message":
-        print(event.get("text"), flush=True)
+def _print_progress(event) -> None:
+    if getattr(event, "kind", None) == "message":
+        print(event.text, flush=True)

@@ -16,7 +16,7 @@ by a later one:
 Every output is written atomically. An output an earlier export of the same weights
 wrote is used as it is (listed as "already there"); one older than the run's weights
 (the run was resumed and trained further since) is refused; ``overwrite`` rebuilds
-either. Progress goes through ``on_event`` as ``message`` events.
+either. Progress goes through ``on_event`` as :class:`ftmagic.events.Message` events.
 
 Example::
 
@@ -45,7 +45,7 @@ MODELFILE = "Modelfile"
 
 
 def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite: bool = False,
-               private: Optional[bool] = None, on_event: Optional[Callable[[dict], None]] = None,
+               private: Optional[bool] = None, on_event: Optional[Callable] = None,
                hub_api=None) -> ExportSummary:
     """Export ``run`` (a :class:`~ftmagic.engine.result.RunResult`) to the targets in ``to``.
 
@@ -150,7 +150,7 @@ def _reuse(target: Path, run_dir: Path, overwrite: bool) -> bool:
 
 
 def _say(emit, text: str, level: str = "info") -> None:
-    emit(Message(text=text, level=level).to_dict())
+    emit(Message(text=text, level=level))
 
 
 def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overwrite: bool, emit) -> Path:
