@@ -32,7 +32,8 @@ torch = pytest.importorskip("torch")
 import ftmagic  # noqa: E402
 import ftmagic.engine.run as run_module  # noqa: E402
 from ftmagic.api import estimate_memory  # noqa: E402
-from ftmagic.data import encode_example, encode_prompt, stop_token_ids  # noqa: E402
+from ftmagic.data import encode_example, encode_prompt, resolve_template  # noqa: E402
+from ftmagic.data.portable import answer_end_ids  # noqa: E402
 from ftmagic.engine.fastpath import fast_loss, fast_path_blocker, flatten_batch, varlen_attention  # noqa: E402
 from ftmagic.engine.methods import auto_target_modules, block_linear_names, get_method  # noqa: E402
 from ftmagic.engine.result import RunResult  # noqa: E402
@@ -301,7 +302,7 @@ def test_answers_end_with_the_familys_stop_token_and_nothing_is_inserted(style, 
         assert enc.input_ids.count(tok.bos_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
     elif style != "gpt2":  # (GPT-2's BOS is its EOS)
         assert tok.bos_token_id not in enc.input_ids
-    assert stop_token_ids(tok) == list(dict.fromkeys([tok.eos_token_id, stop_id]))
+    assert answer_end_ids(tok, resolve_template(tok)) == list(dict.fromkeys([tok.eos_token_id, stop_id]))
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -176,26 +176,6 @@ def render_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, 
     return text
 
 
-def stop_token_ids(tokenizer, *, template: Union[None, str, ChatTemplate] = None) -> list:
-    """Token ids that end an answer: EOS, and the template's end-of-turn token where it has one.
-
-    Generation stops at any of them (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``...), as
-    training taught the model to end its answers with them.
-
-    Example::
-
-        stop_token_ids(tok)    # [eos_id] or [eos_id, end_of_turn_id]
-    """
-    from ftmagic.data.templates import end_of_turn
-
-    ids = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
-    tpl = template if isinstance(template, ChatTemplate) else resolve_template(tokenizer, template)
-    turn_end = end_of_turn(tokenizer, tpl)
-    if turn_end is not None:
-        ids.append(tokenizer.convert_tokens_to_ids(turn_end))
-    return list(dict.fromkeys(ids))
-
-
 def encode_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, str, ChatTemplate] = None,
                   system_prompt: Optional[str] = None) -> list:
     """Token ids of :func:`render_prompt` (what generation starts from).

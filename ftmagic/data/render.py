@@ -9,7 +9,7 @@ answer is found by searching its text in the full rendering instead.
 Each answer is trained up to and including the token that ends it (what teaches a model to
 stop): EOS, or the family's own end-of-turn token where the template writes one (Gemma's
 ``<end_of_turn>``, Phi-3's ``<|end|>``, ChatML's ``<|im_end|>``; see
-:func:`~ftmagic.data.templates.end_of_turn`); if the template writes neither, EOS is
+:func:`~ftmagic.data.portable.end_of_turn`); if the template writes neither, EOS is
 appended after the answer. What follows in the turn (a newline before the next header) is
 not trained.
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ftmagic.data.problems import RecordError
-from ftmagic.data.templates import ChatTemplate, adds_bos, end_of_turn, plain_messages, render_many
+from ftmagic.data.portable import end_of_turn
+from ftmagic.data.templates import ChatTemplate, adds_bos, plain_messages, render_many
 
 
 @dataclass

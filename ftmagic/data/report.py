@@ -33,7 +33,8 @@ from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
 from ftmagic.data.clean import CleanResult, clean
-from ftmagic.data.encode import encode_conversations, stop_token_ids
+from ftmagic.data.encode import encode_conversations
+from ftmagic.data.portable import answer_end_ids
 from ftmagic.data.formats import to_conversation
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
@@ -143,7 +144,7 @@ class DatasetReport:
                                    max_seq_len=self.max_seq_len)[0]
         if isinstance(enc, RecordError):
             return view
-        stops = ctx.setdefault("stop_ids", set(stop_token_ids(tok, template=ctx["template"])))
+        stops = ctx.setdefault("stop_ids", set(answer_end_ids(tok, ctx["template"] or resolve_template(tok))))
         view.text, view.truncated, view.length = enc.text, enc.truncated, enc.length
         view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i in stops)
                        for i, label in zip(enc.input_ids, enc.labels)]
@@ -257,7 +258,7 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     record_problems: list = []
     lengths, usable_lengths = [], []
     trained = total = truncated = untrainable = appended = usable = 0
-    stops = set(stop_token_ids(tokenizer, template=tpl)) if tokenizer is not None and not is_text else \
+    stops = set(answer_end_ids(tokenizer, tpl)) if tokenizer is not None and not is_text else \
         {getattr(tokenizer, "eos_token_id", None)}
     no_eos_tokenizer = False
     for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=ctx["system_prompt"],

@@ -187,51 +187,6 @@ def _apply(tokenizer, tpl: ChatTemplate, chat: list, add_generation_prompt: bool
         return exc
 
 
-_PROBE_ANSWER = "ftmagic probe answer"
-_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def end_of_turn(tokenizer, tpl: ChatTemplate) -> Optional[str]:
-    """The special token ``tpl`` writes right after an assistant's answer when that token is not EOS.
-
-    Chat families close a turn with their own token: Gemma's ``<end_of_turn>``, Phi-3's
-    ``<|end|>``, ChatML's ``<|im_end|>`` on a Qwen base model whose EOS is ``<|endoftext|>``.
-    An answer is trained up to and including that token (nothing is inserted into what the
-    template writes), and generation stops there as well as at EOS, as these families'
-    own generation settings do. None when the template writes EOS itself (Llama 3, Mistral)
-    or nothing special (a named template on a base model: EOS is then appended).
-
-    Example::
-
-        end_of_turn(gemma_tokenizer, resolve_template(gemma_tokenizer))   # '<end_of_turn>'
-    """
-    try:
-        cached = _END_OF_TURN.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: work it out each time
-        cached = {}
-    if tpl.source in cached:
-        return cached[tpl.source]
-    chat = [{"role": "user", "content": "ftmagic probe question"}, {"role": "assistant", "content": _PROBE_ANSWER}]
-    text = render_many(tokenizer, tpl, [chat], add_generation_prompt=False, plain=True)[0]
-    found = None
-    if isinstance(text, str) and _PROBE_ANSWER in text:
-        after = text.split(_PROBE_ANSWER, 1)[1].lstrip(" ")
-        eos = getattr(tokenizer, "eos_token", None)
-        skip = {eos, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "pad_token", None)}
-        specials = sorted((t for t in special_tokens(tokenizer) if t not in skip), key=len, reverse=True)
-        found = next((t for t in specials if after.startswith(t)), None)
-    cached[tpl.source] = found
-    return found
-
-
-def special_tokens(tokenizer) -> list:
-    """Every special token string of ``tokenizer``: its named ones and the added tokens marked special."""
-    names = list(getattr(tokenizer, "all_special_tokens", []) or [])
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    names += [str(t) for t in decoder.values() if getattr(t, "special", False)]
-    return list(dict.fromkeys(n for n in names if n))
-
-
 _ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
