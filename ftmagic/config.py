@@ -49,6 +49,9 @@ class FinetuneConfig:
 
     # --- what to train -------------------------------------------------------------
     model: str = "tiny"  # a Hugging Face id, a local directory, or "tiny" (the embedded model)
+    # An earlier run's output_dir (a saved adapter) to keep training; `model:` may point at one too.
+    # Its method and settings are kept, and its base is read from the folder when `model` is left at tiny.
+    adapter: Optional[str] = None
     method: MethodName = "lora"  # see ftmagic/methods.py for what each method trains
     # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
 

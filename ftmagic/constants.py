@@ -26,6 +26,10 @@ TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 SMOKE_ENV = "FTMAGIC_SMOKE"
 SMOKE_MAX_STEPS = 20  # enough to see the loss move and every event fire, small enough for CI
 
+# What ftmagic writes into every output_dir: the run's identity, its base model and method
+# (read back by RunResult.load, resume, and a second stage that continues the run's adapter).
+RUN_FILE = "ftmagic_run.json"
+
 # fp32 logits per chunk of the engine's chunked loss (2**23 values = 32 MB, whatever the
 # vocabulary); the memory calculator models the same chunks.
 LOSS_CHUNK_ELEMENTS = 1 << 23

@@ -225,6 +225,44 @@ register("bitfit", _bitfit)
 register("freeze", _freeze)
 
 
+def continue_adapter(model, path: str, method: str):
+    """``model`` with the adapter saved in ``path`` loaded trainable (a second stage of sequential fine-tuning).
+
+    The adapter keeps its own rank, targets and tuner (:func:`ftmagic.adapters.plan_continuation`
+    put them into the config); a QLoRA base gets peft's k-bit preparation first, as a new
+    adapter would. An adapter that does not fit the base (another architecture or size) is a
+    one-line ModelError, not peft's size-mismatch trace.
+
+    Example::
+
+        model = continue_adapter(load_model(base, device="cpu"), "runs/stage1", "lora")
+    """
+    from peft import PeftConfig, load_peft_weights, set_peft_model_state_dict
+
+    if get_method_spec(method).quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # A fresh adapter from the saved config, then the saved weights: peft's `from_pretrained`
+    # refuses to load prompt-learning adapters trainable, and this one path serves every tuner.
+    config = PeftConfig.from_pretrained(path)
+    config.inference_mode = False
+    try:
+        model = _peft(model, config)
+        device = next(model.parameters()).device
+        loaded = set_peft_model_state_dict(model, load_peft_weights(path, device=str(device)))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the adapter in {path} does not fit the base model ({first[:160]}); "
+                         "set `model:` to the base it was trained on") from None
+    # (a prompt-learning adapter's `prompt_embeddings` are loaded into its encoder separately)
+    unexpected = [k for k in getattr(loaded, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
+    if unexpected:
+        raise ModelError(f"the adapter in {path} does not fit the base model ({len(unexpected)} of its weights, "
+                         f"e.g. {unexpected[0]}, have no place in it); set `model:` to the base it was trained on")
+    return model
+
+
 def enable_gradient_checkpointing(model, adapter: bool) -> None:
     """Non-reentrant checkpointing; with a frozen base the inputs must require grad."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

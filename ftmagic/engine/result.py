@@ -29,9 +29,8 @@ from typing import Any, Optional
 
 import torch
 
+from ftmagic.constants import RUN_FILE
 from ftmagic.errors import CheckpointError
-
-RUN_FILE = "ftmagic_run.json"
 
 
 class RunResult:

@@ -27,19 +27,20 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ftmagic.adapters import plan_continuation
 from ftmagic.config import FinetuneConfig
 from ftmagic.data import prepare_data
-from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
+from ftmagic.constants import RUN_FILE, SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import plan_steps, train_loop
-from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
+from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
 from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
-from ftmagic.engine.result import RUN_FILE, RunResult
+from ftmagic.engine.result import RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
@@ -131,15 +132,18 @@ def _seed_everything(seed: int) -> None:
 def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
+    cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(caps, cfg.device, cfg.precision, cfg.method)
     notes = _plan_notes(cfg, plan)
+    if continuing:
+        notes.insert(0, Message(continuing))
     out = Path(cfg.output_dir)
     emit = _with_reporters(emit, cfg, out)
     resume_from = _claim_output_dir(out, cfg, notes)
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(_tokenizer_folder(cfg, model_path))
     data = prepare_data(cfg, tokenizer)
     if not data.train:
         raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
@@ -186,6 +190,14 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     return result
 
 
+def _tokenizer_folder(cfg: FinetuneConfig, model_path: str) -> str:
+    """Where the tokenizer comes from: a continued adapter's folder holds the one its first stage trained with."""
+    if cfg.adapter and any((Path(cfg.adapter).expanduser() / name).is_file()
+                           for name in ("tokenizer.json", "tokenizer_config.json")):
+        return str(Path(cfg.adapter).expanduser())
+    return model_path
+
+
 def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
     """Messages the user sees right after the plan line (sent once the plan is known)."""
     notes = []
@@ -230,7 +242,7 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
         base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
-    model = method.prepare(base, cfg)
+    model = continue_adapter(base, cfg.adapter, plan.method) if cfg.adapter else method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
     if cfg.gradient_checkpointing:

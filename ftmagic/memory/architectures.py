@@ -2,8 +2,8 @@
 
 A model is named by a built-in architecture (``llama-3.2-1b``), a local directory or
 ``config.json`` file, a Hugging Face id found in the local cache, a config dict, or
-``tiny`` (the embedded model). Only the configuration is read, never the weights, and
-nothing here imports torch.
+``tiny`` (the embedded model); a folder holding a saved adapter stands for its base model.
+Only the configuration is read, never the weights, and nothing here imports torch.
 
 Example::
 
@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from ftmagic.adapters import is_adapter_folder, read_adapter
 from ftmagic.errors import ModelError
 
 
@@ -301,6 +302,8 @@ def resolve_model(model: Any) -> ModelShape:
     key = _normalise(text)
     if not os.path.exists(text) and key in _LOOKUP:
         return replace(BUILTIN[_LOOKUP[key]], name=_LOOKUP[key])
+    if os.path.isdir(text) and is_adapter_folder(text) and not os.path.exists(os.path.join(text, "config.json")):
+        return replace(resolve_model(read_adapter(text).base), name=os.path.basename(os.path.normpath(text)))
     if os.path.isdir(text):
         path = os.path.join(text, "config.json")
         if not os.path.exists(path):
