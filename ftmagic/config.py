@@ -62,7 +62,10 @@ class FinetuneConfig:
     columns: Optional[dict] = None  # column mapping that overrides detection, e.g. {"prompt": "question"}
     template: Optional[str] = None  # a named template for base models without a chat template
     system_prompt: Optional[str] = None  # prepended to every conversation that has none
-    max_seq_len: int = 512  # longer examples are truncated (and counted)
+    max_seq_len: int = 512  # longer chat examples are truncated (and counted)
+    # `text` records longer than max_seq_len: `split` into max_seq_len blocks, so continual
+    # pre-training on long documents trains every token; `truncate` keeps only the first block.
+    long_text: Literal["split", "truncate"] = "split"
     packing: bool = False  # concatenate short examples into full rows; no compute spent on padding
     train_on: Literal["completions", "all"] = "completions"  # loss on assistant turns only, or on every token
     val_split: float = 0.0  # share of `data` held out for evaluation when there is no `eval_data`
@@ -180,7 +183,7 @@ class FinetuneConfig:
         def fail(key: str, message: str) -> None:
             raise ConfigError(_where(source, lines, key) + message)
 
-        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device"):
+        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:

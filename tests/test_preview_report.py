@@ -45,7 +45,7 @@ def test_alpaca_file_full_report(tmp_path, test_tokenizer):
         "source": path, "format": "alpaca", "format_evidence": "`instruction` and `output` in 2 of 2 sampled records",
         "template": "tokenizer", "template_reason": "the tokenizer's chat template", "tokenizer": "(given)",
         "max_seq_len": 64, "train_on": "completions", "records": 2, "usable": 2, "skipped": 0, "skipped_reasons": {},
-        "truncated": 0, "no_trained_tokens": 0, "eos_appended": 0,
+        "truncated": 0, "long_text": "split", "split": 0, "blocks": 0, "no_trained_tokens": 0, "eos_appended": 0,
         "token_lengths": {"min": min(lengths), "median": sum(lengths) / 2, "p95": max(lengths), "max": max(lengths),
                           "mean": sum(lengths) / 2},
         "histogram": bins, "trained_tokens": trained, "total_tokens": sum(lengths),

@@ -29,6 +29,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None, help="named template (chatml, alpaca, llama3, plain) for base models")
     parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per example in training (default: 512)")
     parser.add_argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
+    parser.add_argument("--long-text", default="split", choices=("split", "truncate"),
+                        help="`text` records longer than --max-seq-len: split into blocks (default) or truncated")
     parser.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
                         help="map your columns, e.g. prompt=question,completion=answer")
     parser.add_argument("--system-prompt", default=None, help="system prompt added to conversations that have none")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     columns = parse_columns(args.columns) or None
     report = preview(args.data, model=args.model, format=args.format, template=args.template,
                      max_seq_len=args.max_seq_len, train_on=args.train_on, columns=columns,
-                     system_prompt=args.system_prompt, batch_size=args.batch_size)
+                     system_prompt=args.system_prompt, batch_size=args.batch_size, long_text=args.long_text)
     cleaned = clean(args.data, args.write_clean, format=args.format, columns=columns) if args.write_clean else None
     try:
         _print(report, cleaned, args)

@@ -46,11 +46,16 @@ class Built:
     def truncated(self) -> int:
         return sum(1 for e in self.encoded if e is not None and e.truncated)
 
+    @property
+    def split(self) -> int:
+        """Long ``text`` records split into blocks (``long_text: split``)."""
+        return sum(1 for e in self.encoded if e is not None and e.split)
+
 
 def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional[dict] = None,
                    template: Optional[str] = None, system_prompt: Optional[str] = None,
                    train_on: str = "completions", max_seq_len: Optional[int] = None, strict: bool = True,
-                   batch: int = 4096) -> Built:
+                   batch: int = 4096, long_text: str = "truncate") -> Built:
     """Load ``data`` and encode every record (in batches of ``batch``) exactly as training will.
 
     ``strict`` applies to reading (a malformed line raises); records that parse but cannot
@@ -66,7 +71,7 @@ def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional
         record_problems: list = []
         for i, conv, result, problems in iter_encoded(loaded, detection, tokenizer, template=tpl,
                                                       system_prompt=system_prompt, train_on=train_on,
-                                                      max_seq_len=max_seq_len, batch=batch):
+                                                      max_seq_len=max_seq_len, batch=batch, long_text=long_text):
             conversations[i] = conv
             record_problems.extend(problems)
             if result is not None and not any(p.kind == "no_trained_tokens" for p in problems):
@@ -87,7 +92,7 @@ def detect(loaded: LoadedData, fmt: str = "auto", columns: Optional[dict] = None
 
 def iter_encoded(loaded: LoadedData, detection: Detection, tokenizer, *, template=None,
                  system_prompt: Optional[str] = None, train_on: str = "completions",
-                 max_seq_len: Optional[int] = None, batch: int = 4096):
+                 max_seq_len: Optional[int] = None, batch: int = 4096, long_text: str = "truncate"):
     """Yield ``(index, conversation, encoded, problems)`` for every record, in order, ``batch`` at a time.
 
     ``conversation``/``encoded`` are None for a record that cannot be used; ``problems``
@@ -118,10 +123,10 @@ def iter_encoded(loaded: LoadedData, detection: Detection, tokenizer, *, templat
             rendered = render_step(tokenizer, [convs[k] for k in todo], template=template, train_on=train_on)
             future = pool.submit(tokenize_step, tokenizer, rendered)
             if pending is not None:
-                yield from _finish(loaded, tokenizer, max_seq_len, *pending)
+                yield from _finish(loaded, tokenizer, max_seq_len, long_text, *pending)
             pending = (start, convs, problems, todo, rendered, future)
         if pending is not None:
-            yield from _finish(loaded, tokenizer, max_seq_len, *pending)
+            yield from _finish(loaded, tokenizer, max_seq_len, long_text, *pending)
 
 
 def _convert(loaded: LoadedData, detection: Detection, system_prompt: Optional[str], start: int, stop: int) -> tuple:
@@ -140,9 +145,9 @@ def _convert(loaded: LoadedData, detection: Detection, system_prompt: Optional[s
     return convs, problems
 
 
-def _finish(loaded: LoadedData, tokenizer, max_seq_len, start, convs, problems, todo, rendered, future):
+def _finish(loaded: LoadedData, tokenizer, max_seq_len, long_text, start, convs, problems, todo, rendered, future):
     results = [None] * len(convs)
-    encoded = label_step(tokenizer, rendered, future.result(), max_seq_len)
+    encoded = label_step(tokenizer, rendered, future.result(), max_seq_len, long_text)
     for k, result in zip(todo, encoded):
         if isinstance(result, RecordError):
             problems[k].append(Problem(result.kind, loaded.location(start + k), result.message))

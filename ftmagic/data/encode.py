@@ -45,6 +45,7 @@ class Encoded:
     no_eos: bool = False
     warnings: list = field(default_factory=list)
     n_trained: int = -1  # tokens with a loss (labels != -100), counted once when encoded
+    block_len: int = 0  # > 0: a long `text` record kept whole, trained as blocks of this many tokens
 
     @property
     def text(self) -> str:
@@ -61,9 +62,44 @@ class Encoded:
         """The training example: ``{"input_ids", "labels"}``."""
         return {"input_ids": list(self.input_ids), "labels": list(self.labels)}
 
+    @property
+    def split(self) -> bool:
+        """A long ``text`` record split into blocks (``long_text: split``) rather than truncated."""
+        return bool(self.block_len) and len(self.input_ids) > self.block_len
+
+    @property
+    def blocks(self) -> int:
+        """How many training rows the example gives (a one-token tail block has nothing to predict)."""
+        if not self.split:
+            return 1
+        n = len(self.input_ids)
+        return -(-n // self.block_len) - (1 if n % self.block_len == 1 else 0)
+
+    def row_lengths(self) -> list:
+        """Token counts of :meth:`rows`, without building them."""
+        n, size = len(self.input_ids), self.block_len
+        if not self.split:
+            return [n]
+        return [min(size, n - a) for a in range(0, n, size) if n - a > 1]
+
+    def rows(self) -> list:
+        """The training rows: the example, or the consecutive ``block_len`` blocks of a split ``text`` record.
+
+        Example::
+
+            enc = encode_example(tok, {"text": long_text}, max_seq_len=512)   # long_text="split"
+            [len(r["input_ids"]) for r in enc.rows()]                        # [512, 512, 87]
+        """
+        if not self.split:
+            return [self.to_dict()]
+        n = self.block_len
+        return [{"input_ids": self.input_ids[a:a + n], "labels": self.labels[a:a + n]}
+                for a in range(0, len(self.input_ids), n) if len(self.input_ids[a:a + n]) > 1]
+
 
 def encode_conversations(tokenizer, conversations: list, *, template: Union[None, str, ChatTemplate] = None,
-                         train_on: str = "completions", max_seq_len: Optional[int] = None) -> list:
+                         train_on: str = "completions", max_seq_len: Optional[int] = None,
+                         long_text: str = "truncate") -> list:
     """Encode many conversations in one batch; each result is an :class:`Encoded` or a :class:`RecordError`.
 
     The three steps (:func:`render_step`, :func:`tokenize_step`, :func:`label_step`) are
@@ -75,7 +111,7 @@ def encode_conversations(tokenizer, conversations: list, *, template: Union[None
         encode_conversations(tok, [conv1, conv2], max_seq_len=512)
     """
     rendered = render_step(tokenizer, conversations, template=template, train_on=train_on)
-    return label_step(tokenizer, rendered, tokenize_step(tokenizer, rendered), max_seq_len)
+    return label_step(tokenizer, rendered, tokenize_step(tokenizer, rendered), max_seq_len, long_text)
 
 
 def render_step(tokenizer, conversations: list, *, template: Union[None, str, ChatTemplate] = None,
@@ -91,8 +127,15 @@ def tokenize_step(tokenizer, rendered: list) -> list:
     return _tokenize(tokenizer, texts)
 
 
-def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional[int]) -> list:
-    """Labels from token offsets; examples whose span boundaries split a token are tokenized per segment."""
+def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional[int],
+               long_text: str = "truncate") -> list:
+    """Labels from token offsets; examples whose span boundaries split a token are tokenized per segment.
+
+    A plain ``text`` example longer than ``max_seq_len`` is cut to its first ``max_seq_len``
+    tokens, or with ``long_text="split"`` kept whole to be trained as consecutive blocks
+    (continual pre-training on long documents). Chat examples are always cut: a block
+    of a conversation would train answers without their questions.
+    """
     results: list = list(rendered)
     todo = [(n, r) for n, r in enumerate(rendered) if isinstance(r, Rendered)]
     split_later = []
@@ -101,7 +144,7 @@ def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional
         if labelled is None:
             split_later.append((n, r))
             continue
-        results[n] = _make(labelled[0], labelled[1], r, r.method, max_seq_len)
+        results[n] = _make(labelled[0], labelled[1], r, r.method, max_seq_len, long_text)
     if split_later:
         pieces = [text for _, r in split_later for text, _ in r.segments]
         ids_of = iter(_tokenize_ids(tokenizer, pieces))
@@ -110,13 +153,13 @@ def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional
             for (_, trained), piece in zip(r.segments, ids_of):
                 ids.extend(piece)
                 labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
-            results[n] = _make(ids, labels, r, r.method + "+segments", max_seq_len)
+            results[n] = _make(ids, labels, r, r.method + "+segments", max_seq_len, long_text)
     return results
 
 
 def encode_example(tokenizer, record: Union[dict, list], *, fmt: str = "auto", template: Union[None, str, ChatTemplate] = None,
                    train_on: str = "completions", max_seq_len: Optional[int] = None, system_prompt: Optional[str] = None,
-                   columns: Optional[dict] = None) -> Encoded:
+                   columns: Optional[dict] = None, long_text: str = "truncate") -> Encoded:
     """Encode one record (any supported format) or conversation exactly as training does.
 
     Example::
@@ -125,7 +168,8 @@ def encode_example(tokenizer, record: Union[dict, list], *, fmt: str = "auto", t
         [tok.decode([i]) for i, l in zip(enc.input_ids, enc.labels) if l != -100]   # ['yo', '<|im_end|>']
     """
     conv = as_conversation(record, fmt=fmt, columns=columns, system_prompt=system_prompt)
-    result = encode_conversations(tokenizer, [conv], template=template, train_on=train_on, max_seq_len=max_seq_len)[0]
+    result = encode_conversations(tokenizer, [conv], template=template, train_on=train_on, max_seq_len=max_seq_len,
+                                  long_text=long_text)[0]
     if isinstance(result, RecordError):
         raise DataError(f"record: {result.message}")
     return result
@@ -191,15 +235,18 @@ def encode_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, 
 # --------------------------------------------------------------------------- tokenization
 
 
-def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Optional[int]) -> Encoded:
+def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Optional[int],
+          long_text: str = "truncate") -> Encoded:
     if r.bos_id is not None:
         ids, labels = [r.bos_id] + ids, [IGNORE_INDEX] + labels
     length = len(ids)
-    truncated = bool(max_seq_len) and length > max_seq_len
+    too_long = bool(max_seq_len) and length > max_seq_len
+    split = too_long and long_text == "split" and r.method == "text"
+    truncated = too_long and not split
     if truncated:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
     return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, r.warnings,
-                   len(labels) - labels.count(IGNORE_INDEX))
+                   len(labels) - labels.count(IGNORE_INDEX), block_len=max_seq_len if split else 0)
 
 
 def _backend(tokenizer):

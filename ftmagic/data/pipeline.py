@@ -51,7 +51,11 @@ class Source:
 
 @dataclass
 class PreparedData:
-    """Training and evaluation examples (``{"input_ids", "labels"}``, plus ``position_ids``/``seq_lens`` when packed)."""
+    """Training and evaluation rows (``{"input_ids", "labels"}``, plus ``position_ids``/``seq_lens`` when packed).
+
+    A long ``text`` record split into blocks is several rows; ``stats["split"]`` counts such
+    records and ``stats["blocks"]`` the rows they became.
+    """
 
     train: list
     eval: Optional[list]
@@ -124,8 +128,10 @@ def prepare_data(config, tokenizer) -> PreparedData:
 
     stats = _stats(built, eval_built, train, held_out, template, config)
     stats["datasets"] = per_source
-    train_rows = [e.to_dict() for e in train]
-    eval_rows = [e.to_dict() for e in held_out] if held_out else None
+    # A long `text` record split into blocks gives several rows (after the held-out split, so
+    # no document has blocks on both sides).
+    train_rows = [row for e in train for row in e.rows()]
+    eval_rows = [row for e in held_out for row in e.rows()] if held_out else None
     if config.packing:
         train_rows = pack(train_rows, config.max_seq_len)
         eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
@@ -148,7 +154,7 @@ def _build(src: Source, config, tokenizer) -> Built:
         data = load_data(data, strict=True, split=src.split, subset=src.subset)
     return build_examples(data, tokenizer, fmt=src.format or config.format, columns=src.columns or config.columns,
                           template=config.template, system_prompt=config.system_prompt, train_on=config.train_on,
-                          max_seq_len=config.max_seq_len, strict=True)
+                          max_seq_len=config.max_seq_len, strict=True, long_text=config.long_text)
 
 
 def _split(examples: list, share: float, rng: random.Random, name: str) -> tuple:
@@ -191,6 +197,8 @@ def _stats(built: list, eval_built: list, train: list, held_out: list, template:
         "problems": problems[:MAX_LISTED_PROBLEMS],
         "problem_count": len(problems),
         "truncated": sum(b.truncated for b in built + eval_built),
+        "split": sum(b.split for b in built + eval_built),
+        "blocks": sum(e.blocks for b in built + eval_built for e in b.examples if e.split),
         "no_trained_tokens": skipped.get("no_trained_tokens", 0),
         "eos_added": sum(1 for b in built for e in b.examples if e.eos_added),
         "train_examples": len(train),
@@ -198,6 +206,6 @@ def _stats(built: list, eval_built: list, train: list, held_out: list, template:
         "trained_tokens": sum(e.trained_tokens for e in train),
         "total_tokens": sum(len(e.input_ids) for e in train),
         "packing": bool(config.packing),
-        "padding_share": round(padding_share([len(e.input_ids) for e in train], config.max_seq_len,
+        "padding_share": round(padding_share([n for e in train for n in e.row_lengths()], config.max_seq_len,
                                               config.batch_size, packed=bool(config.packing)), 4),
     }

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
+from ftmagic.config import FinetuneConfig
 from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
@@ -44,7 +45,8 @@ from ftmagic.data.tokenizer import load_preview_tokenizer
 
 __all__ = ["preview", "open_preview", "analyse", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
 
-DEFAULT_MAX_SEQ_LEN = 512  # the FinetuneConfig default
+DEFAULT_MAX_SEQ_LEN = FinetuneConfig.max_seq_len
+DEFAULT_LONG_TEXT = FinetuneConfig.long_text
 HISTOGRAM_BINS = 10
 JSON_PROBLEMS_PER_KIND = 200  # the JSON lists this many of each kind; counts are always complete
 
@@ -70,6 +72,7 @@ class RecordView:
     tokens: list = field(default_factory=list)
     truncated: bool = False
     length: int = 0
+    blocks: int = 1  # training rows: more than one for a long `text` record split into blocks
     problems: list = field(default_factory=list)
 
 
@@ -92,6 +95,9 @@ class DatasetReport:
     skipped: Optional[int] = None
     skipped_reasons: dict = field(default_factory=dict)
     truncated: Optional[int] = None
+    long_text: str = DEFAULT_LONG_TEXT  # what happens to `text` records longer than max_seq_len
+    split: Optional[int] = None  # long `text` records split into max_seq_len blocks
+    blocks: Optional[int] = None  # the training rows those records become
     no_trained_tokens: Optional[int] = None
     eos_appended: Optional[int] = None
     token_lengths: Optional[dict] = None
@@ -141,11 +147,11 @@ class DatasetReport:
             view.text = "\n".join(f"[{t['role']}] {t['content']}" for t in conv)
             return view
         enc = encode_conversations(tok, [conv], template=ctx["template"], train_on=self.train_on,
-                                   max_seq_len=self.max_seq_len)[0]
+                                   max_seq_len=self.max_seq_len, long_text=self.long_text)[0]
         if isinstance(enc, RecordError):
             return view
         stops = ctx.setdefault("stop_ids", set(answer_end_ids(tok, ctx["template"] or resolve_template(tok))))
-        view.text, view.truncated, view.length = enc.text, enc.truncated, enc.length
+        view.text, view.truncated, view.length, view.blocks = enc.text, enc.truncated, enc.length, enc.blocks
         view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i in stops)
                        for i, label in zip(enc.input_ids, enc.labels)]
         return view
@@ -167,7 +173,8 @@ class DatasetReport:
                 listed.append(p.to_dict())
         out = {k: getattr(self, k) for k in (
             "source", "format", "format_evidence", "template", "template_reason", "tokenizer", "max_seq_len", "train_on",
-            "records", "usable", "skipped", "skipped_reasons", "truncated", "no_trained_tokens", "eos_appended",
+            "records", "usable", "skipped", "skipped_reasons", "truncated", "long_text", "split", "blocks",
+            "no_trained_tokens", "eos_appended",
             "token_lengths", "histogram", "trained_tokens", "total_tokens", "padding", "label_balance")}
         out["problem_counts"] = self.problem_counts
         out["problems"] = listed
@@ -189,11 +196,15 @@ class DatasetReport:
 
 def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
             max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
-            system_prompt: Optional[str] = None, batch_size: int = 4, batch: int = 4096) -> DatasetReport:
+            system_prompt: Optional[str] = None, batch_size: int = 4, batch: int = 4096,
+            long_text: str = DEFAULT_LONG_TEXT) -> DatasetReport:
     """Analyse ``data`` exactly as training would see it and return a :class:`DatasetReport`.
 
     ``model``/``tokenizer``: whose tokenizer and chat template to use; by default the
     embedded tiny model's (without one, the report still has formats, counts and problems).
+    ``long_text`` is the config key of the same name: ``text`` records longer than
+    ``max_seq_len`` are counted as split into blocks (``report.split``, ``report.blocks``)
+    or as truncated.
     Loading the tokenizer imports transformers, which imports torch (a few seconds the first
     time in a process); the analysis itself is pure Python.
 
@@ -204,13 +215,13 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
     """
     report = open_preview(data, model=model, tokenizer=tokenizer, format=format, template=template,
                           max_seq_len=max_seq_len, train_on=train_on, columns=columns, system_prompt=system_prompt,
-                          batch_size=batch_size)
+                          batch_size=batch_size, long_text=long_text)
     return analyse(report, batch=batch)
 
 
 def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
-                 system_prompt: Optional[str] = None, batch_size: int = 4) -> DatasetReport:
+                 system_prompt: Optional[str] = None, batch_size: int = 4, long_text: str = DEFAULT_LONG_TEXT) -> DatasetReport:
     """Read and detect only (seconds even for a million rows): the pager works at once; :func:`analyse` adds the rest.
 
     Example::
@@ -235,7 +246,7 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
         source=loaded.name, format=detection.format, format_evidence=detection.evidence,
         template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
         max_seq_len=max_seq_len, train_on=train_on, records=max(loaded.read, len(loaded.records)), batch_size=batch_size,
-        problems=list(loaded.problems), notes=[note] if note else [],
+        long_text=long_text, problems=list(loaded.problems), notes=[note] if note else [],
         _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
                   "system_prompt": system_prompt})
 
@@ -257,12 +268,13 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     answers: Counter = Counter()
     record_problems: list = []
     lengths, usable_lengths = [], []
-    trained = total = truncated = untrainable = appended = usable = 0
+    trained = total = truncated = untrainable = appended = usable = split = blocks = 0
     stops = set(answer_end_ids(tokenizer, tpl)) if tokenizer is not None and not is_text else \
         {getattr(tokenizer, "eos_token_id", None)}
     no_eos_tokenizer = False
     for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=ctx["system_prompt"],
-                                               train_on=report.train_on, max_seq_len=max_seq_len, batch=batch):
+                                               train_on=report.train_on, max_seq_len=max_seq_len, batch=batch,
+                                               long_text=report.long_text):
         if progress is not None and (i + 1) % batch == 0:
             progress(i + 1, n)
         record_problems.extend(problems)
@@ -289,7 +301,10 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
             untrainable += 1
             continue
         usable += 1
-        usable_lengths.append(len(enc.input_ids))
+        usable_lengths.extend(enc.row_lengths())
+        if enc.split:
+            split += 1
+            blocks += enc.blocks
         trained += n_trained
         total += len(enc.input_ids)
         appended += enc.eos_added
@@ -313,6 +328,7 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     report.label_balance, report.problems = balance, dataset_level + problems
     if tokenizer is not None:
         report.truncated, report.no_trained_tokens, report.eos_appended = truncated, untrainable, appended
+        report.split, report.blocks = split, blocks
         report.token_lengths, report.histogram = length_stats(lengths), histogram(lengths, max_seq_len)
         report.trained_tokens, report.total_tokens = trained, total
         report.padding = {"batch_size": report.batch_size,

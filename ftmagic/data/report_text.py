@@ -31,6 +31,9 @@ def format_report(report, max_problems: int = 20) -> str:
                      f"(max_seq_len {r.max_seq_len})")
         lines.append(f"truncated: {r.truncated}; no trained token left: {r.no_trained_tokens}; "
                      f"trained tokens: {r.trained_tokens} of {r.total_tokens}")
+        if r.split:
+            lines.append(f"split into blocks: {r.split} `text` records longer than max_seq_len train as {r.blocks} "
+                         "blocks (`long_text: truncate` would keep only their first block)")
         p = r.padding
         lines.append(f"padding: {100 * p['unpacked']:.1f}% unpacked (batch {p['batch_size']}), "
                      f"{100 * p['packed']:.1f}% packed")

@@ -152,6 +152,9 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
               eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
     notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
+    if data.stats.get("split"):
+        notes.append(Message(f"{data.stats['split']} `text` records longer than max_seq_len={cfg.max_seq_len} train as "
+                             f"{data.stats['blocks']} blocks (`long_text: truncate` keeps only their first block)"))
     for note in notes:
         emit(note)
     if plan.device == "cuda" and not cfg.skip_memory_check:
