@@ -141,6 +141,24 @@ def format_params(trainable: Optional[int], total: Optional[int]) -> str:
     return f"{format_count(trainable)} of {format_count(total)} parameters trainable ({share:.2f}%)"
 
 
+def format_data(plan: dict) -> str:
+    """What a run trains on, from its ``plan`` event.
+
+    Example::
+
+        >>> format_data({"train_records": 200, "eval_records": 20, "format": "messages"})
+        '200 train + 20 eval records (messages)'
+    """
+    records = plan.get("train_records")
+    data = f"{records} train" if records is not None else "? train"
+    if plan.get("eval_records"):
+        data += f" + {plan['eval_records']} eval"
+    data += " records"
+    if plan.get("format"):
+        data += f" ({plan['format']})"
+    return data
+
+
 def format_plan_line(plan: dict, start: Optional[dict] = None) -> str:
     """The one line printed before heavy loading: model, method, device, precision, data.
 
@@ -153,15 +171,7 @@ def format_plan_line(plan: dict, start: Optional[dict] = None) -> str:
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
     parts = [str(plan.get("model", "?")), str(plan.get("method", "?")),
-             f"{plan.get('device', '?')} {plan.get('precision', '?')}".strip()]
-    records = plan.get("train_records")
-    data = "data: " + (f"{records} train" if records is not None else "? train")
-    if plan.get("eval_records"):
-        data += f" + {plan['eval_records']} eval"
-    data += " records"
-    if plan.get("format"):
-        data += f" ({plan['format']})"
-    parts.append(data)
+             f"{plan.get('device', '?')} {plan.get('precision', '?')}".strip(), "data: " + format_data(plan)]
     if start is not None:
         parts.append(format_params(start.get("trainable_params"), start.get("total_params")))
     return "ftmagic: " + " | ".join(parts)
