@@ -55,8 +55,8 @@ def test_static_copy_first_then_the_widget_which_hides_it(shown):
 
 def test_static_copy_hides_only_a_dead_widget_output():
     html = static_bundle("x", "x", "abc")["text/html"]
-    # JupyterLab marks the output node of a widget whose model is gone with `jupyter-widgets`.
-    assert ":has(> .jp-OutputArea-output.jupyter-widgets) {display:none}" in html
+    # A widget output that cannot render holds only text ("Error displaying widget: ...").
+    assert ":not(:has(.jp-OutputArea-output > *)) {display:none}" in html
     assert '.jp-OutputArea-child:has([data-ftmagic-static="abc"]) + .jp-OutputArea-child' in html
     assert "<script" not in html
 

@@ -46,15 +46,16 @@ def live_style(twin_id: str) -> str:
 
 
 def static_style(twin_id: str) -> str:
-    """The ``<style>`` the static copy carries: it hides the next output when it is a dead widget.
+    """The ``<style>`` the static copy carries: it hides the next output while it is not a widget.
 
-    JupyterLab and Notebook 7 mark a widget output whose model is gone with the class
-    ``jupyter-widgets`` on the output node itself; a rendered widget has it only on its
-    children, so a live widget is never hidden.
+    In JupyterLab and Notebook 7 a widget output that cannot render holds only a line of
+    text ("Loading widget...", then "Error displaying widget: model not found"); a
+    rendered widget is an element inside the output node, so a live widget is never hidden.
+    (CSS allows no ``:has()`` inside ``:has()``, hence the ``:not(:has())`` form.)
     """
     selector = f'[{STATIC_ATTRIBUTE}="{twin_id}"]'
     return (f"<style>.jp-OutputArea-child:has({selector}) + .jp-OutputArea-child"
-            f":has(> .jp-OutputArea-output.jupyter-widgets) {{display:none}}</style>")
+            f":not(:has(.jp-OutputArea-output > *)) {{display:none}}</style>")
 
 
 def static_bundle(html: str, text: str, twin_id: str) -> dict:

@@ -150,6 +150,9 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     output_dir = output_dir or end.get("output_dir") or (state.plan or {}).get("output_dir")
     if output_dir:
         rows.append(("output", str(output_dir)))
+    if state.checkpoints:
+        last = state.checkpoints[-1]
+        rows.append(("checkpoint", f"step {last.get('step')}: {last.get('path')}"))
     if reason in ("stopped", "interrupted"):
         rows.append(("resume", "run the cell again with `--resume` (or `resume: true`) to continue"))
     if name:
