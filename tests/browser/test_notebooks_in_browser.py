@@ -46,7 +46,7 @@ def _live_checks(nb, widgets: int) -> None:
     assert nb.rendered_widgets() >= widgets
     copies = nb.static_copies()
     assert len(copies) == widgets and not any(visible for visible, _ in copies), copies
-    assert nb.errors == [], nb.errors
+    assert nb.errors == [], "\n".join(nb.errors)
 
 
 def _reopen(nb, name):
@@ -171,3 +171,99 @@ def test_dataset_previewer_in_jupyterlab(server, browser, screenshots):
         .map(c => getComputedStyle(c).textAlign)""")
     assert aligns and set(aligns) == {"left"}
     nb.page.close()
+
+
+def test_quickstart_in_jupyterlab(server, browser, screenshots, notebook_root):
+    # A last cell that trains for long enough to be stopped from its widget.
+    path = notebook_root / "01_quickstart.ipynb"
+    notebook = nbformat.read(str(path), as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(STOP_CELL))
+    nbformat.write(notebook, str(path))
+
+    nb = _open(browser, server, "01_quickstart.ipynb")
+    nb.start_running_all()
+    stop_cell = nb.cell("%%finetune --name stopped")
+    stop_cell.get_by_text(re.compile(r"step [3-9]\d*/")).wait_for(timeout=1800 * 1000)
+    stop_cell.get_by_role("button", name="Stop").click()
+    nb.wait_until_done()
+
+    # Stop: the run ended after the current step with a checkpoint, and the summary says how to resume.
+    stopped = stop_cell.locator(".jp-OutputArea").inner_text()
+    assert "status\tstopped" in stopped, stopped
+    step = int(re.search(r"checkpoint\tstep (\d+): runs/stop-test/checkpoint-\1", stopped).group(1))
+    assert (notebook_root / "runs" / "stop-test" / f"checkpoint-{step}").is_dir()
+    assert "--resume" in stopped
+
+    _live_checks(nb, widgets=1)  # the previewer; each %%finetune widget became its summary
+    run = nb.cell("%%finetune --name ft").locator(".jp-OutputArea").inner_text()
+    assert "status\tfinished" in run and "data\t2000 train records (messages)" in run
+    lines = [line for line in run.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), "a line shown twice"
+    assert "ftmagic: tiny | lora" not in run  # the plan is in the summary, not printed beside it
+    oops = nb.cell("%%finetune --name oops").locator(".jp-OutputArea").inner_text()
+    assert "%%finetune cell:4: unknown key `lora_rank`; did you mean `lora_r`?" in oops
+    assert re.search(r"exact match on held-out words: 0% before, \d+% after", nb.visible_text())
+
+    for theme, suffix in ((DARK, "dark"), (LIGHT, "light")):
+        nb.set_theme(theme)
+        assert _contrast_problems(nb) == [], theme
+        _shot(nb, nb.cell("%%finetune --name ft"), screenshots / f"finetune-{suffix}.png")
+        _shot(nb, nb.cell("%ft_preview"), screenshots / f"preview-{suffix}.png")
+    nb.page.set_viewport_size({"width": 800, "height": 900})
+    nb.page.wait_for_timeout(800)
+    assert _fits_width(nb) == []
+
+    before, nb = _reopen(nb, "01_quickstart.ipynb")
+    (copy,) = _saved_checks(before, nb, widgets=1)
+    assert "messages" in copy and "record 0" in copy
+    assert "status\tfinished" in nb.cell("%%finetune --name ft").locator(".jp-OutputArea").inner_text()
+    nb.page.close()
+
+
+# ----------------------------------------------------------------------------- Notebook 7
+
+
+@pytest.mark.parametrize("name, widgets", [("02_memory_calculator.ipynb", 1), ("03_dataset_previewer.ipynb", 1)])
+def test_notebook7_runs_saves_and_reopens(server, browser, notebook_root, name, widgets):
+    copy = f"nb7_{name}"
+    (notebook_root / copy).write_bytes((Path(__file__).parents[2] / "notebooks" / name).read_bytes())
+    nb = _open(browser, server, copy, ui="notebook")
+    nb.run_all()
+    _live_checks(nb, widgets)
+    before, nb = _reopen(nb, copy)
+    _saved_checks(before, nb, widgets)
+    nb.page.close()
+
+
+# ----------------------------------------------------------------------------- without a kernel
+
+
+def test_committed_notebooks_read_well_untrusted_and_as_static_html(server, browser, notebook_root, tmp_path):
+    repo = Path(__file__).parents[2]
+    # Untrusted (never saved here): JupyterLab sanitizes the HTML and shows no widget.
+    (notebook_root / "untrusted_03.ipynb").write_bytes((repo / "notebooks" / "03_dataset_previewer.ipynb").read_bytes())
+    nb = _open(browser, server, "untrusted_03.ipynb")
+    nb.page.wait_for_timeout(3000)
+    assert nb.widget_errors() == []
+    _assert_left_aligned(nb.page, ".jp-Notebook .jp-OutputArea-output table")
+    nb.page.close()
+    # nbconvert's HTML, as nbviewer shows it.
+    html = tmp_path / "03.html"
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", "--output", str(html),
+                    str(repo / "notebooks" / "03_dataset_previewer.ipynb")], check=True, capture_output=True)
+    page = browser.new_page()
+    page.goto(html.as_uri())
+    assert "Error displaying widget" not in page.inner_text("body")
+    assert page.locator("[data-ftmagic-static]").count() == 1
+    _assert_left_aligned(page, "[data-ftmagic-static] table")
+    page.close()
+
+
+def _assert_left_aligned(page, tables: str) -> None:
+    """Every cell of the matching tables is left-aligned, and histogram bars start at their cell's left edge."""
+    aligns = page.evaluate(f"""() => [...document.querySelectorAll('{tables}')].flatMap(t =>
+        [...t.querySelectorAll('td, th')].map(c => getComputedStyle(c).textAlign))""")
+    assert aligns and set(aligns) <= {"left", "start"}, set(aligns)
+    offsets = page.evaluate("""() => [...document.querySelectorAll('.ftm-bar')].map(bar =>
+        bar.getBoundingClientRect().left - bar.parentElement.getBoundingClientRect().left)""")
+    assert offsets and max(offsets) < 12, offsets
