@@ -28,7 +28,7 @@ TRAINED = "background:rgba(40,170,80,.30)"
 CONTEXT = "background:rgba(127,127,127,.15);opacity:.75"
 EOS = "outline:2px solid #e53935;font-weight:bold"
 PRE = ("white-space:pre-wrap;word-break:break-word;font-family:monospace;background:rgba(127,127,127,.08);"
-       "padding:6px;max-height:320px;overflow:auto;margin:2px 0 8px 0;text-align:left")
+       "padding:6px;max-height:320px;overflow:auto;margin:2px 0 8px 0;text-align:left;line-height:1.4")
 STYLE = f"""<style>
 .ftm-prev {{font-family: var(--jp-content-font-family, sans-serif); font-size: 13px; max-width: 100%}}
 .ftm-prev table {{border-collapse: collapse}}

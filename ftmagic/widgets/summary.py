@@ -193,7 +193,7 @@ def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         f'<div style="font-weight:bold;margin-bottom:4px">{html.escape(title)}</div>'
         '<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
         f'<table style="border-collapse:collapse">{rows}</table>'
-        f'<div style="flex:1 1 300px;max-width:480px">{chart}</div></div>{messages}</div>'
+        f'<div style="flex:0 1 480px;min-width:280px">{chart}</div></div>{messages}</div>'
     )
 
 

@@ -106,9 +106,16 @@ def _contrast_problems(nb, minimum: float = 3.0) -> list:
     }""", minimum)
 
 
-def _shot(nb, locator, path: Path) -> None:
-    locator.scroll_into_view_if_needed()
-    locator.screenshot(path=str(path))
+def _shot(nb, locator, path: Path, max_height: int = 760) -> None:
+    """A screenshot of ``locator`` (a cell), cut at ``max_height`` pixels, on a page tall enough to hold it."""
+    size = nb.page.viewport_size
+    nb.page.set_viewport_size({"width": size["width"], "height": 1400})
+    locator.evaluate("el => el.scrollIntoView({block: 'start'})")
+    nb.page.wait_for_timeout(300)
+    box = locator.bounding_box()
+    nb.page.screenshot(path=str(path), clip={"x": box["x"], "y": box["y"], "width": box["width"],
+                                             "height": min(box["height"], max_height)})
+    nb.page.set_viewport_size(size)
 
 
 # ----------------------------------------------------------------------------- JupyterLab
@@ -133,7 +140,10 @@ def test_memory_calculator_in_jupyterlab(server, browser, screenshots):
     field.press("Enter")
     nb.page.wait_for_function("([el, peak]) => !el.innerText.includes(peak)", arg=[output.element_handle(), peak],
                               timeout=20000)
-    _shot(nb, cell, screenshots / "memory-light.png")
+    for theme, suffix in ((DARK, "dark"), (LIGHT, "light")):
+        nb.set_theme(theme)
+        assert _contrast_problems(nb) == [], theme
+        _shot(nb, cell, screenshots / f"memory-{suffix}.png")
 
     # A narrow window (the file browser open beside the notebook): the widget wraps, nothing is cut.
     nb.page.set_viewport_size({"width": 800, "height": 900})
@@ -190,8 +200,10 @@ def test_quickstart_in_jupyterlab(server, browser, screenshots, notebook_root):
     # Stop: the run ended after the current step with a checkpoint, and the summary says how to resume.
     stopped = stop_cell.locator(".jp-OutputArea").inner_text()
     assert "status\tstopped" in stopped, stopped
-    step = int(re.search(r"checkpoint\tstep (\d+): runs/stop-test/checkpoint-\1", stopped).group(1))
-    assert (notebook_root / "runs" / "stop-test" / f"checkpoint-{step}").is_dir()
+    checkpoint = re.search(r"checkpoint\tstep (\d+): (runs/stop-test/\S+)\n", stopped)
+    assert checkpoint, stopped
+    assert f"steps\t{checkpoint.group(1)}/100000" in stopped
+    assert (notebook_root / checkpoint.group(2)).is_dir()
     assert "--resume" in stopped
 
     _live_checks(nb, widgets=1)  # the previewer; each %%finetune widget became its summary
