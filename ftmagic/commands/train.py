@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ftmagic.errors import ConfigError
 
@@ -56,15 +55,15 @@ def run(args: argparse.Namespace) -> int:
     # A value from the command line is blamed on `--set`, not on the file; mistakes in
     # both are reported together.
     cfg = FinetuneConfig.from_file(args.config, override_label=lambda key: "--set", **parse_sets(args.sets))
-    progress = _progress(args.quiet)
     from ftmagic.engine.run import finetune
+    from ftmagic.textprogress import TextProgress
 
-    result = finetune(cfg, on_event=progress)
-    close = getattr(progress, "close", None)
-    if close:
-        close()
-    if not args.quiet and progress is not _plain_printer:
+    if not args.quiet:
+        progress = TextProgress()
+        finetune(cfg, on_event=progress)
+        progress.close()
         return 0  # the progress printer already wrote the summary line
+    result = finetune(cfg)
     metrics = result.metrics
     loss = metrics.get("train_loss")
     line = f"{metrics.get('reason', 'finished')}: {metrics.get('steps')} steps"
@@ -75,22 +74,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{line}; saved to {result.output_dir}")
     return 0
 
-
-def _progress(quiet: bool):
-    if quiet:
-        return lambda event: None
-    try:
-        from ftmagic.textprogress import TextProgress
-    except ImportError:
-        return _plain_printer
-    return TextProgress()
-
-
-def _plain_printer(event: dict) -> None:
-    kind = event.get("event")
-    if kind == "plan":
-        print(f"{event['method']} on {event['model']}: {event['reason']}")
-    elif kind == "step":
-        print(f"step {event['step']}/{event['max_steps']} loss {event['loss']}", flush=True)
-    elif kind == "message":
-        print(event["text"], file=sys.stderr)
