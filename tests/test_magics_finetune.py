@@ -314,12 +314,16 @@ def test_widget_mode_says_each_thing_once(shell, engine, capsys):
     assert len(lines) == len(set(lines)), out
 
 
-def test_interrupt_before_training_propagates_and_freezes_the_widget(shell, engine):
+def test_interrupt_before_training_propagates_and_freezes_the_widget(shell, engine, capsys):
     engine.raise_at = (1, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(shell, "--progress widget", "data: x.jsonl\n")
     reporter = engine.calls[-1]["on_event"]
     assert reporter.widget.widget.comm is None
+    # The widget became its header line: what was about to run stays above the error.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == ("ftmagic: tiny | lora | cpu fp32 | data: 8 train records (messages) | "
+                    "1.00k of 100k parameters trainable (1.00%)")
 
 
 # --------------------------------------------------------------------------- %%ft_generate

@@ -193,7 +193,7 @@ def test_quickstart_in_jupyterlab(server, browser, screenshots, notebook_root):
     nb = _open(browser, server, "01_quickstart.ipynb")
     nb.start_running_all()
     stop_cell = nb.cell("%%finetune --name stopped")
-    stop_cell.get_by_text(re.compile(r"step [3-9]\d*/")).wait_for(timeout=1800 * 1000)
+    stop_cell.get_by_text(re.compile(r"step ([3-9]|\d\d+)/")).wait_for(timeout=1800 * 1000)
     stop_cell.get_by_role("button", name="Stop").click()
     nb.wait_until_done()
 
