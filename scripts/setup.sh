@@ -12,6 +12,10 @@ pip install torch==2.13.0
 # The package with the test extra (pytest, nbval, the real tracking and export libraries,
 # JupyterLab, Notebook 7 and Playwright for the browser tests).
 pip install -e '.[test]'
+# llama.cpp's GGUF converter is not on PyPI as a package: ftmagic takes it from the source
+# distribution of the llama-cpp-python it installed (pip's cache usually holds it already)
+# and keeps it in ~/.cache/ftmagic; fetching it here keeps the tests off the network.
+python -m ftmagic.engine.export.llamacpp
 
 # Debian's Chromium for the browser tests (tests/browser). FTMAGIC_SKIP_BROWSER=1 skips
 # both this step and those tests, for a machine where apt cannot be used.
