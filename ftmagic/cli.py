@@ -4,7 +4,8 @@ Each sub-command lives in its own module under :mod:`ftmagic.commands` with two
 functions, ``add_parser(subparsers)`` and ``run(args) -> int``. Modules are imported
 only for the command that runs, so ``ftmagic estimate`` never waits for torch.
 
-Every user mistake ends as ``ftmagic: error: <one line>`` on stderr with exit status 2.
+Every user mistake ends as ``ftmagic: error: <one line>`` on stderr (one such line per
+mistake when a config has several) with exit status 2.
 
 Example::
 
@@ -65,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except FtmagicError as exc:
-        print(f"ftmagic: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a config with several mistakes: one line each
+            print(f"ftmagic: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ftmagic: interrupted", file=sys.stderr)

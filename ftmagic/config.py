@@ -3,7 +3,7 @@
 A YAML cell body, magic flags, CLI ``--set`` pairs and Python keyword arguments are four
 spellings of the same fields: ``--lora-r 16`` == ``lora_r: 16`` == ``lora_r=16``. All
 validation lives in :meth:`FinetuneConfig.validate`, so every front gets the same
-one-line :class:`~ftmagic.errors.ConfigError`.
+:class:`~ftmagic.errors.ConfigError`: one line per problem, all problems at once.
 
 Example::
 
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
@@ -118,11 +119,15 @@ class FinetuneConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dict(cls, values: Optional[dict] = None, *, source: Optional[str] = None,
-                  lines: Optional[dict] = None, **overrides: Any) -> "FinetuneConfig":
+                  lines: Optional[dict] = None, override_label: Optional[Callable[[str], str]] = None,
+                  problems: Optional["Problems"] = None, **overrides: Any) -> "FinetuneConfig":
         """Build and validate a config from a mapping (plus keyword overrides, which win).
 
         ``source`` and ``lines`` (key -> line number) make error messages point at the file
-        and line the value came from.
+        and line the value came from; ``override_label(key)`` names where an override came
+        from (``"--lora-r"``, ``"--set"``). Every problem is reported at once: one
+        ConfigError, one line per problem, in the order of the lines; ``problems`` may
+        bring some found before (a ``$variable`` that does not exist).
 
         Example::
 
@@ -130,37 +135,53 @@ class FinetuneConfig:
         """
         merged = dict(values or {})
         merged.update(overrides)
+        if problems is None:
+            problems = Problems(source, lines, {key: override_label(key) for key in overrides} if override_label else {})
         known = {f.name for f in dataclasses.fields(cls)}
-        for key in merged:
-            if key not in known:
-                raise ConfigError(_where(source, lines, key) + f"unknown key `{key}`" + _suggest(key, known))
         coerced = {}
         for key, value in merged.items():
-            coerced[key] = _coerce(key, value, _FIELD_TYPES[key], _where(source, lines, key))
-        cfg = cls(**coerced)
-        cfg.validate(source=source, lines=lines)
+            if key not in known:
+                problems.add(key, f"unknown key `{key}`" + _suggest(key, known))
+                continue
+            try:
+                coerced[key] = _coerce(key, value, _FIELD_TYPES[key], "")
+            except ConfigError as exc:
+                problems.add(key, str(exc))
+        cfg = cls(**coerced)  # keys that failed keep their default, so the others are still checked
+        cfg._check(problems)
+        problems.raise_if_any()
         return cfg
 
     @classmethod
-    def from_yaml(cls, text: str, *, source: str = "config", **overrides: Any) -> "FinetuneConfig":
+    def from_yaml(cls, text: str, *, source: str = "config", first_line: int = 1,
+                  override_label: Optional[Callable[[str], str]] = None, **overrides: Any) -> "FinetuneConfig":
         """Parse YAML text (a cell body or a file's content) into a validated config.
+
+        ``first_line`` is the line number of the text's first line where the user sees it
+        (2 for a cell body under its magic line).
 
         Example::
 
             FinetuneConfig.from_yaml("model: tiny\\nepochs: 2\\n", source="run.yaml")
         """
-        values, lines = parse_yaml_mapping(text, source)
-        return cls.from_dict(values, source=source, lines=lines, **overrides)
+        values, lines = parse_yaml_mapping(text, source, first_line=first_line)
+        return cls.from_dict(values, source=source, lines=lines, override_label=override_label, **overrides)
 
     @classmethod
-    def from_file(cls, path: str, **overrides: Any) -> "FinetuneConfig":
-        """Read a YAML file into a validated config; errors name the file and line."""
+    def from_file(cls, path: str, *, override_label: Optional[Callable[[str], str]] = None,
+                  **overrides: Any) -> "FinetuneConfig":
+        """Read a YAML file into a validated config; errors name the file and line.
+
+        Example::
+
+            FinetuneConfig.from_file("run.yaml", override_label=lambda key: "--set", lr=1e-4)
+        """
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-        return cls.from_yaml(text, source=str(path), **overrides)
+        return cls.from_yaml(text, source=str(path), override_label=override_label, **overrides)
 
     def to_dict(self) -> dict:
         """The config as plain values (data objects that are not plain become a short description)."""
@@ -178,10 +199,18 @@ class FinetuneConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, source: Optional[str] = None, lines: Optional[dict] = None) -> None:
-        """Check ranges and combinations; raise a one-line ConfigError on the first problem."""
+        """Check ranges and combinations; raise one ConfigError listing every problem (one line each)."""
+        problems = Problems(source, lines)
+        self._check(problems)
+        problems.raise_if_any()
 
-        def fail(key: str, message: str) -> None:
-            raise ConfigError(_where(source, lines, key) + message)
+    def _check(self, problems: "Problems") -> None:
+        """Add a problem for each value or combination that is not accepted.
+
+        A new check is one ``fail(key, message)`` call; keys that already have a problem
+        (a value that could not even be read) are not judged again.
+        """
+        fail = problems.add
 
         for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text"):
             allowed = typing.get_args(_FIELD_TYPES[key])
@@ -210,7 +239,7 @@ class FinetuneConfig:
             fail("max_steps", f"`max_steps: {self.max_steps}` must be a positive number of steps, or -1 to use epochs")
         if isinstance(self.target_modules, str) and self.target_modules not in ("auto", "all-linear"):
             fail("target_modules", f"`target_modules: {self.target_modules}` must be `auto`, `all-linear` or a list of module names")
-        if self.packing and not get_method_spec(self.method).packable:
+        if self.packing and self.method in METHOD_NAMES and not get_method_spec(self.method).packable:
             fail("packing", f"`packing: true` cannot be used with `method: {self.method}`: virtual tokens would be shared "
                             "across packed examples; set `packing: false`")
         if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0):
@@ -250,8 +279,11 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
+def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -> tuple[dict, dict]:
     """Parse YAML text into (mapping, key -> line number); errors name the source and line.
+
+    ``first_line`` is the number of the text's first line as the user sees it: a
+    ``%%finetune`` body starts on the cell's line 2, under the magic line.
 
     Example::
 
@@ -269,16 +301,19 @@ def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
         # The context mark points at the construct that was left open (an unclosed `[`), which
         # is where the user has to look; the problem mark is often just the end of the text.
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}: " if mark is not None else f"{source}: "
+        # A mark at the end of the text (an unclosed `[` found only there) is shown on the
+        # last line the user wrote, not on an empty line after it.
+        last_written = max((i for i, line in enumerate(text.splitlines()) if line.strip()), default=0)
+        where = f"{source}:{min(mark.line, last_written) + first_line}: " if mark is not None else f"{source}: "
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}invalid YAML ({problem}); write one `key: value` per line") from None
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}:1: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
+        raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
     lines = {}
     for key_node, _ in getattr(node, "value", []):
-        lines[key_node.value] = key_node.start_mark.line + 1
+        lines[key_node.value] = key_node.start_mark.line + first_line
     return values, lines
 
 
@@ -291,12 +326,43 @@ def _is_repo_id(value: str) -> bool:
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
-def _where(source: Optional[str], lines: Optional[dict], key: str) -> str:
-    if source and lines and key in lines:
-        return f"{source}:{lines[key]}: "
-    if source:
-        return f"{source}: "
-    return ""
+class Problems:
+    """The problems found in one config, each located where the user wrote the value.
+
+    ``add(key, message)`` records one; :meth:`raise_if_any` raises them together as one
+    ConfigError, ordered by line (values without a line, such as flags, come last).
+
+    Example::
+
+        problems = Problems("run.yaml", {"lr": 3})
+        problems.add("lr", "`lr: 0` must be greater than 0")
+        problems.raise_if_any()   # ConfigError: run.yaml:3: `lr: 0` must be greater than 0
+    """
+
+    def __init__(self, source: Optional[str] = None, lines: Optional[dict] = None,
+                 labels: Optional[dict] = None) -> None:
+        self.source, self.lines, self.labels = source, lines or {}, labels or {}
+        self.found: list[tuple[float, int, str]] = []
+        self.keys: set = set()
+
+    def where(self, key: str) -> str:
+        """``"run.yaml:3: "``, ``"--lora-r: "`` (an override) or ``""``."""
+        if key in self.labels:
+            return f"{self.labels[key]}: "
+        if self.source and key in self.lines:
+            return f"{self.source}:{self.lines[key]}: "
+        return f"{self.source}: " if self.source else ""
+
+    def add(self, key: str, message: str) -> None:
+        if key in self.keys:
+            return  # one problem per key: the first one found is the one to fix
+        self.keys.add(key)
+        line = self.lines.get(key) if key not in self.labels else None
+        self.found.append((line if line is not None else math.inf, len(self.found), self.where(key) + message))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise ConfigError(problems=[message for _, _, message in sorted(self.found)])
 
 
 def _suggest(word: str, options, quote: bool = True) -> str:

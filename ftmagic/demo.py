@@ -11,7 +11,7 @@ Example::
     from ftmagic.demo import DEMO_CONFIG, demo_dataset, exact_match
 
     result = ftmagic.finetune(data=demo_dataset("train"), **DEMO_CONFIG)
-    exact_match(result.generate, demo_dataset("test"))   # 1.0 measured; the base model scores 0.0
+    exact_match(result.generate, demo_dataset("test"))   # at least DEMO_EXACT_MATCH; the base model scores 0.0
 """
 
 from __future__ import annotations
@@ -26,15 +26,22 @@ TRAIN_SIZE = 2000
 TEST_SIZE = 100
 _LENGTHS = (3, 5)  # inclusive word lengths: the 1M-parameter model learns these in a few hundred steps
 
-# Fields of FinetuneConfig for the demo run: about 2 minutes on 2 busy CPU cores.
+# Fields of FinetuneConfig for the demo run (the quickstart notebook's %%finetune cell is
+# written from them): about two minutes on 2 quiet CPU cores.
 DEMO_CONFIG = dict(
     model="tiny",
     method="lora",
     lora_r=16,
     lora_alpha=32,
     lora_dropout=0.0,
-    lr=3e-3,  # 5e-3 for 500 steps stalled near 65% on one seed in four; this gave 100%, 100%, 100%, 94% on seeds 0-3
-    max_steps=800,
+    # Reversal is learnt in a sudden drop after a plateau whose length depends on the seed
+    # and on the machine's arithmetic, so a run that only just converges on one machine can
+    # stall on another. Measured held-out exact match by seed: lr 5e-3 for 500 steps stalls
+    # at 64% (seed 42); 3e-3 for 1200 steps diverges (gradient norm 77, 21%, seed 42);
+    # 2e-3 for 1000 steps stays on the plateau (19%, seed 2); 2e-3 for 1500 steps leaves it
+    # in time on every seed tried (benchmarks/demo_seeds.py).
+    lr=2e-3,
+    max_steps=1500,
     batch_size=16,
     scheduler="cosine",
     warmup=0.05,
@@ -43,6 +50,11 @@ DEMO_CONFIG = dict(
     save_steps=0,
     seed=0,
 )
+
+# Held-out exact match the demo run reaches at least, on any seed and thread count measured
+# (see DEMO_CONFIG). The quickstart, the README and `ftmagic demo`'s test state and check
+# this figure; CI fails when a fresh run falls below it.
+DEMO_EXACT_MATCH = 0.95
 
 # Prompts for before/after tables: real words, none of them in the training split.
 DEMO_PROMPTS = ["reverse: lamp", "reverse: stone", "reverse: music", "reverse: bread", "reverse: kite"]

@@ -2,12 +2,20 @@
 
 Every mistake a user can make raises a subclass of :class:`FtmagicError` (itself a
 ``ValueError``) whose message is one line naming what is at fault (file and line, key
-or value) and what would be accepted. The notebook front shows it as a ``UsageError``;
-the CLI prints ``ftmagic: error: <message>`` and exits with status 2. Anything else
-that escapes is a bug and keeps its traceback.
+or value) and what would be accepted; a config with several mistakes gives one such
+line per mistake. The notebook front shows it as a ``UsageError``; the CLI prints
+``ftmagic: error: <line>`` for each line and exits with status 2. Anything else that
+escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
+
+
+def one_line(message: object) -> str:
+    """``message`` with its line breaks turned into spaces."""
+    return " ".join(str(message).split("\n"))
 
 
 class FtmagicError(ValueError):
@@ -15,11 +23,25 @@ class FtmagicError(ValueError):
 
     def __init__(self, message: str):
         # A multi-line message would break the one-line contract of the CLI and magics.
-        super().__init__(" ".join(str(message).split("\n")))
+        super().__init__(one_line(message))
 
 
 class ConfigError(FtmagicError):
-    """A configuration key, value or combination is not accepted."""
+    """A configuration key, value or combination is not accepted.
+
+    When a config has several mistakes they are all reported at once, one line per
+    problem (``problems=[...]``), so a user fixes a cell in one go; ``.problems`` lists
+    them. A single problem reads exactly like any other FtmagicError.
+
+    Example::
+
+        >>> str(ConfigError(problems=["cell:2: unknown key `lr_rate`", "cell:4: `lora_r: 0` must be at least 1"]))
+        'cell:2: unknown key `lr_rate`\ncell:4: `lora_r: 0` must be at least 1'
+    """
+
+    def __init__(self, message: str = "", *, problems: Sequence[str] = ()):
+        self.problems = [one_line(p) for p in problems] or [one_line(message)]
+        ValueError.__init__(self, "\n".join(self.problems))
 
 
 class DataError(FtmagicError):

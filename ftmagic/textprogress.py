@@ -124,6 +124,24 @@ def format_params(trainable: Optional[int], total: Optional[int]) -> str:
     return f"{format_count(trainable)} of {format_count(total)} parameters trainable ({share:.2f}%)"
 
 
+def format_data(plan) -> str:
+    """What a run trains on, from its ``plan`` event.
+
+    Example::
+
+        >>> format_data({"train_records": 200, "eval_records": 20, "format": "messages"})
+        '200 train + 20 eval records (messages)'
+    """
+    plan = as_event(plan, "plan")
+    data = f"{plan.train_records} train"
+    if plan.eval_records:
+        data += f" + {plan.eval_records} eval"
+    data += " records"
+    if plan.format:
+        data += f" ({plan.format})"
+    return data
+
+
 def format_plan_line(plan, start=None) -> str:
     """The one line printed before heavy loading: model, method, device, precision, data.
 
@@ -136,14 +154,7 @@ def format_plan_line(plan, start=None) -> str:
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
     plan = as_event(plan, "plan")
-    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
-    data = f"data: {plan.train_records} train"
-    if plan.eval_records:
-        data += f" + {plan.eval_records} eval"
-    data += " records"
-    if plan.format:
-        data += f" ({plan.format})"
-    parts.append(data)
+    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip(), "data: " + format_data(plan)]
     if start is not None:
         start = as_event(start, "start")
         parts.append(format_params(start.trainable_params, start.total_params))

@@ -128,8 +128,7 @@ def strip_outputs(nb: nbformat.NotebookNode) -> None:
             cell.execution_count = None
 
 
-WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-WIDGET_NOTE = "(an interactive widget: it shows when the notebook runs in Jupyter, VS Code or Colab)"
+from ftmagic.widgets.static import WIDGET_MIME, WIDGET_NOTE  # noqa: E402 - one wording for every widget output
 
 
 def _clean_metadata(nb: nbformat.NotebookNode) -> None:
@@ -138,8 +137,9 @@ def _clean_metadata(nb: nbformat.NotebookNode) -> None:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         for output in cell.get("outputs", []):
-            # Without a kernel a live widget falls back to its text/plain repr, a long
-            # "VBox(children=(HTML(value='<style>..." string; say what it is instead.
+            # Without a kernel a widget falls back to its text/plain repr, a long
+            # "VBox(children=(HTML(value='<style>..." string; say what it is instead
+            # (ftmagic's own widgets already do).
             data = output.get("data", {})
             if WIDGET_MIME in data and "text/html" not in data:
                 data["text/plain"] = WIDGET_NOTE

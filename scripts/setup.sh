@@ -4,12 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Playwright drives the system's Chromium below; it must never fetch a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
 # The CPU build of torch first: a bare `torch` requirement resolves to a multi-GB CUDA build.
 pip install torch==2.13.0
-# The package with the test extra (pytest, nbval, the real tracking and export libraries).
+# The package with the test extra (pytest, nbval, the real tracking and export libraries,
+# JupyterLab, Notebook 7 and Playwright for the browser tests).
 pip install -e '.[test]'
 # llama.cpp's GGUF converter is not on PyPI as a package: ftmagic takes it from the source
 # distribution of the llama-cpp-python it installed (pip's cache usually holds it already)
 # and keeps it in ~/.cache/ftmagic; fetching it here keeps the tests off the network.
 python -m ftmagic.engine.export.llamacpp
+
+# Debian's Chromium for the browser tests (tests/browser). FTMAGIC_SKIP_BROWSER=1 skips
+# both this step and those tests, for a machine where apt cannot be used.
+if [ "${FTMAGIC_SKIP_BROWSER:-0}" != "1" ] && [ ! -x /usr/bin/chromium ]; then
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
+fi

@@ -84,3 +84,13 @@ def test_bad_value(test_model_dir, tmp_path, capsys):
     path = _config(tmp_path, test_model_dir)
     assert main(["train", str(path), "--set", "lr=-1"]) == 2
     assert _error_line(capsys) == "ftmagic: error: --set: `lr: -1.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)"
+
+
+def test_every_mistake_in_the_file_and_the_command_line_at_once(test_model_dir, tmp_path, capsys):
+    path = _config(tmp_path, test_model_dir, body="lora_rank: 8\nwarmup: -1\n")
+    assert main(["train", str(path), "--set", "lr=0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ftmagic: error: {path}:9: unknown key `lora_rank`; did you mean `lora_r`?",
+        f"ftmagic: error: {path}:10: `warmup: -1.0` must not be negative",
+        "ftmagic: error: --set: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
+    ]

@@ -105,3 +105,60 @@ def test_replace_validates():
     assert cfg.replace(lora_r=4).lora_r == 4
     with pytest.raises(ConfigError):
         cfg.replace(lr=0)
+
+
+def test_every_problem_is_reported_at_once_one_line_each_in_line_order():
+    text = "model: tiny\nlora_rr: 4\nbatch_size: two\n\nlr: 0\nmethod: prefix_tuning\npacking: true\nval_split: 2\n"
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml(text, source="run.yaml")
+    assert str(info.value).splitlines() == [
+        "run.yaml:2: unknown key `lora_rr`; did you mean `lora_r`?",
+        "run.yaml:3: `batch_size: 'two'` must be a whole number",
+        "run.yaml:5: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
+        "run.yaml:7: `packing: true` cannot be used with `method: prefix_tuning`: virtual tokens would be shared "
+        "across packed examples; set `packing: false`",
+        "run.yaml:8: `val_split: 2.0` must be in [0, 1), e.g. 0.1",
+    ]
+    assert info.value.problems == str(info.value).splitlines()
+
+
+def test_a_single_problem_reads_as_before():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml("lr: 0\n", source="run.yaml")
+    assert str(info.value) == "run.yaml:1: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)"
+    assert info.value.problems == [str(info.value)]
+
+
+def test_a_value_that_cannot_be_read_is_judged_once_and_the_rest_still_checked():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_dict({"lr": "fast", "lora_r": 0})
+    assert str(info.value).splitlines() == ["`lr: 'fast'` must be a number, e.g. 2e-4", "`lora_r: 0` must be at least 1"]
+
+
+def test_overrides_are_blamed_on_where_they_came_from_and_come_after_the_file():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml("lr: 0\nlora_r: 8\n", source="run.yaml", override_label=lambda key: "--set",
+                                 lora_r=0, seed="x")
+    assert str(info.value).splitlines() == [
+        "run.yaml:1: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
+        "--set: `seed: 'x'` must be a whole number",
+        "--set: `lora_r: 0` must be at least 1",
+    ]
+
+
+def test_validate_collects_too():
+    cfg = FinetuneConfig()
+    cfg.lr, cfg.lora_r = 0, 0
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(source="cell", lines={"lr": 4})
+    assert str(info.value).splitlines() == [
+        "cell:4: `lr: 0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
+        "cell: `lora_r: 0` must be at least 1",
+    ]
+
+
+def test_yaml_line_numbers_can_start_below_a_magic_line():
+    values, lines = parse_yaml_mapping("model: tiny\nlr: 0.1\n", first_line=2)
+    assert lines == {"model": 2, "lr": 3}
+    with pytest.raises(ConfigError, match=r"^cell:3: invalid YAML"):
+        parse_yaml_mapping("model: tiny\nbad: [1, 2\n", "cell", first_line=2)

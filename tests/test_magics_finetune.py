@@ -202,14 +202,15 @@ def test_resume_flag_reaches_the_engine(shell, engine, capsys):
 
 
 @pytest.mark.parametrize("line, body, expected", [
+    # The magic line is the cell's line 1, so the body starts on line 2.
     ("", "model: tiny\nlora_r: [1,\n", "%%finetune cell:3: invalid YAML"),
-    ("", "model: tiny\nlora_rank: 8\n", "%%finetune cell:2: unknown key `lora_rank`; did you mean `lora_r`?"),
-    ("", "method: lorra\n", "%%finetune cell:1: `method: lorra` is not accepted"),
+    ("", "model: tiny\nlora_rank: 8\n", "%%finetune cell:3: unknown key `lora_rank`; did you mean `lora_r`?"),
+    ("", "method: lorra\n", "%%finetune cell:2: `method: lorra` is not accepted"),
     ("--lora-rank 8", "", "unknown flag(s): --lora-rank; `--lora-rank`: did you mean `--lora-r`?"),
     ("--epoch 2", "", "did you mean `--epochs`?"),
     ("--lr fast", "", "--lr: `lr: 'fast'` must be a number"),
     ("", "model: tiny\ndata: $nowhere\n",
-     "%%finetune cell:2: `data: $nowhere`: there is no variable `nowhere` in the notebook"),
+     "%%finetune cell:3: `data: $nowhere`: there is no variable `nowhere` in the notebook"),
     ("--data $nowhere", "", "--data: `data: $nowhere`: there is no variable `nowhere`"),
     ("--name 2x", "", "--name '2x' must be a Python variable name"),
     ("--progress fancy", "", "argument --progress: invalid choice: 'fancy'"),
@@ -221,6 +222,28 @@ def test_user_mistakes_are_one_line_usage_errors(shell, engine, line, body, expe
     assert expected in message
     assert "\n" not in message
     assert engine.calls == []  # nothing started
+
+
+def test_error_lines_count_the_magic_line_as_line_1(shell, engine):
+    # What the user sees: line 1 `%%finetune`, 2 `model: tiny`, 3 `data: ...`, 4 the typo.
+    with pytest.raises(UsageError) as info:
+        run(shell, "", "model: tiny\ndata: x.jsonl\nlora_rr: 4\n")
+    assert str(info.value) == "%%finetune cell:4: unknown key `lora_rr`; did you mean `lora_r`?"
+
+
+def test_every_mistake_in_a_cell_is_reported_at_once_one_line_each(shell, engine):
+    body = "model: tiny\nlora_rank: 8\nlr: 0\ndata: $nowhere\nbatch_size: two\n"
+    with pytest.raises(UsageError) as info:
+        run(shell, "--lora-dropout 2", body)
+    assert str(info.value).splitlines() == [
+        "%%finetune cell:3: unknown key `lora_rank`; did you mean `lora_r`?",
+        "%%finetune cell:4: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
+        "%%finetune cell:5: `data: $nowhere`: there is no variable `nowhere` in the notebook; "
+        "run the cell that defines it, or give a file path",
+        "%%finetune cell:6: `batch_size: 'two'` must be a whole number",
+        "--lora-dropout: `lora_dropout: 2.0` must be in [0, 1)",
+    ]
+    assert engine.calls == []
 
 
 def test_engine_user_errors_become_usage_errors_and_bugs_keep_their_traceback(shell, engine):
@@ -236,7 +259,7 @@ def test_mistakes_show_as_one_line_in_the_shell(shell, engine, capsys):
     shell.run_cell("%%finetune\nlora_rank: 8\n")
     captured = capsys.readouterr()
     text = captured.out + captured.err
-    assert "UsageError: %%finetune cell:1: unknown key `lora_rank`; did you mean `lora_r`?" in text
+    assert "UsageError: %%finetune cell:2: unknown key `lora_rank`; did you mean `lora_r`?" in text
     assert "Traceback" not in text
 
 
@@ -269,20 +292,38 @@ def test_widget_mode_stop_click_ends_the_run_and_shows_the_summary(shell, engine
     result = shell.user_ns["stopped_run"]
     assert result.metrics["stopped"] is True and result.metrics["steps"] == 2
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "ftmagic: tiny | lora | cpu fp32 | data: 8 train records (messages)"
     # Outside a kernel the display shows text/plain: the summary replaced the widget.
     assert "status: stopped" in out and "steps: 2/5" in out
-    assert "result bound to `stopped_run`; to continue, run the cell again with `--resume`" in out
+    assert "result: `stopped_run`" in out
+    assert "resume: run the cell again with `--resume` (or `resume: true`) to continue" in out
     reporter = engine.calls[-1]["on_event"]
     assert reporter.widget.button.comm is None  # the live widget is closed
 
 
-def test_interrupt_before_training_propagates_and_freezes_the_widget(shell, engine):
+def test_widget_mode_says_each_thing_once(shell, engine, capsys):
+    run(shell, "--progress widget --name once", "data: x.jsonl\n")
+    out = capsys.readouterr().out
+    summary = out[out.index("status: finished"):].splitlines()
+    # The plan, the parameters and the result's name are in the summary, and nowhere else.
+    assert "run: tiny | lora | cpu fp32" in summary and "data: 8 train records (messages)" in summary
+    assert "parameters: 1.00k of 100k parameters trainable (1.00%)" in summary
+    assert "result: `once` (RunResult: .metrics, .history, .generate(prompt))" in summary
+    assert "ftmagic: tiny | lora" not in out and "result bound to" not in out
+    assert out.count("parameters trainable") == 1
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), out
+
+
+def test_interrupt_before_training_propagates_and_freezes_the_widget(shell, engine, capsys):
     engine.raise_at = (1, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(shell, "--progress widget", "data: x.jsonl\n")
     reporter = engine.calls[-1]["on_event"]
     assert reporter.widget.widget.comm is None
+    # The widget became its header line: what was about to run stays above the error.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == ("ftmagic: tiny | lora | cpu fp32 | data: 8 train records (messages) | "
+                    "1.00k of 100k parameters trainable (1.00%)")
 
 
 # --------------------------------------------------------------------------- %%ft_generate

@@ -174,6 +174,7 @@ def test_summary_html_is_static_and_complete():
     assert rows["output"] == "out/run"
     assert rows["why this device"] == "no GPU found"
     assert rows["parameters"] == "12.3k of 1.00M parameters trainable (1.23%)"
+    assert rows["checkpoint"] == "step 5: out/run/checkpoint-5"
     assert "resume" not in rows
     for label, value in rows.items():
         assert f"<th style=\"text-align:left;padding:2px 12px 2px 0\">{label}</th>" in html
@@ -191,6 +192,15 @@ def test_summary_of_a_stopped_run_says_how_to_resume():
     assert rows["steps"] == "4/10"
     assert "--resume" in rows["resume"]
     assert "status: stopped" in summary_text(state)
+
+
+def test_chart_text_takes_the_theme_colour_and_the_chart_shrinks():
+    svg = loss_chart_svg([(1, 2.0), (2, 1.5)], [(2, 1.7)])
+    # Axis labels have no colour of their own: black on a dark theme was unreadable.
+    assert 'fill="currentColor"' in svg.split(">", 1)[0]
+    axis_labels = re.findall(r"<text [^>]*>", svg)[:4]
+    assert len(axis_labels) == 4 and all("fill=" not in tag for tag in axis_labels)
+    assert 'stroke="#ccc"' not in svg and "max-width:480px" in svg
 
 
 def test_summary_escapes_html_in_messages():

@@ -2,7 +2,7 @@
 
 Trains a LoRA adapter that teaches ``model: tiny`` to reverse words, then prints the base
 and tuned answers side by side, the held-out exact-match before and after, and where the
-adapter was saved. Needs no network and no GPU (about a minute or two on 2 CPU cores).
+adapter was saved. Needs no network and no GPU (about two minutes on 2 CPU cores).
 
 Example::
 

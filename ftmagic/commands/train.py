@@ -52,14 +52,9 @@ def run(args: argparse.Namespace) -> int:
     """Train from the config file; print progress and where the result was saved."""
     from ftmagic.config import FinetuneConfig
 
-    cfg = FinetuneConfig.from_file(args.config)
-    sets = parse_sets(args.sets)
-    if sets:
-        try:
-            cfg = cfg.replace(**sets)
-        except ConfigError as exc:
-            # The value came from the command line, not from the file: say so.
-            raise ConfigError(f"--set: {exc}") from None
+    # A value from the command line is blamed on `--set`, not on the file; mistakes in
+    # both are reported together.
+    cfg = FinetuneConfig.from_file(args.config, override_label=lambda key: "--set", **parse_sets(args.sets))
     from ftmagic.engine.run import finetune
     from ftmagic.textprogress import TextProgress
 

@@ -34,7 +34,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
-from ftmagic.config import FinetuneConfig, config_fields, parse_yaml_mapping
+from ftmagic.config import FinetuneConfig, Problems, config_fields, parse_yaml_mapping
 from ftmagic.errors import ConfigError
 from ftmagic.usage import as_usage_error
 
@@ -193,6 +193,8 @@ def parse_line(magic_func: Callable, line: str):
 def resolve_variables(value: Any, namespace: dict, where: str, key: str) -> Any:
     """Replace ``$name`` strings (also inside lists and mappings) with notebook variables.
 
+    Raises ConfigError when a name is not a variable of the notebook.
+
     Example::
 
         resolve_variables("$train", {"train": [{"text": "hi"}]}, "cell:2: ", "data")
@@ -201,10 +203,10 @@ def resolve_variables(value: Any, namespace: dict, where: str, key: str) -> Any:
     if isinstance(value, str) and value.startswith("$"):
         name = value[1:].strip()
         if not name.isidentifier():
-            raise UsageError(f"{where}`{key}: {value}`: after `$` write a variable name, e.g. `{key}: $train_df`")
+            raise ConfigError(f"{where}`{key}: {value}`: after `$` write a variable name, e.g. `{key}: $train_df`")
         if name not in namespace:
-            raise UsageError(f"{where}`{key}: ${name}`: there is no variable `{name}` in the notebook; "
-                             f"run the cell that defines it, or give a file path")
+            raise ConfigError(f"{where}`{key}: ${name}`: there is no variable `{name}` in the notebook; "
+                              f"run the cell that defines it, or give a file path")
         return namespace[name]
     if isinstance(value, list):
         return [resolve_variables(item, namespace, where, key) for item in value]
@@ -214,37 +216,31 @@ def resolve_variables(value: Any, namespace: dict, where: str, key: str) -> Any:
 
 
 def build_config(cell: str, overrides: Optional[dict] = None, namespace: Optional[dict] = None,
-                 source: str = CELL_SOURCE) -> FinetuneConfig:
+                 source: str = CELL_SOURCE, first_line: int = 2) -> FinetuneConfig:
     """The run's config: the YAML body, ``$variables`` resolved, flags (``overrides``) on top.
 
-    Raises ConfigError (one line, with the cell's line number) or UsageError.
+    Lines are counted as the user sees them: the magic line is line 1, so the body
+    starts at ``first_line`` 2. Every mistake is reported at once, one line each, in one
+    ConfigError; a value given as a flag is blamed on the flag (``--lr: ...``).
 
     Example::
 
         cfg = build_config("model: tiny\\ndata: $rows\\n", {"lora_r": "8"}, {"rows": records})
     """
     namespace = namespace if namespace is not None else {}
-    values, lines = parse_yaml_mapping(cell or "", source)
+    values, lines = parse_yaml_mapping(cell or "", source, first_line=first_line)
     overrides = dict(overrides or {})
+    problems = Problems(source, lines, {key: flag_name(key) for key in overrides})
     for key in _DATA_KEYS:
-        if key in values:
-            where = f"{source}:{lines[key]}: " if key in lines else f"{source}: "
-            values[key] = resolve_variables(values[key], namespace, where, key)
-        if key in overrides:
-            overrides[key] = resolve_variables(overrides[key], namespace, f"{flag_name(key)}: ", key)
-    try:
-        return FinetuneConfig.from_dict(values, source=source, lines=lines, **overrides)
-    except ConfigError as exc:
-        raise ConfigError(_blame_flag(str(exc), source, overrides)) from None
-
-
-def _blame_flag(message: str, source: str, overrides: dict) -> str:
-    """Point an error about a value given as a flag at the flag, not at the cell."""
-    for key in overrides:
-        for prefix in (f"{source}: `{key}:", f"{source}: `{key}`"):
-            if message.startswith(prefix):
-                return f"{flag_name(key)}: " + message[len(source) + 2:]
-    return message
+        for mapping in (values, overrides):
+            if key in mapping:
+                try:
+                    mapping[key] = resolve_variables(mapping[key], namespace, "", key)
+                except ConfigError as exc:
+                    problems.add(key, str(exc))  # reported with the config's own problems
+                    mapping[key] = None
+    return FinetuneConfig.from_dict(values, source=source, lines=lines, override_label=flag_name,
+                                    problems=problems, **overrides)
 
 
 # --------------------------------------------------------------------------- where we run
@@ -278,6 +274,10 @@ def choose_progress(mode: str, shell: Any = None) -> str:
 class CellReporter:
     """Routes engine events to a widget, a text printer or nowhere, and ends the display.
 
+    Each fact is shown once: in widget mode the widget's header carries the plan line and
+    the trainable parameters, and the static summary that replaces it at the end carries
+    them too (with the result's name), so nothing is printed beside it.
+
     Example::
 
         reporter = CellReporter("text")
@@ -309,24 +309,16 @@ class CellReporter:
             self.text(event)
         elif self.mode == "widget":
             if self.widget is None:
-                self._open_widget(event)
+                self._open_widget()
             self.widget(event)
-            if getattr(event, "kind", None) == "start":
-                from ftmagic.textprogress import format_params
-
-                print(format_params(event.trainable_params, event.total_params))
         else:
             self._state.update(event)
         if self.extra is not None:
             self.extra(event)
 
-    def _open_widget(self, first_event: dict) -> None:
-        from ftmagic.textprogress import format_plan_line
+    def _open_widget(self) -> None:
         from ftmagic.widgets.progress import TrainingProgress
 
-        if getattr(first_event, "kind", None) == "plan":
-            # Printed (not only shown in the widget) so it stays in the saved notebook.
-            print(format_plan_line(first_event))
         self.widget = TrainingProgress(stop=self.stop)
         self.widget.show()
 
@@ -335,8 +327,10 @@ class CellReporter:
         metrics = dict(getattr(result, "metrics", {}) or {})
         output_dir = getattr(result, "output_dir", None)
         if self.mode == "widget" and self.widget is not None:
+            # The summary names the result and, after a stop, how to resume.
             self.widget.finish(metrics, output_dir=str(output_dir) if output_dir else None, name=name)
-        elif self.mode == "text":
+            return
+        if self.mode == "text":
             self.text.close()
         if self.mode != "none":
             line = f"result bound to `{name}`"
@@ -351,7 +345,8 @@ class CellReporter:
                 self.widget.finish()
             else:
                 if self.widget.handle is not None:
-                    self.widget.handle.update({"text/plain": ""}, raw=True)
+                    # Keep what was planned (model, device, data) above the error.
+                    self.widget.handle.update(self.widget.header_bundle(), raw=True)
                 self.widget.close()
         elif self.mode == "text":
             self.text.close()

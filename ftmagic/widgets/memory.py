@@ -28,7 +28,7 @@ from ftmagic.memory.gpus import GPU_PRESETS, format_bytes, resolve_gpu
 from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.usage import as_usage_error
-from ftmagic.widgets.static import display_with_snapshot
+from ftmagic.widgets.static import StaticTwin
 
 COLORS = {
     "frozen_weights": "#8da0cb", "trainable_weights": "#66c2a5", "gradients": "#fc8d62",
@@ -41,6 +41,9 @@ LABELS = {
     "optimizer_step_transient": "optimizer step transient", "overhead": "CUDA context + headroom",
 }
 NO_GPU = "(no GPU)"
+# Colours that read on light and dark themes; JupyterLab's own where a front end has them.
+GOOD = "var(--jp-success-color1, #2e7d32)"
+BAD = "var(--jp-error-color1, #d32f2f)"
 
 
 # ----------------------------------------------------------------------------- pure HTML
@@ -48,6 +51,8 @@ NO_GPU = "(no GPU)"
 
 def bar_html(estimate: MemoryEstimate, gpu_total_bytes: Optional[int] = None, width: int = 560) -> str:
     """A stacked SVG bar of the breakdown (plus context and headroom), with a GPU limit line.
+
+    The bar is ``width`` units wide and shrinks with a narrow output; the legend wraps.
 
     Example::
 
@@ -68,12 +73,15 @@ def bar_html(estimate: MemoryEstimate, gpu_total_bytes: Optional[int] = None, wi
         x += w
     if gpu_total_bytes:
         gx = width * gpu_total_bytes / scale_to
-        rects.append(f'<line x1="{gx:.1f}" y1="0" x2="{gx:.1f}" y2="34" stroke="#d62728" stroke-width="2"/>')
-    svg = f'<svg width="{width + 4}" height="36" class="ftmagic-memory-bar">{"".join(rects)}</svg>'
+        rects.append(f'<line x1="{gx:.1f}" y1="0" x2="{gx:.1f}" y2="34" stroke="#d62728" stroke-width="2" '
+                     'vector-effect="non-scaling-stroke"><title>GPU memory</title></line>')
+    svg = (f'<svg viewBox="0 0 {width + 4} 36" width="{width + 4}" height="36" preserveAspectRatio="none" '
+           f'style="width:100%;max-width:{width + 4}px;height:36px;display:block" class="ftmagic-memory-bar">'
+           f'{"".join(rects)}</svg>')
     legend = " ".join(
-        f'<span style="white-space:nowrap"><span style="display:inline-block;width:10px;height:10px;'
+        f'<span style="white-space:nowrap;margin-right:6px"><span style="display:inline-block;width:10px;height:10px;'
         f'background:{COLORS[k]}"></span> {LABELS[k]} {format_bytes(v)}</span>' for k, v in parts)
-    return f"{svg}<div style='font-size:12px'>{legend}</div>"
+    return f"{svg}<div style='font-size:12px;line-height:1.6'>{legend}</div>"
 
 
 def verdict_html(verdict: Verdict) -> str:
@@ -87,11 +95,24 @@ def verdict_html(verdict: Verdict) -> str:
     if verdict.gpu is None:
         return f"<div>{head}</div>"
     if verdict.fits:
-        line = f"<span style='color:#2ca02c'><b>fits</b></span> {html.escape(verdict.gpu.label)}"
+        line = f"<span style='color:{GOOD}'><b>fits</b></span> {html.escape(verdict.gpu.label)}"
     else:
-        line = f"<span style='color:#d62728'><b>does not fit</b></span> {html.escape(verdict.gpu.label)}"
-    notes = "".join(f"<div style='font-size:11px;color:#666'>{html.escape(n)}</div>" for n in est.notes)
+        line = f"<span style='color:{BAD}'><b>does not fit</b></span> {html.escape(verdict.gpu.label)}"
+    notes = "".join(f"<div style='font-size:11px;opacity:0.75'>{html.escape(n)}</div>" for n in est.notes)
     return f"<div>{line} &mdash; {head}</div>{notes}"
+
+
+def settings_html(model: str, settings: dict, gpu: str) -> str:
+    """The calculator's settings as one line (the static copy has no controls to show them).
+
+    Example::
+
+        >>> settings_html("tiny", {"method": "lora", "batch_size": 4}, "T4")
+        '<div style="font-size:12px;opacity:0.8">tiny | method lora | batch size 4 | GPU T4</div>'
+    """
+    shown = {key: ("on" if value else "off") if isinstance(value, bool) else value for key, value in settings.items()}
+    parts = [str(model)] + [f"{key.replace('_', ' ')} {value}" for key, value in shown.items()] + [f"GPU {gpu}"]
+    return f'<div style="font-size:12px;opacity:0.8">{html.escape(" | ".join(parts))}</div>'
 
 
 def suggestions_html(suggestions: list) -> str:
@@ -170,8 +191,13 @@ class MemoryCalculator:
         c = self.controls
         left = w.VBox([c["model"], c["method"], c["precision"], c["optimizer"], c["lora_r"]])
         right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["gpu"]])
-        self.widget = w.VBox([w.HBox([left, right]), self.bar, self.verdict_box, self.suggestions_box])
+        # The two columns sit side by side where there is room and stack in a narrow window.
+        controls = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap"))
+        self.widget = w.VBox([controls, self.bar, self.verdict_box, self.suggestions_box],
+                             layout=w.Layout(max_width="100%"))
+        self.twin: Optional[StaticTwin] = None
         self.update()
+        self.twin = StaticTwin(self.widget, self.snapshot_html, self.snapshot_text)
 
     def _changed(self, change) -> None:
         self.update()
@@ -202,7 +228,7 @@ class MemoryCalculator:
             self.error = str(exc)
             self.estimate = self.verdict = None
             self.bar.value = ""
-            self.verdict_box.value = f"<div style='color:#d62728'>{html.escape(self.error)}</div>"
+            self.verdict_box.value = f"<div style='color:{BAD}'>{html.escape(self.error)}</div>"
             self.suggestions_box.value = ""
         else:
             self.error = None
@@ -211,13 +237,20 @@ class MemoryCalculator:
             self.verdict_box.value = verdict_html(verdict)
             self.suggestions_box.value = suggestions_html(verdict.suggestions)
         self.last_ms = (time.perf_counter() - start) * 1000
+        if self.twin is not None:
+            self.twin.refresh()  # a notebook saved now shows this estimate
 
     def snapshot_html(self) -> str:
-        """The bar, verdict and suggestions as static HTML (what a saved notebook shows)."""
-        return "".join((self.bar.value, self.verdict_box.value, self.suggestions_box.value))
+        """The settings, bar, verdict and suggestions as static HTML (what a saved notebook shows)."""
+        return "".join((settings_html(self.controls["model"].value, self.settings(), self.controls["gpu"].value),
+                        self.bar.value, self.verdict_box.value, self.suggestions_box.value))
+
+    def snapshot_text(self) -> str:
+        """The same as plain text (text-only viewers)."""
+        return self.error if self.verdict is None else text_report(self.verdict)
 
     def _ipython_display_(self):
-        display_with_snapshot(self.widget, self.snapshot_html())
+        self.twin.display()
 
 
 # ----------------------------------------------------------------------------- the magic
@@ -261,5 +294,5 @@ class MemoryMagics(Magics):
                 return None
             estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True, **settings)  # errors as one line
             calc = MemoryCalculator(model=args.model, gpu=gpu, **settings)
-        display_with_snapshot(calc.widget, calc.snapshot_html())
+        calc.twin.display()
         return None

@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ftmagic.config import FORMATS
 from ftmagic.usage import as_usage_error
-from ftmagic.widgets.static import display_with_snapshot
+from ftmagic.widgets.static import StaticTwin
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
 
@@ -56,18 +56,26 @@ class PreviewWidget:
         self.progress = widgets.IntProgress(value=0, min=0, max=max(1, len(report)), description="analysing",
                                             layout=widgets.Layout(display="none" if report.complete else None))
         last = max(0, len(report) - 1)
-        self.prev = widgets.Button(description="◀ prev", layout=widgets.Layout(width="80px"))
-        self.next = widgets.Button(description="next ▶", layout=widgets.Layout(width="80px"))
-        self.index = widgets.BoundedIntText(value=0, min=0, max=last, description="record", layout=widgets.Layout(width="170px"))
-        self.total = widgets.Label(f"of {len(report)} (0-based)")
+        # Fixed sizes that never shrink: in a narrow window the pager wraps onto a second line
+        # instead of squeezing the buttons' labels.
+        keep = dict(flex="0 0 auto")
+        self.prev = widgets.Button(description="◀ prev", layout=widgets.Layout(width="80px", **keep))
+        self.next = widgets.Button(description="next ▶", layout=widgets.Layout(width="80px", **keep))
+        self.index = widgets.BoundedIntText(value=0, min=0, max=last, description="record",
+                                            layout=widgets.Layout(width="170px", **keep))
+        self.total = widgets.Label(f"of {len(report)} (0-based)", layout=widgets.Layout(**keep))
         self.record = widgets.HTML()
         self.prev.on_click(lambda _: self.show(self.index.value - 1))
         self.next.on_click(lambda _: self.show(self.index.value + 1))
         self.index.observe(lambda change: self._render(change["new"]), names="value")
-        self.jump = widgets.Dropdown(options=[("go to a problem…", -1)], value=-1, layout=widgets.Layout(width="340px"))
+        self.jump = widgets.Dropdown(options=[("go to a problem…", -1)], value=-1,
+                                     layout=widgets.Layout(width="auto", flex="1 1 220px", max_width="340px"))
         self.jump.observe(self._on_jump, names="value")
-        pager = widgets.HBox([self.prev, self.index, self.next, self.total, self.jump])
-        self.box = widgets.VBox([self.summary, self.progress, self.histogram, self.problems, pager, self.record])
+        pager = widgets.HBox([self.prev, self.index, self.next, self.total, self.jump],
+                             layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
+        self.box = widgets.VBox([self.summary, self.progress, self.histogram, self.problems, pager, self.record],
+                                layout=widgets.Layout(max_width="100%"))
+        self.twin = StaticTwin(self.box, self.snapshot_html, self.snapshot_text)
         self.rendered = 0  # how many pages were encoded (the pager is lazy)
         self.refresh()
         if min(index, last) == 0:
@@ -113,6 +121,7 @@ class PreviewWidget:
         if self.report.complete:
             self.jump.options = [("go to a problem…", -1)] + problem_choices(self.report)
         self.progress.layout.display = "none" if self.report.complete else None
+        self.twin.refresh()
 
     def _on_jump(self, change) -> None:
         if change["new"] >= 0:
@@ -134,13 +143,20 @@ class PreviewWidget:
         self.rendered += 1
         self.prev.disabled = index <= 0
         self.next.disabled = index >= len(self.report) - 1
+        self.twin.refresh()  # a notebook saved now shows this page
 
     def snapshot_html(self) -> str:
         """Summary, histogram, problems and the record on screen as static HTML (for saved notebooks)."""
         return "".join((self.summary.value, self.histogram.value, self.problems.value, self.record.value))
 
+    def snapshot_text(self) -> str:
+        """The summary as plain text (text-only viewers); analysing first if needed would block, so not here."""
+        if not self.report.complete:
+            return f"{self.report.source}: {len(self.report)} records (analysing)"
+        return self.report.to_text()
+
     def _ipython_display_(self) -> None:
-        display_with_snapshot(self.box, self.snapshot_html())
+        self.twin.display()
 
 
 @magics_class
@@ -184,10 +200,10 @@ class PreviewMagics(Magics):
             # Small data is analysed in about a second: do it now, so the saved notebook's
             # static copy carries the full summary and problem list.
             widget.analyse(background=False)
-            display_with_snapshot(widget.box, widget.snapshot_html())
+            widget.twin.display()
             return
         # The pager works at once; statistics and problems fill in when the analysis ends.
-        display_with_snapshot(widget.box, widget.snapshot_html())
+        widget.twin.display()
         widget.analyse(background=True)
 
 

@@ -4,6 +4,11 @@ Tokens are coloured by the training mask: green tokens are trained (they carry l
 grey ones are context only; EOS has a red outline so a missing one is easy to spot;
 newlines show as ``↵``.
 
+What decides how it looks is written inline (``style=""`` on the cells and bars), not
+only in the ``<style>`` block: untrusted notebooks, GitHub and some viewers drop
+``<style>``, and JupyterLab's own stylesheet right-aligns table cells. Colours are
+translucent or JupyterLab's theme variables, so they read on light and dark themes.
+
 Example::
 
     html = record_html(report.record(0))
@@ -17,17 +22,26 @@ from html import escape
 
 from ftmagic.data.problems import KINDS
 
-STYLE = """<style>
-.ftm-prev {font-family: var(--jp-content-font-family, sans-serif); font-size: 13px}
-.ftm-prev table {border-collapse: collapse} .ftm-prev td, .ftm-prev th {padding: 1px 8px; text-align: left}
-.ftm-pre {white-space: pre-wrap; word-break: break-word; font-family: monospace; background: rgba(127,127,127,.08);
-          padding: 6px; max-height: 320px; overflow: auto; margin: 2px 0 8px 0}
-.ftm-tok {font-family: monospace; white-space: pre-wrap; border-radius: 3px; padding: 0 1px; margin: 0 1px 0 0}
-.ftm-trained {background: rgba(40,170,80,.30)} .ftm-context {background: rgba(127,127,127,.15); color: #777}
-.ftm-eos {outline: 2px solid #d33; font-weight: bold}
-.ftm-bar {display: inline-block; height: 10px; background: #4a8fd8; vertical-align: middle}
-.ftm-over {background: #d8734a} .ftm-bad {color: #c33}
+BAD = "var(--jp-error-color1, #d32f2f)"
+CELL = "text-align:left;vertical-align:top;padding:1px 8px"  # every th and td: left, whatever the host's CSS
+TRAINED = "background:rgba(40,170,80,.30)"
+CONTEXT = "background:rgba(127,127,127,.15);opacity:.75"
+EOS = "outline:2px solid #e53935;font-weight:bold"
+PRE = ("white-space:pre-wrap;word-break:break-word;font-family:monospace;background:rgba(127,127,127,.08);"
+       "padding:6px;max-height:320px;overflow:auto;margin:2px 0 8px 0;text-align:left;line-height:1.4")
+STYLE = f"""<style>
+.ftm-prev {{font-family: var(--jp-content-font-family, sans-serif); font-size: 13px; max-width: 100%}}
+.ftm-prev table {{border-collapse: collapse}}
+.ftm-tok {{font-family: monospace; white-space: pre-wrap; border-radius: 3px; padding: 0 1px; margin: 0 1px 0 0}}
+.ftm-bad {{color: {BAD}}}
 </style>"""
+
+
+def _row(*cells: str, header: bool = False) -> str:
+    """A table row whose cells are left-aligned inline (``cells`` are HTML already)."""
+    first = "th" if header else "td"
+    return ("<tr>" + f'<{first} style="{CELL}">{cells[0]}</{first}>'
+            + "".join(f'<td style="{CELL}">{cell}</td>' for cell in cells[1:]) + "</tr>")
 
 
 def summary_html(report) -> str:
@@ -42,7 +56,7 @@ def summary_html(report) -> str:
         t = r.token_lengths
         rows.append(("tokens/record", f"min {t['min']}, median {t['median']:g}, p95 {t['p95']}, max {t['max']} "
                                       f"(max_seq_len {r.max_seq_len})"))
-        bad = ' class="ftm-bad"' if r.truncated or r.no_trained_tokens else ""
+        bad = f' class="ftm-bad" style="color:{BAD}"' if r.truncated or r.no_trained_tokens else ""
         rows.append(("truncated", f"<span{bad}>{r.truncated} truncated, {r.no_trained_tokens} with no trained token</span>"))
         rows.append(("trained tokens", f"{r.trained_tokens} of {r.total_tokens} (train_on: {escape(r.train_on)})"))
         p = r.padding
@@ -53,7 +67,7 @@ def summary_html(report) -> str:
         rows.append(("labels", f"{r.label_balance['distinct']} distinct answers ({counts})"))
     for note in r.notes:
         rows.append(("note", escape(note)))
-    body = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    body = "".join(_row(escape(k), v, header=True) for k, v in rows)
     return f'{STYLE}<div class="ftm-prev"><table>{body}</table></div>'
 
 
@@ -65,9 +79,11 @@ def histogram_html(bins, max_seq_len: int) -> str:
     rows = []
     for b in bins:
         label = f"{b['start']}–{b['end']}" if b["end"] is not None else f"&gt; {max_seq_len}"
-        cls = "ftm-bar ftm-over" if b["end"] is None else "ftm-bar"
+        color = "#d8734a" if b["end"] is None else "#4a8fd8"
         width = round(200 * b["count"] / top)
-        rows.append(f'<tr><td>{label}</td><td><span class="{cls}" style="width:{width}px"></span> {b["count"]}</td></tr>')
+        bar = (f'<span class="ftm-bar" style="display:inline-block;height:10px;width:{width}px;background:{color};'
+               f'vertical-align:middle"></span> {b["count"]}')
+        rows.append(_row(label, bar))
     return f'<div class="ftm-prev"><b>token lengths</b><table>{"".join(rows)}</table></div>'
 
 
@@ -79,8 +95,7 @@ def problems_html(problems, limit: int = 50) -> str:
     for p in problems:
         counts[p.kind] = counts.get(p.kind, 0) + 1
     head = ", ".join(f"{escape(KINDS.get(k, k))} {n}" for k, n in sorted(counts.items()))
-    rows = "".join(f"<tr><td>{escape(p.kind)}</td><td>{escape(p.location)}</td><td>{escape(p.message)}</td></tr>"
-                   for p in problems[:limit])
+    rows = "".join(_row(escape(p.kind), escape(p.location), escape(p.message)) for p in problems[:limit])
     more = f"<div>… {len(problems) - limit} more</div>" if len(problems) > limit else ""
     return (f'<div class="ftm-prev"><b>problems ({len(problems)})</b>: {head}'
             f'<div style="max-height:220px;overflow:auto"><table>{rows}</table></div>{more}</div>')
@@ -89,27 +104,28 @@ def problems_html(problems, limit: int = 50) -> str:
 def token_html(token) -> str:
     """One token as a coloured span (trained / context, EOS outlined, newlines as ↵)."""
     classes = "ftm-tok " + ("ftm-trained" if token.trained else "ftm-context") + (" ftm-eos" if token.eos else "")
+    style = (TRAINED if token.trained else CONTEXT) + (";" + EOS if token.eos else "")
     text = escape(token.text).replace("\n", "↵\n")
     title = f"id {token.id}" + (", trained" if token.trained else ", not trained") + (", EOS" if token.eos else "")
-    return f'<span class="{classes}" title="{title}">{text}</span>'
+    return f'<span class="{classes}" title="{title}" style="{style}">{text}</span>'
 
 
 def record_html(view) -> str:
     """The pager's page: location, problems, raw record, rendered text and the coloured tokens."""
     parts = [f'<div class="ftm-prev"><b>record {view.index}</b> — {escape(view.location)}']
     for p in view.problems:
-        parts.append(f'<div class="ftm-bad">{escape(p.kind)}: {escape(p.message)}</div>')
+        parts.append(f'<div class="ftm-bad" style="color:{BAD}">{escape(p.kind)}: {escape(p.message)}</div>')
     raw = json.dumps(view.raw, ensure_ascii=False, indent=1, default=str)
-    parts.append(f'<div>raw record</div><div class="ftm-pre">{escape(raw)}</div>')
+    parts.append(f'<div>raw record</div><div class="ftm-pre" style="{PRE}">{escape(raw)}</div>')
     if view.text is not None:
-        parts.append(f'<div>rendered text</div><div class="ftm-pre">{escape(view.text)}</div>')
+        parts.append(f'<div>rendered text</div><div class="ftm-pre" style="{PRE}">{escape(view.text)}</div>')
     if view.tokens:
         trained = sum(1 for t in view.tokens if t.trained)
         cut = f", cut from {view.length}" if view.truncated else ""
-        parts.append(f'<div>{len(view.tokens)} tokens{cut}; <span class="ftm-tok ftm-trained">trained</span> {trained}, '
-                     f'<span class="ftm-tok ftm-context">context</span> {len(view.tokens) - trained}, '
-                     f'<span class="ftm-tok ftm-eos">EOS</span></div>')
-        parts.append('<div class="ftm-pre">' + "".join(token_html(t) for t in view.tokens) + "</div>")
+        parts.append(f'<div>{len(view.tokens)} tokens{cut}; <span class="ftm-tok ftm-trained" style="{TRAINED}">trained'
+                     f'</span> {trained}, <span class="ftm-tok ftm-context" style="{CONTEXT}">context</span> '
+                     f'{len(view.tokens) - trained}, <span class="ftm-tok ftm-eos" style="{EOS}">EOS</span></div>')
+        parts.append(f'<div class="ftm-pre" style="{PRE}">' + "".join(token_html(t) for t in view.tokens) + "</div>")
     parts.append("</div>")
     return "".join(parts)
 

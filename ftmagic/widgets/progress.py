@@ -225,6 +225,12 @@ class TrainingProgress:
             self._hint = html.escape(NO_LIVE_CLICK_HINT)
             self._render_log()
 
+    def header_bundle(self) -> dict:
+        """The header line alone, as static output (what stays when a run fails before its first step)."""
+        if self.state.plan is None:
+            return {"text/plain": ""}
+        return {"text/html": header_html(self.state), "text/plain": format_plan_line(self.state.plan, self.state.start)}
+
     def summary_bundle(self, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
                        name: Optional[str] = None) -> dict:
         """The static summary (HTML + plain text) of what the events said."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable, Optional, Sequence
 
-from ftmagic.textprogress import (RunState, format_bytes, format_count, format_duration, format_loss,
+from ftmagic.textprogress import (RunState, format_bytes, format_count, format_data, format_duration, format_loss,
                                   format_params)
 
 TRAIN_COLOR = "#1f77b4"
@@ -37,7 +37,9 @@ def loss_chart_svg(train: Iterable[tuple[float, float]], eval: Iterable[tuple[fl
                    width: int = 480, height: int = 200, max_points: int = 400) -> str:
     """An SVG line chart of (step, loss) pairs: train as a line, eval as a line with dots.
 
-    Returns ``""`` when there is nothing to draw.
+    Returns ``""`` when there is nothing to draw. Text and frame take the surrounding
+    text colour (``currentColor``), so the chart reads on light and dark themes; it is
+    ``width`` wide at most and shrinks with a narrow output.
 
     Example::
 
@@ -67,9 +69,10 @@ def loss_chart_svg(train: Iterable[tuple[float, float]], eval: Iterable[tuple[fl
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img" '
-        f'aria-label="loss chart">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
+        f'viewBox="0 0 {width} {height}" style="width:100%;max-width:{width}px;height:auto" '
+        f'font-family="sans-serif" font-size="11" fill="currentColor" role="img" aria-label="loss chart">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="currentColor" '
+        f'stroke-opacity="0.3"/>',
         # Axis labels: the range is what a reader needs; gridlines would only add bytes.
         f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{format_loss(y_max)}</text>',
         f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{format_loss(y_min)}</text>',
@@ -141,11 +144,15 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     if state.plan is not None:
         plan = state.plan
         rows.append(("run", f"{plan.model} | {plan.method} | {plan.device} {plan.precision}"))
+        rows.append(("data", format_data(plan)))
         if plan.reason:
             rows.append(("why this device", plan.reason))
     output_dir = output_dir or (end.output_dir if end else None) or (state.plan.output_dir if state.plan else None)
     if output_dir:
         rows.append(("output", str(output_dir)))
+    if state.checkpoints:
+        last = state.checkpoints[-1]
+        rows.append(("checkpoint", f"step {last.step}: {last.path}"))
     if reason in ("stopped", "interrupted"):
         rows.append(("resume", "run the cell again with `--resume` (or `resume: true`) to continue"))
     if name:
@@ -186,7 +193,7 @@ def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         f'<div style="font-weight:bold;margin-bottom:4px">{html.escape(title)}</div>'
         '<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
         f'<table style="border-collapse:collapse">{rows}</table>'
-        f"<div>{chart}</div></div>{messages}</div>"
+        f'<div style="flex:0 1 480px;min-width:280px">{chart}</div></div>{messages}</div>'
     )
 
 

@@ -123,7 +123,9 @@ CELLS = [
                         f'<rect x="95" y="{y}" width="{length:.1f}" height="{bar}" fill="#4c78a8"/>'
                         f'<text x="{100 + length:.1f}" y="{y + 12}" font-size="11">{fmt.format(value)}</text>')
         height = 30 + len(values) * (bar + 6)
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+        # Text takes the notebook's text colour (currentColor), so the charts read on dark themes too.
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+                f'fill="currentColor">'
                 f'<text x="0" y="14" font-size="13" font-weight="bold">{html.escape(title)}</text>{"".join(rows)}</svg>')
 
     def column(name):
@@ -153,8 +155,8 @@ CELLS = [
     * **freeze** (top block and head only) trains many parameters, but the lower blocks
       cannot adapt.
 
-    One pass over 960 examples is far from convergence (the quickstart trains LoRA for 500
-    steps to reach a high exact match): these numbers compare the methods at equal, small
+    One pass over 960 examples is far from convergence (the quickstart trains LoRA for many
+    more steps to reach its exact match): these numbers compare the methods at equal, small
     cost. Times vary from run to run; the parameter counts and memory estimates do not.
     """),
     code("""

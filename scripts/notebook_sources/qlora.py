@@ -94,7 +94,7 @@ CELLS = [
     md("""
     The frozen linear layers are bitsandbytes `Linear4bit` layers now, with LoRA adapters
     around them. 60 steps is a short run: the answers move toward reversals but are not there
-    yet (the quickstart's 500 LoRA steps teach the task fully).
+    yet (the quickstart's longer LoRA run teaches the task).
     """),
     code("""
     %%ft_generate --base --max-new-tokens 12

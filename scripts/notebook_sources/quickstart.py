@@ -2,6 +2,22 @@
 
 from cells import CHECK, RAISES, code, md
 
+from ftmagic.demo import DEMO_CONFIG, DEMO_EXACT_MATCH
+
+
+def _yaml_value(value):
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+# The training cell is written from DEMO_CONFIG, the demo's one home: `ftmagic demo`, its
+# test and this notebook train with the same settings (and the notebook's sync test sees
+# any change to them).
+_settings = dict(DEMO_CONFIG)
+_settings = {"model": _settings.pop("model"), "method": _settings.pop("method"), "data": "$train", **_settings,
+             "output_dir": "runs/quickstart", "overwrite": True}
+FINETUNE_CELL = "%%finetune --name ft\n" + "\n".join(f"{key}: {_yaml_value(value)}" for key, value in _settings.items())
+CLAIM = f"{DEMO_EXACT_MATCH:.0%}"
+
 NAME = "01_quickstart"
 KIND = "notebooks"
 
@@ -37,7 +53,7 @@ CELLS = [
     """),
     code("""
     import ftmagic
-    from ftmagic.demo import DEMO_CONFIG, DEMO_PROMPTS, demo_dataset, exact_match
+    from ftmagic.demo import DEMO_CONFIG, DEMO_EXACT_MATCH, DEMO_PROMPTS, demo_dataset, exact_match
 
     settings = dict(method="lora", batch_size=DEMO_CONFIG["batch_size"], seq_len=DEMO_CONFIG["max_seq_len"],
                     lora_r=DEMO_CONFIG["lora_r"], precision="fp32")
@@ -92,24 +108,7 @@ CELLS = [
     memory and a **Stop** button; when it ends, a static summary stays in the notebook. The
     result is bound to `ft`.
     """),
-    code("""
-    %%finetune --name ft
-    model: tiny
-    method: lora
-    data: $train
-    lora_r: 16
-    lora_alpha: 32
-    lora_dropout: 0.0
-    lr: 5.0e-3
-    max_steps: 500
-    batch_size: 16
-    max_seq_len: 128
-    warmup: 0.05
-    eval_steps: 0
-    save_steps: 0
-    output_dir: runs/quickstart
-    overwrite: true
-    """),
+    code(FINETUNE_CELL),
     md("""
     A mistake in the cell (an unknown key, a value of the wrong type, bad YAML) stops it
     before anything loads, with one line that names the key and what would be accepted:
@@ -135,9 +134,11 @@ CELLS = [
     reverse: garden
     reverse: kite
     """),
-    md("""
+    md(f"""
     And the number that matters: exact match on the 100 held-out words, before and after.
-    `ft.compare` answers every prompt with both models in one pass.
+    `ft.compare` answers every prompt with both models in one pass. The base model gets
+    none of them; after training, at least **{CLAIM}** are exactly right (the cell checks
+    it, so a run that falls short stops here).
     """),
     code("""
     prompts = [record["messages"][0]["content"] for record in test]
@@ -145,7 +146,7 @@ CELLS = [
     before = exact_match(lambda prompt: answers[prompt]["base"], test)
     after = exact_match(lambda prompt: answers[prompt]["tuned"], test)
     print(f"exact match on held-out words: {before:.0%} before, {after:.0%} after")
-    assert after > before + 0.3, (before, after)
+    assert before <= 0.05 and after >= DEMO_EXACT_MATCH, (before, after)  # the figure the text above states
     """),
     md("""
     The adapter is saved in `runs/quickstart` and reloads anywhere with
