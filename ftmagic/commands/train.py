@@ -33,7 +33,7 @@ def parse_sets(pairs) -> dict:
         >>> parse_sets(["lr=1e-4", "method=qlora", "epochs=2", "packing=true"])
         {'lr': '1e-4', 'method': 'qlora', 'epochs': 2, 'packing': True}
     """
-    import yaml
+    from ftmagic.config import load_yaml
 
     out = {}
     for pair in pairs:
@@ -42,8 +42,10 @@ def parse_sets(pairs) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} must look like key=value, e.g. --set lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, source=f"--set {key}") if raw.strip() else ""
+        except ConfigError as exc:
+            if "invalid YAML" not in str(exc):
+                raise  # over a limit (alias bomb, nesting, size): never read as text instead
             value = raw
         out[key] = value  # YAML reads 1e-4 as a string; the config turns it into a number
     return out
