@@ -1,7 +1,8 @@
 """``clean(data, path)``: a copy of a dataset without unreadable, empty and duplicate records.
 
 The original is never modified: the kept records are returned and, when ``path`` is
-given, written there as JSONL (refused if ``path`` is the source file itself).
+given, written there as JSONL. An existing ``path`` is never overwritten (the source file
+itself included).
 
 Example::
 
@@ -25,7 +26,7 @@ from ftmagic.data.load import load_data
 from ftmagic.data.problems import Problem, RecordError
 from ftmagic.errors import DataError
 
-DROPPED_KINDS = ("unparseable", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate", "near_duplicate")
+DROPPED_KINDS = ("unparseable", "oversized", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate", "near_duplicate")
 
 
 @dataclass
@@ -62,9 +63,14 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
     """
     with gc_paused():
         loaded = load_data(data, strict=False)
-    if path is not None and isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
-            os.path.samefile(path, os.fspath(data)):
-        raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
+    if path is not None:
+        path = os.path.expanduser(os.fspath(path))
+        if isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
+                os.path.samefile(path, os.path.expanduser(os.fspath(data))):
+            raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
+        if os.path.lexists(path):
+            # Checked before reading the data: nothing is analysed for a copy that cannot be written.
+            raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first")
     detection = detect(loaded, format, columns)
     dropped = [p for p in loaded.problems if p.kind in DROPPED_KINDS]
     record_problems, kept = [], []
@@ -92,11 +98,29 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
 
 
 def _write_jsonl(records: list, path: str) -> None:
-    tmp = f"{path}.tmp"
+    """Write ``path`` only if it does not exist: an existing file is never replaced."""
+    if os.path.lexists(path):
+        raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first")
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, path)  # a half-written copy never replaces an earlier good one
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write the cleaned copy ({exc.strerror or exc})") from None
+        # link() fails if `path` appeared meanwhile, where a rename would silently replace it.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then copy
+            import shutil
+
+            with open(tmp, "rb") as source, open(path, "xb") as target:
+                shutil.copyfileobj(source, target)
+    except FileExistsError:
+        raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first") from None
+    except (OSError, RecursionError) as exc:
+        why = "records nested too deeply" if isinstance(exc, RecursionError) else (exc.strerror or exc)
+        raise DataError(f"{path}: cannot write the cleaned copy ({why})") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
