@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
+from array import array
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,19 +36,16 @@ from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointi
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.models import (SMOKE_MAX_STEPS, load_model, load_tokenizer, quiet_progress, resolve_model_path,
                                    smoke_mode)
-from ftmagic.engine.result import RUN_FILE, RunResult
+from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
+from ftmagic.engine.result import RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing")
-# Files a finished or crashed run leaves; only these are replaced when a run starts over.
-_OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
-                 "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "README.md", "model.safetensors.index.json")
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "on_nonfinite",
+                     "trust_remote_code")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable[[dict], None]] = None, stop=None,
@@ -68,16 +65,23 @@ def finetune(config: Any = None, *, on_event: Optional[Callable[[dict], None]] =
     cfg = resolve_config(config, overrides)
     emit = on_event or (lambda event: None)
     notes: list[tuple[str, str]] = []  # (level, text) messages, sent right after the plan event
+    claims: list[Claim] = []  # the output_dir claim, released whatever happens
     try:
-        return _run(cfg, emit, stop, notes)
+        return _run(cfg, emit, stop, notes, claims)
     except torch.OutOfMemoryError:
         raise MemoryFitError(_oom_message(cfg)) from None
+    finally:
+        for claim in claims:
+            claim.release()
 
 
 def resolve_config(config: Any, overrides: dict) -> FinetuneConfig:
     """Turn any accepted spelling of a config into a validated :class:`FinetuneConfig`."""
     if isinstance(config, FinetuneConfig):
-        return config.replace(**overrides) if overrides else config
+        if overrides:
+            return config.replace(**overrides)
+        config.validate()  # a config built directly (FinetuneConfig(...)) was never checked
+        return config
     if isinstance(config, dict):
         return FinetuneConfig.from_dict(config, **overrides)
     if isinstance(config, (str, os.PathLike)):
@@ -131,7 +135,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
+def _run(cfg: FinetuneConfig, emit, stop, notes: list, claims: list) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     if smoke_mode():
@@ -142,8 +146,9 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     if plan.fallback:
         notes.append(("warning", plan.fallback))
     method = get_method(plan.method)
+    opt_plan = choose_optimizer(cfg.optimizer, plan.device, detect_caps().bnb_available)
 
-    out = Path(cfg.output_dir)
+    out = Path(os.path.expanduser(cfg.output_dir))
     sinks = make_reporters(cfg.report_to, out, cfg.to_dict())
     if sinks:
         user_emit = emit
@@ -153,13 +158,17 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
             for sink in sinks:
                 sink(event)
 
-    resume_from = _claim_output_dir(out, cfg, notes)
+    claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
+                             note=lambda level, text: notes.append((level, text)))
+    claims.append(claim)
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     data = _prepare_data(cfg, tokenizer)
     if not data.train:
+        reasons = ", ".join(f"{k} {v}" for k, v in (data.stats.get("skipped_reasons") or {}).items())
         raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
-                        f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
+                        f"{data.stats.get('skipped', 0)} skipped" + (f": {reasons}" if reasons else "")
+                        + "); check the file and `format` (`ftmagic preview` shows each problem)")
     emit({"event": "plan", "model": cfg.model, "method": plan.method, "device": plan.device,
           "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
           "train_records": data.stats.get("train_examples", len(data.train)),
@@ -176,7 +185,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
     try:
         base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
-                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
+                          trust_remote_code=cfg.trust_remote_code)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
@@ -186,7 +196,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
               "text": f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA"})
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
-        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
+        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32,
+                          trust_remote_code=cfg.trust_remote_code)
     model = method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
@@ -198,12 +209,21 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
     if smoke_mode():
         max_steps = min(max_steps, SMOKE_MAX_STEPS)
-    opt_plan = choose_optimizer(cfg.optimizer, plan.device, detect_caps().bnb_available)
     if opt_plan.message:
         emit({"event": "message", "level": "warning", "text": opt_plan.message})
-    resumed_step = 0
-    if resume_from is not None:
-        resumed_step = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))["step"]
+    resume_from = None
+    if claim.resume:
+        # The newest checkpoint that reads completely and fits this model; a damaged newer one is named and skipped.
+        resume_from = ckpt.find_resumable(out / "checkpoints", model,
+                                          warn=lambda text: emit({"event": "message", "level": "warning", "text": text}))
+        if resume_from is None:
+            emit({"event": "message", "level": "warning",
+                  "text": f"no checkpoint in {out / 'checkpoints'}; starting from step 0"})
+        else:
+            emit({"event": "message", "level": "info", "text": f"resuming from {resume_from.name}"})
+    # The run really starts here: only now are old outputs removed and the run record written.
+    start_run(claim, cfg, fingerprint=data_fingerprint(data), names=_run_folders(cfg))
+    resumed_step = resume_from.step if resume_from is not None else 0
     emit({"event": "start", "trainable_params": trainable, "total_params": total, "max_steps": max_steps,
           "epochs": max_steps * cfg.grad_accum / per_epoch, "resumed_from_step": resumed_step})
 
@@ -221,12 +241,42 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
                "method": plan.method, "device": plan.device, "precision": plan.precision,
                "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str, bool))}}
     model.eval()
-    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit)
+    _write_outputs(out, claim, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
+                   history=outcome.history, model_path=model_path, emit=emit,
+                   fingerprint=data_fingerprint(data))
     emit({"event": "end", "reason": outcome.reason, "metrics": metrics, "output_dir": str(out)})
     return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                      model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                      plan=dataclasses.asdict(plan))
+
+
+def _run_folders(cfg: FinetuneConfig) -> tuple:
+    """Top-level folders a run may create while it trains (its manifest from the start)."""
+    reports = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
+    return ("checkpoints",) + tuple(name for tool, name in (("tensorboard", "runs"), ("wandb", "wandb")) if tool in reports)
+
+
+def data_fingerprint(data) -> str:
+    """A hash of exactly what the run trains and evaluates on (token ids, labels, packing).
+
+    Equal for the same data, template, tokenizer, ``max_seq_len`` and seed; resume compares it.
+
+    Example::
+
+        data_fingerprint(prepared)   # 'b3c1...' (32 hex digits)
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part, rows in (("train", data.train), ("eval", data.eval or [])):
+        digest.update(f"{part}:{len(rows)}".encode())
+        for row in rows:
+            for key in sorted(row):
+                value = row[key]
+                digest.update(key.encode())
+                if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+                    digest.update(array("q", value).tobytes())
+                else:
+                    digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _upcast_trainable(model) -> None:
@@ -237,95 +287,58 @@ def _upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
-def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[Path]:
-    """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
-    identity = run_identity(cfg)
-    run_file = out / RUN_FILE
-    previous = None
-    if run_file.is_file():
-        try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = {}
-    busy = out.is_dir() and any(out.iterdir())
-    same = previous is not None and previous.get("identity") == identity
-
-    if cfg.resume:
-        if busy and previous is None:
-            raise CheckpointError(f"`output_dir: {out}` holds files that are not an ftmagic run; nothing to resume there")
-        if previous is not None and not same and not cfg.overwrite:
-            raise CheckpointError(f"`output_dir: {out}` holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); resume with the same config or set `overwrite: true`")
-        ckpt.clean_temporaries(out / "checkpoints")
-        found = ckpt.latest_checkpoint(out / "checkpoints")
-        if found is None:
-            notes.append(("warning", f"no checkpoint in {out / 'checkpoints'}; starting from step 0"))
-        else:
-            notes.append(("info", f"resuming from {found.name}"))
-        _write_run_file(out, cfg, identity, finished=False)
-        return found
-
-    if busy and not cfg.overwrite:
-        if previous is None:
-            raise CheckpointError(f"`output_dir: {out}` is not empty and was not written by ftmagic; "
-                                  "choose another `output_dir` or set `overwrite: true`")
-        if not same:
-            raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
-                                  "or choose another `output_dir`")
-        notes.append(("info", f"replacing the earlier result of this same config in {out}"))
-    if busy:
-        for name in _OUTPUT_NAMES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    _write_run_file(out, cfg, identity, finished=False)
-    return None
-
-
-def _write_run_file(out: Path, cfg: FinetuneConfig, identity: str, finished: bool, **extra) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"identity": identity, "model": cfg.model, "method": cfg.method, "finished": finished, **extra}
-    (out / RUN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
-
-
-def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit):
+def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history,
+                   model_path, emit, fingerprint: str):
+    """Write the result into a staging folder, then move it into ``out`` (never over a user's file)."""
     import yaml
 
-    out.mkdir(parents=True, exist_ok=True)
-    # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
-    with quiet_progress():
-        model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
-    _write_run_file(out, cfg, run_identity(cfg), finished=True, base_model=os.path.abspath(model_path)
-                    if os.path.isdir(model_path) else model_path, trained_method=plan.method,
-                    adapter=method.adapter, plan=dataclasses.asdict(plan))
-    if cfg.merge:
-        if not method.adapter:
-            emit({"event": "message", "level": "info", "text": f"`merge: true`: {plan.method} already saves full weights"})
-        elif not method.mergeable:
-            emit({"event": "message", "level": "warning",
-                  "text": f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)"})
-        else:
-            merge_adapter(out, model_path, out / "merged", device=plan.device)
-            emit({"event": "message", "level": "info", "text": f"merged weights written to {out / 'merged'}"})
+    from ftmagic.engine.checkpoint import is_disk_full, strict_json
+
+    staging = None
+    try:
+        staging = stage(out)
+        # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
+        with quiet_progress():
+            model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        (staging / "metrics.json").write_text(strict_json(metrics), encoding="utf-8")
+        (staging / "history.json").write_text(strict_json(history), encoding="utf-8")
+        merged_note = None
+        if cfg.merge:
+            if not method.adapter:
+                merged_note = ("info", f"`merge: true`: {plan.method} already saves full weights")
+            elif not method.mergeable:
+                merged_note = ("warning", f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be "
+                                          "folded into weights)")
+            else:
+                merge_adapter(staging, model_path, staging / "merged", device=plan.device,
+                              trust_remote_code=cfg.trust_remote_code)
+                merged_note = ("info", f"merged weights written to {out / 'merged'}")
+        written = publish(staging, out, claim.files | {"merged"})
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        where = f"; the partial outputs are in {staging}" if staging is not None and staging.exists() else ""
+        why = "the disk is full" if is_disk_full(exc) else (exc.strerror or str(exc))
+        raise CheckpointError(f"the trained model could not be written to {out} ({why}){where}; the checkpoints "
+                              "are intact, so `resume: true` writes it again") from None
+    write_record(out, claim, cfg, finished=True, fingerprint=fingerprint, files=claim.files | set(written),
+                 reason=metrics.get("reason"),
+                 base_model=os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
+                 trained_method=plan.method, adapter=method.adapter, plan=dataclasses.asdict(plan))
+    if merged_note is not None:
+        emit({"event": "message", "level": merged_note[0], "text": merged_note[1]})
 
 
-def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", trust_remote_code: bool = False) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
     from peft import PeftModel
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
     dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
-    base = load_model(base_path, device=device, weight_dtype=dtype)
+    base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with quiet_progress():
