@@ -24,13 +24,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
+from ftmagic.methods import METHOD_NAMES, get_method_spec
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze")
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
-# Methods that never add positions to the sequence, so packed examples stay aligned.
-_PREFIX_METHODS = ("prompt_tuning", "prefix_tuning")
+
+# The accepted values of the choice keys, built from their one home (the method table, the
+# constants): `typing.Literal` of a tuple lists the tuple's items.
+MethodName = Literal[METHOD_NAMES]
+FormatName = Literal[FORMATS]
+OptimizerName = Literal[OPTIMIZERS]
+PrecisionName = Literal[PRECISIONS]
+DeviceName = Literal[DEVICES]
 
 
 @dataclass
@@ -48,13 +54,13 @@ class FinetuneConfig:
     # A model whose folder ships its own Python code runs it only when this is true: off by
     # default because loading a model must never execute a stranger's code unasked.
     trust_remote_code: bool = False
-    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"] = "lora"
+    method: MethodName = "lora"  # see ftmagic/methods.py for what each method trains
     # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
 
     # --- data ----------------------------------------------------------------------
     data: Any = None  # path, HF dataset id, list of dicts, DataFrame, datasets.Dataset, or a list of {path, weight}
     eval_data: Any = None  # same kinds as `data`; when absent, `val_split` carves one out
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    format: FormatName = "auto"
     columns: Optional[dict] = None  # column mapping that overrides detection, e.g. {"prompt": "question"}
     template: Optional[str] = None  # a named template for base models without a chat template
     system_prompt: Optional[str] = None  # prepended to every conversation that has none
@@ -84,9 +90,9 @@ class FinetuneConfig:
 
     # --- device and memory ---------------------------------------------------------
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: PrecisionName = "auto"
+    optimizer: OptimizerName = "adamw"
+    device: DeviceName = "auto"
     skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
 
     # --- output, evaluation, checkpoints -------------------------------------------
@@ -200,7 +206,7 @@ class FinetuneConfig:
             fail("max_steps", f"`max_steps: {self.max_steps}` must be a positive number of steps, or -1 to use epochs")
         if isinstance(self.target_modules, str) and self.target_modules not in ("auto", "all-linear"):
             fail("target_modules", f"`target_modules: {self.target_modules}` must be `auto`, `all-linear` or a list of module names")
-        if self.packing and self.method in _PREFIX_METHODS:
+        if self.packing and not get_method_spec(self.method).packable:
             fail("packing", f"`packing: true` cannot be used with `method: {self.method}`: virtual tokens would be shared "
                             "across packed examples; set `packing: false`")
         if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0):
@@ -218,7 +224,7 @@ class FinetuneConfig:
 
     @property
     def is_adapter_method(self) -> bool:
-        return self.method not in ("full", "bitfit", "freeze")
+        return get_method_spec(self.method).adapter
 
 
 # Every numeric key, with the range it must fall in (both ends included). Upper bounds are far
@@ -473,15 +479,12 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-_SOURCE_KEYS = {"path", "data", "weight", "split", "format", "columns", "name", "subset"}
-
-
 def _is_data_reference(value: Any) -> bool:
     """True for data given by reference (a path, an id, a list of weighted sources), not records."""
     if value is None or isinstance(value, str):
         return True
     if isinstance(value, (list, tuple)):
-        return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= _SOURCE_KEYS and _is_plain(v)) for v in value)
+        return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= set(DATA_SOURCE_KEYS) and _is_plain(v)) for v in value)
     return False
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Optional, TextIO
 
+from ftmagic.units import format_bytes  # noqa: F401  (part of this module's formatters)
+
 # --------------------------------------------------------------------------- formatters
 
 
@@ -38,27 +40,6 @@ def format_duration(seconds: Optional[float]) -> str:
     if hours:
         return f"{hours}:{minutes:02d}:{secs:02d}"
     return f"{minutes:02d}:{secs:02d}"
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """Bytes in binary units with three significant digits.
-
-    Example::
-
-        >>> format_bytes(1536), format_bytes(3 * 1024**3), format_bytes(None)
-        ('1.50 KiB', '3.00 GiB', '?')
-    """
-    if n is None or n < 0:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(value)} B"
-    digits = 2 if value < 10 else 1 if value < 100 else 0
-    return f"{value:.{digits}f} {unit}"
 
 
 def format_count(n: Optional[float]) -> str:

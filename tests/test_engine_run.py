@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ftmagic.constants as constants
 import ftmagic.engine.models as models
 from ftmagic.engine.collate import collate
 from ftmagic.engine.loop import lr_factor, plan_steps, warmup_steps
@@ -168,10 +169,10 @@ def test_scheduler_reaches_the_loop(test_model_dir, tmp_path):
 
 
 def test_smoke_mode_uses_tiny_and_caps_steps(test_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "TINY_DIR", Path(test_model_dir))
+    monkeypatch.setattr(constants, "TINY_MODEL_DIR", Path(test_model_dir))
     monkeypatch.setenv("FTMAGIC_SMOKE", "1")
     result, events = _train("meta-llama/Llama-3.1-8B", tmp_path / "out", max_steps=500)
-    assert result.metrics["steps"] == models.SMOKE_MAX_STEPS
+    assert result.metrics["steps"] == constants.SMOKE_MAX_STEPS
     texts = [e["text"] for e in events if e["event"] == "message"]
     assert texts[0] == ("smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
                         "`meta-llama/Llama-3.1-8B` and at most 20 steps")
@@ -314,10 +315,10 @@ def test_upcast_trainable_keeps_frozen_half_weights():
 
 def test_tiny_resolves_to_the_embedded_model(tmp_path, monkeypatch):
     monkeypatch.delenv("FTMAGIC_SMOKE", raising=False)
-    if (models.TINY_DIR / "config.json").exists():
-        assert models.resolve_model_path("tiny") == str(models.TINY_DIR)
+    if (constants.TINY_MODEL_DIR / "config.json").exists():
+        assert models.resolve_model_path("tiny") == str(constants.TINY_MODEL_DIR)
     assert models.resolve_model_path("org/some-model") == "org/some-model"
-    monkeypatch.setattr(models, "TINY_DIR", tmp_path / "absent")
+    monkeypatch.setattr(constants, "TINY_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(ModelError, match=r"^the embedded model is missing at .*absent; rebuild it"):
         models.resolve_model_path("tiny")
 
@@ -429,7 +430,7 @@ def test_bf16_lora_reloads_to_the_same_generations(test_model_dir, tmp_path):
         result.generate("reverse: abc", max_new_tokens=5, min_new_tokens=5)
 
 
-@pytest.mark.skipif(not (models.TINY_DIR / "config.json").exists(), reason="the embedded model is not built")
+@pytest.mark.skipif(not (constants.TINY_MODEL_DIR / "config.json").exists(), reason="the embedded model is not built")
 def test_qlora_on_the_embedded_tiny_model(tmp_path, monkeypatch):
     monkeypatch.delenv("FTMAGIC_SMOKE", raising=False)
     result, events = _train("tiny", tmp_path / "out", method="qlora", max_steps=2)

@@ -30,9 +30,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ftmagic.constants import IGNORE_INDEX
 from ftmagic.engine.losses import causal_lm_loss
 
-IGNORE = -100
 VARLEN = "ftmagic_varlen"
 # Attention kinds whose per-example replacement gives the same result (eager and SDPA are
 # both plain softmax attention; flash/flex kernels already handle packed rows themselves).
@@ -71,7 +71,7 @@ def flatten_batch(rows: list) -> dict:
             if n <= 0:
                 continue
             ids.extend(row["input_ids"][start:start + n])
-            labels.append(IGNORE)
+            labels.append(IGNORE_INDEX)
             labels.extend(row["labels"][start + 1:start + n])
             positions.extend(range(n))
             bounds.append(bounds[-1] + n)

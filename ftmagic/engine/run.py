@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from ftmagic.config import FinetuneConfig
+from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
+from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
-from ftmagic.engine.models import (SMOKE_MAX_STEPS, load_model, load_tokenizer, quiet_progress, resolve_model_path,
-                                   smoke_mode)
 from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError

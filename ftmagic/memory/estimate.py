@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS
+from ftmagic.errors import ConfigError, ModelError
 from ftmagic.memory.architectures import ModelShape, resolve_model
-from ftmagic.memory.policy import ALL_METHODS, weight_plan, resolve_precision
+from ftmagic.memory.policy import resolve_precision, weight_plan
+from ftmagic.methods import LOSSES as ENGINE_LOSSES
+from ftmagic.methods import MethodSpec, get_method_spec, select_targets
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
-LOSSES = ("auto", "chunked", "full")
-CHUNK_ELEMENTS = 1 << 23  # fp32 logits per loss chunk in ftmagic's engine (32 MB)
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 blocks
+LOSSES = ("auto",) + ENGINE_LOSSES
 GIB = 1024 ** 3
 EAGER_ATTENTION = ("gemma2",)  # architectures trained with the eager attention kernel (seq x seq scores)
 
@@ -119,16 +119,11 @@ class MemoryEstimate:
 # ------------------------------------------------------------------------ parameters
 
 
-def _targets(shape: ModelShape, target_modules: Any) -> list:
-    names = [n for n, _, _ in shape.linears()]
-    if target_modules in (None, "auto", "all-linear"):
-        return names
-    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [t for t in wanted if t not in names]
-    if unknown or not wanted:
-        raise ConfigError(f"`target_modules: {unknown[0] if unknown else wanted}` does not name a linear layer of "
-                          f"{shape.name}; use `auto` or some of {', '.join(names)}")
-    return wanted
+def _targets(shape: ModelShape, spec: MethodSpec, target_modules: Any) -> list:
+    """The linears ``spec`` adapts in each block: the same rule the engine applies to the real model."""
+    if spec.trains != "adapters":
+        return []
+    return select_targets(spec, [n for n, _, _ in shape.linears()], target_modules)
 
 
 def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_modules: Any = "auto",
@@ -140,30 +135,33 @@ def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_mod
         >>> count_params(resolve_model("llama-3.2-1b"), "lora", lora_r=16)["added"]
         11272192
     """
+    spec = get_method_spec(method)
     base = shape.total_params
     linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
     added = 0
-    trainable = 0
-    if method == "full":
+    if spec.trains == "all":
         trainable = base
-    elif method in ("lora", "qlora", "dora"):
-        targets = _targets(shape, target_modules)
-        per_layer = sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets)
-        if method == "dora":
-            per_layer += sum(linears[t][1] for t in targets)
+    elif spec.trains == "adapters":
+        targets = _targets(shape, spec, target_modules)
+        if spec.peft_type == "IA3":  # one scale per output feature, or per input feature on the MLP's way out
+            feedforward = set(spec.feedforward)
+            per_layer = sum(linears[t][0] if t in feedforward else linears[t][1] for t in targets)
+        else:  # LoRA: A (r x in) and B (out x r); DoRA adds a magnitude per output feature
+            per_layer = sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets)
+            if spec.magnitude:
+                per_layer += sum(linears[t][1] for t in targets)
         added = trainable = shape.layers * per_layer
-    elif method == "ia3":
-        targets = _targets(shape, target_modules)
-        per_layer = sum(linears[t][0] if t == "down_proj" else linears[t][1] for t in targets)
-        added = trainable = shape.layers * per_layer
-    elif method == "prompt_tuning":
-        added = trainable = num_virtual_tokens * shape.hidden
-    elif method == "prefix_tuning":
-        added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
-    elif method == "bitfit":
-        bias = (shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0
-        trainable = shape.layers * (shape.norm_params_per_layer + bias) + shape.hidden
-    elif method == "freeze":
+    elif spec.trains == "virtual_tokens":
+        if spec.adds_positions:  # prompt tuning: one embedding per virtual token
+            added = trainable = num_virtual_tokens * shape.hidden
+        else:  # prefix tuning: a key and a value per virtual token in every layer
+            added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
+    elif spec.trains == "biases":
+        trainable = shape.layers * shape.bias_params_per_layer
+        if not trainable:
+            raise ModelError(f"`method: {method}` trains bias terms, and {shape.name} has none "
+                             "(Llama-style models are bias-free); use `method: lora` or a model with biases")
+    else:  # top_layers: the top blocks, the final norm and the head (the embedding when tied)
         top = min(trainable_layers, shape.layers)
         trainable = top * (shape.linear_params_per_layer + shape.norm_params_per_layer) + shape.hidden \
             + shape.vocab * shape.hidden
@@ -183,7 +181,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
-                    grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic",
+                    grad_accum: int = 1, bf16_supported: bool = True,
                     device: str = "cuda", loss: str = "auto") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
@@ -191,13 +189,14 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     ``tiny``. ``precision="auto"`` means bf16 (fp16 when ``bf16_supported`` is False, as on
     a T4). With ``grad_accum`` > 1 the gradients stay alive through the next micro-batches'
     forward and backward. ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
-    accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
-    under FakeTensorMode instead (imports torch; seconds to a minute). ``device="cpu"``
+    accepted so a config's fields pass straight through. ``device="cpu"``
     models what differs on CPU (dropout masks), for comparing with CPU measurements.
     ``loss``: ``chunked`` is ftmagic's training step (the loss is computed in chunks of
     rows, never holding full logits), ``full`` is Hugging Face's ``model(..., labels=...)``
     (batch x seq x vocab fp32 logits); ``auto`` picks what the engine runs (``full`` for
-    soft-capped logits and prompt learning, which keep the model's own forward).
+    soft-capped logits and prompt learning, which keep the model's own forward). Exact
+    mode (a traced step) is :func:`ftmagic.estimate_memory` with ``mode="exact"``, which
+    lives with the engine because it runs torch.
 
     Example::
 
@@ -205,8 +204,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                               gradient_checkpointing=True)
         print(f"{est.total_gib:.1f} GiB at {est.peak_phase}")
     """
-    if method not in ALL_METHODS:
-        raise ConfigError(f"`method: {method}` is not accepted; use one of {', '.join(ALL_METHODS)}")
+    get_method_spec(method)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"`optimizer: {optimizer}` is not accepted; use one of {', '.join(OPTIMIZERS)}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -221,45 +219,40 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
     if loss not in LOSSES:
         raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
-    if mode not in ("analytic", "exact"):
-        raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
     shape = resolve_model(model)
     precision = resolve_precision(precision, bf16_supported)
-    if method == "qlora" and precision == "fp32":
-        raise ConfigError("`precision: fp32` does not apply to `method: qlora`; use bf16 or fp16")
+    if get_method_spec(method).quantized and precision == "fp32":
+        raise ConfigError(f"`precision: fp32` does not apply to `method: {method}`; use bf16 or fp16")
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
                     device=device, loss=resolve_loss(loss, shape, method))
-    if mode == "exact":
-        from ftmagic.memory.exact import exact_estimate
-
-        return exact_estimate(shape, settings)
-    return _analytic(shape, settings)
+    return analytic_estimate(shape, settings)
 
 
 def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
     """``auto`` -> what the engine runs: the chunked loss, except for soft-capped logits and prompt learning."""
     if loss != "auto":
         return loss
-    if shape.final_logit_softcap or method in ("prompt_tuning", "prefix_tuning"):
+    if shape.final_logit_softcap or "chunked" not in get_method_spec(method).losses:
         return "full"
     return "chunked"
 
 
-def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
+def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
+    """The estimate for resolved ``settings`` (as :func:`estimate_memory` builds them)."""
     method, precision = s["method"], s["precision"]
+    spec = get_method_spec(method)
     plan = weight_plan(method, precision)
     counts = count_params(shape, method, lora_r=s["lora_r"], target_modules=s["target_modules"],
                           num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"])
     trainable = counts["trainable"]
-    adapter_method = method not in ("full", "bitfit", "freeze")
+    adapter_method = spec.adapter
     base_trainable = 0 if adapter_method else trainable
 
     # ---- weights
-    linear_params = shape.layers * (shape.linear_params_per_layer
-                                    - ((shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0))
+    linear_params = shape.layers * (shape.linear_params_per_layer - shape.bias_params_per_layer)
     frozen_base = shape.total_params - base_trainable
     if plan.quantized:
         frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
@@ -287,25 +280,20 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
 
     # ---- activations (per token) and logits
     batch, seq = s["batch_size"], s["seq_len"]
-    if method in ("prompt_tuning", "prefix_tuning"):
-        seq_eff = seq + (s["num_virtual_tokens"] if method == "prompt_tuning" else 0)
-    else:
-        seq_eff = seq
+    seq_eff = seq + (s["num_virtual_tokens"] if spec.adds_positions else 0)
     tokens = batch * seq_eff
     if adapter_method:
         layers_total, per_layer = _adapter_layers(shape, method, plan, s)
-    elif method == "bitfit":
-        # Frozen linears, trainable norms: every block passes gradients (like prompt learning)
-        # and each RMSNorm also keeps its normalised input for its weight's gradient.
+    elif spec.trains == "biases":
+        # Frozen linear weights with trainable biases: every block passes gradients (like prompt
+        # learning); a bias's gradient needs no saved input.
         layers_total, per_layer = _adapter_layers(shape, "prompt_tuning", plan, s)
-        norms = shape.norms_per_layer * plan.compute_bytes * shape.hidden
-        layers_total, per_layer = layers_total + shape.layers * norms, per_layer + norms
     else:
         per_layer = _layer_bytes_per_token(shape, method, plan, s)
         # `freeze`: blocks below the trainable ones neither train nor pass gradients (unless the
         # trained head is tied to the input embeddings, which then need gradients through all)
         trained = shape.layers
-        if method == "freeze" and not shape.tied:
+        if spec.trains == "top_layers" and not shape.tied:
             trained = min(s["trainable_layers"], shape.layers)
         layers_total = trained * per_layer
     c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
@@ -325,8 +313,8 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
         # head trains) are computed during forward and kept; one chunk of logits exists at a time.
         head_w = 4 if plan.quantized else (plan.trainable_bytes if not adapter_method else plan.base_bytes)
-        head_trains = method in ("full", "freeze")
-        rows = min(tokens, max(16, CHUNK_ELEMENTS // v))
+        head_trains = spec.trains in ("all", "top_layers")
+        rows = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // v))
         logits_held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
         # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
         # freed by then); from the second chunk on, the previous chunk's gradient is still
@@ -359,7 +347,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     # Deeper in backward: the gradients of every block above the current one exist, while
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
     layer_grads = trainable / max(shape.layers, 1)
-    embed_grads = shape.embedding_params if (method == "full" and not shape.tied) else 0
+    embed_grads = shape.embedding_params if (spec.trains == "all" and not shape.tied) else 0
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
     temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
@@ -369,7 +357,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         # Without checkpointing, a block's activations are freed as its gradients appear: the
         # worst moment is either the start (every activation, the head's gradient) or the end
         # (every gradient, one block's activations).
-        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if method in ("full", "freeze") else 0
+        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if spec.trains in ("all", "top_layers") else 0
         extra = act_held - layers_held
         if layers_held + head_grads >= grads_deep + tokens * per_layer + eager:
             deep_grads, deep_acts = head_grads, extra + temp + layers_held
@@ -398,7 +386,7 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     notes = []
     if paged:
         notes.append("paged optimizer states live in managed host memory and are not counted on the device")
-    if method in ("dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"):
+    if method not in ("full", "lora", "qlora"):  # the methods the activation model was calibrated on
         notes.append(f"activations of `{method}` are approximated from the LoRA/full fine-tuning calibration")
     return MemoryEstimate(total_bytes=int(total), breakdown=breakdown, phases=phases, peak_phase=peak_phase,
                           settings=s, model=shape.name, trainable_params=int(trainable),
@@ -408,11 +396,10 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
 
 def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
     """How many trainable tensors (each AdamW state has a 4-byte step counter)."""
-    if method in ("lora", "qlora"):
-        return 2 * shape.layers * len(_targets(shape, s["target_modules"]))
-    if method == "dora":
-        return 3 * shape.layers * len(_targets(shape, s["target_modules"]))
-    if method == "full":
+    spec = get_method_spec(method)
+    if spec.peft_type == "LORA":  # A and B per target, and DoRA's magnitude
+        return (3 if spec.magnitude else 2) * shape.layers * len(_targets(shape, spec, s["target_modules"]))
+    if spec.trains == "all":
         return shape.layers * (len(shape.linears()) + shape.norms_per_layer) + 2 + (0 if shape.tied else 1)
     return shape.layers * 2
 
@@ -481,15 +468,15 @@ def _cached_features(shape: ModelShape, targets: tuple, rank: int) -> list:
 
 def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     """(bytes per token over all blocks, the largest single block) for adapter methods."""
-    targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
-    rank = s["lora_r"] if method in ("lora", "qlora", "dora") else 0
-    if method == "ia3":
-        rank = 0
-    dropout = s["lora_dropout"] > 0 and method in ("lora", "qlora", "dora")
+    spec = get_method_spec(method)
+    targets = _targets(shape, spec, s["target_modules"])
+    lora = spec.peft_type == "LORA"
+    rank = s["lora_r"] if lora else 0
+    dropout = s["lora_dropout"] > 0 and lora
     params = dict(_ADAPTER_PARAMS[(plan.compute_bytes, plan.quantized, dropout)])
     if dropout:
         params["per"] += DROPOUT_MASK_BYTES[s.get("device", "cuda")]
-    if method in ("prompt_tuning", "prefix_tuning"):
+    if spec.prompt_learning:
         feats = adapter_features(shape, ["q_proj"], 0)  # the virtual tokens make every block need gradients
         for f in feats:
             f.update(shared=0, per=0)
@@ -502,9 +489,9 @@ def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     blocks = []
     for f in feats:
         b = sum(params[k] * f[k] for k in f) + extra_norms
-        if method == "dora":
+        if spec.magnitude:
             b += 6 * dout  # base output, LoRA output and magnitude scale, saved per adapted linear
-        if method == "ia3":
+        if spec.peft_type == "IA3":
             b += plan.compute_bytes * dout
         blocks.append(b)
     return sum(blocks), max(blocks) if blocks else 0

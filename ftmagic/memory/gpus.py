@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from ftmagic.errors import ConfigError
+from ftmagic.units import format_bytes  # noqa: F401  (sizes in verdicts and suggestions)
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -102,12 +103,3 @@ def headroom_bytes(peak_bytes: int) -> int:
 def required_bytes(peak_bytes: int) -> int:
     """Peak + CUDA context + allocator headroom: what the card must have."""
     return peak_bytes + CUDA_CONTEXT_BYTES + headroom_bytes(peak_bytes)
-
-
-def format_bytes(n: float) -> str:
-    """Human size with binary units: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
-    n = float(n)
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
