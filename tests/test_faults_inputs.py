@@ -327,3 +327,26 @@ def test_hostile_inputs_in_a_notebook_kernel_are_one_usage_error_each(user_folde
         kernel.close()
     assert _snapshot(user_folder) == before
     assert not (tmp_path / "pickle-ran").exists() and not (tmp_path / "custom-code-ran").exists()
+
+
+def test_the_readme_states_the_limits_the_code_uses():
+    """The promises section quotes each limit; its home is the code, and this keeps the two equal."""
+    from ftmagic import config
+    from ftmagic.data import formats, load
+    from ftmagic.engine import runlock
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = " ".join(readme.split("## What ftmagic promises", 1)[1].split("\n## ", 1)[0].split())
+    quoted = [
+        f"YAML over {config.MAX_YAML_CHARS // 2**20} MiB",
+        f"expanding past {config.MAX_YAML_NODES:,} values",
+        f"nested past {config.MAX_YAML_DEPTH} levels",
+        f"record over {formats.MAX_RECORD_CHARS // 2**20} Mi characters",
+        f"JSON nested past {load.MAX_JSON_DEPTH} levels",
+        f"`seed` 0 to 2³²−1" if config.NUMBER_RANGES["seed"] == (0, 2**32 - 1) else "seed range changed",
+        f"`lora_r` up to {config.NUMBER_RANGES['lora_r'][1]:,}",
+        f"`grad_accum` up to {config.NUMBER_RANGES['grad_accum'][1]:,}",
+        f"after {round(runlock.STALE_AFTER_S / 60)} minutes without its heartbeat".replace("3 minutes", "three minutes"),
+    ]
+    for text in quoted:
+        assert text in section, text
