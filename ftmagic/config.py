@@ -21,7 +21,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
@@ -101,7 +101,7 @@ class FinetuneConfig:
     save_steps: int = 100  # 0: only the final save
     save_total_limit: int = 2  # older checkpoints are removed once a newer one is written
     eval_steps: int = 50  # 0: evaluate only at the end
-    logging_steps: int = 1
+    logging_steps: int = 0  # 0: auto (every step on CPU; on CUDA ~200 reads a run, as each read waits for the GPU)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
     seed: int = 42
     resume: bool = False  # continue from the newest good checkpoint in output_dir
@@ -235,7 +235,7 @@ NUMBER_RANGES = {
     "seed": (0, 2**32 - 1),  # numpy's seed range; torch and python accept it too
     "lr": (0.0, 1e6), "weight_decay": (0.0, 1e6), "max_grad_norm": (0.0, 1e12),
     "warmup": (0.0, _STEPS), "epochs": (0.0, 1e6),  # val_split and lora_dropout: checked in validate()
-    "max_steps": (-1, _STEPS), "save_steps": (0, _STEPS), "eval_steps": (0, _STEPS), "logging_steps": (1, _STEPS),
+    "max_steps": (-1, _STEPS), "save_steps": (0, _STEPS), "eval_steps": (0, _STEPS), "logging_steps": (0, _STEPS),
     "save_total_limit": (0, 1_000_000), "early_stopping_patience": (0, 1_000_000),
     # Sizes that allocate: one micro-batch row count, micro-batches held per optimizer step,
     # tokens per example (1M tokens), adapter ranks, virtual tokens and layers.

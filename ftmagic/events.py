@@ -173,6 +173,17 @@ def event_from_dict(values: dict) -> Event:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def as_event(event: Any) -> Event:
-    """An :class:`Event` from an event or its dict form (callbacks may receive either)."""
-    return event if isinstance(event, Event) else event_from_dict(event)
+def as_event(event: Any, kind: Optional[str] = None) -> Event:
+    """An :class:`Event` from an event or its dict form (callbacks may receive either).
+
+    ``kind`` names the event a dict without an ``"event"`` key stands for.
+
+    Example::
+
+        as_event({"step": 3, "max_steps": 10}, "step").step    # 3
+    """
+    if isinstance(event, Event):
+        return event
+    if kind is not None and "event" not in event:
+        event = {"event": kind, **event}
+    return event_from_dict(event)

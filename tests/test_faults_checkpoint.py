@@ -150,6 +150,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(test_model_dir, 
     assert "\n" not in warnings[0]
 
 
+def test_every_field_of_the_loop_state_is_checked_on_resume():
+    import dataclasses
+
+    from ftmagic.engine.loop import LoopState
+
+    assert set(LoopState.JSON_TYPES) == {f.name for f in dataclasses.fields(LoopState)}
+    saved = LoopState(step=3, history=[{"event": "step"}]).to_json(epoch=0, batch_index=3, order_seed=1)
+    for name, value in saved.items():
+        if name in LoopState.JSON_TYPES:
+            assert isinstance(value, LoopState.JSON_TYPES[name]), name
+
+
 def test_every_checkpoint_damaged_is_one_line(test_model_dir, stopped_at_4, tmp_path):
     out = _copy(stopped_at_4, tmp_path)
     record = (out / "ftmagic_run.json").read_bytes()

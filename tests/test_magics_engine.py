@@ -75,11 +75,11 @@ def _run_with_widget(config, click_at=None, interrupt_at=None):
     holder = {}
 
     def listener(event):
-        if event.get("event") != "step":
+        if event.kind != "step":
             return
-        if click_at is not None and event["step"] == click_at:
+        if click_at is not None and event.step == click_at:
             holder["reporter"].widget.button.click()
-        if interrupt_at is not None and event["step"] == interrupt_at:
+        if interrupt_at is not None and event.step == interrupt_at:
             raise KeyboardInterrupt  # what Jupyter's interrupt raises in the kernel's main thread
 
     reporter = CellReporter("widget", on_event=listener)

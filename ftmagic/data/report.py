@@ -192,6 +192,8 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
 
     ``model``/``tokenizer``: whose tokenizer and chat template to use; by default the
     embedded tiny model's (without one, the report still has formats, counts and problems).
+    Loading the tokenizer imports transformers, which imports torch (a few seconds the first
+    time in a process); the analysis itself is pure Python.
 
     Example::
 

@@ -55,9 +55,6 @@ WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 STATES_FILE = "training_state.safetensors"
 STATE_FILE = "state.json"
-# state.json keys a resume reads, with the JSON types each may hold (None: JSON null).
-RESUME_FIELDS = {"step": (int,), "trained_tokens": (int,), "best_eval": (int, float, type(None)),
-                 "bad_evals": (int,), "history": (list,), "elapsed_s": (int, float)}
 _LEFTOVER = re.compile(r"^\.(tmp|old)-step-(\d{8})-\d+$")
 
 
@@ -378,7 +375,7 @@ class Checkpoint:
 def read_checkpoint(path, *, required: Optional[dict] = None) -> Checkpoint:
     """Read and check every file of a checkpoint; one-line :class:`CheckpointError` if any is unusable.
 
-    ``required`` maps state.json keys to the JSON types they must have (e.g. :data:`RESUME_FIELDS`).
+    ``required`` maps state.json keys to the JSON types they must have (``step`` always).
 
     Example::
 
@@ -391,7 +388,7 @@ def read_checkpoint(path, *, required: Optional[dict] = None) -> Checkpoint:
     file = STATE_FILE
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        _check_state(state, path, required or {"step": (int,)})
+        _check_state(state, path, {"step": (int,), **(required or {})})
         if not (path / STATES_FILE).is_file() and any((path / f).is_file() for f in ("optimizer.pt", "rng.pt")):
             raise CheckpointError(f"checkpoint {path} was written by an older ftmagic and stores pickles, which "
                                   "are never loaded; set `overwrite: true` to start over")
@@ -455,11 +452,12 @@ def check_fits(checkpoint: Checkpoint, model) -> None:
                                   "resume with the same model, method and lora_r")
 
 
-def find_resumable(root, model, warn: Callable[[str], None]) -> Optional[Checkpoint]:
+def find_resumable(root, model, warn: Callable[[str], None], required: Optional[dict] = None) -> Optional[Checkpoint]:
     """The newest checkpoint under ``root`` that reads completely and fits ``model``.
 
     A newer one that cannot be used is skipped with a ``warn`` line naming it and why; when
     checkpoints exist but none can be used, one line says so. None when there are none.
+    ``required``: the state.json keys and JSON types the caller needs (the loop's ``LoopState.JSON_TYPES``).
 
     Example::
 
@@ -472,7 +470,7 @@ def find_resumable(root, model, warn: Callable[[str], None]) -> Optional[Checkpo
     problems = []
     for path in reversed(candidates):
         try:
-            found = read_checkpoint(path, required=RESUME_FIELDS)
+            found = read_checkpoint(path, required=required)
             check_fits(found, model)
         except CheckpointError as exc:
             problems.append(str(exc))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ftmagic.constants import IGNORE_INDEX
-from ftmagic.engine.losses import causal_lm_loss
+from ftmagic.engine.losses import causal_lm_loss, labelled_cross_entropy_sum
 
 VARLEN = "ftmagic_varlen"
 # Attention kinds whose per-example replacement gives the same result (eager and SDPA are
@@ -57,6 +57,9 @@ def flatten_batch(rows: list) -> dict:
 
     ``seq_bounds`` is the tuple of example boundaries ``(0, len_0, len_0 + len_1, ..., T)``. The first
     label of every example is -100 (it is never predicted from the previous example).
+    ``label_index`` holds the positions whose next token is trained and ``label_targets``
+    those tokens, found here on the CPU: selecting them on a GPU with a boolean mask would
+    make every step wait for the device.
 
     Example::
 
@@ -76,8 +79,11 @@ def flatten_batch(rows: list) -> dict:
             positions.extend(range(n))
             bounds.append(bounds[-1] + n)
             start += n
+    index = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds)}
+            "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds),
+            "label_index": torch.tensor(index, dtype=torch.long),
+            "label_targets": torch.tensor([labels[t + 1] for t in index], dtype=torch.long)}
 
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -169,5 +175,10 @@ def fast_loss(model, batch: dict, *, reduction: str = "sum") -> torch.Tensor:
     if "seq_bounds" in batch:
         inputs["seq_bounds"] = batch["seq_bounds"]
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    if "label_index" in batch:  # a flattened row: the trained positions are already known
+        rows = hidden[0].index_select(0, batch["label_index"].to(hidden.device))
+        targets = batch["label_targets"].to(hidden.device)
+        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias)
+        return total if reduction == "sum" else total / max(1, targets.shape[0])
     return causal_lm_loss(hidden, head.weight, batch["labels"].to(hidden.device), bias=head.bias,
                           reduction=reduction)

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -144,7 +144,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     # Fake mode: build on the meta device (no storage), then turn every parameter and
     # buffer into a CPU fake tensor. Building directly under FakeTensorMode breaks peft,
     # whose adapter `.to()` calls cannot swap fake parameters.
-    with torch.device("meta") if fake else _null():
+    with torch.device("meta") if fake else nullcontext():
         net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation)
         quantized, quant_states = 0, []
         if plan.quantized and not fake and _bnb_available():
@@ -167,7 +167,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         fake_mode = FakeTensorMode()
         _fakify(net, fake_mode)
         params = [p for p in net.parameters() if p.requires_grad]
-    with fake_mode if fake_mode is not None else _null(), _one_sequence_per_row(fake):
+    with fake_mode if fake_mode is not None else nullcontext(), _one_sequence_per_row(fake):
         if optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=1e-4)
         else:
@@ -185,7 +185,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         chunked = _chunked_loss() if loss_kind == "chunked" else None
 
         def step():
-            with autocast if autocast is not None else _null():
+            with autocast if autocast is not None else nullcontext():
                 if chunked is None:  # Hugging Face's loss: full batch x seq x vocab logits
                     return net(input_ids=ids, labels=labels).loss
                 # ftmagic's engine: decoder to hidden states, then the chunked loss
@@ -424,14 +424,6 @@ def _one_sequence_per_row(active: bool):
         yield
     finally:
         masking.find_packed_sequence_indices = original
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def simulate_memory(model: Any, **settings: Any) -> TraceResult:

@@ -241,55 +241,79 @@ def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
 
 
 def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
-    """The estimate for resolved ``settings`` (as :func:`estimate_memory` builds them)."""
-    method, precision = s["method"], s["precision"]
-    spec = get_method_spec(method)
-    plan = weight_plan(method, precision)
-    counts = count_params(shape, method, lora_r=s["lora_r"], target_modules=s["target_modules"],
+    """The estimate for resolved ``settings`` (as :func:`estimate_memory` builds them).
+
+    The parts, each a function below: weights, optimizer states, saved activations, logits
+    and loss; then the three phases of a step, whose largest is the peak.
+    """
+    spec, plan = get_method_spec(s["method"]), weight_plan(s["method"], s["precision"])
+    counts = count_params(shape, s["method"], lora_r=s["lora_r"], target_modules=s["target_modules"],
                           num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"])
     trainable = counts["trainable"]
-    adapter_method = spec.adapter
-    base_trainable = 0 if adapter_method else trainable
+    frozen, train_w, grads = _weight_bytes(shape, spec, plan, trainable)
+    states, transient, paged = _optimizer_bytes(shape, plan, s, trainable)
+    acts = _activation_bytes(shape, spec, plan, s, trainable)
+    logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, s, acts)
+    phases, breakdown = _phases(shape, spec, plan, s, trainable=trainable, static=frozen + train_w + states,
+                                grads=grads, transient=transient, acts=acts, logits_fwd=logits_fwd,
+                                logits_bwd=logits_bwd)
+    breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
+    peak_phase = max(phases, key=phases.get)
+    notes = []
+    if paged:
+        notes.append("paged optimizer states live in managed host memory and are not counted on the device")
+    if s["method"] not in ("full", "lora", "qlora"):  # the methods the activation model was calibrated on
+        notes.append(f"activations of `{s['method']}` are approximated from the LoRA/full fine-tuning calibration")
+    return MemoryEstimate(total_bytes=int(sum(breakdown.values())), breakdown=breakdown, phases=phases,
+                          peak_phase=peak_phase, settings=s, model=shape.name, trainable_params=int(trainable),
+                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes,
+                          shape=shape)
 
-    # ---- weights
+
+def _weight_bytes(shape: ModelShape, spec: MethodSpec, plan, trainable: int) -> tuple:
+    """(frozen weights, trainable weights, their gradients) in bytes."""
+    base_trainable = 0 if spec.adapter else trainable
     linear_params = shape.layers * (shape.linear_params_per_layer - shape.bias_params_per_layer)
     frozen_base = shape.total_params - base_trainable
     if plan.quantized:
         frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
     else:
         frozen = frozen_base * plan.base_bytes
-    train_w = trainable * plan.trainable_bytes
-    grads = trainable * plan.trainable_bytes
+    return frozen, trainable * plan.trainable_bytes, trainable * plan.trainable_bytes
 
-    # ---- optimizer
+
+def _optimizer_bytes(shape: ModelShape, plan, s: dict, trainable: int) -> tuple:
+    """(optimizer states on the device, the step's transient, paged states in host memory) in bytes."""
     state_bytes = plan.trainable_bytes
-    paged = 0
-    n_tensors = _trainable_tensors(shape, method, s)
+    n_tensors = _trainable_tensors(shape, s["method"], s)
     if s["optimizer"] == "adamw":
         states = 2 * trainable * state_bytes + 4 * n_tensors
         # ftmagic's engine steps with the fused AdamW kernel on CUDA (no extra buffer); torch's
         # multi-tensor (foreach) AdamW, used on CPU, allocates one more state-sized sqrt(v) buffer.
         transient = trainable * state_bytes if s.get("device", "cuda") == "cpu" else 0
-    elif s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
+        return states, transient, 0
+    if s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
         states = int(2 * trainable * (1 + 4 / 256)) + 4 * n_tensors  # uint8 states + fp32 absmax per 256 block
-        transient = 0  # one fused kernel per tensor
-        if s["optimizer"] == "paged_adamw_8bit":
-            paged, states = states, 0
-    else:
-        states, transient = 0, 0
+        # one fused kernel per tensor: no transient
+        return (0, 0, states) if s["optimizer"] == "paged_adamw_8bit" else (states, 0, 0)
+    return 0, 0, 0
 
-    # ---- activations (per token) and logits
+
+def _activation_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, trainable: int) -> dict:
+    """What forward saves for backward: per block (``per_layer``, per token), over all blocks
+    (``layers_held``), with what lies outside the blocks (``act_held``); plus the sizes the
+    logits and the phases need."""
     batch, seq = s["batch_size"], s["seq_len"]
     seq_eff = seq + (s["num_virtual_tokens"] if spec.adds_positions else 0)
     tokens = batch * seq_eff
-    if adapter_method:
-        layers_total, per_layer = _adapter_layers(shape, method, plan, s)
+    if spec.adapter:
+        layers_total, per_layer = _adapter_layers(shape, s["method"], plan, s)
     elif spec.trains == "biases":
         # Frozen linear weights with trainable biases: every block passes gradients (like prompt
         # learning); a bias's gradient needs no saved input.
         layers_total, per_layer = _adapter_layers(shape, "prompt_tuning", plan, s)
     else:
-        per_layer = _layer_bytes_per_token(shape, method, plan, s)
+        per_layer = _layer_bytes_per_token(shape, s["method"], plan, s)
         # `freeze`: blocks below the trainable ones neither train nor pass gradients (unless the
         # trained head is tied to the input embeddings, which then need gradients through all)
         trained = shape.layers
@@ -297,41 +321,17 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
             trained = min(s["trainable_layers"], shape.layers)
         layers_total = trained * per_layer
     c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
-    c_res = 4 if (plan.autocast and not adapter_method) else c_res  # fp32 master weights keep fp32 residuals
-    c_logit = plan.compute_bytes if plan.autocast else plan.base_bytes
-    if adapter_method:
+    c_res = 4 if (plan.autocast and not spec.adapter) else c_res  # fp32 master weights keep fp32 residuals
+    if spec.adapter:
         outside = 4 * shape.hidden + 8  # the final norm's fp32 input
     else:  # the final norm's fp32 input, normed value and output (the head's input, for its weight gradient)
         outside = (4 + 2 * c_res) * shape.hidden + 8
-    v = shape.vocab
-    softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
-    if s.get("loss", "full") == "full":
-        logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
-        logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
-        logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
-    else:
-        # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
-        # head trains) are computed during forward and kept; one chunk of logits exists at a time.
-        head_w = 4 if plan.quantized else (plan.trainable_bytes if not adapter_method else plan.base_bytes)
-        head_trains = spec.trains in ("all", "top_layers")
-        rows = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // v))
-        logits_held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
-        # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
-        # freed by then); from the second chunk on, the previous chunk's gradient is still
-        # referenced while the next one is computed. Plus the copy of the labelled rows.
-        multi = tokens > rows
-        chunk = rows * v * (12 if multi else 8)
-        if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
-            chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
-        chunk += tokens * shape.hidden * c_res
-        logits_fwd = logits_held + chunk
-        logits_bwd = logits_held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
     gc = s["gradient_checkpointing"]
     # Eager attention (Gemma 2's soft-capped logits) materialises batch x heads x seq x seq
     # scores per block: the soft-capped scores and the fp32 softmax are saved (calibrated on traces).
     eager = 0
     if shape.model_type in EAGER_ATTENTION:
-        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not adapter_method
+        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not spec.adapter
                                                             else (2 + plan.compute_bytes))
     layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total) + (0 if gc else shape.layers * eager)
     act_held = layers_held + tokens * outside
@@ -339,8 +339,41 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
         act_held += trainable * plan.compute_bytes
     if plan.quantized and s.get("loss", "full") == "full":  # the fp32 head (upcast by peft), cast and saved
         act_held += shape.vocab * shape.hidden * plan.compute_bytes
-    static = frozen + train_w + states  # alive through the whole steady-state step
+    return dict(tokens=tokens, per_layer=per_layer, layers_held=layers_held, act_held=act_held, eager=eager,
+                c_res=c_res, c_logit=plan.compute_bytes if plan.autocast else plan.base_bytes)
 
+
+def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict) -> tuple:
+    """(held through the step, at the end of forward, at the start of backward) for the logits and loss."""
+    tokens, c_res, c_logit, v = acts["tokens"], acts["c_res"], acts["c_logit"], shape.vocab
+    softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
+    if s.get("loss", "full") == "full":
+        held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
+        return held, held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v, held + 8 * tokens * v
+    # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
+    # head trains) are computed during forward and kept; one chunk of logits exists at a time.
+    head_w = 4 if plan.quantized else (plan.trainable_bytes if not spec.adapter else plan.base_bytes)
+    head_trains = spec.trains in ("all", "top_layers")
+    rows = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // v))
+    held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
+    # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
+    # freed by then); from the second chunk on, the previous chunk's gradient is still
+    # referenced while the next one is computed. Plus the copy of the labelled rows.
+    multi = tokens > rows
+    chunk = rows * v * (12 if multi else 8)
+    if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
+        chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
+    chunk += tokens * shape.hidden * c_res
+    backward = held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
+    return held, held + chunk, backward
+
+
+def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: int, static: int, grads: int,
+            transient: int, acts: dict, logits_fwd: int, logits_bwd: int) -> tuple:
+    """Bytes at the end of forward, the worst moment of backward, and the optimizer step; and the
+    breakdown (gradients, activations, logits, transient) at the largest of them."""
+    tokens, per_layer, eager = acts["tokens"], acts["per_layer"], acts["eager"]
+    act_held, layers_held = acts["act_held"], acts["layers_held"]
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
     fwd = static + accumulated + act_held + logits_fwd
     bwd_loss = static + accumulated + act_held + logits_bwd
@@ -351,7 +384,7 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
     temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
-    if gc:
+    if s["gradient_checkpointing"]:
         deep_grads, deep_acts = grads_deep, act_held + tokens * per_layer + eager + temp
     else:
         # Without checkpointing, a block's activations are freed as its gradients appear: the
@@ -366,13 +399,9 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
     if accumulated:
         deep_grads = grads  # every gradient already exists from the earlier micro-batches
     bwd_deep = static + deep_grads + deep_acts
-    bwd = max(bwd_loss, bwd_deep)
-    step = static + grads + transient
-    phases = {"forward": int(fwd), "backward": int(bwd), "optimizer_step": int(step)}
+    phases = {"forward": int(fwd), "backward": int(max(bwd_loss, bwd_deep)), "optimizer_step": int(static + grads + transient)}
     peak_phase = max(phases, key=phases.get)
-
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
-    breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
     if peak_phase == "forward":
         breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":
@@ -382,16 +411,7 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
             breakdown.update(gradients=int(deep_grads), activations=int(deep_acts))
     else:
         breakdown.update(gradients=int(grads), optimizer_step_transient=int(transient))
-    total = sum(breakdown.values())
-    notes = []
-    if paged:
-        notes.append("paged optimizer states live in managed host memory and are not counted on the device")
-    if method not in ("full", "lora", "qlora"):  # the methods the activation model was calibrated on
-        notes.append(f"activations of `{method}` are approximated from the LoRA/full fine-tuning calibration")
-    return MemoryEstimate(total_bytes=int(total), breakdown=breakdown, phases=phases, peak_phase=peak_phase,
-                          settings=s, model=shape.name, trainable_params=int(trainable),
-                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes,
-                          shape=shape)
+    return phases, breakdown
 
 
 def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
