@@ -41,7 +41,7 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_names_the_first(test_model
     refused = []
 
     def start_another(event):
-        if event["event"] == "step" and event["step"] == 2 and not refused:
+        if event.kind == "step" and event.step == 2 and not refused:
             with pytest.raises(CheckpointError) as info:
                 _train(test_model_dir, out, **second)
             refused.append(str(info.value))
@@ -173,7 +173,7 @@ def test_rerunning_after_a_crash_keeps_the_checkpoints_and_says_how_to_continue(
     out = tmp_path / "out"
 
     def crash(event):
-        if event["event"] == "step" and event["step"] == 3:
+        if event.kind == "step" and event.step == 3:
             raise RuntimeError("the kernel died")
 
     with pytest.raises(RuntimeError):
