@@ -30,7 +30,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError
+from ftmagic.errors import (CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError,
+                            TrainingError)
 
 __version__ = "0.1.0"
 
@@ -48,7 +49,7 @@ _LAZY = {
 
 __all__ = [
     "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
-    "CheckpointError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+    "CheckpointError", "TrainingError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
 ]
 
 

@@ -79,6 +79,10 @@ class FinetuneConfig:
     warmup: float = 0.03  # below 1: a share of the steps; from 1 up: a number of steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
+    # A loss or gradient that is NaN or infinite (too high an lr, bad data): `stop` ends the run
+    # with the weights of the last finite checkpoint, so nothing non-finite is ever saved; `skip`
+    # drops that step's update and goes on (it reads the loss every step, one device sync each).
+    on_nan: Literal["stop", "skip"] = "stop"
 
     # --- adapters ------------------------------------------------------------------
     lora_r: int = 16
@@ -177,7 +181,7 @@ class FinetuneConfig:
         def fail(key: str, message: str) -> None:
             raise ConfigError(_where(source, lines, key) + message)
 
-        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device"):
+        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "on_nan"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:

@@ -36,3 +36,7 @@ class MemoryFitError(FtmagicError):
 
 class CheckpointError(FtmagicError):
     """An output directory or checkpoint cannot be used as asked."""
+
+
+class TrainingError(FtmagicError):
+    """Training cannot go on and nothing safe is left to save (e.g. the loss became NaN before any checkpoint)."""

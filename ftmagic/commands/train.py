@@ -2,7 +2,8 @@
 
 ``--set`` values are read as YAML scalars, so ``--set lr=1e-4``, ``--set packing=true``
 and ``--set target_modules=[q_proj,v_proj]`` mean what they would in the file. Progress
-is printed as text; every user mistake ends as one ``ftmagic: error:`` line (exit 2).
+is printed as text; every user mistake ends as one ``ftmagic: error:`` line (exit 2); a run stopped by
+a NaN or infinite loss exits with 1 (its outputs hold the last finite weights).
 
 Example::
 
@@ -67,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.quiet:
         progress = TextProgress()
-        finetune(cfg, on_event=progress)
+        result = finetune(cfg, on_event=progress)
         progress.close()
-        return 0  # the progress printer already wrote the summary line
+        return _status(result)  # the progress printer already wrote the summary line
     result = finetune(cfg)
     metrics = result.metrics
     loss = metrics.get("train_loss")
@@ -79,5 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(metrics.get("eval_loss"), float):
         line += f", eval loss {metrics['eval_loss']:.4f}"
     print(f"{line}; saved to {result.output_dir}")
-    return 0
+    return _status(result)
+
+
+def _status(result) -> int:
+    """0, or 1 when the loss became NaN: the saved weights are an earlier step's, and a script should notice."""
+    return 1 if result.metrics.get("reason") == "nonfinite" else 0
 

@@ -48,7 +48,7 @@ from ftmagic.methods import get_method_spec
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "on_nonfinite",
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "on_nan",
                      "trust_remote_code")
 
 
@@ -258,6 +258,7 @@ def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: De
             "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
             "method": plan.method, "device": plan.device, "precision": plan.precision,
             **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
+            **({"skipped_steps": outcome.skipped_steps} if outcome.skipped_steps else {}),
             "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 
