@@ -224,6 +224,7 @@ class Window:
 
     def _clear(self) -> None:
         self.loss_sum = None  # device tensor: sum of per-unit losses
+        self.nonfinite = None  # device bool: a NaN or infinity in a step of the window (see nonfinite_flag)
         self.metric_sums: dict = {}
         self.grad_norm_sum = None
         self.units = self.tokens = self.steps = self.counted_steps = 0
@@ -241,9 +242,11 @@ class Window:
         self.units += units
         self.tokens += tokens
 
-    def add_step(self, grad_norm, lr: float) -> None:
+    def add_step(self, grad_norm, lr: float, nonfinite=None) -> None:
         self.steps += 1
         self.lr = lr
+        if nonfinite is not None:
+            self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite | nonfinite
         if grad_norm is not None:
             self.grad_norm_sum = self._add(self.grad_norm_sum, grad_norm.detach().float())
             self.counted_steps += 1
@@ -255,7 +258,8 @@ class Window:
                "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
                "grad_norm": (float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None
                              else None),
-               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr}
+               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr,
+               "nonfinite": bool(self.nonfinite) if self.nonfinite is not None else False}
         self._clear()
         return out
 
@@ -376,9 +380,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         best_weights = ckpt.load_best(resume_from) if keep_best else None
     # Where finite weights are, should the loss turn NaN: the newest checkpoint, else a copy of the start.
     last_finite = getattr(resume_from, "path", resume_from)
-    initial_weights = ckpt.trainable_state(model) if last_finite is None and small else None
+    on_meta = any(p.is_meta for p in params)  # a model without values (tests of the loop's device reads)
+    initial_weights = ckpt.trainable_state(model) if last_finite is None and small and not on_meta else None
     check_every_step = config.on_nan == "skip"
-    nonfinite = None  # device flag: a NaN or infinity since the last read
     skipped_in_a_row = 0
 
     window = Window()
@@ -390,11 +394,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
 
     def log() -> None:
         """Read the window from the device and report it (a no-op when no step ran since the last log)."""
-        nonlocal peak, nonfinite
+        nonlocal peak
         if window.steps == 0:
             return
-        seen = nonfinite is not None and bool(nonfinite)  # read with the window: the same device sync
-        nonfinite = None
         read = window.read()
         peak = max(peak, memory_bytes(plan.device))
         if read["loss"] is not None:
@@ -407,7 +409,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                      memory_bytes=peak, metrics=read["metrics"])
         state.history.append(event.to_dict())
         emit(event)
-        if seen or (read["loss"] is not None and not math.isfinite(read["loss"])):
+        if read.get("nonfinite") or (read["loss"] is not None and not math.isfinite(read["loss"])):
             raise _NonFinite()
 
     def run_eval() -> None:
@@ -500,12 +502,10 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                 window.add_micro_batch(*part)
             grad_norm = optimizer_step(optimizer, scheduler, params, scaler=scaler,
                                        max_grad_norm=config.max_grad_norm)
-            if parts and not check_every_step:
-                flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler)
-                nonfinite = flag if nonfinite is None else nonfinite | flag
+            flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler) if parts and not check_every_step else None
             state.step += 1
             state.trained_tokens += sum(objective.tokens(b) for b in micro)
-            window.add_step(grad_norm, lr)
+            window.add_step(grad_norm, lr, flag)
             if state.step % log_every == 0 or state.step == max_steps:
                 log()
 
