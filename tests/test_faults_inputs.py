@@ -348,5 +348,9 @@ def test_the_readme_states_the_limits_the_code_uses():
         f"`grad_accum` up to {config.NUMBER_RANGES['grad_accum'][1]:,}",
         f"after {round(runlock.STALE_AFTER_S / 60)} minutes without its heartbeat".replace("3 minutes", "three minutes"),
     ]
+    from ftmagic.engine import loop
+
+    quoted.append(f"({['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten'][loop.MAX_SKIPPED_IN_A_ROW]} "
+                  "in a row stop the run)")
     for text in quoted:
         assert text in section, text
