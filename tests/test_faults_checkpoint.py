@@ -324,3 +324,21 @@ def test_killed_between_the_two_renames_of_a_same_step_replacement(test_model_di
     warnings = _messages(events, "warning")
     assert "checkpoint step 4 was being replaced when the run stopped; restored it" in warnings
     assert any(t.startswith(f"took over the lock of `{out}` left by a run that is gone (pid ") for t in warnings)
+
+
+def test_disk_full_while_writing_the_final_outputs_is_one_line(test_model_dir, tmp_path, monkeypatch, straight):
+    import ftmagic.engine.run as run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "publish", full)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as info:
+        _train(test_model_dir, out, max_steps=4)
+    assert str(info.value).startswith(f"the trained model could not be written to {out} (the disk is full); the "
+                                      f"partial outputs are in {out}/.ftmagic-staging-")
+    assert str(info.value).endswith("the checkpoints are intact, so `resume: true` writes it again")
+    monkeypatch.undo()
+    result, _ = _train(test_model_dir, out, max_steps=4, resume=True)  # writes the outputs again
+    assert (out / "adapter_model.safetensors").exists() and result.metrics["steps"] == 4

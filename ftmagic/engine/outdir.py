@@ -56,7 +56,7 @@ class Claim:
     """What :func:`claim_output_dir` decided; the lock is held until :meth:`release`."""
 
     out: Path
-    lock: RunLock
+    lock: Optional[RunLock]
     identity: str
     optimizer: str
     previous: Optional[dict]
@@ -68,7 +68,8 @@ class Claim:
 
     def release(self) -> None:
         """Drop the lock; a folder this claim created and nothing was written to is removed again."""
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
         if self.created and not self.started:
             try:
                 self.out.rmdir()
@@ -132,7 +133,7 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
     owned = owned_names(previous, entries)
     foreign = sorted(entries - owned)
     same = bool(previous) and previous.get("identity") == identity
-    claim = Claim(out=out, lock=None, identity=identity, optimizer=optimizer, previous=previous, resume=False)  # type: ignore[arg-type]
+    claim = Claim(out=out, lock=None, identity=identity, optimizer=optimizer, previous=previous, resume=False)
 
     if cfg.resume and not (cfg.overwrite and previous and not same):
         if previous is None:
@@ -197,6 +198,9 @@ def start_run(claim: Claim, cfg, *, fingerprint: str, names: tuple = ("checkpoin
             raise CheckpointError(f"the training data changed since the checkpoints in `{out}` were written (data "
                                   f"fingerprint {recorded[:12]} then, {fingerprint[:12]} now); resuming would continue on "
                                   "other examples: restore the data, or set `resume: false` and `overwrite: true` to start over")
+    for item in out.iterdir():
+        if item.name.startswith(STAGING_PREFIX) and item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)  # outputs of an earlier run that could not be moved into place
     for name in claim.remove:
         target = out / name
         if target.is_dir() and not target.is_symlink():

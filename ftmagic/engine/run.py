@@ -39,7 +39,7 @@ from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, re
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
-from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
 from ftmagic.methods import get_method_spec
@@ -341,12 +341,14 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
                 merge_adapter(staging, model_path, staging / "merged", device=plan.device,
                               trust_remote_code=cfg.trust_remote_code)
                 notes.append(Message(f"merged weights written to {out / 'merged'}"))
-        written = publish(staging, out, claim.files | {"merged"})
-    except CheckpointError:
+        written = publish(staging, out, claim.files)
+    except FtmagicError:
         raise
-    except OSError as exc:
+    except Exception as exc:  # safetensors and tokenizers report a full disk in their own types
+        if not (isinstance(exc, OSError) or is_disk_full(exc)):
+            raise
         where = f"; the partial outputs are in {staging}" if staging is not None and staging.exists() else ""
-        why = "the disk is full" if is_disk_full(exc) else (exc.strerror or str(exc))
+        why = "the disk is full" if is_disk_full(exc) else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
         raise CheckpointError(f"the trained model could not be written to {out} ({why}){where}; the checkpoints "
                               "are intact, so `resume: true` writes it again") from None
     write_record(out, claim, cfg, finished=True, fingerprint=fingerprint, files=claim.files | set(written),

@@ -52,7 +52,15 @@ def _process_start(pid: int) -> Optional[float]:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        pass
+    if os.name != "posix":
+        return True  # no safe probe (os.kill would end the process on Windows): trust the heartbeat
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
