@@ -40,3 +40,7 @@ class CheckpointError(FtmagicError):
 
 class TrainingError(FtmagicError):
     """Training cannot go on and nothing safe is left to save (e.g. the loss became NaN before any checkpoint)."""
+
+
+class ExportError(FtmagicError):
+    """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""

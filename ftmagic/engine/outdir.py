@@ -43,7 +43,7 @@ RECORD_VERSION = 2
 STAGING_PREFIX = ".ftmagic-staging-"
 # Names a run may write at the top of output_dir (model and tokenizer files vary by model;
 # these are the common ones, checked before training so a clash is refused early).
-OUTPUT_NAMES = ("checkpoints", "merged", "runs", "wandb", "adapter_model.safetensors", "adapter_config.json",
+OUTPUT_NAMES = ("checkpoints", "merged", "gguf", "runs", "wandb", "adapter_model.safetensors", "adapter_config.json",
                 "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "config.yaml", "metrics.json", "history.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "README.md", "vocab.json",
@@ -222,6 +222,19 @@ def write_record(out: Path, claim: Claim, cfg, *, finished: bool, fingerprint: s
             "optimizer": claim.optimizer, "data_fingerprint": fingerprint, "finished": finished,
             "files": sorted(set(files)), "updated": time.time(), **extra}
     atomic_write_text(out / RUN_FILE, strict_json(info))
+
+
+def record_outputs(out: Path, names) -> None:
+    """Add ``names`` (top-level entries an export wrote into a finished run's folder) to its manifest."""
+    out = Path(out)
+    record = read_record(out)
+    if not record:
+        return
+    files = set(owned_names(record, {item.name for item in out.iterdir()})) | set(names)
+    if files != set(record.get("files") or []):
+        from ftmagic.engine.checkpoint import strict_json
+
+        atomic_write_text(out / RUN_FILE, strict_json({**record, "files": sorted(files)}))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
