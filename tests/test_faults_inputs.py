@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -134,16 +133,14 @@ def user_folder(tmp_path, test_model_dir):
 
 
 def _cli_one_line(capsys, argv, expected_start):
-    started = time.perf_counter()
     status = main(argv)
-    elapsed = time.perf_counter() - started
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert status == 2, (argv, captured.err[-2000:])
     assert len(err) == 1 and err[0].startswith("ftmagic: error: "), captured.err[-2000:]
     assert expected_start in err[0], err[0][:500]
     assert "Traceback" not in captured.err + captured.out
-    return err[0], elapsed
+    return err[0]
 
 
 # --------------------------------------------------------------------------- CLI and Python API
@@ -155,9 +152,8 @@ def test_hostile_config_cli_and_api(name, user_folder, test_model_dir, capsys):
     config = user_folder / "run.yaml"
     config.write_text(_base(test_model_dir, user_folder / "train.jsonl", user_folder / "out") + extra + "\n")
     before = _snapshot(user_folder)
-    line, elapsed = _cli_one_line(capsys, ["train", str(config)], f"{config}:")
-    assert message in line
-    assert elapsed < 10, f"took {elapsed:.1f}s to refuse"
+    line = _cli_one_line(capsys, ["train", str(config)], f"{config}:")
+    assert message in line  # the limit is checked on the parsed structure: nothing was expanded
     with pytest.raises(FtmagicError) as info:
         ftmagic.finetune(str(config))
     assert message in str(info.value) and "\n" not in str(info.value)
@@ -170,7 +166,7 @@ def test_hostile_config_bytes_cli_and_api(name, user_folder, capsys):
     config = user_folder / "run.yaml"
     config.write_bytes(content)
     before = _snapshot(user_folder)
-    line, _ = _cli_one_line(capsys, ["train", str(config)], message)
+    _cli_one_line(capsys, ["train", str(config)], message)
     with pytest.raises(FtmagicError, match="^" + str(config).replace(".", r"\.")):
         ftmagic.FinetuneConfig.from_file(str(config))
     assert _snapshot(user_folder) == before
@@ -343,7 +339,7 @@ def test_the_readme_states_the_limits_the_code_uses():
         f"nested past {config.MAX_YAML_DEPTH} levels",
         f"record over {formats.MAX_RECORD_CHARS // 2**20} Mi characters",
         f"JSON nested past {load.MAX_JSON_DEPTH} levels",
-        f"`seed` 0 to 2³²−1" if config.NUMBER_RANGES["seed"] == (0, 2**32 - 1) else "seed range changed",
+        "`seed` 0 to 2³²−1" if config.NUMBER_RANGES["seed"] == (0, 2**32 - 1) else "seed range changed",
         f"`lora_r` up to {config.NUMBER_RANGES['lora_r'][1]:,}",
         f"`grad_accum` up to {config.NUMBER_RANGES['grad_accum'][1]:,}",
         f"after {round(runlock.STALE_AFTER_S / 60)} minutes without its heartbeat".replace("3 minutes", "three minutes"),

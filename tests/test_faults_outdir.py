@@ -234,3 +234,13 @@ def test_output_dir_expands_the_home_folder(test_model_dir, tmp_path, monkeypatc
     assert (tmp_path / "home" / "runs" / "x" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "~").exists()
     assert result.output_dir == str(tmp_path / "home" / "runs" / "x")
+
+
+def test_what_an_export_wrote_belongs_to_the_run(test_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _train(test_model_dir, out, max_steps=1, save_steps=0)
+    result.export("merged")
+    assert "merged" in json.loads((out / "ftmagic_run.json").read_text())["files"]
+    # Replacing the run removes its export too, instead of refusing `merged/` as a user's folder.
+    _train(test_model_dir, out, max_steps=1, save_steps=0, method="dora", overwrite=True)
+    assert not (out / "merged").exists()
