@@ -242,6 +242,10 @@ def test_write_clean_never_overwrites_an_existing_file(user_folder, test_model_d
     with pytest.raises(FtmagicError, match="the file exists and is never overwritten"):
         ftmagic.clean(str(user_folder / "train.jsonl"), str(target))
     assert target.read_text() == "my notes\n"
+    copy = user_folder / "copy.jsonl"
+    copy.write_text("old\n")
+    ftmagic.clean(str(user_folder / "train.jsonl"), str(copy), overwrite=True)  # only when asked
+    assert copy.read_text().startswith("{\"prompt\": ") and "old" not in copy.read_text()
 
 
 def test_numbers_in_text_fields_are_reported_not_turned_into_text(test_model_dir):

@@ -50,10 +50,11 @@ class CleanResult:
 
 
 def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", columns: Optional[dict] = None,
-          near_duplicates: bool = True) -> CleanResult:
+          near_duplicates: bool = True, overwrite: bool = False) -> CleanResult:
     """Drop unreadable lines, records with missing or empty fields, and duplicates (first one kept).
 
-    ``near_duplicates=False`` keeps records that differ only in whitespace or case.
+    ``near_duplicates=False`` keeps records that differ only in whitespace or case. An
+    existing ``path`` is refused unless ``overwrite=True`` (the original data never is).
     Problems that need a person (no assistant turn, roles out of order, too long) are kept.
 
     Example::
@@ -61,16 +62,17 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         clean([{"text": "a"}, {"text": "a"}, {"text": ""}]).summary()
         # 'kept 1 of 3 records; dropped 2: duplicate 1, empty_field 1'
     """
-    with gc_paused():
-        loaded = load_data(data, strict=False)
     if path is not None:
+        # Checked before reading the data: nothing is analysed for a copy that cannot be written.
         path = os.path.expanduser(os.fspath(path))
         if isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
                 os.path.samefile(path, os.path.expanduser(os.fspath(data))):
             raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
-        if os.path.lexists(path):
-            # Checked before reading the data: nothing is analysed for a copy that cannot be written.
-            raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first")
+        if os.path.lexists(path) and not overwrite:
+            raise DataError(f"{path}: the file exists and is never overwritten; give a new name, delete it first, "
+                            "or pass overwrite=True")
+    with gc_paused():
+        loaded = load_data(data, strict=False)
     detection = detect(loaded, format, columns)
     dropped = [p for p in loaded.problems if p.kind in DROPPED_KINDS]
     record_problems, kept = [], []
@@ -92,20 +94,21 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         kept.append(record)
     result = CleanResult(kept, sort_problems(dropped, record_problems), max(loaded.read, len(loaded.records)), None)
     if path is not None:
-        _write_jsonl(kept, path)
+        _write_jsonl(kept, path, overwrite=overwrite)
         result.path = str(path)
     return result
 
 
-def _write_jsonl(records: list, path: str) -> None:
-    """Write ``path`` only if it does not exist: an existing file is never replaced."""
-    if os.path.lexists(path):
-        raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first")
+def _write_jsonl(records: list, path: str, overwrite: bool = False) -> None:
+    """Write ``path`` through a temporary file; an existing file is replaced only with ``overwrite``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "x", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        if overwrite:
+            os.replace(tmp, path)
+            return
         # link() fails if `path` appeared meanwhile, where a rename would silently replace it.
         try:
             os.link(tmp, path)
