@@ -149,7 +149,7 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
             raise CheckpointError(f"`output_dir: {out}` was trained with `optimizer: {recorded}`; its checkpoints hold "
                                   f"that optimizer's state, so resume with `optimizer: {recorded}` (or set "
                                   "`overwrite: true` and `resume: false` to start over)")
-        _refuse_clashes(out, cfg, foreign)
+        _refuse_clashes(out, foreign)
         claim.resume = True
         return claim
 
@@ -169,12 +169,12 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
                               "are never removed)")
     elif cfg.resume and cfg.overwrite and previous and not same:
         note("warning", f"`output_dir: {out}` holds a different run; `overwrite: true` replaces it and this run starts at step 0")
-    _refuse_clashes(out, cfg, foreign)
+    _refuse_clashes(out, foreign)
     claim.remove = sorted(owned & entries)
     return claim
 
 
-def _refuse_clashes(out: Path, cfg, foreign: list) -> None:
+def _refuse_clashes(out: Path, foreign: list) -> None:
     clashes = [name for name in foreign if name in OUTPUT_NAMES]
     if clashes:
         shown = ", ".join(clashes[:4]) + (f" and {len(clashes) - 4} more" if len(clashes) > 4 else "")

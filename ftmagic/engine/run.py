@@ -1,9 +1,12 @@
 """``finetune()``: configuration in, trained model and :class:`RunResult` out.
 
-The steps, in order: resolve the config; choose device and precision; protect or
-resume ``output_dir``; load the tokenizer and prepare the data; emit the ``plan`` event;
-check memory (CUDA); load the model and apply the method; run the loop; write the
-adapter or weights, tokenizer, config and metrics; emit ``end``.
+The steps, in order: resolve the config; choose device and precision; claim ``output_dir``
+(check it and take its lock, :mod:`ftmagic.engine.outdir`); load the tokenizer and prepare
+the data; emit the ``plan`` event; check memory (CUDA); load the model and apply the
+method; pick the checkpoint to resume from (the newest that reads completely); start the
+run (only now are old outputs removed and the run record written); run the loop; write
+the adapter or weights, tokenizer, config and metrics through a staging folder; emit
+``end``; release the lock, whatever happened.
 
 Example::
 
@@ -310,9 +313,9 @@ def data_fingerprint(data) -> str:
             for key in sorted(row):
                 value = row[key]
                 digest.update(key.encode())
-                if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+                try:  # token ids and labels: hashed as machine integers (C speed)
                     digest.update(array("q", value).tobytes())
-                else:
+                except (TypeError, OverflowError):
                     digest.update(json.dumps(value, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
