@@ -13,7 +13,7 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
 * core: ``adapters`` (what a saved adapter folder holds), ``config``, ``constants``,
-  ``errors``, ``events``, ``methods``, ``units``, ``data/``, ``memory/`` and ``export/``
+  ``errors``, ``events``, ``hub``, ``methods``, ``units``, ``data/``, ``memory/`` and ``export/``
   (what exports share: targets, Modelfile, model card, summary): pure Python that never
   imports the engine or a front.
 
@@ -32,7 +32,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.errors import CheckpointError, ConfigError, DataError, ExportError, FtmagicError, MemoryFitError, ModelError
+from ftmagic.errors import (CheckpointError, ConfigError, DataError, ExportError, FtmagicError, MemoryFitError,
+                            ModelError, TrainingError)
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,7 @@ _LAZY = {
 
 __all__ = [
     "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
-    "CheckpointError", "ExportError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+    "CheckpointError", "ExportError", "TrainingError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
 ]
 
 

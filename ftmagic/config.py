@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class FinetuneConfig:
     # An earlier run's output_dir (a saved adapter) to keep training; `model:` may point at one too.
     # Its method and settings are kept, and its base is read from the folder when `model` is left at tiny.
     adapter: Optional[str] = None
+    # A model whose folder ships its own Python code runs it only when this is true: off by
+    # default because loading a model must never execute a stranger's code unasked.
+    trust_remote_code: bool = False
     method: MethodName = "lora"  # see ftmagic/methods.py for what each method trains
     # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
 
@@ -81,6 +85,10 @@ class FinetuneConfig:
     warmup: float = 0.03  # below 1: a share of the steps; from 1 up: a number of steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
+    # A loss or gradient that is NaN or infinite (too high an lr, bad data): `stop` ends the run
+    # with the weights of the last finite checkpoint, so nothing non-finite is ever saved; `skip`
+    # drops that step's update and goes on (it reads the loss every step, one device sync each).
+    on_nan: Literal["stop", "skip"] = "stop"
 
     # --- adapters ------------------------------------------------------------------
     lora_r: int = 16
@@ -98,8 +106,8 @@ class FinetuneConfig:
     skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
 
     # --- output, evaluation, checkpoints -------------------------------------------
-    output_dir: str = "ftmagic-output"
-    overwrite: bool = False  # allow writing over a finished run from a different config
+    output_dir: str = "ftmagic-output"  # `~` is expanded
+    overwrite: bool = False  # replace another run's outputs here (only files ftmagic wrote are ever removed)
     save_steps: int = 100  # 0: only the final save
     save_total_limit: int = 2  # older checkpoints are removed once a newer one is written
     eval_steps: int = 50  # 0: evaluate only at the end
@@ -177,10 +185,11 @@ class FinetuneConfig:
             FinetuneConfig.from_file("run.yaml", override_label=lambda key: "--set", lr=1e-4)
         """
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
+            with open(os.path.expanduser(path), "rb") as handle:
+                raw = handle.read(MAX_YAML_CHARS * 4 + 1)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        text = _decode_config(raw, str(path))
         return cls.from_yaml(text, source=str(path), override_label=override_label, **overrides)
 
     def to_dict(self) -> dict:
@@ -212,25 +221,28 @@ class FinetuneConfig:
         """
         fail = problems.add
 
-        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text"):
+        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text",
+                    "on_nan"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:
                 fail(key, f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}" + _suggest(str(value), allowed, quote=False))
         if not isinstance(self.model, str) or not self.model.strip():
             fail("model", "`model` must be a Hugging Face id, a local directory or `tiny`")
+        for key, (low, high) in NUMBER_RANGES.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # a type mistake is reported where the value was coerced
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(key, f"`{key}: {value}` must be a finite number, from {_short_number(low)} to {_short_number(high)}")
+            elif value > high:
+                fail(key, f"`{key}: {_short_number(value)}` must be at most {_short_number(high)}")
+            elif value < low and key not in _OWN_LOWER_CHECK:
+                fail(key, f"`{key}: {_short_number(value)}` " + (f"must be at least {low}" if low else "must not be negative"))
         if self.lr <= 0:
             fail("lr", f"`lr: {self.lr}` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)")
         if not 0 <= self.val_split < 1:
             fail("val_split", f"`val_split: {self.val_split}` must be in [0, 1), e.g. 0.1")
-        for key, low in (("lora_r", 1), ("lora_alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 8),
-                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 0)):
-            if getattr(self, key) < low:
-                fail(key, f"`{key}: {getattr(self, key)}` must be at least {low}")
-        for key in ("save_steps", "eval_steps", "early_stopping_patience", "save_total_limit", "weight_decay",
-                    "max_grad_norm", "warmup"):
-            if getattr(self, key) < 0:
-                fail(key, f"`{key}: {getattr(self, key)}` must not be negative")
         if not 0 <= self.lora_dropout < 1:
             fail("lora_dropout", f"`lora_dropout: {self.lora_dropout}` must be in [0, 1)")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -276,7 +288,127 @@ class FinetuneConfig:
         return get_method_spec(self.method).adapter
 
 
+# Every numeric key, with the range it must fall in (both ends included). Upper bounds are far
+# above any real run and are there so a typo (`lora_r: 1e23`) fails here, before anything is
+# allocated, instead of deep in torch.
+_STEPS = 2**31 - 1  # counts of steps and evaluations: a 32-bit int, more than any run takes
+NUMBER_RANGES = {
+    "seed": (0, 2**32 - 1),  # numpy's seed range; torch and python accept it too
+    "lr": (0.0, 1e6), "weight_decay": (0.0, 1e6), "max_grad_norm": (0.0, 1e12),
+    "warmup": (0.0, _STEPS), "epochs": (0.0, 1e6),  # val_split and lora_dropout: checked in validate()
+    "max_steps": (-1, _STEPS), "save_steps": (0, _STEPS), "eval_steps": (0, _STEPS), "logging_steps": (0, _STEPS),
+    "save_total_limit": (0, 1_000_000), "early_stopping_patience": (0, 1_000_000),
+    # Sizes that allocate: one micro-batch row count, micro-batches held per optimizer step,
+    # tokens per example (1M tokens), adapter ranks, virtual tokens and layers.
+    "batch_size": (1, 65_536), "grad_accum": (1, 4_096), "max_seq_len": (8, 2**20),
+    "lora_r": (1, 65_536), "lora_alpha": (1, 2**20), "num_virtual_tokens": (1, 65_536), "trainable_layers": (0, 65_536),
+}
+
+
+# Keys whose lower end has a message of its own in FinetuneConfig.validate.
+_OWN_LOWER_CHECK = ("lr", "epochs", "max_steps")
+
+
+def _short_number(value) -> str:
+    """``1e+23`` rather than 24 digits; small values as written."""
+    if isinstance(value, int) and abs(value) >= 10**12:
+        try:
+            return f"{float(value):.3g}"
+        except OverflowError:
+            return f"a {len(str(abs(value)))}-digit number"
+    if isinstance(value, float) and abs(value) >= 1e5:
+        return f"{value:g}"
+    return str(value)
+
+
+def _shown(value) -> str:
+    """A value as a message quotes it: never more than a line, whatever was passed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _short_number(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # --------------------------------------------------------------------------- parsing
+
+
+MAX_YAML_CHARS = 8 * 2**20  # a config is a few KB; records written inline in it stay far below this
+MAX_YAML_NODES = 1_000_000  # values after expanding `*alias` references (an alias bomb expands to billions)
+MAX_YAML_DEPTH = 100  # nesting levels; a config needs under ten
+
+
+def load_yaml(text: str, source: str = "config"):
+    """Parse YAML text safely: plain data only (no python tags), bounded size, nesting and alias expansion.
+
+    Raises a one-line :class:`ConfigError` naming ``source`` and the line.
+
+    Example::
+
+        >>> load_yaml("a: [1, 2]")
+        {'a': [1, 2]}
+    """
+    return _load_yaml_node(text, source)[0]
+
+
+def _load_yaml_node(text: str, source: str, first_line: int = 1):
+    import yaml  # pyyaml is light; imported here to keep `import ftmagic` quick
+
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{source}: the YAML is {len(text) / 2**20:.1f} MiB, over the {MAX_YAML_CHARS // 2**20} MiB "
+                          "a config may have; put data in a file and give its path as `data`")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_yaml_size(node, source, first_line)
+        return loader.construct_document(node), node
+    except yaml.YAMLError as exc:
+        # The context mark points at the construct that was left open (an unclosed `[`), which
+        # is where the user has to look; the problem mark is often just the end of the text.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        # A mark at the end of the text (an unclosed `[` found only there) is shown on the
+        # last line the user wrote, not on an empty line after it.
+        last_written = max((i for i, line in enumerate(text.splitlines()) if line.strip()), default=0)
+        where = f"{source}:{min(mark.line, last_written) + first_line}: " if mark is not None else f"{source}: "
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML ({problem}); write one `key: value` per line") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to read (at most {MAX_YAML_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: a value cannot be read ({str(exc).splitlines()[0][:120]}); "
+                          "numbers must be at most a few dozen digits") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root, source: str, first_line: int = 1) -> None:
+    """Count the values the document expands to (aliases counted at every use) without building them."""
+    import yaml
+
+    sizes: dict = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}:{node.start_mark.line + first_line}: the YAML is nested more than {MAX_YAML_DEPTH} "
+                              "levels deep (or an alias refers to itself); write the values out")
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{source}:{node.start_mark.line + first_line}: the YAML expands to more than {MAX_YAML_NODES:,} "
+                              "values (`*alias` references repeat a block); write the values out")
+        sizes[key] = total
+        return total
+
+    size(root, 0)
 
 
 def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -> tuple[dict, dict]:
@@ -290,23 +422,9 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
         >>> parse_yaml_mapping("lr: 0.1\\nseed: 3\\n")
         ({'lr': 0.1, 'seed': 3}, {'lr': 1, 'seed': 2})
     """
-    import yaml  # pyyaml is light; imported here to keep `import ftmagic` quick
-
     if not text or not text.strip():
         return {}, {}
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # The context mark points at the construct that was left open (an unclosed `[`), which
-        # is where the user has to look; the problem mark is often just the end of the text.
-        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
-        # A mark at the end of the text (an unclosed `[` found only there) is shown on the
-        # last line the user wrote, not on an empty line after it.
-        last_written = max((i for i, line in enumerate(text.splitlines()) if line.strip()), default=0)
-        where = f"{source}:{min(mark.line, last_written) + first_line}: " if mark is not None else f"{source}: "
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}invalid YAML ({problem}); write one `key: value` per line") from None
+    values, node = _load_yaml_node(text, source, first_line)
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
@@ -365,6 +483,18 @@ class Problems:
             raise ConfigError(problems=[message for _, _, message in sorted(self.found)])
 
 
+def _decode_config(raw: bytes, source: str) -> str:
+    """A config file's text: UTF-8 (a BOM is fine); anything else is one line saying where and what to do."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{source}: the file is UTF-16; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}:{line}: bytes that are not UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+
+
+
 def _suggest(word: str, options, quote: bool = True) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     if not close:
@@ -397,43 +527,49 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{where}`{key}: {value!r}` must be true or false")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be true or false")
     if annotation is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}`{key}: {value}` must be a whole number")
+        if isinstance(value, str) and len(value) <= 100:
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:  # `1e3` from a flag or YAML (which reads it as text) is a whole number too
+                    value = float(value.strip())
+                except ValueError:
+                    pass
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}`{key}: {value!r}` must be a whole number")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a whole number")
     if annotation is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}`{key}: {value}` must be a number")
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}`{key}: {_short_number(value)}` is too large for a number") from None
+        if isinstance(value, str) and len(value) <= 100:
             try:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{where}`{key}: {value!r}` must be a number, e.g. 2e-4")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a number, e.g. 2e-4")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}`{key}: {value!r}` must be a string")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a string")
     if annotation is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
-        raise ConfigError(f"{where}`{key}: {value!r}` must be a list")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a list")
     if annotation is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{where}`{key}: {value!r}` must be a mapping")
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a mapping")
     return value
 
 

@@ -60,5 +60,9 @@ class CheckpointError(FtmagicError):
     """An output directory or checkpoint cannot be used as asked."""
 
 
+class TrainingError(FtmagicError):
+    """Training cannot go on and nothing safe is left to save (e.g. the loss became NaN before any checkpoint)."""
+
+
 class ExportError(FtmagicError):
     """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""

@@ -201,7 +201,8 @@ def format_end_line(end, state: Optional["RunState"] = None) -> str:
     if steps is None and state is not None and state.last_step:
         steps = state.last_step.step
     text = {"finished": "finished", "stopped": "stopped", "interrupted": "interrupted",
-            "early_stopping": "stopped early (no eval improvement)"}.get(reason, str(reason))
+            "early_stopping": "stopped early (no eval improvement)",
+            "nonfinite": "stopped on a NaN or infinite loss"}.get(reason, str(reason))
     if steps is not None:
         text += f" after {steps} steps"
     if metrics.get("runtime_s") is not None:

@@ -7,6 +7,7 @@ import torch
 
 import ftmagic.engine.checkpoint as ckpt
 from ftmagic.engine.run import finetune
+from ftmagic.errors import CheckpointError
 
 from engine_helpers import collect, reversal_records, step_losses
 
@@ -40,7 +41,8 @@ def test_kill_mid_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "_write_files", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 could not be written .*\(disk full\); the last "
+                                              r"complete checkpoint \(step-00000002\) is intact"):
         _save(tmp_path, 4, model, opt, sched)
     monkeypatch.setattr(ckpt, "_write_files", real)
 
@@ -73,8 +75,9 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
 def test_checkpoint_holds_every_part(tmp_path):
     model, opt, sched = _parts()
     path = _save(tmp_path, 5, model, opt, sched)
-    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "optimizer.pt", "rng.pt", "scheduler.pt",
-                                                      "state.json", "trainable.safetensors"]
+    # No pickles: tensors in safetensors, everything else JSON.
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "state.json", "trainable.safetensors",
+                                                      "training_state.safetensors"]
 
 
 def test_crash_during_a_run_then_resume_is_exact(test_model_dir, tmp_path, monkeypatch):
@@ -93,7 +96,7 @@ def test_crash_during_a_run_then_resume_is_exact(test_model_dir, tmp_path, monke
         return real(tmp, **parts)
 
     monkeypatch.setattr(ckpt, "_write_files", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="killed while writing"):
+    with pytest.raises(CheckpointError, match="killed while writing"):
         finetune(output_dir=str(tmp_path / "out"), **settings)
     monkeypatch.setattr(ckpt, "_write_files", real)
     assert ckpt.latest_checkpoint(tmp_path / "out" / "checkpoints").name == "step-00000002"

@@ -56,9 +56,10 @@ def test_write_clean(data, model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == (f"clean: kept 1 of 4 records; dropped 3: duplicate 1, "
                                                         f"empty_field 1, unparseable 1 -> {out_path}")
     assert len(out_path.read_text().splitlines()) == 1
-    assert main(["preview", data, "--model", model_dir, "--json", "--write-clean", str(out_path)]) == 0
+    json_path = tmp_path / "clean2.jsonl"
+    assert main(["preview", data, "--model", model_dir, "--json", "--write-clean", str(json_path)]) == 0
     assert json.loads(capsys.readouterr().out)["clean"] == {
-        "path": str(out_path), "kept": 1, "dropped": {"duplicate": 1, "empty_field": 1, "unparseable": 1}}
+        "path": str(json_path), "kept": 1, "dropped": {"duplicate": 1, "empty_field": 1, "unparseable": 1}}
 
 
 def test_columns_flag(tmp_path, model_dir, capsys):

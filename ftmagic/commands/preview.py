@@ -38,7 +38,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-problems", type=int, default=20, help="problems listed in the text report")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--write-clean", default=None, metavar="PATH",
-                        help="write a copy without unreadable, empty and duplicate records (JSONL)")
+                        help="write a copy without unreadable, empty and duplicate records (JSONL) to a new file "
+                             "(an existing file is never overwritten)")
 
 
 def parse_columns(text) -> dict:
@@ -66,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-seq-len {args.max_seq_len} must be at least 8")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
-    from ftmagic.data.report import clean, preview
+    import os
 
+    from ftmagic.data.report import clean, preview
+    from ftmagic.errors import DataError
+
+    if args.write_clean and os.path.lexists(os.path.expanduser(args.write_clean)):
+        # Before the analysis, which can take a while: an existing file is never overwritten.
+        raise DataError(f"{args.write_clean}: the file exists and is never overwritten; give a new name or delete it first")
     columns = parse_columns(args.columns) or None
     report = preview(args.data, model=args.model, format=args.format, template=args.template,
                      max_seq_len=args.max_seq_len, train_on=args.train_on, columns=columns,

@@ -2,7 +2,8 @@
 
 ``--set`` values are read as YAML scalars, so ``--set lr=1e-4``, ``--set packing=true``
 and ``--set target_modules=[q_proj,v_proj]`` mean what they would in the file. Progress
-is printed as text; every user mistake ends as one ``ftmagic: error:`` line (exit 2).
+is printed as text; every user mistake ends as one ``ftmagic: error:`` line (exit 2); a run stopped by
+a NaN or infinite loss exits with 1 (its outputs hold the last finite weights).
 
 Example::
 
@@ -32,7 +33,7 @@ def parse_sets(pairs) -> dict:
         >>> parse_sets(["lr=1e-4", "method=qlora", "epochs=2", "packing=true"])
         {'lr': '1e-4', 'method': 'qlora', 'epochs': 2, 'packing': True}
     """
-    import yaml
+    from ftmagic.config import load_yaml
 
     out = {}
     for pair in pairs:
@@ -41,8 +42,10 @@ def parse_sets(pairs) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} must look like key=value, e.g. --set lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, source=f"--set {key}") if raw.strip() else ""
+        except ConfigError as exc:
+            if "invalid YAML" not in str(exc):
+                raise  # over a limit (alias bomb, nesting, size): never read as text instead
             value = raw
         out[key] = value  # YAML reads 1e-4 as a string; the config turns it into a number
     return out
@@ -60,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.quiet:
         progress = TextProgress()
-        finetune(cfg, on_event=progress)
+        result = finetune(cfg, on_event=progress)
         progress.close()
-        return 0  # the progress printer already wrote the summary line
+        return _status(result)  # the progress printer already wrote the summary line
     result = finetune(cfg)
     metrics = result.metrics
     loss = metrics.get("train_loss")
@@ -72,5 +75,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(metrics.get("eval_loss"), float):
         line += f", eval loss {metrics['eval_loss']:.4f}"
     print(f"{line}; saved to {result.output_dir}")
-    return 0
+    return _status(result)
+
+
+def _status(result) -> int:
+    """0, or 1 when the loss became NaN: the saved weights are an earlier step's, and a script should notice."""
+    return 1 if result.metrics.get("reason") == "nonfinite" else 0
 

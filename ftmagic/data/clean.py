@@ -1,7 +1,8 @@
 """``clean(data, path)``: a copy of a dataset without unreadable, empty and duplicate records.
 
 The original is never modified: the kept records are returned and, when ``path`` is
-given, written there as JSONL (refused if ``path`` is the source file itself).
+given, written there as JSONL. An existing ``path`` is never overwritten (the source file
+itself included).
 
 Example::
 
@@ -25,7 +26,7 @@ from ftmagic.data.load import load_data
 from ftmagic.data.problems import Problem, RecordError
 from ftmagic.errors import DataError
 
-DROPPED_KINDS = ("unparseable", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate", "near_duplicate")
+DROPPED_KINDS = ("unparseable", "oversized", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate", "near_duplicate")
 
 
 @dataclass
@@ -49,10 +50,11 @@ class CleanResult:
 
 
 def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", columns: Optional[dict] = None,
-          near_duplicates: bool = True) -> CleanResult:
+          near_duplicates: bool = True, overwrite: bool = False) -> CleanResult:
     """Drop unreadable lines, records with missing or empty fields, and duplicates (first one kept).
 
-    ``near_duplicates=False`` keeps records that differ only in whitespace or case.
+    ``near_duplicates=False`` keeps records that differ only in whitespace or case. An
+    existing ``path`` is refused unless ``overwrite=True`` (the original data never is).
     Problems that need a person (no assistant turn, roles out of order, too long) are kept.
 
     Example::
@@ -60,11 +62,17 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         clean([{"text": "a"}, {"text": "a"}, {"text": ""}]).summary()
         # 'kept 1 of 3 records; dropped 2: duplicate 1, empty_field 1'
     """
+    if path is not None:
+        # Checked before reading the data: nothing is analysed for a copy that cannot be written.
+        path = os.path.expanduser(os.fspath(path))
+        if isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
+                os.path.samefile(path, os.path.expanduser(os.fspath(data))):
+            raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
+        if os.path.lexists(path) and not overwrite:
+            raise DataError(f"{path}: the file exists and is never overwritten; give a new name, delete it first, "
+                            "or pass overwrite=True")
     with gc_paused():
         loaded = load_data(data, strict=False)
-    if path is not None and isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
-            os.path.samefile(path, os.fspath(data)):
-        raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
     detection = detect(loaded, format, columns)
     dropped = [p for p in loaded.problems if p.kind in DROPPED_KINDS]
     record_problems, kept = [], []
@@ -86,17 +94,36 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         kept.append(record)
     result = CleanResult(kept, sort_problems(dropped, record_problems), max(loaded.read, len(loaded.records)), None)
     if path is not None:
-        _write_jsonl(kept, path)
+        _write_jsonl(kept, path, overwrite=overwrite)
         result.path = str(path)
     return result
 
 
-def _write_jsonl(records: list, path: str) -> None:
-    tmp = f"{path}.tmp"
+def _write_jsonl(records: list, path: str, overwrite: bool = False) -> None:
+    """Write ``path`` through a temporary file; an existing file is replaced only with ``overwrite``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, path)  # a half-written copy never replaces an earlier good one
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write the cleaned copy ({exc.strerror or exc})") from None
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        # link() fails if `path` appeared meanwhile, where a rename would silently replace it.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then copy
+            import shutil
+
+            with open(tmp, "rb") as source, open(path, "xb") as target:
+                shutil.copyfileobj(source, target)
+    except FileExistsError:
+        raise DataError(f"{path}: the file exists and is never overwritten; give a new name or delete it first") from None
+    except (OSError, RecursionError) as exc:
+        why = "records nested too deeply" if isinstance(exc, RecursionError) else (exc.strerror or exc)
+        raise DataError(f"{path}: cannot write the cleaned copy ({why})") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)

@@ -51,6 +51,10 @@ ROLE_ALIASES = {
     "observation": "tool", "ipython": "tool",
 }
 SAMPLE = 100  # records inspected by detection
+# Characters in one record (or one line of a file). The longest example ftmagic trains is
+# 2**20 tokens (the `max_seq_len` limit), a few MB of text; longer text cannot be trained
+# whole, and tokenizing it would take gigabytes, so it is refused before the tokenizer.
+MAX_RECORD_CHARS = 8 * 2**20
 
 
 @dataclass
@@ -206,9 +210,15 @@ def _text(record: dict, name: str, required: bool) -> str:
         if required:
             raise RecordError("missing_field", f"field `{name}` is missing")
         return ""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # Never silently str(): 3 would train as "3" and a NaN cell as the word "nan".
+        shown = repr(value) if len(repr(value)) <= 24 else f"a {len(str(abs(int(value))))}-digit number"
+        raise RecordError("bad_type", f"field `{name}` is a number ({shown}), expected text; write it in quotes")
+    if not isinstance(value, str):
         raise RecordError("bad_type", f"field `{name}` is a {type(value).__name__}, expected text")
-    value = str(value)
+    if len(value) > MAX_RECORD_CHARS:
+        raise RecordError("oversized", f"field `{name}` has {len(value):,} characters, over the limit of "
+                                       f"{MAX_RECORD_CHARS:,} for one record; split it")
     if required and (not value or value.isspace()):
         raise RecordError("empty_field", f"field `{name}` is empty")
     return value
@@ -267,6 +277,9 @@ def parse_messages(items: list, name: str = "messages", columns: Optional[dict] 
             raise RecordError("missing_field", f"`{name}[{i}]` has no `content` (or `value`)")
         if not isinstance(content, str):
             raise RecordError("bad_type", f"`{name}[{i}].content` is a {type(content).__name__}, expected text")
+        if len(content) > MAX_RECORD_CHARS:
+            raise RecordError("oversized", f"`{name}[{i}].content` has {len(content):,} characters, over the limit of "
+                                           f"{MAX_RECORD_CHARS:,} for one record; split it")
         if (not content or content.isspace()) and role in ("user", "assistant"):
             raise RecordError("empty_field", f"`{name}[{i}]` ({role}) has empty content")
         weight = item.get("weight", 1)

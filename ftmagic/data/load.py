@@ -28,11 +28,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ftmagic.data.formats import MAX_RECORD_CHARS
 from ftmagic.data.problems import Problem
 from ftmagic.errors import DataError
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".json": "json", ".csv": "csv",
               ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+# Nesting levels of one JSON record: real records use a handful (messages, tool calls, arguments);
+# far deeper values only exhaust Python's recursion wherever they are read later.
+MAX_JSON_DEPTH = 64
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -74,7 +78,7 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: O
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if isinstance(data, str):
-        return _load_path(data, strict=strict, split=split, subset=subset)
+        return _load_path(os.path.expanduser(data), strict=strict, split=split, subset=subset)
     kind = type(data).__module__.split(".")[0] + "." + type(data).__name__
     if isinstance(data, dict) and not kind.startswith("datasets."):
         raise DataError("data: a single dict is not a dataset; pass a list of dicts, e.g. [{\"text\": ...}]")
@@ -163,6 +167,10 @@ def _parse_jsonl(text: str, path: str, strict: bool) -> LoadedData:
         if not line or line.isspace():
             continue
         out.read += 1
+        if len(line) > MAX_RECORD_CHARS:
+            # Checked before parsing: a 200 MB line would cost gigabytes in the tokenizer.
+            _fail(out, strict, "oversized", f"{path}:{number}", _oversized(len(line)))
+            continue
         try:
             try:
                 value = fast(line)
@@ -171,6 +179,12 @@ def _parse_jsonl(text: str, path: str, strict: bool) -> LoadedData:
         except json.JSONDecodeError as exc:
             _fail(out, strict, "unparseable", f"{path}:{number}",
                   f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object")
+            continue
+        except (ValueError, RecursionError) as exc:
+            _fail(out, strict, "unparseable", f"{path}:{number}", _unreadable_json(exc))
+            continue
+        if line.count("[") + line.count("{") > MAX_JSON_DEPTH and _too_deep(value):
+            _fail(out, strict, "unparseable", f"{path}:{number}", _unreadable_json(RecursionError()))
             continue
         if not isinstance(value, dict):
             _fail(out, strict, "not_a_record", f"{path}:{number}",
@@ -202,6 +216,8 @@ def _parse_json(text: str, path: str, strict: bool) -> LoadedData:
             if exc.msg == "Extra data":  # several objects, one per line: it is JSONL named .json
                 return _parse_jsonl(text, path, strict)
             raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}: {_unreadable_json(exc)}") from None
         lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
         if len(lists) != 1:
             raise DataError(f"{path}:1: expected a JSON list of objects (or an object holding one list), "
@@ -232,8 +248,15 @@ def _scan_json_array(text: str, path: str, strict: bool) -> LoadedData:
         except json.JSONDecodeError as exc:
             _fail(out, strict, "unparseable", f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg} at column {exc.colno})")
             return out  # the rest of a broken array cannot be located reliably
+        except (ValueError, RecursionError) as exc:
+            _fail(out, strict, "unparseable", f"{path}:{line_at(pos)}", _unreadable_json(exc))
+            return out
         out.read += 1
-        if isinstance(value, dict):
+        if end - pos > MAX_RECORD_CHARS:
+            _fail(out, strict, "oversized", f"{path}:{line_at(pos)}", _oversized(end - pos))
+        elif text.count("[", pos, end) + text.count("{", pos, end) > MAX_JSON_DEPTH and _too_deep(value):
+            _fail(out, strict, "unparseable", f"{path}:{line_at(pos)}", _unreadable_json(RecursionError()))
+        elif isinstance(value, dict):
             out.records.append(value)
             out.lines.append(line_at(pos))
         else:
@@ -251,8 +274,9 @@ def _scan_json_array(text: str, path: str, strict: bool) -> LoadedData:
 
 def _parse_csv(text: str, path: str, strict: bool, delimiter: str) -> LoadedData:
     out = LoadedData([], path, "line", [])
-    # Long documents in one cell are normal for training data; the csv default caps cells at 128 KiB.
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    # Long documents in one cell are normal for training data (the csv default caps cells at
+    # 128 KiB); one record's limit applies instead.
+    csv.field_size_limit(MAX_RECORD_CHARS)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
@@ -270,7 +294,10 @@ def _parse_csv(text: str, path: str, strict: bool, delimiter: str) -> LoadedData
         except StopIteration:
             break
         except csv.Error as exc:
-            _fail(out, strict, "unparseable", f"{path}:{reader.line_num}", f"cannot parse the row ({exc})")
+            if "field larger than field limit" in str(exc):
+                _fail(out, strict, "oversized", f"{path}:{start}", _oversized(None, "a field has"))
+            else:
+                _fail(out, strict, "unparseable", f"{path}:{reader.line_num}", f"cannot parse the row ({exc})")
             previous_end = reader.line_num
             continue
         previous_end = reader.line_num
@@ -313,11 +340,16 @@ def _load_folder(path: str, split: str, strict: bool) -> LoadedData:
 
 
 def _load_hub(name: str, split: str, strict: bool, subset: Optional[str] = None) -> LoadedData:
+    from ftmagic.hub import hub_access
+
     try:
         import datasets
 
-        obj = datasets.load_dataset(name, split=split) if subset is None else datasets.load_dataset(name, subset,
-                                                                                                    split=split)
+        with hub_access(name, kind="dataset", error=DataError):
+            obj = datasets.load_dataset(name, split=split) if subset is None else datasets.load_dataset(name, subset,
+                                                                                                        split=split)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{name}: not a local file, and loading it as a Hugging Face dataset failed "
                         f"({type(exc).__name__}: {_first_line(exc)})") from None
@@ -373,6 +405,33 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _oversized(size: Optional[int], what: str = "the line has") -> str:
+    shown = f" ({size:,})" if size is not None else ""
+    return (f"{what} more than {MAX_RECORD_CHARS:,} characters{shown}, over the limit for one record; "
+            "split it into several records")
+
+
+def _too_deep(value: Any, limit: Optional[int] = None) -> bool:
+    """Whether ``value`` nests lists and objects deeper than ``limit`` (iterative: no recursion to run out of)."""
+    limit = MAX_JSON_DEPTH if limit is None else limit
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
+def _unreadable_json(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError) or "recursion" in str(exc).lower():
+        return f"JSON nested more than {MAX_JSON_DEPTH} levels deep; a record needs only a few"
+    return f"not readable JSON ({str(exc).splitlines()[0][:100]})"
 
 
 def _json_type(value: Any) -> str:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 # Kinds, with the short label the previewer prints next to their counts.
 KINDS = {
     "unparseable": "unparseable line",
+    "oversized": "record over the size limit",
     "non_utf8": "non-UTF-8 bytes",
     "not_a_record": "not a JSON object",
     "missing_field": "missing field",
@@ -37,7 +38,7 @@ KINDS = {
 }
 
 # Kinds that make a record unusable for training (it is skipped and counted).
-SKIPPING_KINDS = ("unparseable", "non_utf8", "not_a_record", "missing_field", "empty_field", "bad_type",
+SKIPPING_KINDS = ("unparseable", "oversized", "non_utf8", "not_a_record", "missing_field", "empty_field", "bad_type",
                   "no_assistant", "template_error", "no_trained_tokens")
 
 

@@ -37,12 +37,22 @@ def load_preview_tokenizer(model: Optional[str]) -> tuple:
     if model == "tiny" and not tiny_available():
         raise ModelError("model `tiny`: the embedded tiny model is not installed in this copy of ftmagic "
                          f"({constants.TINY_MODEL_DIR} is missing); pass another model")
+    from ftmagic.hub import hub_access
+
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, ImportError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        with hub_access(path, kind="model", error=ModelError):
+            # Never the repository's own code, and never transformers' interactive [y/N] question about it.
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many types for a folder it cannot use
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model `{model}`: its tokenizer needs its own Python code, which the previewer never "
+                             "runs; after reading that code, load the tokenizer yourself (AutoTokenizer.from_pretrained("
+                             "..., trust_remote_code=True)) and pass it as `tokenizer=`") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelError(f"model `{model}`: cannot load its tokenizer ({first}); pass a local folder or a "
                          "Hugging Face id that can be reached") from None
     return tok, model

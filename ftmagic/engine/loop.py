@@ -22,7 +22,14 @@ The parts, in the order a step uses them:
 * :func:`optimizer_step` - unscale, clip, step, schedule, zero the gradients;
 * :class:`Window` - what is read and reported at logging steps;
 * :class:`LoopState` - everything ``state.json`` stores, so a resume continues exactly;
-* :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping.
+* :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping;
+* :func:`nonfinite_flag` / :func:`step_is_finite` - NaN and infinity (``on_nan``).
+
+A NaN or infinite loss or gradient is caught without a per-step device read: a flag
+accumulates on the device and is read with the loss at logging steps, and the weights are
+checked before every checkpoint, so a non-finite step is never saved. ``on_nan: stop``
+then ends the run with the weights of the last checkpoint written (or those it started
+from); ``on_nan: skip`` reads each step instead and drops the updates that are not finite.
 
 Progress is reported only through ``emit(event)`` with the typed records of :mod:`ftmagic.events`.
 
@@ -38,15 +45,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import build_optimizer
 from ftmagic.engine.objectives import CausalLM
+from ftmagic.errors import TrainingError
 from ftmagic.events import Checkpoint, Eval, Message, Step
 
 
@@ -115,6 +124,8 @@ def memory_bytes(device: str) -> int:
 
 
 BEST_COPY_LIMIT = 2**28  # trainable elements (1 GiB in fp32) up to which the best weights are kept in memory
+# `on_nan: skip`: this many skipped updates in a row mean the weights themselves are broken; the run stops.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 @dataclass
@@ -130,6 +141,7 @@ class LoopOutcome:
     history: list = field(default_factory=list)
     last_checkpoint: Optional[str] = None
     eval_metrics: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # updates dropped by `on_nan: skip`
 
 
 class Batches:
@@ -173,6 +185,14 @@ class LoopState:
     best_step: Optional[int] = None
     bad_evals: int = 0
     history: list = field(default_factory=list)
+    skipped_steps: int = 0
+
+    # The JSON types each field may have in state.json: a resume reads a checkpoint only when
+    # every field is there with its type, so a damaged file is skipped, not half-used.
+    JSON_TYPES: ClassVar[dict] = {
+        "step": (int,), "trained_tokens": (int,), "elapsed_s": (int, float), "train_loss": (int, float, type(None)),
+        "eval_loss": (int, float, type(None)), "eval_metrics": (dict,), "best_eval": (int, float, type(None)),
+        "best_step": (int, type(None)), "bad_evals": (int,), "history": (list,), "skipped_steps": (int,)}
 
     def to_json(self, *, epoch: int, batch_index: int, order_seed: int) -> dict:
         return {**dataclasses.asdict(self), "epoch": epoch, "batch_index": batch_index, "order_seed": order_seed}
@@ -204,6 +224,7 @@ class Window:
 
     def _clear(self) -> None:
         self.loss_sum = None  # device tensor: sum of per-unit losses
+        self.nonfinite = None  # device bool: a NaN or infinity in a step of the window (see nonfinite_flag)
         self.metric_sums: dict = {}
         self.grad_norm_sum = None
         self.units = self.tokens = self.steps = self.counted_steps = 0
@@ -221,9 +242,11 @@ class Window:
         self.units += units
         self.tokens += tokens
 
-    def add_step(self, grad_norm, lr: float) -> None:
+    def add_step(self, grad_norm, lr: float, nonfinite=None) -> None:
         self.steps += 1
         self.lr = lr
+        if nonfinite is not None:
+            self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite | nonfinite
         if grad_norm is not None:
             self.grad_norm_sum = self._add(self.grad_norm_sum, grad_norm.detach().float())
             self.counted_steps += 1
@@ -235,9 +258,43 @@ class Window:
                "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
                "grad_norm": (float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None
                              else None),
-               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr}
+               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr,
+               "nonfinite": bool(self.nonfinite) if self.nonfinite is not None else False}
         self._clear()
         return out
+
+
+def nonfinite_flag(loss_sums: list, grad_norm, scaler=None) -> torch.Tensor:
+    """A device bool: this step's loss (or, without a gradient scaler, its gradient norm) is NaN or infinite.
+
+    No device read. With a scaler, infinite gradients are its normal overflow signal (it skips
+    those steps itself), so only the loss counts.
+    """
+    total = torch.stack([s.detach().float().sum() for s in loss_sums]).sum()
+    flag = ~torch.isfinite(total)
+    if scaler is None and grad_norm is not None:
+        flag = flag | ~torch.isfinite(grad_norm.detach().float())
+    return flag
+
+
+def step_is_finite(loss_sums: list, params, scaler=None) -> bool:
+    """Before the update: whether this step's loss and gradients are finite (one device read)."""
+    total = torch.stack([s.detach().float().sum() for s in loss_sums]).sum()
+    grads = [p.grad for p in params if p.grad is not None]
+    if scaler is None and grads:
+        total = total + torch.nn.utils.get_total_norm(grads).float()
+    return bool(torch.isfinite(total))
+
+
+def weights_are_finite(params) -> bool:
+    """Whether every trainable weight is finite (one device read; used before each checkpoint)."""
+    if not params:
+        return True
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
+
+
+class _NonFinite(Exception):
+    """Raised inside the loop when a NaN or infinity is seen; ends it with reason ``nonfinite``."""
 
 
 def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: float = 1.0):
@@ -313,13 +370,20 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
 
     # With early stopping, a CPU copy of the trainable weights at the best evaluation, restored
     # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
-    keep_best = bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
+    small = sum(p.numel() for p in params) <= BEST_COPY_LIMIT
+    keep_best = bool(config.early_stopping_patience) and small
     best_weights = None
     state = LoopState()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         state = LoopState.from_json(saved)
         best_weights = ckpt.load_best(resume_from) if keep_best else None
+    # Where finite weights are, should the loss turn NaN: the newest checkpoint, else a copy of the start.
+    last_finite = getattr(resume_from, "path", resume_from)
+    on_meta = any(p.is_meta for p in params)  # a model without values (tests of the loop's device reads)
+    initial_weights = ckpt.trainable_state(model) if last_finite is None and small and not on_meta else None
+    check_every_step = config.on_nan == "skip"
+    skipped_in_a_row = 0
 
     window = Window()
     started, start_step = time.perf_counter(), state.step
@@ -345,6 +409,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                      memory_bytes=peak, metrics=read["metrics"])
         state.history.append(event.to_dict())
         emit(event)
+        if read.get("nonfinite") or (read["loss"] is not None and not math.isfinite(read["loss"])):
+            raise _NonFinite()
 
     def run_eval() -> None:
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
@@ -358,10 +424,12 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         emit(event)
 
     def save() -> Optional[str]:
-        nonlocal saved_at, last_saved
+        nonlocal saved_at, last_saved, last_finite
         if checkpoint_root is None or saved_at == state.step:
             return last_saved  # already written (a stop right after a periodic save)
         log()  # the saved history and train loss include every step up to this one
+        if not weights_are_finite(params):
+            raise _NonFinite()  # never saved: the last finite checkpoint stays the newest
         saved_at = state.step
         epoch, index = batches.position(state.step * ga)
         values = dataclasses.replace(state, elapsed_s=elapsed()).to_json(epoch=epoch, batch_index=index,
@@ -370,8 +438,32 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                                     scheduler=scheduler, scaler=scaler, state=values, keep=config.save_total_limit,
                                     best=best_weights)
         emit(Checkpoint(step=state.step, path=str(path)))
-        last_saved = str(path)
+        last_saved = last_finite = str(path)
         return last_saved
+
+    def restore_last_finite() -> None:
+        """Put back the weights of the last checkpoint written (or those the run started from)."""
+        nonlocal state
+        history, seen_at = state.history, state.step
+        if last_finite is not None:
+            saved = ckpt.load_checkpoint(last_finite, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         scaler=scaler)
+            state = LoopState.from_json(saved)
+            kept = f"the weights of step {state.step} (checkpoint {Path(str(last_finite)).name})"
+        elif initial_weights is not None:
+            current = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in initial_weights.items():
+                    current[name].copy_(tensor.to(current[name].device, current[name].dtype))
+            state, kept = LoopState(), "the weights it started from"
+        else:
+            raise TrainingError(f"the loss or gradients became NaN or infinite by step {seen_at} (`lr: {config.lr}` may "
+                                "be too high) before any checkpoint was written, so no finite weights are left to "
+                                "save; lower `lr`, or set `save_steps` so a checkpoint can be kept")
+        state.history = history
+        emit(Message(f"the loss or gradients became NaN or infinite by step {seen_at} (`lr: {config.lr}` may be too "
+                     f"high); the run stopped and kept {kept}; lower `lr`, or set `on_nan: skip` to skip "
+                     "such steps", "warning"))
 
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -382,6 +474,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             micro = [objective.batch(batches.get(k)) for k in range(state.step * ga, state.step * ga + ga)]
             units = [objective.units(b) for b in micro]
             total = sum(units)
+            parts = []
             for batch, n in zip(micro, units):
                 if n == 0:
                     continue
@@ -390,13 +483,29 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                         loss_sum, metrics = objective.loss(model, batch)
                     scaled = loss_sum / total
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                window.add_micro_batch(loss_sum, metrics, n, objective.tokens(batch))
+                parts.append((loss_sum, metrics, n, objective.tokens(batch)))
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
+            if check_every_step and parts and not step_is_finite([p[0] for p in parts], params, scaler):
+                # `on_nan: skip`: no update from this step; the data and the schedule move on.
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                state.skipped_steps += 1
+                skipped_in_a_row += 1
+                emit(Message(f"step {state.step}: the loss or gradients are NaN or infinite; its update was skipped "
+                             f"({state.skipped_steps} so far)", "warning"))
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise _NonFinite()
+                continue
+            skipped_in_a_row = 0
+            for part in parts:
+                window.add_micro_batch(*part)
             grad_norm = optimizer_step(optimizer, scheduler, params, scaler=scaler,
                                        max_grad_norm=config.max_grad_norm)
+            flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler) if parts and not check_every_step else None
             state.step += 1
             state.trained_tokens += sum(objective.tokens(b) for b in micro)
-            window.add_step(grad_norm, lr)
+            window.add_step(grad_norm, lr, flag)
             if state.step % log_every == 0 or state.step == max_steps:
                 log()
 
@@ -415,20 +524,29 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     except KeyboardInterrupt:
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
+    except _NonFinite:
+        reason = "nonfinite"
 
-    log()  # the steps since the last log (a stop or an early end leaves a partial window)
-    if state.step > 0 and (reason != "finished" or config.save_steps):
-        # A stopped run must be resumable; a finished one too, so `resume: true` with a
-        # larger max_steps continues from the end instead of the last periodic save.
-        save()
-    if reason == "finished" and eval_rows:
+    if reason != "nonfinite":
+        try:
+            log()  # the steps since the last log (a stop or an early end leaves a partial window)
+            if state.step > 0 and (reason != "finished" or config.save_steps):
+                # A stopped run must be resumable; a finished one too, so `resume: true` with a
+                # larger max_steps continues from the end instead of the last periodic save.
+                save()
+        except _NonFinite:
+            reason = "nonfinite"
+    if reason == "nonfinite":
+        optimizer.zero_grad(set_to_none=True)
+        restore_last_finite()
+    elif reason == "finished" and eval_rows:
         run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)
     if reason == "early_stopping" and state.best_step is not None and state.best_step != state.step:
         _keep_best_weights(model, state, best_weights, emit)
     return LoopOutcome(reason=reason, step=state.step, train_loss=state.train_loss, eval_loss=state.eval_loss,
                        best_eval_loss=state.best_eval, trained_tokens=state.trained_tokens, runtime_s=elapsed(),
                        peak_memory_bytes=peak, history=state.history, last_checkpoint=last_saved,
-                       eval_metrics=state.eval_metrics)
+                       eval_metrics=state.eval_metrics, skipped_steps=state.skipped_steps)
 
 
 def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable) -> None:

@@ -16,14 +16,17 @@ Example::
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ftmagic import constants
 from ftmagic.errors import ModelError
+from ftmagic.hub import hub_access
 
 
 def resolve_model_path(name: str) -> str:
@@ -41,14 +44,22 @@ def resolve_model_path(name: str) -> str:
     return path
 
 
-def load_tokenizer(path: str):
-    """A tokenizer that can pad (pad falls back to EOS) and pads on the right for training."""
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer that can pad (pad falls back to EOS) and pads on the right for training.
+
+    ``trust_remote_code`` is always passed explicitly: transformers' interactive ``[y/N]``
+    question about a repository's own Python code never appears; the config key decides.
+    """
     from transformers import AutoTokenizer
 
+    refuse_custom_code(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(_not_found(path, exc)) from None
+        with hub_access(path, kind="model", error=ModelError):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many types for a folder it cannot use
+        raise ModelError(_load_failure(path, exc, trust_remote_code)) from None
     if tok.pad_token is None:
         # Labels mask padding with -100, so reusing EOS as the pad token never teaches "stop early".
         if tok.eos_token is not None:
@@ -70,8 +81,12 @@ def quantization_config(compute_dtype: str):
 
 
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
-               qlora_compute_dtype: Optional[str] = None):
+               qlora_compute_dtype: Optional[str] = None, trust_remote_code: bool = False):
     """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
+
+    Only safetensors weights or pickles that ``torch.load(weights_only=True)`` accepts are
+    read (transformers' default); a pickle that names code is refused in one line, as is a
+    repository's own Python code unless ``trust_remote_code`` is true.
 
     Example::
 
@@ -79,15 +94,24 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": weight_dtype}
+    refuse_custom_code(path, trust_remote_code)
+    kwargs = {"dtype": weight_dtype, "trust_remote_code": trust_remote_code}
     if qlora_compute_dtype:
         kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
     try:
-        with quiet_progress():
+        with quiet_progress(), hub_access(path, kind="model", error=ModelError), warnings.catch_warnings():
+            # torch's note about a pickle's protocol is noise: the file is refused or loaded either way.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(_not_found(path, exc)) from None
+    except (ModelError, ImportError, NotImplementedError, torch.OutOfMemoryError):
+        raise  # ImportError/NotImplementedError: the caller's QLoRA fallback decides
+    except (OSError, ValueError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as exc:
+        raise ModelError(_load_failure(path, exc, trust_remote_code)) from None
+    except RuntimeError as exc:
+        if qlora_compute_dtype:
+            raise  # bitsandbytes' CPU backend: the caller falls back to LoRA
+        raise ModelError(_load_failure(path, exc, trust_remote_code)) from None
     if not qlora_compute_dtype:
         model.to(device)
     elif device == "cpu":
@@ -133,8 +157,49 @@ def quiet_peft():
         yield
 
 
-def _not_found(path: str, exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def refuse_custom_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model folder that only loads with its own Python code, before transformers reads it.
+
+    A folder whose ``config.json`` names custom classes (``auto_map``) for a model type this
+    transformers does not know cannot load without running that code; ftmagic says so in one
+    line instead of letting transformers warn, ask ``[y/N]`` or fail further in.
+    """
+    if trust_remote_code:
+        return
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        import json
+
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # transformers gives its own one-line reason below
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise ModelError(_REMOTE_CODE.format(path=path))
+
+
+_REMOTE_CODE = ("model `{path}` needs to run its own Python code (its config names custom classes); ftmagic runs "
+                "such code only with `trust_remote_code: true` in the config: read the code first")
+
+
+def _load_failure(path: str, exc: BaseException, trust_remote_code: bool) -> str:
+    """One line for a model or tokenizer that cannot be loaded, saying what would work."""
+    text = str(exc)
+    if "trust_remote_code" in text and not trust_remote_code:
+        return _REMOTE_CODE.format(path=path)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return (f"model `{path}`: its weights are a pickle (pytorch_model.bin) that names code, which is never run; "
+                "use a copy saved as safetensors")
+    return _not_found(path, exc)
+
+
+def _not_found(path: str, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if os.path.isdir(path):
         return f"cannot load the model in `{path}`: {first}"
     return (f"model `{path}` was not found: it is not a local folder and could not be loaded from the "

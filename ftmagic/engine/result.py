@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ftmagic.constants import RUN_FILE
-from ftmagic.errors import CheckpointError
+from ftmagic.errors import CheckpointError, FtmagicError
 
 
 class RunResult:
@@ -68,20 +68,25 @@ class RunResult:
         """
         from ftmagic.config import FinetuneConfig
 
-        out = Path(output_dir)
+        out = Path(os.path.expanduser(str(output_dir)))
         try:
             info = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, RecursionError):
             raise CheckpointError(f"`{out}` is not a finished ftmagic run (no readable {RUN_FILE})") from None
         if not info.get("finished"):
             raise CheckpointError(f"the run in `{out}` did not finish; resume it with `resume: true`")
-        import yaml
-
-        values = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
-        config = FinetuneConfig.from_dict(values)
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        history_file = out / "history.json"
-        history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.exists() else []
+        try:
+            config = FinetuneConfig.from_file(str(out / "config.yaml"))
+            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+            history_file = out / "history.json"
+            history = json.loads(history_file.read_text(encoding="utf-8")) if history_file.exists() else []
+        except (OSError, ValueError, RecursionError) as exc:
+            if isinstance(exc, FtmagicError):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CheckpointError(f"`{out}` is not a complete ftmagic run ({first})") from None
         base = info.get("base_model") or config.model
         if config.model == "tiny" and not os.path.isdir(base):
             # The folder was written on another machine; the embedded model is here too.
@@ -96,7 +101,7 @@ class RunResult:
         if self._tokenizer is None:
             from ftmagic.engine.models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.output_dir)
+            self._tokenizer = load_tokenizer(self.output_dir, trust_remote_code=self._trust_remote_code())
         return self._tokenizer
 
     @property
@@ -135,7 +140,11 @@ class RunResult:
         plan = self._device_plan()
         compute = plan.qlora_compute_dtype if (quantized and plan is not None) else None
         dtype = self._weight_dtype(adapter=quantized or self._is_adapter())
-        return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute)
+        return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute,
+                          trust_remote_code=self._trust_remote_code())
+
+    def _trust_remote_code(self) -> bool:
+        return bool(getattr(self.config, "trust_remote_code", False))
 
     def _is_adapter(self) -> bool:
         return (Path(self.output_dir) / "adapter_config.json").exists()
@@ -153,7 +162,8 @@ class RunResult:
         else:
             from ftmagic.engine.models import load_model
 
-            model = load_model(str(out), device=self._device(), weight_dtype=self._weight_dtype(adapter=False))
+            model = load_model(str(out), device=self._device(), weight_dtype=self._weight_dtype(adapter=False),
+                               trust_remote_code=self._trust_remote_code())
         model.eval()
         return model
 

@@ -1,9 +1,12 @@
 """``finetune()``: configuration in, trained model and :class:`RunResult` out.
 
-The steps, in order: resolve the config; choose device and precision; protect or
-resume ``output_dir``; load the tokenizer and prepare the data; emit the ``plan`` event;
-check memory (CUDA); load the model and apply the method; run the loop; write the
-adapter or weights, tokenizer, config and metrics; emit ``end``.
+The steps, in order: resolve the config; choose device and precision; claim ``output_dir``
+(check it and take its lock, :mod:`ftmagic.engine.outdir`); load the tokenizer and prepare
+the data; emit the ``plan`` event; check memory (CUDA); load the model and apply the
+method; pick the checkpoint to resume from (the newest that reads completely); start the
+run (only now are old outputs removed and the run record written); run the loop; write
+the adapter or weights, tokenizer, config and metrics through a staging folder; emit
+``end``; release the lock, whatever happened.
 
 Example::
 
@@ -20,7 +23,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
+from array import array
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,12 +39,13 @@ from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device,
                                    keeps_fp32_trainable)
 from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
-from ftmagic.engine.loop import plan_steps, train_loop
+from ftmagic.engine.loop import LoopState, plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
 from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
+from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
-from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
 from ftmagic.methods import get_method_spec
@@ -51,12 +55,7 @@ from ftmagic.methods import get_method_spec
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
                      "output_dir", "precision", "optimizer", "gradient_checkpointing", "export", "gguf_quant",
-                     "push_to_hub", "hub_private")
-# Files a finished or crashed run leaves; only these are replaced when a run starts over.
-_OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
-                 "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "README.md", "model.safetensors.index.json", "gguf")
+                     "push_to_hub", "hub_private", "on_nan", "trust_remote_code")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
@@ -75,16 +74,23 @@ def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=No
                           on_event=lambda e: print(e.kind, getattr(e, "loss", "")))
     """
     cfg = resolve_config(config, overrides)
+    claims: list[Claim] = []  # the output_dir claim, released whatever happens
     try:
-        return _run(cfg, on_event or (lambda event: None), stop)
+        return _run(cfg, on_event or (lambda event: None), stop, claims)
     except torch.OutOfMemoryError:
         raise MemoryFitError(_oom_message(cfg)) from None
+    finally:
+        for claim in claims:
+            claim.release()
 
 
 def resolve_config(config: Any, overrides: dict) -> FinetuneConfig:
     """Turn any accepted spelling of a config into a validated :class:`FinetuneConfig`."""
     if isinstance(config, FinetuneConfig):
-        return config.replace(**overrides) if overrides else config
+        if overrides:
+            return config.replace(**overrides)
+        config.validate()  # a config built directly (FinetuneConfig(...)) was never checked
+        return config
     if isinstance(config, dict):
         return FinetuneConfig.from_dict(config, **overrides)
     if isinstance(config, (str, os.PathLike)):
@@ -129,25 +135,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
+def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(caps, cfg.device, cfg.precision, cfg.method)
+    opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
     notes = _plan_notes(cfg, plan)
     if continuing:
         notes.insert(0, Message(continuing))
-    out = Path(cfg.output_dir)
+    out = Path(os.path.expanduser(cfg.output_dir))
     emit = _with_reporters(emit, cfg, out)
-    resume_from = _claim_output_dir(out, cfg, notes)
+    # Checks and locks output_dir; nothing there is written or removed until the run starts.
+    claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
+                             note=lambda level, text: notes.append(Message(text, level)))
+    claims.append(claim)
 
-    tokenizer = load_tokenizer(_tokenizer_folder(cfg, model_path))
+    tokenizer = load_tokenizer(_tokenizer_folder(cfg, model_path), trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     if not data.train:
+        reasons = ", ".join(f"{k} {v}" for k, v in (data.stats.get("skipped_reasons") or {}).items())
         raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
-                        f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
+                        f"{data.stats.get('skipped', 0)} skipped" + (f": {reasons}" if reasons else "")
+                        + "); check the file and `format` (`ftmagic preview` shows each problem)")
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
               eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
@@ -169,10 +181,13 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
     if smoke_mode():
         max_steps = min(max_steps, SMOKE_MAX_STEPS)
-    opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
     if opt_plan.message:
         emit(Message(opt_plan.message, "warning"))
-    resumed_step = ckpt.checkpoint_step(resume_from) if resume_from is not None else 0
+    resume_from = _find_resume_point(claim, out, model, emit)
+    # The run really starts here: only now are old outputs removed and the run record written.
+    fingerprint = data_fingerprint(data)
+    start_run(claim, cfg, fingerprint=fingerprint, names=_run_folders(cfg))
+    resumed_step = resume_from.step if resume_from is not None else 0
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
@@ -183,8 +198,8 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
     model.eval()
-    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit)
+    _write_outputs(out, claim, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
+                   history=outcome.history, model_path=model_path, emit=emit, fingerprint=fingerprint)
     result = RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                        model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                        plan=dataclasses.asdict(plan))
@@ -235,7 +250,8 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
     try:
         base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
-                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
+                          trust_remote_code=cfg.trust_remote_code)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
@@ -244,7 +260,8 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
         emit(Message(f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA", "warning"))
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
-        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
+        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32,
+                          trust_remote_code=cfg.trust_remote_code)
     model = continue_adapter(base, cfg.adapter, plan.method) if cfg.adapter else method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
@@ -263,6 +280,7 @@ def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: De
             "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
             "method": plan.method, "device": plan.device, "precision": plan.precision,
             **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
+            **({"skipped_steps": outcome.skipped_steps} if outcome.skipped_steps else {}),
             "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -274,90 +292,99 @@ def _upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
-def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[Path]:
-    """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
-    identity = run_identity(cfg)
-    run_file = out / RUN_FILE
-    previous = None
-    if run_file.is_file():
-        try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = {}
-    busy = out.is_dir() and any(out.iterdir())
-    same = previous is not None and previous.get("identity") == identity
-
-    if cfg.resume:
-        if busy and previous is None:
-            raise CheckpointError(f"`output_dir: {out}` holds files that are not an ftmagic run; nothing to resume there")
-        if previous is not None and not same and not cfg.overwrite:
-            raise CheckpointError(f"`output_dir: {out}` holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); resume with the same config or set `overwrite: true`")
-        ckpt.clean_temporaries(out / "checkpoints")
-        found = ckpt.latest_checkpoint(out / "checkpoints")
-        if found is None:
-            notes.append(Message(f"no checkpoint in {out / 'checkpoints'}; starting from step 0", "warning"))
-        else:
-            notes.append(Message(f"resuming from {found.name}"))
-        _write_run_file(out, cfg, identity, finished=False)
-        return found
-
-    if busy and not cfg.overwrite:
-        if previous is None:
-            raise CheckpointError(f"`output_dir: {out}` is not empty and was not written by ftmagic; "
-                                  "choose another `output_dir` or set `overwrite: true`")
-        if not same:
-            raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
-                                  "or choose another `output_dir`")
-        notes.append(Message(f"replacing the earlier result of this same config in {out}"))
-    if busy:
-        for name in _OUTPUT_NAMES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    _write_run_file(out, cfg, identity, finished=False)
-    return None
+def _find_resume_point(claim: Claim, out: Path, model, emit: Callable) -> Optional[ckpt.Checkpoint]:
+    """The checkpoint to resume from: the newest that reads completely and fits ``model`` (a
+    damaged newer one is named and skipped); None for a fresh run."""
+    if not claim.resume:
+        return None
+    found = ckpt.find_resumable(out / "checkpoints", model, warn=lambda text: emit(Message(text, "warning")),
+                                required=LoopState.JSON_TYPES)
+    if found is None:
+        emit(Message(f"no checkpoint in {out / 'checkpoints'}; starting from step 0", "warning"))
+    else:
+        emit(Message(f"resuming from {found.name}"))
+    return found
 
 
-def _write_run_file(out: Path, cfg: FinetuneConfig, identity: str, finished: bool, **extra) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"identity": identity, "model": cfg.model, "method": cfg.method, "finished": finished, **extra}
-    (out / RUN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+def _run_folders(cfg: FinetuneConfig) -> tuple:
+    """Top-level folders a run may create while it trains (its manifest from the start)."""
+    reports = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
+    return ("checkpoints",) + tuple(name for tool, name in (("tensorboard", "runs"), ("wandb", "wandb")) if tool in reports)
 
 
-def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit):
+def data_fingerprint(data) -> str:
+    """A hash of exactly what the run trains and evaluates on (token ids, labels, packing).
+
+    Equal for the same data, template, tokenizer, ``max_seq_len`` and seed; resume compares it.
+
+    Example::
+
+        data_fingerprint(prepared)   # 'b3c1...' (32 hex digits)
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part, rows in (("train", data.train), ("eval", data.eval or [])):
+        digest.update(f"{part}:{len(rows)}".encode())
+        for row in rows:
+            for key in sorted(row):
+                value = row[key]
+                digest.update(key.encode())
+                try:  # token ids and labels: hashed as machine integers (C speed)
+                    digest.update(array("q", value).tobytes())
+                except (TypeError, OverflowError):
+                    digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history,
+                   model_path, emit, fingerprint: str):
+    """Write the result into a staging folder, then move it into ``out`` (never over a user's file)."""
     import yaml
 
-    out.mkdir(parents=True, exist_ok=True)
-    # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
-    with quiet_progress():
-        model.save_pretrained(str(out))
-    # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
-    save_tokenizer(out, tokenizer, cfg)
-    write_generation_config(out, tokenizer, cfg, base_dir=model_path)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
-    _write_run_file(out, cfg, run_identity(cfg), finished=True, base_model=os.path.abspath(model_path)
-                    if os.path.isdir(model_path) else model_path, trained_method=plan.method,
-                    adapter=method.adapter, plan=dataclasses.asdict(plan))
-    if cfg.merge:
-        if not method.adapter:
-            emit(Message(f"`merge: true`: {plan.method} already saves full weights"))
-        elif not method.mergeable:
-            emit(Message(f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)",
-                         "warning"))
-        else:
-            merge_adapter(out, model_path, out / "merged", device=plan.device)
-            emit(Message(f"merged weights written to {out / 'merged'}"))
+    from ftmagic.engine.checkpoint import is_disk_full, strict_json
+
+    staging = None
+    notes = []
+    try:
+        staging = stage(out)
+        # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
+        with quiet_progress():
+            model.save_pretrained(str(staging))
+        # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
+        save_tokenizer(staging, tokenizer, cfg)
+        write_generation_config(staging, tokenizer, cfg, base_dir=model_path)
+        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        (staging / "metrics.json").write_text(strict_json(metrics), encoding="utf-8")
+        (staging / "history.json").write_text(strict_json(history), encoding="utf-8")
+        if cfg.merge:
+            if not method.adapter:
+                notes.append(Message(f"`merge: true`: {plan.method} already saves full weights"))
+            elif not method.mergeable:
+                notes.append(Message(f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded "
+                                     "into weights)", "warning"))
+            else:
+                merge_adapter(staging, model_path, staging / "merged", device=plan.device,
+                              trust_remote_code=cfg.trust_remote_code)
+                notes.append(Message(f"merged weights written to {out / 'merged'}"))
+        written = publish(staging, out, claim.files)
+    except FtmagicError:
+        raise
+    except Exception as exc:  # safetensors and tokenizers report a full disk in their own types
+        if not (isinstance(exc, OSError) or is_disk_full(exc)):
+            raise
+        where = f"; the partial outputs are in {staging}" if staging is not None and staging.exists() else ""
+        why = "the disk is full" if is_disk_full(exc) else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
+        raise CheckpointError(f"the trained model could not be written to {out} ({why}){where}; the checkpoints "
+                              "are intact, so `resume: true` writes it again") from None
+    write_record(out, claim, cfg, finished=True, fingerprint=fingerprint, files=claim.files | set(written),
+                 reason=metrics.get("reason"),
+                 base_model=os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
+                 trained_method=plan.method, adapter=method.adapter, plan=dataclasses.asdict(plan))
+    for note in notes:
+        emit(note)
 
 
-def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None) -> str:
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None,
+                  trust_remote_code: bool = False) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
     from peft import PeftModel
 
@@ -365,12 +392,12 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtyp
 
     if dtype is None:
         dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
-    base = load_model(base_path, device=device, weight_dtype=dtype)
+    base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with quiet_progress():
         merged.save_pretrained(str(target))
-    load_tokenizer(str(adapter_dir)).save_pretrained(str(target))
+    load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(str(target))
     copy_generation_config(adapter_dir, target)
     return str(target)
 

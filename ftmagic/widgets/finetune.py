@@ -34,7 +34,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
-from ftmagic.config import FinetuneConfig, Problems, config_fields, parse_yaml_mapping
+from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
 from ftmagic.errors import ConfigError
 from ftmagic.usage import as_usage_error
 
@@ -102,8 +102,6 @@ def flag_overrides(args) -> dict:
 
     Comma lists become lists for list-valued keys and YAML mappings become dicts.
     """
-    import yaml
-
     overrides = {}
     for field in config_fields():
         value = getattr(args, field.name, None)
@@ -117,8 +115,10 @@ def flag_overrides(args) -> dict:
             value = [part.strip() for part in value.split(",") if part.strip()]
         elif (annotation is dict or dict in args_of) and isinstance(value, str):
             try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
+                value = load_yaml(value, source=flag_name(field.name))
+            except ConfigError as exc:
+                if "invalid YAML" not in str(exc):
+                    raise UsageError(str(exc)) from None
                 raise UsageError(f"{flag_name(field.name)}: {value!r} is not a YAML mapping; "
                                  "write e.g. '{prompt: question}'") from None
         overrides[field.name] = value

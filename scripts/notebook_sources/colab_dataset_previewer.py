@@ -52,10 +52,11 @@ CELLS = [
     """),
     md("""
     `ftmagic.clean` writes a copy without the unreadable lines, empty fields and duplicates,
-    and says what it dropped; the original is never touched.
+    and says what it dropped; the original is never touched, and an existing file is replaced
+    only with `overwrite=True` (here: this notebook's own copy, when the cell runs again).
     """),
     code("""
-    cleaned = ftmagic.clean("runs/data/mine.jsonl", "runs/data/mine.clean.jsonl")
+    cleaned = ftmagic.clean("runs/data/mine.jsonl", "runs/data/mine.clean.jsonl", overwrite=True)
     print(cleaned.summary())
     """),
 ]

@@ -114,10 +114,11 @@ CELLS = [
     `ftmagic.clean` never touches the original: it writes a cleaned copy without unreadable
     lines, empty or missing fields and duplicates (the first one is kept), and reports what
     it dropped. Problems that need a human (a conversation without an answer, a too-long
-    record) are left for you to decide.
+    record) are left for you to decide. An existing file is never replaced unless you pass
+    `overwrite=True`, as this notebook does for its own copy when it runs again.
     """),
     code("""
-    cleaned = ftmagic.clean("runs/data/broken.jsonl", "runs/data/broken.clean.jsonl")
+    cleaned = ftmagic.clean("runs/data/broken.jsonl", "runs/data/broken.clean.jsonl", overwrite=True)
     print(cleaned.summary())
     for problem in cleaned.dropped:
         print(" ", problem.kind, problem.location)

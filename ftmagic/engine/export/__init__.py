@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+from ftmagic.engine.outdir import record_outputs
 from ftmagic.errors import ExportError
 from ftmagic.events import Message
 from ftmagic.export.files import atomic_target, path_size
@@ -95,6 +96,8 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
         _hub(run, repo_id, summary, model_dir=model_dir if "merged" in targets else None, ggufs=ggufs,
              private=private, api=hub_api, emit=emit)
     _commands(run, run_dir, summary, ggufs)
+    # The run's manifest lists what its exports wrote, so `overwrite: true` may remove them and nothing else.
+    record_outputs(run_dir, [name for name in (MERGED_DIR, GGUF_DIR) if (run_dir / name).exists()])
     return summary
 
 
@@ -173,7 +176,8 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
     _say(emit, f"merging the adapter into the weights of {run.base_model_path}")
     with atomic_target(target, overwrite=True) as tmp:  # an incomplete folder is replaced
         # On the CPU (the trained model may still fill the GPU), in the base's own stored precision.
-        merge_adapter(run_dir, run.base_model_path, tmp, device="cpu", dtype=stored_dtype(run.base_model_path))
+        merge_adapter(run_dir, run.base_model_path, tmp, device="cpu", dtype=stored_dtype(run.base_model_path),
+                      trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)))
     summary.add_file(target, path_size(target), "merged model")
     return target
 

@@ -1,0 +1,272 @@
+"""Who may write in an ``output_dir``, and what a run is allowed to remove there.
+
+Rules (the README's "What ftmagic promises" section states them for users):
+
+- One run per folder at a time (:mod:`ftmagic.engine.runlock`).
+- The run record ``ftmagic_run.json`` lists every top-level file and folder the run wrote
+  (its manifest). ``overwrite: true`` removes only those; a file ftmagic did not write is
+  never removed or replaced, and a run whose outputs would land on one is refused.
+- A folder holding an unfinished or stopped run is continued with ``resume: true`` or
+  replaced with ``overwrite: true``; a plain re-run is refused instead of deleting its
+  checkpoints. A finished run of the same config is replaced (same config, same result).
+- The record is written when the run really starts (model loaded, checkpoint read, data
+  checked), so a run that fails on a typo leaves nothing that refuses the corrected one,
+  and a refused resume leaves the record as it was.
+
+Example::
+
+    claim = claim_output_dir(Path("runs/a"), cfg, identity=run_identity(cfg), optimizer="adamw")
+    try:
+        ...                                   # load model and data
+        start_run(claim, cfg, fingerprint)    # removes old outputs (overwrite), writes the record
+        ...                                   # train, write outputs
+        finish_run(claim, cfg, written, **extra)
+    finally:
+        claim.release()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ftmagic.engine.result import RUN_FILE
+from ftmagic.engine.runlock import LOCK_NAME, RunLock
+from ftmagic.errors import CheckpointError
+
+RECORD_VERSION = 2
+STAGING_PREFIX = ".ftmagic-staging-"
+# Names a run may write at the top of output_dir (model and tokenizer files vary by model;
+# these are the common ones, checked before training so a clash is refused early).
+OUTPUT_NAMES = ("checkpoints", "merged", "gguf", "runs", "wandb", "adapter_model.safetensors", "adapter_config.json",
+                "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "config.yaml", "metrics.json", "history.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "README.md", "vocab.json",
+                "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt", "spiece.model")
+_BOOKKEEPING = (RUN_FILE, LOCK_NAME)
+
+
+@dataclass
+class Claim:
+    """What :func:`claim_output_dir` decided; the lock is held until :meth:`release`."""
+
+    out: Path
+    lock: Optional[RunLock]
+    identity: str
+    optimizer: str
+    previous: Optional[dict]
+    resume: bool  # continue from the checkpoints
+    remove: list = field(default_factory=list)  # names removed when the run starts
+    created: bool = False  # the folder did not exist before
+    started: bool = False
+    files: set = field(default_factory=set)  # the manifest: top-level names this run (and the one it resumes) wrote
+
+    def release(self) -> None:
+        """Drop the lock; a folder this claim created and nothing was written to is removed again."""
+        if self.lock is not None:
+            self.lock.release()
+        if self.created and not self.started:
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
+
+
+def read_record(out: Path) -> Optional[dict]:
+    """The run record of ``out``: None without one, ``{}`` when it is unreadable."""
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def owned_names(record: Optional[dict], entries: set) -> set:
+    """Top-level names the recorded run wrote (a record without a manifest: ftmagic's usual outputs)."""
+    if not record:
+        return set()
+    files = record.get("files")
+    if isinstance(files, list):
+        return {name for name in files if isinstance(name, str) and "/" not in name and name not in ("", ".", "..")}
+    return {name for name in entries if name in OUTPUT_NAMES}
+
+
+def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
+                     note: Callable[[str, str], None]) -> Claim:
+    """Check that this run may use ``out`` and lock it; nothing is written or removed yet.
+
+    ``note(level, text)`` receives the lines the user should see.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
+    created = not out.exists()
+    try:
+        lock = RunLock.acquire(out, note=lambda text: note("warning", text))
+    except OSError as exc:
+        raise CheckpointError(f"`output_dir: {out}` cannot be written ({exc.strerror or exc})") from None
+    try:
+        claim = _decide(out, cfg, identity, optimizer, note)
+    except BaseException:
+        lock.release()
+        if created:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    claim.lock, claim.created = lock, created
+    return claim
+
+
+def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
+    previous = read_record(out)
+    entries = {item.name for item in out.iterdir()
+               if item.name not in _BOOKKEEPING and not item.name.startswith((STAGING_PREFIX, LOCK_NAME))}
+    owned = owned_names(previous, entries)
+    foreign = sorted(entries - owned)
+    same = bool(previous) and previous.get("identity") == identity
+    claim = Claim(out=out, lock=None, identity=identity, optimizer=optimizer, previous=previous, resume=False)
+
+    if cfg.resume and not (cfg.overwrite and previous and not same):
+        if previous is None:
+            if foreign:
+                raise CheckpointError(f"`output_dir: {out}` holds files that are not an ftmagic run; nothing to resume there")
+            note("warning", f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+            return claim
+        if not same:
+            raise CheckpointError(f"`output_dir: {out}` holds a different run (method {previous.get('method')}, "
+                                  f"model {previous.get('model')}); resume with the same config or set `overwrite: true`")
+        recorded = previous.get("optimizer")
+        if isinstance(recorded, str) and recorded != optimizer:
+            raise CheckpointError(f"`output_dir: {out}` was trained with `optimizer: {recorded}`; its checkpoints hold "
+                                  f"that optimizer's state, so resume with `optimizer: {recorded}` (or set "
+                                  "`overwrite: true` and `resume: false` to start over)")
+        _refuse_clashes(out, foreign)
+        claim.resume = True
+        return claim
+
+    if previous is not None and not cfg.overwrite:
+        if not same:
+            raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
+                                  f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
+                                  "or choose another `output_dir`")
+        if not previous.get("finished") or previous.get("reason") in ("stopped", "interrupted"):
+            where = _checkpoint_hint(out)
+            raise CheckpointError(f"`output_dir: {out}` holds an unfinished run of this config{where}; set `resume: true` "
+                                  "to continue it, or `overwrite: true` to start over (its checkpoints are deleted)")
+        note("info", f"replacing the earlier result of this same config in {out}")
+    elif previous is None and foreign and not cfg.overwrite:
+        raise CheckpointError(f"`output_dir: {out}` is not empty and was not written by ftmagic; "
+                              "choose another `output_dir` or set `overwrite: true` (files ftmagic did not write "
+                              "are never removed)")
+    elif cfg.resume and cfg.overwrite and previous and not same:
+        note("warning", f"`output_dir: {out}` holds a different run; `overwrite: true` replaces it and this run starts at step 0")
+    _refuse_clashes(out, foreign)
+    claim.remove = sorted(owned & entries)
+    return claim
+
+
+def _refuse_clashes(out: Path, foreign: list) -> None:
+    clashes = [name for name in foreign if name in OUTPUT_NAMES]
+    if clashes:
+        shown = ", ".join(clashes[:4]) + (f" and {len(clashes) - 4} more" if len(clashes) > 4 else "")
+        raise CheckpointError(f"`output_dir: {out}` holds {shown}, which ftmagic did not write and would overwrite; "
+                              "they are never replaced: move them or choose another `output_dir`")
+
+
+def _checkpoint_hint(out: Path) -> str:
+    from ftmagic.engine import checkpoint as ckpt
+
+    newest = ckpt.latest_checkpoint(out / "checkpoints")
+    return f" (newest checkpoint: {newest.name})" if newest is not None else ""
+
+
+def start_run(claim: Claim, cfg, *, fingerprint: str, names: tuple = ("checkpoints",)) -> None:
+    """The run really starts: check the data on resume, remove the old outputs, write the record."""
+    out = claim.out
+    if claim.resume and claim.previous:
+        recorded = claim.previous.get("data_fingerprint")
+        if isinstance(recorded, str) and recorded != fingerprint:
+            raise CheckpointError(f"the training data changed since the checkpoints in `{out}` were written (data "
+                                  f"fingerprint {recorded[:12]} then, {fingerprint[:12]} now); resuming would continue on "
+                                  "other examples: restore the data, or set `resume: false` and `overwrite: true` to start over")
+    for item in out.iterdir():
+        if item.name.startswith(STAGING_PREFIX) and item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)  # outputs of an earlier run that could not be moved into place
+    for name in claim.remove:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    claim.files = set(names)
+    if claim.resume and claim.previous:
+        claim.files |= owned_names(claim.previous, {item.name for item in out.iterdir()})
+    write_record(out, claim, cfg, finished=False, fingerprint=fingerprint, files=claim.files)
+    claim.started = True
+
+
+def write_record(out: Path, claim: Claim, cfg, *, finished: bool, fingerprint: str, files, **extra) -> None:
+    """Write ``ftmagic_run.json`` atomically (strict JSON)."""
+    from ftmagic.engine.checkpoint import strict_json
+
+    info = {"version": RECORD_VERSION, "identity": claim.identity, "model": cfg.model, "method": cfg.method,
+            "optimizer": claim.optimizer, "data_fingerprint": fingerprint, "finished": finished,
+            "files": sorted(set(files)), "updated": time.time(), **extra}
+    atomic_write_text(out / RUN_FILE, strict_json(info))
+
+
+def record_outputs(out: Path, names) -> None:
+    """Add ``names`` (top-level entries an export wrote into a finished run's folder) to its manifest."""
+    out = Path(out)
+    record = read_record(out)
+    if not record:
+        return
+    files = set(owned_names(record, {item.name for item in out.iterdir()})) | set(names)
+    if files != set(record.get("files") or []):
+        from ftmagic.engine.checkpoint import strict_json
+
+        atomic_write_text(out / RUN_FILE, strict_json({**record, "files": sorted(files)}))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def stage(out: Path) -> Path:
+    """A fresh staging folder inside ``out`` where outputs are written before they move into place."""
+    folder = out / f"{STAGING_PREFIX}{os.getpid()}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish(staging: Path, out: Path, owned: set) -> list[str]:
+    """Move every entry of ``staging`` into ``out``; an existing name ftmagic does not own is never replaced.
+
+    Returns the names moved. On a clash nothing is moved and the staging folder is kept.
+    """
+    names = sorted(item.name for item in staging.iterdir())
+    clashes = [name for name in names if (out / name).exists() and name not in owned]
+    if clashes:
+        raise CheckpointError(f"`output_dir: {out}` holds {', '.join(clashes[:4])}, which ftmagic did not write; "
+                              f"the trained outputs are kept in {staging} instead of replacing them")
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    return names
