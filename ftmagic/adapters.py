@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ftmagic.constants import RUN_FILE
 from ftmagic.errors import ConfigError, ModelError

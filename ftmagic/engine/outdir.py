@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ftmagic.engine.result import RUN_FILE
+from ftmagic.constants import RUN_FILE
 from ftmagic.engine.runlock import LOCK_NAME, RunLock
 from ftmagic.errors import CheckpointError
 

@@ -33,7 +33,7 @@ import torch
 from ftmagic.adapters import plan_continuation
 from ftmagic.config import FinetuneConfig
 from ftmagic.data import prepare_data
-from ftmagic.constants import RUN_FILE, SMOKE_MAX_STEPS, smoke_mode
+from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
