@@ -349,6 +349,7 @@ FTMAGIC_VARIANTS = {
     "no_fast_path": "the model's own forward on padded packed rows with a block-diagonal 4D mask, full logits",
     "no_chunked_loss": "flattened rows and per-example attention, but full logits and torch cross-entropy",
     "no_varlen": "flattened rows and chunked loss, but one SDPA over the whole row with a packed mask",
+    "no_fused_lora": "peft's own LoRA forward (dropout mask, scaled copy and add as separate passes)",
 }
 
 
@@ -374,9 +375,11 @@ def _apply_ftmagic_variant(variant: str) -> None:
         loop.fast_loss = full_logits_loss
     elif variant == "no_varlen":
         # SDPA sees the packed position_ids and builds a [T, T] block-diagonal mask itself.
-        loop.varlen_attention = lambda model: contextlib.nullcontext()
+        fastpath.varlen_attention = lambda model: contextlib.nullcontext()
         flatten = loop.flatten_batch
         loop.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
+    elif variant == "no_fused_lora":
+        fastpath.fused_lora = lambda model: contextlib.nullcontext()
     elif variant != "full":
         raise SystemExit(f"unknown --ftmagic-variant {variant!r}; choose from {', '.join(FTMAGIC_VARIANTS)}")
 

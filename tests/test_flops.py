@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ftmagic.engine.fastpath import fast_loss, flatten_batch, varlen_attention
+from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch
 from ftmagic.errors import ConfigError
 from ftmagic.flops import limit_share, training_flops
 from ftmagic.memory.architectures import resolve_model
@@ -47,7 +47,7 @@ def _counted(model) -> tuple[int, int]:
     # The loss accumulates the output layer's weight gradient in place (addmm_), which torch's
     # table leaves out; it costs what addmm costs.
     inplace = {torch.ops.aten.addmm_: lambda acc, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
-    with FlopCounterMode(display=False, custom_mapping=inplace) as counter, sdpa_kernel(SDPBackend.MATH), varlen_attention(model):
+    with FlopCounterMode(display=False, custom_mapping=inplace) as counter, sdpa_kernel(SDPBackend.MATH), fast_step(model):
         fast_loss(model, batch, reduction="sum").backward()
     return counter.get_total_flops(), labelled
 

@@ -1,6 +1,6 @@
 """The fast training step: no compute on padding, no full logits.
 
-Three pieces, used together by the training loop for causal LMs (adapters or full
+Four pieces, used together by the training loop for causal LMs (adapters or full
 fine-tuning, not prompt learning, which prepends virtual tokens):
 
 * :func:`flatten_batch` turns a micro-batch of rows (packed or not) into ONE row with
@@ -9,15 +9,17 @@ fine-tuning, not prompt learning, which prepends virtual tokens):
 * :func:`varlen_attention` (a context manager) makes the model's attention run causal
   SDPA on each example separately, so examples in one row never see each other and no
   ``[T, T]`` mask is built or multiplied (the work is ``sum(len_i**2)``, not ``T**2``);
+* :func:`ftmagic.engine.fused_lora.fused_lora` runs each LoRA projection as one autograd
+  node with a cheap dropout mask (:func:`fast_step` enters it with the attention);
 * :func:`fast_loss` runs the decoder to its last hidden states and applies the output
   layer only to positions that carry a label, chunk by chunk
   (:func:`ftmagic.engine.losses.causal_lm_loss`).
 
 Example::
 
-    from ftmagic.engine.fastpath import fast_loss, flatten_batch, supports_fast_path, varlen_attention
+    from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch, supports_fast_path
     if supports_fast_path(model):
-        with varlen_attention(model):
+        with fast_step(model):
             batch = flatten_batch(rows)
             loss_sum = fast_loss(model, batch, reduction="sum")
             loss_sum.backward()
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ftmagic.engine.fused_lora import fused_lora
 from ftmagic.engine.losses import causal_lm_loss
 
 IGNORE = -100
@@ -89,13 +92,11 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, dropout
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        # Expand key/value heads once for the whole row rather than once per segment.
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    # Grouped-query attention inside the kernel: no expanded copies of key and value (a third
+    # less attention time on CPU than repeating the heads first, the same result).
+    gqa = query.shape[1] != key.shape[1]
     parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-                                            scale=scaling, is_causal=True)
+                                            scale=scaling, is_causal=True, enable_gqa=gqa)
              for a, b in zip(bounds[:-1], bounds[1:])]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
@@ -134,6 +135,14 @@ def supports_fast_path(model) -> bool:
         if getattr(config, attr, None) not in (None, 1, 1.0):
             return False
     return getattr(config, "_attn_implementation", None) in _REPLACEABLE + (VARLEN,)
+
+
+@contextmanager
+def fast_step(model):
+    """The step's context: :func:`varlen_attention`, and LoRA projections as one node each
+    (:func:`ftmagic.engine.fused_lora.fused_lora`). Forward and backward run inside."""
+    with varlen_attention(model), fused_lora(model):
+        yield
 
 
 @contextmanager

@@ -36,7 +36,7 @@ import torch
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.collate import collate, count_targets
 from ftmagic.engine.device import build_optimizer
-from ftmagic.engine.fastpath import fast_loss, flatten_batch, supports_fast_path, varlen_attention
+from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch, supports_fast_path
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -154,8 +154,9 @@ def make_batch(rows, pad_id: int, plan, fast: bool) -> dict:
 
 
 def _attention(model, fast: bool):
-    # Per-example attention for flattened rows; forward, backward and checkpoint recomputation run inside.
-    return varlen_attention(model) if fast else nullcontext()
+    # Per-example attention for flattened rows and fused LoRA projections; forward, backward and
+    # checkpoint recomputation run inside.
+    return fast_step(model) if fast else nullcontext()
 
 
 def _mean_loss(model, batch: dict, plan, fast: bool, n: int):
