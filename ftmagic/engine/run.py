@@ -37,6 +37,7 @@ from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.models import (SMOKE_MAX_STEPS, load_model, load_tokenizer, quiet_progress, resolve_model_path,
                                    smoke_mode)
 from ftmagic.engine.result import RUN_FILE, RunResult
+from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
@@ -193,6 +194,9 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
     trainable, total = count_parameters(model)
+    threads = plan_threads(cfg.threads, params=total, device=plan.device)
+    if threads.threads is not None:
+        emit({"event": "message", "level": "info", "text": threads.reason})
 
     per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
@@ -207,10 +211,11 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
     emit({"event": "start", "trainable_params": trainable, "total_params": total, "max_steps": max_steps,
           "epochs": max_steps * cfg.grad_accum / per_epoch, "resumed_from_step": resumed_step})
 
-    outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                         pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                         checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                         shifted=plan.method != "prompt_tuning")
+    with run_threads(threads):
+        outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
+                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
+                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
+                             shifted=plan.method != "prompt_tuning")
 
     metrics = {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
                "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
@@ -219,6 +224,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
                "stopped": outcome.reason in ("stopped", "interrupted"),
                "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
                "method": plan.method, "device": plan.device, "precision": plan.precision,
+               "threads": threads.threads,
                "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str, bool))}}
     model.eval()
     _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
