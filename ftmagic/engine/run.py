@@ -34,8 +34,8 @@ from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device,
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.reporting import make_reporters
-from ftmagic.engine.models import (SMOKE_MAX_STEPS, load_model, load_tokenizer, quiet_progress, resolve_model_path,
-                                   smoke_mode)
+from ftmagic.engine.models import (SMOKE_MAX_STEPS, hidden_size_of, load_model, load_tokenizer, quiet_progress,
+                                   resolve_model_path, smoke_mode)
 from ftmagic.engine.result import RUN_FILE, RunResult
 from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
@@ -139,7 +139,8 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         notes.append(("info", f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
                               f"`{cfg.model}` and at most {SMOKE_MAX_STEPS} steps"))
     model_path = resolve_model_path(cfg.model)
-    plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method)
+    plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method,
+                         hidden_size=hidden_size_of(model_path))
     if plan.fallback:
         notes.append(("warning", plan.fallback))
     method = get_method(plan.method)
