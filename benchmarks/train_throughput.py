@@ -192,14 +192,31 @@ def trained_tokens(examples: list[dict]) -> int:
 
 # ------------------------------------------------------------------------ set-up (parent)
 
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
 def build_workdir(workdir: Path) -> Path:
     """Tokenizer, model and data, built once with fixed seeds and reused by every system."""
     marker = workdir / "ready.json"
     if marker.exists():
         return workdir
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     workdir.mkdir(parents=True, exist_ok=True)
     train = generate_records(TRAIN_RECORDS, seed=1)
@@ -209,17 +226,7 @@ def build_workdir(workdir: Path) -> Path:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=MODEL_CONFIG["vocab_size"], special_tokens=specials, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = [m["content"] for r in train for m in r["messages"]]
-    core.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = CHATML_TEMPLATE
+    tok = build_tokenizer([m["content"] for r in train for m in r["messages"]], MODEL_CONFIG["vocab_size"])
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL_CONFIG, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
