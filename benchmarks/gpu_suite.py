@@ -331,10 +331,10 @@ def run_ftmagic(spec: RunSpec, model_dir: str, texts: list, out: str, precision:
 
     stamps = []
 
-    def on_event(event: dict) -> None:
-        if event.get("event") == "step":
+    def on_event(event) -> None:
+        if event.kind == "step":
             device.sync()
-            stamps.append((event["step"], time.perf_counter(), event["tokens"]))
+            stamps.append((event.step, time.perf_counter(), event.tokens))
 
     result = finetune(on_event=on_event, model=model_dir, method=spec.method, precision=precision, data=[{"text": t} for t in texts],
                       format="text", train_on="all", max_seq_len=spec.seq_len, packing=False,

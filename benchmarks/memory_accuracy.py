@@ -4,13 +4,13 @@ For a matrix of methods (full, LoRA, QLoRA) x model sizes x batch x sequence len
 gradient checkpointing, print side by side:
 
 * analytic - ``estimate_memory(...)`` (no torch, milliseconds);
-* exact    - the same step traced under FakeTensorMode (``simulate_memory``);
+* exact    - the same step traced under FakeTensorMode (``ftmagic.api.simulate_memory``);
 * measured - the same step run on real CPU tensors, its peak read by torch's MemTracker
   (on a CUDA machine, ``--cuda`` reads ``torch.cuda.max_memory_allocated`` instead).
 
 Targets: analytic within 10% of measured on every row, exact within 3%.
 
-QLoRA rows are traced through the 4-bit stand-in of ``ftmagic.memory.simulate`` (a frozen
+QLoRA rows are traced through the 4-bit stand-in of ``ftmagic.engine.trace`` (a frozen
 compute-dtype linear saves the same tensors as bitsandbytes' MatMul4Bit; weights are
 counted at NF4 size) because bitsandbytes' CPU kernels are not what a GPU run uses.
 
@@ -111,7 +111,7 @@ def published_table() -> str:
 
 
 def run_row(row: dict, cuda: bool = False) -> dict:
-    from ftmagic.memory.simulate import trace_step
+    from ftmagic.engine.trace import trace_step
 
     shape = MODELS[row["model"]]
     settings = {k: v for k, v in row.items() if k != "model"}

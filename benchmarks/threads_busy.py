@@ -40,7 +40,7 @@ def run_once(threads, steps: int, out: str) -> dict:
     settings = {**DEMO_CONFIG, "max_steps": steps, "eval_steps": 0, "save_steps": 0, "output_dir": out,
                 "overwrite": True, "threads": threads}
     lines = []
-    result = finetune(data=demo_dataset("train"), on_event=lambda e: lines.append(e.get("text", "")), **settings)
+    result = finetune(data=demo_dataset("train"), on_event=lambda e: lines.append(getattr(e, "text", "")), **settings)
     chosen = next((t for t in lines if t.startswith("threads:")), "")
     return {"threads": result.metrics.get("threads") or torch.get_num_threads(), "line": chosen,
             "train_s": result.metrics["runtime_s"], "s_per_step": result.metrics["runtime_s"] / steps}

@@ -373,10 +373,10 @@ def _apply_ftmagic_variant(variant: str) -> None:
 
     import torch.nn.functional as F
 
-    from ftmagic.engine import fastpath, loop
+    from ftmagic.engine import fastpath, objectives
 
     if variant == "no_fast_path":
-        loop.supports_fast_path = lambda model: False
+        objectives.supports_fast_path = lambda model: False
     elif variant == "no_chunked_loss":
         def full_logits_loss(model, batch, *, reduction="sum"):
             lm = fastpath._causal_lm(model)
@@ -386,12 +386,12 @@ def _apply_ftmagic_variant(variant: str) -> None:
             logits = lm.get_output_embeddings()(hidden).float()
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                    ignore_index=-100, reduction=reduction)
-        loop.fast_loss = full_logits_loss
+        objectives.fast_loss = full_logits_loss
     elif variant == "no_varlen":
         # SDPA sees the packed position_ids and builds a [T, T] block-diagonal mask itself.
         fastpath.varlen_attention = lambda model: contextlib.nullcontext()
-        flatten = loop.flatten_batch
-        loop.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
+        flatten = objectives.flatten_batch
+        objectives.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
     elif variant == "no_fused_lora":
         fastpath.fused_lora = lambda model: contextlib.nullcontext()
     elif variant != "full":

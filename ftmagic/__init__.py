@@ -6,6 +6,15 @@
 Importing this package is cheap: torch, transformers and peft load only when a run
 starts, so the memory calculator and the magics answer at once.
 
+Layers (imports only point downwards; ``tests/test_layers.py`` walks every import):
+
+* front: this package's ``__init__``, ``api``, ``cli`` + ``commands/``, ``magics`` +
+  ``widgets/``, ``textprogress``, ``usage``, ``demo``: parse, validate, call, display;
+* engine: ``engine/``, the only layer that imports torch, transformers, peft and
+  accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
+* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``units``, ``data/``
+  and ``memory/``: pure Python that never imports the engine or a front.
+
 Example::
 
     import ftmagic
@@ -29,7 +38,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "finetune": "ftmagic.engine.run",
     "RunResult": "ftmagic.engine.result",
-    "estimate_memory": "ftmagic.memory",
+    "estimate_memory": "ftmagic.api",
     "MemoryEstimate": "ftmagic.memory",
     "preview": "ftmagic.data.report",
     "clean": "ftmagic.data.report",
@@ -71,4 +80,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ftmagic.demo import demo_dataset
     from ftmagic.engine.result import RunResult
     from ftmagic.engine.run import finetune
-    from ftmagic.memory import MemoryEstimate, estimate_memory
+    from ftmagic.api import estimate_memory
+    from ftmagic.memory import MemoryEstimate

@@ -19,16 +19,22 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
+from ftmagic.methods import METHOD_NAMES, get_method_spec
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze")
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
-# Methods that never add positions to the sequence, so packed examples stay aligned.
-_PREFIX_METHODS = ("prompt_tuning", "prefix_tuning")
+
+# The accepted values of the choice keys, built from their one home (the method table, the
+# constants): `typing.Literal` of a tuple lists the tuple's items.
+MethodName = Literal[METHOD_NAMES]
+FormatName = Literal[FORMATS]
+OptimizerName = Literal[OPTIMIZERS]
+PrecisionName = Literal[PRECISIONS]
+DeviceName = Literal[DEVICES]
 
 
 @dataclass
@@ -43,13 +49,13 @@ class FinetuneConfig:
 
     # --- what to train -------------------------------------------------------------
     model: str = "tiny"  # a Hugging Face id, a local directory, or "tiny" (the embedded model)
-    method: Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"] = "lora"
+    method: MethodName = "lora"  # see ftmagic/methods.py for what each method trains
     # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
 
     # --- data ----------------------------------------------------------------------
     data: Any = None  # path, HF dataset id, list of dicts, DataFrame, datasets.Dataset, or a list of {path, weight}
     eval_data: Any = None  # same kinds as `data`; when absent, `val_split` carves one out
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    format: FormatName = "auto"
     columns: Optional[dict] = None  # column mapping that overrides detection, e.g. {"prompt": "question"}
     template: Optional[str] = None  # a named template for base models without a chat template
     system_prompt: Optional[str] = None  # prepended to every conversation that has none
@@ -79,9 +85,9 @@ class FinetuneConfig:
 
     # --- device and memory ---------------------------------------------------------
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: PrecisionName = "auto"
+    optimizer: OptimizerName = "adamw"
+    device: DeviceName = "auto"
     skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
     # CPU threads torch computes with during the run ("auto" or a number; set back afterwards). "auto":
     # the cores free when the run starts, fewer for a small model; torch's default of one per core
@@ -94,7 +100,7 @@ class FinetuneConfig:
     save_steps: int = 100  # 0: only the final save
     save_total_limit: int = 2  # older checkpoints are removed once a newer one is written
     eval_steps: int = 50  # 0: evaluate only at the end
-    logging_steps: int = 1
+    logging_steps: int = 0  # 0: auto (every step on CPU; on CUDA ~200 reads a run, as each read waits for the GPU)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
     seed: int = 42
     resume: bool = False  # continue from the newest good checkpoint in output_dir
@@ -181,7 +187,7 @@ class FinetuneConfig:
         if not 0 <= self.val_split < 1:
             fail("val_split", f"`val_split: {self.val_split}` must be in [0, 1), e.g. 0.1")
         for key, low in (("lora_r", 1), ("lora_alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 8),
-                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 1)):
+                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 0)):
             if getattr(self, key) < low:
                 fail(key, f"`{key}: {getattr(self, key)}` must be at least {low}")
         for key in ("save_steps", "eval_steps", "early_stopping_patience", "save_total_limit", "weight_decay",
@@ -196,7 +202,7 @@ class FinetuneConfig:
             fail("max_steps", f"`max_steps: {self.max_steps}` must be a positive number of steps, or -1 to use epochs")
         if isinstance(self.target_modules, str) and self.target_modules not in ("auto", "all-linear"):
             fail("target_modules", f"`target_modules: {self.target_modules}` must be `auto`, `all-linear` or a list of module names")
-        if self.packing and self.method in _PREFIX_METHODS:
+        if self.packing and not get_method_spec(self.method).packable:
             fail("packing", f"`packing: true` cannot be used with `method: {self.method}`: virtual tokens would be shared "
                             "across packed examples; set `packing: false`")
         if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0):
@@ -217,7 +223,7 @@ class FinetuneConfig:
 
     @property
     def is_adapter_method(self) -> bool:
-        return self.method not in ("full", "bitfit", "freeze")
+        return get_method_spec(self.method).adapter
 
 
 # --------------------------------------------------------------------------- parsing
@@ -349,15 +355,12 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-_SOURCE_KEYS = {"path", "data", "weight", "split", "format", "columns", "name", "subset"}
-
-
 def _is_data_reference(value: Any) -> bool:
     """True for data given by reference (a path, an id, a list of weighted sources), not records."""
     if value is None or isinstance(value, str):
         return True
     if isinstance(value, (list, tuple)):
-        return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= _SOURCE_KEYS and _is_plain(v)) for v in value)
+        return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= set(DATA_SOURCE_KEYS) and _is_plain(v)) for v in value)
     return False
 
 

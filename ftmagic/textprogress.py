@@ -1,7 +1,8 @@
 """Training progress as text: pure formatters, an event accumulator and a terminal printer.
 
-The engine reports progress only through event dicts (``on_event(dict)``). This module
-turns those events into text. It never imports ipywidgets, so the CLI and terminal
+The engine reports progress only through the typed events of :mod:`ftmagic.events`
+(``on_event(event)``). This module turns those events into text; its functions also take
+an event's dict form (``event.to_dict()``, as stored in ``history.json``). It never imports ipywidgets, so the CLI and terminal
 IPython use it directly, and the notebook widget reuses the same formatters (the way
 ``tqdm.notebook`` reuses ``format_meter``): every string a user sees comes from a pure
 function that is tested with plain string asserts.
@@ -18,6 +19,9 @@ import math
 import sys
 import time
 from typing import Any, Callable, Optional, TextIO
+
+from ftmagic.events import Checkpoint, End, Eval, Event, Message, Plan, Start, Step, as_event
+from ftmagic.units import format_bytes  # noqa: F401  (part of this module's formatters)
 
 # --------------------------------------------------------------------------- formatters
 
@@ -38,27 +42,6 @@ def format_duration(seconds: Optional[float]) -> str:
     if hours:
         return f"{hours}:{minutes:02d}:{secs:02d}"
     return f"{minutes:02d}:{secs:02d}"
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """Bytes in binary units with three significant digits.
-
-    Example::
-
-        >>> format_bytes(1536), format_bytes(3 * 1024**3), format_bytes(None)
-        ('1.50 KiB', '3.00 GiB', '?')
-    """
-    if n is None or n < 0:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(value)} B"
-    digits = 2 if value < 10 else 1 if value < 100 else 0
-    return f"{value:.{digits}f} {unit}"
 
 
 def format_count(n: Optional[float]) -> str:
@@ -141,7 +124,7 @@ def format_params(trainable: Optional[int], total: Optional[int]) -> str:
     return f"{format_count(trainable)} of {format_count(total)} parameters trainable ({share:.2f}%)"
 
 
-def format_plan_line(plan: dict, start: Optional[dict] = None) -> str:
+def format_plan_line(plan, start=None) -> str:
     """The one line printed before heavy loading: model, method, device, precision, data.
 
     Pass the ``start`` event too once it arrived to append the trainable parameters.
@@ -152,22 +135,22 @@ def format_plan_line(plan: dict, start: Optional[dict] = None) -> str:
         ...                   "train_records": 200, "eval_records": 20, "format": "messages"})
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
-    parts = [str(plan.get("model", "?")), str(plan.get("method", "?")),
-             f"{plan.get('device', '?')} {plan.get('precision', '?')}".strip()]
-    records = plan.get("train_records")
-    data = "data: " + (f"{records} train" if records is not None else "? train")
-    if plan.get("eval_records"):
-        data += f" + {plan['eval_records']} eval"
+    plan = as_event(plan, "plan")
+    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
+    data = f"data: {plan.train_records} train"
+    if plan.eval_records:
+        data += f" + {plan.eval_records} eval"
     data += " records"
-    if plan.get("format"):
-        data += f" ({plan['format']})"
+    if plan.format:
+        data += f" ({plan.format})"
     parts.append(data)
     if start is not None:
-        parts.append(format_params(start.get("trainable_params"), start.get("total_params")))
+        start = as_event(start, "start")
+        parts.append(format_params(start.trainable_params, start.total_params))
     return "ftmagic: " + " | ".join(parts)
 
 
-def format_step_line(step: dict, width: int = 30) -> str:
+def format_step_line(step, width: int = 30) -> str:
     """One progress line from a ``step`` event.
 
     Example::
@@ -177,22 +160,21 @@ def format_step_line(step: dict, width: int = 30) -> str:
         ...                   "memory_bytes": 2**30}, width=10)
         '[#####-----] 5/10 ep 0.50 | loss 2.5 | lr 2.0e-04 | 1.23k tok/s | 00:10<00:10 | mem 1.00 GiB'
     """
-    max_steps = step.get("max_steps")
-    current = step.get("step", 0)
-    fraction = current / max_steps if max_steps else None
-    text = f"{format_bar(fraction, width)} {current}/{max_steps if max_steps else '?'}"
-    if step.get("epoch") is not None:
-        text += f" ep {step['epoch']:.2f}"
-    text += f" | loss {format_loss(step.get('loss'))} | lr {format_lr(step.get('lr'))}"
-    if step.get("tokens_per_s") is not None:
-        text += f" | {format_count(step['tokens_per_s'])} tok/s"
-    text += f" | {format_duration(step.get('elapsed_s'))}<{format_duration(step.get('eta_s'))}"
-    if step.get("memory_bytes") is not None:
-        text += f" | mem {format_bytes(step['memory_bytes'])}"
+    step = as_event(step, "step")
+    fraction = step.step / step.max_steps if step.max_steps else None
+    text = f"{format_bar(fraction, width)} {step.step}/{step.max_steps if step.max_steps else '?'}"
+    if step.epoch is not None:
+        text += f" ep {step.epoch:.2f}"
+    text += f" | loss {format_loss(step.loss)} | lr {format_lr(step.lr)}"
+    if step.tokens_per_s is not None:
+        text += f" | {format_count(step.tokens_per_s)} tok/s"
+    text += f" | {format_duration(step.elapsed_s)}<{format_duration(step.eta_s)}"
+    if step.memory_bytes is not None:
+        text += f" | mem {format_bytes(step.memory_bytes)}"
     return text
 
 
-def format_end_line(end: dict, state: Optional["RunState"] = None) -> str:
+def format_end_line(end, state: Optional["RunState"] = None) -> str:
     """The closing line: why the run ended, final losses and where the files are.
 
     Example::
@@ -201,11 +183,12 @@ def format_end_line(end: dict, state: Optional["RunState"] = None) -> str:
         ...                  "runtime_s": 62}, "output_dir": "out"})
         'finished after 10 steps in 01:02 | train loss 1.5 | saved to out'
     """
-    metrics = end.get("metrics") or {}
-    reason = end.get("reason", "finished")
+    end = as_event(end, "end")
+    metrics = end.metrics or {}
+    reason = end.reason
     steps = metrics.get("steps")
     if steps is None and state is not None and state.last_step:
-        steps = state.last_step.get("step")
+        steps = state.last_step.step
     text = {"finished": "finished", "stopped": "stopped", "interrupted": "interrupted",
             "early_stopping": "stopped early (no eval improvement)"}.get(reason, str(reason))
     if steps is not None:
@@ -216,8 +199,8 @@ def format_end_line(end: dict, state: Optional["RunState"] = None) -> str:
         text += f" | train loss {format_loss(metrics['train_loss'])}"
     if metrics.get("eval_loss") is not None:
         text += f" | eval loss {format_loss(metrics['eval_loss'])}"
-    if end.get("output_dir"):
-        text += f" | saved to {end['output_dir']}"
+    if end.output_dir:
+        text += f" | saved to {end.output_dir}"
     return text
 
 
@@ -236,57 +219,54 @@ class RunState:
     """
 
     def __init__(self) -> None:
-        self.plan: Optional[dict] = None
-        self.start: Optional[dict] = None
-        self.last_step: Optional[dict] = None
-        self.end: Optional[dict] = None
+        self.plan: Optional[Plan] = None
+        self.start: Optional[Start] = None
+        self.last_step: Optional[Step] = None
+        self.end: Optional[End] = None
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
-        self.checkpoints: list[dict] = []
-        self.messages: list[dict] = []
+        self.checkpoints: list[Checkpoint] = []
+        self.messages: list[Message] = []
         self.peak_memory_bytes: Optional[int] = None
 
-    def update(self, event: dict) -> str:
-        """Record ``event``; return its kind (``"step"``, ``"eval"``, ...)."""
-        kind = event.get("event", "")
-        if kind == "plan":
+    def update(self, event) -> str:
+        """Record ``event`` (an event or its dict form); return its kind (``"step"``, ``"eval"``, ...)."""
+        event = as_event(event)
+        if isinstance(event, Plan):
             self.plan = event
-        elif kind == "start":
+        elif isinstance(event, Start):
             self.start = event
-        elif kind == "step":
+        elif isinstance(event, Step):
             self.last_step = event
-            loss = event.get("loss")
-            if loss is not None and math.isfinite(loss):
-                self.train_points.append((int(event.get("step", len(self.train_points) + 1)), float(loss)))
-            memory = event.get("memory_bytes")
-            if memory is not None:
-                self.peak_memory_bytes = max(memory, self.peak_memory_bytes or 0)
-        elif kind == "eval":
-            loss = event.get("eval_loss")
-            if loss is not None and math.isfinite(loss):
-                self.eval_points.append((int(event.get("step", 0)), float(loss)))
-        elif kind == "checkpoint":
+            if event.loss is not None and math.isfinite(event.loss):
+                self.train_points.append((int(event.step), float(event.loss)))
+            if event.memory_bytes is not None:
+                self.peak_memory_bytes = max(event.memory_bytes, self.peak_memory_bytes or 0)
+        elif isinstance(event, Eval):
+            if event.eval_loss is not None and math.isfinite(event.eval_loss):
+                self.eval_points.append((int(event.step), float(event.eval_loss)))
+        elif isinstance(event, Checkpoint):
             self.checkpoints.append(event)
-        elif kind == "message":
+        elif isinstance(event, Message):
             self.messages.append(event)
-        elif kind == "end":
+        elif isinstance(event, End):
             self.end = event
-        return kind
+        return event.kind
 
     @property
     def max_steps(self) -> Optional[int]:
-        if self.last_step and self.last_step.get("max_steps"):
-            return self.last_step["max_steps"]
-        if self.start and self.start.get("max_steps"):
-            return self.start["max_steps"]
+        if self.last_step and self.last_step.max_steps:
+            return self.last_step.max_steps
+        if self.start and self.start.max_steps:
+            return self.start.max_steps
         return None
 
     @property
     def step(self) -> int:
         if self.last_step:
-            return int(self.last_step.get("step", 0))
+            return int(self.last_step.step)
         if self.start:
-            return int(self.start.get("resumed_from_step") or 0)
+            return int(self.start.resumed_from_step or 0)
         return 0
 
     @property
@@ -344,30 +324,32 @@ class TextProgress:
         out.write(text + "\n")
         out.flush()
 
-    def __call__(self, event: dict) -> None:
-        kind = self.state.update(event)
-        if kind == "plan" and self.header:
+    def __call__(self, event) -> None:
+        event = as_event(event)
+        self.state.update(event)
+        if isinstance(event, Plan) and self.header:
             self._println(format_plan_line(event))
-        elif kind == "start" and self.header:
-            line = format_params(event.get("trainable_params"), event.get("total_params"))
-            if event.get("resumed_from_step"):
-                line += f" | resuming from step {event['resumed_from_step']}"
+        elif isinstance(event, Start) and self.header:
+            line = format_params(event.trainable_params, event.total_params)
+            if event.resumed_from_step:
+                line += f" | resuming from step {event.resumed_from_step}"
             self._println(line)
-        elif kind == "step":
+        elif isinstance(event, Step):
             self._step(event)
-        elif kind == "eval":
-            self._println(f"step {event.get('step')}: eval loss {format_loss(event.get('eval_loss'))}")
-        elif kind == "checkpoint":
-            self._println(f"step {event.get('step')}: checkpoint saved to {event.get('path')}")
-        elif kind == "message":
-            prefix = "warning: " if event.get("level") == "warning" else ""
-            self._println(prefix + str(event.get("text", "")))
-        elif kind == "end":
+        elif isinstance(event, Eval):
+            self._println(f"step {event.step}: eval loss {format_loss(event.eval_loss)}"
+                          + "".join(f" | {k} {format_loss(v)}" for k, v in event.metrics.items()
+                                    if isinstance(v, (int, float))))
+        elif isinstance(event, Checkpoint):
+            self._println(f"step {event.step}: checkpoint saved to {event.path}")
+        elif isinstance(event, Message):
+            self._println(("warning: " if event.level == "warning" else "") + event.text)
+        elif isinstance(event, End):
             self._println(format_end_line(event, self.state))
 
-    def _step(self, event: dict) -> None:
+    def _step(self, event: Step) -> None:
         now = self.clock()
-        last = event.get("step") == event.get("max_steps")
+        last = event.step == event.max_steps
         if not last and self._last_print is not None and now - self._last_print < self.min_interval:
             return
         self._last_print = now
@@ -388,11 +370,11 @@ class TextProgress:
             self._line_open = False
 
 
-def any_event_callback(*callbacks: Optional[Callable[[dict], Any]]) -> Callable[[dict], None]:
+def any_event_callback(*callbacks: Optional[Callable[[Event], Any]]) -> Callable[[Event], None]:
     """Combine several ``on_event`` callbacks into one (``None`` entries are skipped)."""
     active = [cb for cb in callbacks if cb is not None]
 
-    def fan_out(event: dict) -> None:
+    def fan_out(event: Event) -> None:
         for cb in active:
             cb(event)
 

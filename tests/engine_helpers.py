@@ -27,9 +27,9 @@ def encode(tokenizer, record: dict, max_seq_len: int = 64) -> dict:
 
 
 def collect():
-    """An ``on_event`` callback that keeps every event; returns (callback, list)."""
+    """An ``on_event`` callback that keeps every event in its dict form; returns (callback, list)."""
     events: list[dict] = []
-    return events.append, events
+    return (lambda event: events.append(event.to_dict())), events
 
 
 class StopAt:
@@ -38,9 +38,9 @@ class StopAt:
     def __init__(self, step: int):
         self.step, self.seen = step, 0
 
-    def __call__(self, event: dict) -> None:
-        if event.get("event") == "step":
-            self.seen = event["step"]
+    def __call__(self, event) -> None:
+        if event.kind == "step":
+            self.seen = event.step
 
     def is_set(self) -> bool:
         return self.seen >= self.step

@@ -6,7 +6,8 @@ from the encoder under test.
 
 import pytest
 
-from ftmagic.data import IGNORE, encode_conversations, encode_example, encode_prompt, render_prompt
+from ftmagic.constants import IGNORE_INDEX as IGNORE
+from ftmagic.data import encode_conversations, encode_example, encode_prompt, render_prompt
 from ftmagic.errors import DataError
 
 

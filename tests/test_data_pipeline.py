@@ -5,7 +5,8 @@ import json
 import pytest
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.data import IGNORE, data_sources, encode_example, pack, prepare_data
+from ftmagic.constants import IGNORE_INDEX as IGNORE
+from ftmagic.data import data_sources, encode_example, pack, prepare_data
 from ftmagic.errors import ConfigError, DataError
 
 
@@ -150,3 +151,18 @@ def test_data_layer_imports_no_heavy_modules():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ipywidgets', 'datasets', 'pandas'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_mixture_entry_reads_the_split_it_names(tmp_path, test_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    from ftmagic.config import FinetuneConfig
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": "train?", "completion": "yes"}] * 3),
+        "test": datasets.Dataset.from_list([{"prompt": "test?", "completion": "no"}] * 2),
+    }).save_to_disk(str(folder))
+    cfg = FinetuneConfig(data=[{"path": str(folder), "split": "test"}], max_seq_len=64)
+    prepared = prepare_data(cfg, test_tokenizer)
+    assert len(prepared.train) == 2
+    assert prepared.stats["datasets"][0]["records"] == 2

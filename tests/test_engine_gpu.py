@@ -79,7 +79,7 @@ def test_out_of_memory_is_one_line(wide_model_dir, tmp_path):
     total = torch.cuda.get_device_properties(0).total_memory
 
     def grab_everything(event):
-        if event["event"] == "step":
+        if event.kind == "step":
             torch.empty(2 * total, dtype=torch.uint8, device="cuda")  # a real torch.OutOfMemoryError mid-run
 
     with pytest.raises(MemoryFitError, match=r"^CUDA ran out of GPU memory; try [^\n]+ \(see `%ft_memory`\)$"):

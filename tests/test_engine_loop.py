@@ -32,7 +32,7 @@ def _loop(model, rows, plan, root=None, **cfg):
                                "eval_steps": 0, **cfg})
     events = []
     outcome = train_loop(model, rows, None, config=config, plan=plan, optimizer_plan=choose_optimizer("adamw", "cpu", False),
-                         pad_id=0, max_steps=3, emit=events.append, checkpoint_root=root)
+                         pad_id=0, max_steps=3, emit=lambda e: events.append(e.to_dict()), checkpoint_root=root)
     return outcome, [e["loss"] for e in events if e["event"] == "step"]
 
 
@@ -74,26 +74,63 @@ def test_packed_and_padded_batches_give_the_same_loss(test_model_dir, test_token
     assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
 
 
-def test_logging_steps_thin_the_events_not_the_history(test_model_dir, test_tokenizer):
-    config = FinetuneConfig(batch_size=2, lr=1e-3, max_steps=5, logging_steps=2, save_steps=0, eval_steps=0)
+def _logged(model_dir, tok, logging_steps):
+    config = FinetuneConfig(batch_size=2, lr=1e-3, max_steps=5, logging_steps=logging_steps, save_steps=0,
+                            eval_steps=0, seed=3)
     events = []
-    outcome = train_loop(_model(test_model_dir), _rows(test_tokenizer), None, config=config, plan=PLAN,
+    outcome = train_loop(_model(model_dir), _rows(tok), None, config=config, plan=PLAN,
                          optimizer_plan=choose_optimizer("adamw", "cpu", False), pad_id=0, max_steps=5,
-                         emit=events.append)
-    assert [e["step"] for e in events if e["event"] == "step"] == [2, 4, 5]
-    assert [e["step"] for e in outcome.history] == [1, 2, 3, 4, 5]
+                         emit=lambda e: events.append(e.to_dict()))
+    return outcome, [e for e in events if e["event"] == "step"]
+
+
+def test_logging_steps_report_token_weighted_means_of_their_window(test_model_dir, test_tokenizer):
+    _, every = _logged(test_model_dir, test_tokenizer, 1)
+    outcome, thinned = _logged(test_model_dir, test_tokenizer, 2)
+    assert [e["step"] for e in thinned] == [2, 4, 5]
+    assert outcome.history == thinned  # the history is what was logged
+    for event, window in zip(thinned, [every[0:2], every[2:4], every[4:5]]):
+        tokens = sum(e["tokens"] for e in window)
+        assert event["tokens"] == tokens
+        assert event["loss"] == pytest.approx(sum(e["loss"] * e["tokens"] for e in window) / tokens, abs=1e-6)
+        assert event["grad_norm"] == pytest.approx(sum(e["grad_norm"] for e in window) / len(window), abs=1e-6)
+    assert outcome.train_loss == thinned[-1]["loss"]
+
+
+def test_no_step_waits_for_the_device_between_logging_steps(test_model_dir, test_tokenizer, monkeypatch):
+    """The whole step runs on the meta device, where any read of a value (.item(), float(),
+    a boolean mask, .cpu()) raises: only the loop's logging read, counted here, may look at values."""
+    import ftmagic.engine.loop as loop
+
+    reads = []
+
+    def read(window):
+        reads.append(window.steps)
+        window._clear()
+        return {"loss": 1.0, "metrics": {}, "grad_norm": 1.0, "tokens": 1, "steps": 1, "seconds": 1.0, "lr": 1e-3}
+
+    monkeypatch.setattr(loop.Window, "read", read)
+    model = _model(test_model_dir).to("meta")
+    meta = dataclasses.replace(PLAN, device="meta")
+    config = FinetuneConfig(batch_size=2, lr=1e-3, max_steps=6, logging_steps=3, save_steps=0, eval_steps=0,
+                            grad_accum=2)
+    outcome = train_loop(model, _rows(test_tokenizer), None, config=config, plan=meta,
+                         optimizer_plan=choose_optimizer("adamw", "cpu", False), pad_id=0, max_steps=6,
+                         emit=lambda e: None)
+    assert outcome.step == 6
+    assert reads == [3, 3]  # one read per logging window of three steps, nothing in between
 
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_fast_step_matches_the_model_forward(test_model_dir, test_tokenizer, monkeypatch, packed):
-    import ftmagic.engine.loop as loop
+    import ftmagic.engine.objectives as objectives
     from ftmagic.data import pack
 
     rows = _rows(test_tokenizer, 12)
     if packed:
         rows = pack(rows, 64)
-    assert loop.supports_fast_path(_model(test_model_dir))
+    assert objectives.supports_fast_path(_model(test_model_dir))
     _, fast = _loop(_model(test_model_dir), rows, PLAN)
-    monkeypatch.setattr(loop, "supports_fast_path", lambda model: False)
+    monkeypatch.setattr(objectives, "supports_fast_path", lambda model: False)
     _, slow = _loop(_model(test_model_dir), rows, PLAN)
     assert fast == pytest.approx(slow, abs=1e-5)

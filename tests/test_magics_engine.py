@@ -43,7 +43,8 @@ def test_finetune_cell_trains_and_binds_the_result(shell, test_model_dir, tmp_pa
                          body(test_model_dir, out))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"ftmagic: {test_model_dir} | lora | cpu fp32 | data: 16 train records")
-    assert "parameters trainable" in lines[1]
+    assert lines[1].startswith("threads: 1 (")  # what the run chose, one line
+    assert "parameters trainable" in lines[2]
     assert lines[-1] == "result bound to `tuned`"
     result = shell.user_ns["tuned"]
     assert isinstance(result, RunResult)
@@ -75,11 +76,11 @@ def _run_with_widget(config, click_at=None, interrupt_at=None):
     holder = {}
 
     def listener(event):
-        if event.get("event") != "step":
+        if event.kind != "step":
             return
-        if click_at is not None and event["step"] == click_at:
+        if click_at is not None and event.step == click_at:
             holder["reporter"].widget.button.click()
-        if interrupt_at is not None and event["step"] == interrupt_at:
+        if interrupt_at is not None and event.step == interrupt_at:
             raise KeyboardInterrupt  # what Jupyter's interrupt raises in the kernel's main thread
 
     reporter = CellReporter("widget", on_event=listener)

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 from IPython.core.error import UsageError
 
+from ftmagic.events import Checkpoint, End, Plan, Start, Step
 from ftmagic.errors import DataError
 
 
@@ -44,29 +45,27 @@ class FakeEngine:
     def __call__(self, config, *, on_event=None, stop=None):
         self.calls.append({"config": config, "stop": stop, "on_event": on_event})
         emit = on_event or (lambda event: None)
-        emit({"event": "plan", "model": config.model, "method": config.method, "device": "cpu",
-              "precision": "fp32", "reason": "no GPU", "format": "messages", "train_records": 8,
-              "eval_records": 0, "output_dir": config.output_dir})
-        emit({"event": "start", "trainable_params": 1000, "total_params": 100_000, "max_steps": self.steps,
-              "epochs": 1.0, "resumed_from_step": 2 if config.resume else 0})
+        emit(Plan(model=config.model, method=config.method, device="cpu", precision="fp32", reason="no GPU",
+                  format="messages", train_records=8, eval_records=0, output_dir=config.output_dir))
+        emit(Start(trainable_params=1000, total_params=100_000, max_steps=self.steps, epochs=1.0,
+                   resumed_from_step=2 if config.resume else 0))
         history, reason, done = [], "finished", 0
         for i in range(1, self.steps + 1):
             if self.raise_at and self.raise_at[0] == i:
                 raise self.raise_at[1]
-            event = {"event": "step", "step": i, "max_steps": self.steps, "epoch": i / self.steps,
-                     "loss": 2.0 / i, "lr": 1e-4, "grad_norm": 1.0, "tokens": 10, "tokens_per_s": 100.0,
-                     "elapsed_s": i, "eta_s": self.steps - i, "memory_bytes": 1024**2}
-            history.append(event)
+            event = Step(step=i, max_steps=self.steps, epoch=i / self.steps, loss=2.0 / i, lr=1e-4, grad_norm=1.0,
+                         tokens=10, tokens_per_s=100.0, elapsed_s=i, eta_s=self.steps - i, memory_bytes=1024**2)
+            history.append(event.to_dict())
             emit(event)
             done = i
             if self.click_at == i:
                 on_event.widget.button.click()  # on_event is the magic's CellReporter
             if stop is not None and stop.is_set():
                 reason = "stopped"
-                emit({"event": "checkpoint", "step": i, "path": f"{config.output_dir}/checkpoint-{i}"})
+                emit(Checkpoint(step=i, path=f"{config.output_dir}/checkpoint-{i}"))
                 break
         metrics = {"train_loss": 2.0 / done, "steps": done, "runtime_s": 1.0, "stopped": reason != "finished"}
-        emit({"event": "end", "reason": reason, "metrics": metrics, "output_dir": config.output_dir})
+        emit(End(reason=reason, metrics=metrics, output_dir=config.output_dir))
         return FakeResult(config, metrics, history, config.output_dir)
 
 

@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ftmagic.memory import ModelShape, estimate_memory  # noqa: E402
-from ftmagic.memory.simulate import trace_step  # noqa: E402
+from ftmagic.api import estimate_memory  # noqa: E402
+from ftmagic.engine.trace import trace_step  # noqa: E402
+from ftmagic.memory import ModelShape  # noqa: E402
 
 TINY = ModelShape(name="tiny-llama", model_type="llama", hidden=64, intermediate=176, layers=2, heads=4,
                   kv_heads=2, vocab=512)

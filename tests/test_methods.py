@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ftmagic.engine.run as run_module
-from ftmagic.engine.methods import METHODS, Method, auto_target_modules, register
+from ftmagic.engine.methods import auto_target_modules, register
 from ftmagic.engine.result import RunResult
 from ftmagic.errors import ModelError
 
@@ -139,17 +139,19 @@ def test_auto_targets_are_every_linear_layer_of_the_blocks(test_model_dir):
     assert auto_target_modules(model) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_registry_refuses_duplicates():
-    assert list(METHODS) == ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"]
+def test_registry_refuses_duplicates_and_names_outside_the_table():
     with pytest.raises(ValueError, match="'lora' is already registered"):
-        register(Method("lora", lambda m, c: m, adapter=True))
+        register("lora", lambda m, c: m)
+    with pytest.raises(ValueError, match="'lora2' is not in the method table"):
+        register("lora2", lambda m, c: m)
 
 
 def test_unknown_target_module_is_one_line(test_model_dir, tmp_path):
     from ftmagic.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^`target_modules`: qproj not found in the model; linear layers there are: "
-                                          r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj$"):
+    with pytest.raises(ConfigError, match=r"^`target_modules`: qproj not found among the linear layers of the blocks; "
+                                          r"use `auto` or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                          r"down_proj$"):
         _train(test_model_dir, tmp_path / "out", "lora", target_modules=["qproj", "v_proj"])
 
 

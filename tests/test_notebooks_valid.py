@@ -109,7 +109,7 @@ def test_colab_conftest_sets_smoke_mode_for_its_kernels_only(monkeypatch, before
     colab = _load_conftest("colab")
     colab.pytest_runtest_setup(item=None)
     assert os.environ["FTMAGIC_SMOKE"] == "1"  # the kernel starts after this hook, inheriting it
-    from ftmagic.engine.models import smoke_mode
+    from ftmagic.constants import smoke_mode
 
     assert smoke_mode()
     colab.pytest_runtest_teardown(item=None, nextitem=None)

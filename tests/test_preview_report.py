@@ -5,7 +5,8 @@ import json
 import pytest
 
 import ftmagic
-from ftmagic.data import IGNORE, encode_example
+from ftmagic.constants import IGNORE_INDEX as IGNORE
+from ftmagic.data import encode_example
 from ftmagic.data.report import histogram, length_stats
 
 

@@ -5,7 +5,8 @@ import re
 import pytest
 
 import ftmagic
-from ftmagic.data import IGNORE, encode_example
+from ftmagic.constants import IGNORE_INDEX as IGNORE
+from ftmagic.data import encode_example
 from ftmagic.widgets.preview_html import record_html, summary_html
 
 pytest.importorskip("ipywidgets")

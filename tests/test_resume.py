@@ -18,7 +18,7 @@ def _run(model, out, **extra):
     stop = extra.pop("stop", None)
 
     def on_event(event):
-        events.append(event)
+        events.append(event.to_dict())
         if stop is not None:
             stop(event)
 
@@ -61,13 +61,13 @@ def test_interrupt_saves_a_checkpoint_and_resumes_exactly(test_model_dir, tmp_pa
     reference = step_losses(straight[1])
 
     def interrupt(event):
-        if event.get("event") == "step" and event["step"] == 4:
+        if event.kind == "step" and event.step == 4:
             raise KeyboardInterrupt
 
     events = []
 
     def on_event(event):
-        events.append(event)
+        events.append(event.to_dict())
         interrupt(event)
 
     result = finetune(model=test_model_dir, data=reversal_records(20), eval_data=reversal_records(5, seed=3),

@@ -46,13 +46,14 @@ def test_small_models_take_fewer_threads_and_say_why():
 
 def test_a_number_is_taken_as_asked_and_gpus_are_left_alone():
     asked = choose_threads(3, CpuLoad(2, 1.9, 2), params=60_000, device="cpu")
-    assert asked == ThreadPlan(3, "threads: 3 as asked (torch had 2; set back after the run)")
+    assert asked == ThreadPlan(3, "threads: 3 (as asked; torch's 2 set back after the run)")
     gpu = _auto(8, 0.0, device="cuda")
     assert gpu.threads is None and "cuda does the work" in gpu.reason
 
 
-def test_the_line_says_the_setting_is_restored():
-    assert "torch had 4; set back after the run" in _auto(4, 0.0, torch_threads=4).reason
+def test_the_line_says_when_torchs_setting_changes_for_the_run():
+    assert _auto(4, 0.0, torch_threads=4).reason == "threads: 4 (0.0 of 4 cores busy with other work)"
+    assert _auto(4, 3.0, torch_threads=4).reason.endswith("; torch's 4 set back after the run)")
 
 
 def test_run_threads_sets_back_even_on_error():
@@ -99,5 +100,5 @@ def test_a_run_reports_its_threads_and_sets_torch_back(test_model_dir, tmp_path)
     result = finetune(model=test_model_dir, data=reversal_records(8), max_steps=1, batch_size=4, lora_r=4,
                       save_steps=0, eval_steps=0, output_dir=str(tmp_path / "out"), threads=asked, on_event=on_event)
     lines = [e["text"] for e in events if e["event"] == "message" and e["text"].startswith("threads:")]
-    assert lines == [f"threads: {asked} as asked (torch had {before}; set back after the run)"]
+    assert lines == [f"threads: {asked} (as asked; torch's {before} set back after the run)"]
     assert result.metrics["threads"] == asked and torch.get_num_threads() == before

@@ -92,7 +92,7 @@ def test_run_state_accumulates_points_and_peak_memory():
     assert state.eval_points == [(5, 2.25), (6, 1.5)]
     assert state.peak_memory_bytes == 300 * 1024**2 + 6
     assert state.step == 6 and state.max_steps == 10 and state.fraction == pytest.approx(0.6)
-    assert [c["step"] for c in state.checkpoints] == [5]
+    assert [c.step for c in state.checkpoints] == [5]
     # A non-finite loss is kept out of the chart (it would break the scale) but counts as a step.
     state.update(step(7, float("nan")))
     assert len(state.train_points) == 6 and state.step == 7

@@ -16,12 +16,12 @@ from ftmagic.errors import ConfigError
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     """Flags of ``ftmagic estimate`` (same names as the config fields)."""
-    from ftmagic.memory.estimate import OPTIMIZERS
+    from ftmagic.constants import OPTIMIZERS
     from ftmagic.memory.gpus import GPU_PRESETS
-    from ftmagic.memory.policy import ALL_METHODS
+    from ftmagic.methods import METHOD_NAMES
 
     parser.add_argument("model", help="built-in name (e.g. llama-3.2-1b), local directory, cached hub id, or tiny")
-    parser.add_argument("--method", default="lora", choices=ALL_METHODS)
+    parser.add_argument("--method", default="lora", choices=METHOD_NAMES)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     parser.add_argument("--batch-size", type=int, default=4, help="micro-batch size (default 4)")
     parser.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=512,
@@ -43,7 +43,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ftmagic.memory.gpus import format_bytes, resolve_gpu
     from ftmagic.memory.suggest import verdict_for
-    from ftmagic.memory.estimate import estimate_memory
+    from ftmagic.api import estimate_memory
 
     targets = args.target_modules
     if targets not in ("auto", "all-linear"):

@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ftmagic.errors import ConfigError
 
@@ -61,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             # The value came from the command line, not from the file: say so.
             raise ConfigError(f"--set: {exc}") from None
-    progress = _progress(args.quiet)
     from ftmagic.engine.run import finetune
+    from ftmagic.textprogress import TextProgress
 
-    result = finetune(cfg, on_event=progress)
-    close = getattr(progress, "close", None)
-    if close:
-        close()
-    if not args.quiet and progress is not _plain_printer:
+    if not args.quiet:
+        progress = TextProgress()
+        finetune(cfg, on_event=progress)
+        progress.close()
         return 0  # the progress printer already wrote the summary line
+    result = finetune(cfg)
     metrics = result.metrics
     loss = metrics.get("train_loss")
     line = f"{metrics.get('reason', 'finished')}: {metrics.get('steps')} steps"
@@ -80,22 +79,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{line}; saved to {result.output_dir}")
     return 0
 
-
-def _progress(quiet: bool):
-    if quiet:
-        return lambda event: None
-    try:
-        from ftmagic.textprogress import TextProgress
-    except ImportError:
-        return _plain_printer
-    return TextProgress()
-
-
-def _plain_printer(event: dict) -> None:
-    kind = event.get("event")
-    if kind == "plan":
-        print(f"{event['method']} on {event['model']}: {event['reason']}")
-    elif kind == "step":
-        print(f"step {event['step']}/{event['max_steps']} loss {event['loss']}", flush=True)
-    elif kind == "message":
-        print(event["text"], file=sys.stderr)

@@ -12,7 +12,7 @@ Example::
 """
 
 from ftmagic.data.build import Built, build_examples
-from ftmagic.data.encode import IGNORE, Encoded, as_conversation, encode_conversations, encode_example, encode_prompt, render_prompt
+from ftmagic.data.encode import Encoded, as_conversation, encode_conversations, encode_example, encode_prompt, render_prompt
 from ftmagic.data.formats import FORMAT_NAMES, Detection, detect_format, to_conversation
 from ftmagic.data.load import LoadedData, load_data
 from ftmagic.data.pack import pack, padding_share
@@ -21,7 +21,7 @@ from ftmagic.data.problems import Problem
 from ftmagic.data.templates import NAMED_TEMPLATES, ChatTemplate, resolve_template
 
 __all__ = [
-    "Built", "build_examples", "IGNORE", "Encoded", "as_conversation", "encode_conversations", "encode_example",
+    "Built", "build_examples", "Encoded", "as_conversation", "encode_conversations", "encode_example",
     "encode_prompt", "render_prompt", "FORMAT_NAMES", "Detection", "detect_format", "to_conversation", "LoadedData",
     "load_data", "pack", "padding_share", "PreparedData", "Source", "data_sources", "prepare_data", "Problem",
     "NAMED_TEMPLATES", "ChatTemplate", "resolve_template",

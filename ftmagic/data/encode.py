@@ -21,15 +21,14 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
+from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.formats import detect_format, parse_messages, to_conversation
 from ftmagic.data.problems import RecordError
 from ftmagic.data.render import Rendered, render_conversations
 from ftmagic.data.templates import ChatTemplate, resolve_template
 from ftmagic.errors import DataError
-
-IGNORE = -100  # label of tokens without loss (the value torch's cross-entropy ignores)
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Encoded:
     @property
     def trained_tokens(self) -> int:
         if self.n_trained < 0:
-            self.n_trained = len(self.labels) - self.labels.count(IGNORE)
+            self.n_trained = len(self.labels) - self.labels.count(IGNORE_INDEX)
         return self.n_trained
 
     def to_dict(self) -> dict:
@@ -110,7 +109,7 @@ def label_step(tokenizer, rendered: list, encodings: list, max_seq_len: Optional
             ids, labels = [], []
             for (_, trained), piece in zip(r.segments, ids_of):
                 ids.extend(piece)
-                labels.extend(piece if trained else [IGNORE] * len(piece))
+                labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
             results[n] = _make(ids, labels, r, r.method + "+segments", max_seq_len)
     return results
 
@@ -194,13 +193,13 @@ def encode_prompt(tokenizer, prompt: Union[str, list], *, template: Union[None, 
 
 def _make(ids: list, labels: list, r: Rendered, method: str, max_seq_len: Optional[int]) -> Encoded:
     if r.bos_id is not None:
-        ids, labels = [r.bos_id] + ids, [IGNORE] + labels
+        ids, labels = [r.bos_id] + ids, [IGNORE_INDEX] + labels
     length = len(ids)
     truncated = bool(max_seq_len) and length > max_seq_len
     if truncated:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
     return Encoded(ids, labels, r.segments, length, truncated, method, r.eos_added, r.no_eos, r.warnings,
-                   len(labels) - labels.count(IGNORE))
+                   len(labels) - labels.count(IGNORE_INDEX))
 
 
 def _backend(tokenizer):
@@ -226,7 +225,7 @@ def _label_whole(enc, r: Rendered):
     """(ids, labels) from one tokenization of the whole text, or None if a span boundary splits a token."""
     ids = enc.ids
     n = len(ids)
-    labels = [IGNORE] * n
+    labels = [IGNORE_INDEX] * n
     pos = 0
     spans = []
     for text, trained in r.segments:

@@ -58,8 +58,11 @@ class LoadedData:
         return f"{self.name}[{original}]"
 
 
-def load_data(data: Any, *, strict: bool = True, split: str = "train") -> LoadedData:
+def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: Optional[str] = None) -> LoadedData:
     """Load ``data`` (path, Hub id, Dataset, DataFrame or list of dicts) into a :class:`LoadedData`.
+
+    ``split`` picks a split of a dataset that has several; ``subset`` is a Hub dataset's
+    configuration name (``load_dataset(name, subset)``).
 
     Example::
 
@@ -71,7 +74,7 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train") -> Loaded
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if isinstance(data, str):
-        return _load_path(data, strict=strict, split=split)
+        return _load_path(data, strict=strict, split=split, subset=subset)
     kind = type(data).__module__.split(".")[0] + "." + type(data).__name__
     if isinstance(data, dict) and not kind.startswith("datasets."):
         raise DataError("data: a single dict is not a dataset; pass a list of dicts, e.g. [{\"text\": ...}]")
@@ -88,14 +91,14 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train") -> Loaded
 # --------------------------------------------------------------------------- paths
 
 
-def _load_path(path: str, *, strict: bool, split: str) -> LoadedData:
+def _load_path(path: str, *, strict: bool, split: str, subset: Optional[str] = None) -> LoadedData:
     if os.path.isdir(path):
         return _load_folder(path, split, strict)
     if not os.path.exists(path):
         ext = os.path.splitext(path)[1].lower()
         if ext in EXTENSIONS or path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
             raise DataError(f"{path}: file not found")
-        return _load_hub(path, split, strict)
+        return _load_hub(path, split, strict, subset)
     ext = os.path.splitext(path)[1].lower()
     kind = EXTENSIONS.get(ext) or _sniff(path)
     if kind == "parquet":
@@ -309,11 +312,12 @@ def _load_folder(path: str, split: str, strict: bool) -> LoadedData:
     return _from_hf(obj, path, split, strict)
 
 
-def _load_hub(name: str, split: str, strict: bool) -> LoadedData:
+def _load_hub(name: str, split: str, strict: bool, subset: Optional[str] = None) -> LoadedData:
     try:
         import datasets
 
-        obj = datasets.load_dataset(name, split=split)
+        obj = datasets.load_dataset(name, split=split) if subset is None else datasets.load_dataset(name, subset,
+                                                                                                    split=split)
     except Exception as exc:
         raise DataError(f"{name}: not a local file, and loading it as a Hugging Face dataset failed "
                         f"({type(exc).__name__}: {_first_line(exc)})") from None

@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-IGNORE = -100
+from ftmagic.constants import IGNORE_INDEX
 
 
 def pack(examples: list, max_seq_len: int) -> list:
@@ -34,7 +34,7 @@ def pack(examples: list, max_seq_len: int) -> list:
             current = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
             rows.append(current)
         current["input_ids"].extend(ex["input_ids"])
-        current["labels"].append(IGNORE)
+        current["labels"].append(IGNORE_INDEX)
         current["labels"].extend(ex["labels"][1:])
         current["position_ids"].extend(range(n))
         current["seq_lens"].append(n)

@@ -26,12 +26,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ftmagic.constants import DATA_SOURCE_KEYS
 from ftmagic.data.build import Built, build_examples
+from ftmagic.data.load import load_data
 from ftmagic.data.pack import pack, padding_share
 from ftmagic.data.templates import ChatTemplate, resolve_template
 from ftmagic.errors import ConfigError, DataError
 
-_SOURCE_KEYS = {"path", "data", "weight", "format", "columns", "name"}
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -44,6 +45,8 @@ class Source:
     format: Optional[str] = None
     columns: Optional[dict] = None
     name: str = "data"
+    split: str = "train"  # for a dataset with several splits (a Hub id or a saved DatasetDict)
+    subset: Optional[str] = None  # a Hub dataset's configuration name
 
 
 @dataclass
@@ -76,7 +79,8 @@ def data_sources(data: Any, key: str = "data") -> list:
                 raise ConfigError(f"`{key}[{i}].weight: {weight!r}` must be a number greater than 0 (1 = as is, 2 = twice)")
             payload = spec["path"] if "path" in spec else spec["data"]
             name = spec.get("name") or (payload if isinstance(payload, str) else f"{key}[{i}]")
-            sources.append(Source(payload, float(weight), spec.get("format"), spec.get("columns"), name))
+            sources.append(Source(payload, float(weight), spec.get("format"), spec.get("columns"), name,
+                                  spec.get("split") or "train", spec.get("subset")))
         return sources
     return [Source(data, name=data if isinstance(data, str) else key)]
 
@@ -135,11 +139,14 @@ def prepare_data(config, tokenizer) -> PreparedData:
 
 
 def _is_source_spec(value: Any) -> bool:
-    return isinstance(value, dict) and ("path" in value or "data" in value) and set(value) <= _SOURCE_KEYS
+    return isinstance(value, dict) and ("path" in value or "data" in value) and set(value) <= set(DATA_SOURCE_KEYS)
 
 
 def _build(src: Source, config, tokenizer) -> Built:
-    return build_examples(src.data, tokenizer, fmt=src.format or config.format, columns=src.columns or config.columns,
+    data = src.data
+    if isinstance(data, str) and (src.split != "train" or src.subset):
+        data = load_data(data, strict=True, split=src.split, subset=src.subset)
+    return build_examples(data, tokenizer, fmt=src.format or config.format, columns=src.columns or config.columns,
                           template=config.template, system_prompt=config.system_prompt, train_on=config.train_on,
                           max_seq_len=config.max_seq_len, strict=True)
 

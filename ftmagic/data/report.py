@@ -29,10 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
+from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
 from ftmagic.data.clean import CleanResult, clean
-from ftmagic.data.encode import IGNORE, encode_conversations
+from ftmagic.data.encode import encode_conversations
 from ftmagic.data.formats import to_conversation
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
@@ -143,7 +144,7 @@ class DatasetReport:
             return view
         eos_id = getattr(tok, "eos_token_id", None)
         view.text, view.truncated, view.length = enc.text, enc.truncated, enc.length
-        view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE, i == eos_id)
+        view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i == eos_id)
                        for i, label in zip(enc.input_ids, enc.labels)]
         return view
 
@@ -191,6 +192,8 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
 
     ``model``/``tokenizer``: whose tokenizer and chat template to use; by default the
     embedded tiny model's (without one, the report still has formats, counts and problems).
+    Loading the tokenizer imports transformers, which imports torch (a few seconds the first
+    time in a process); the analysis itself is pure Python.
 
     Example::
 
@@ -321,9 +324,9 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
 
 def _last_trained(labels: list) -> int:
     for label in reversed(labels):
-        if label != IGNORE:
+        if label != IGNORE_INDEX:
             return label
-    return IGNORE
+    return IGNORE_INDEX
 
 
 def length_stats(lengths: list) -> Optional[dict]:

@@ -11,28 +11,16 @@ Example::
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional
 
+from ftmagic import constants
 from ftmagic.errors import ModelError
-
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
 
 def tiny_available() -> bool:
     """Whether the embedded tiny model's tokenizer ships with this copy of ftmagic."""
-    return (TINY_DIR / "tokenizer_config.json").exists() or (TINY_DIR / "tokenizer.json").exists()
-
-
-def resolve_model_name(model: str) -> str:
-    """``tiny`` -> the embedded folder; in smoke mode (FTMAGIC_SMOKE=1) any id that is not a folder too."""
-    if model == "tiny":
-        return str(TINY_DIR)
-    smoke = os.environ.get("FTMAGIC_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
-    if smoke and not os.path.isdir(model) and tiny_available():
-        return str(TINY_DIR)
-    return model
+    tiny = constants.TINY_MODEL_DIR
+    return (tiny / "tokenizer_config.json").exists() or (tiny / "tokenizer.json").exists()
 
 
 def load_preview_tokenizer(model: Optional[str]) -> tuple:
@@ -45,10 +33,10 @@ def load_preview_tokenizer(model: Optional[str]) -> tuple:
             return None, ("no tokenizer: pass a model (e.g. --model Qwen/Qwen2.5-0.5B) to see tokens, lengths and "
                           "loss masks; the embedded tiny model is not installed")
         model = "tiny"
-    path = resolve_model_name(model)
+    path = constants.resolve_model_name(model)
     if model == "tiny" and not tiny_available():
         raise ModelError("model `tiny`: the embedded tiny model is not installed in this copy of ftmagic "
-                         f"({TINY_DIR} is missing); pass another model")
+                         f"({constants.TINY_MODEL_DIR} is missing); pass another model")
     try:
         from transformers import AutoTokenizer
 

@@ -145,6 +145,11 @@ def list_checkpoints(root) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_step(path) -> int:
+    """The step a checkpoint folder holds (from its ``state.json``)."""
+    return int(json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))["step"])
+
+
 def latest_checkpoint(root) -> Optional[Path]:
     """The newest complete checkpoint under ``root``, or None."""
     found = list_checkpoints(root)

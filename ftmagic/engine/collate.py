@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from ftmagic.constants import IGNORE_INDEX
 
 
 def is_packed(rows) -> bool:
@@ -30,7 +30,7 @@ def collate(rows, pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
     length = max(len(row["input_ids"]) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((n, length), dtype=torch.long)
     for i, row in enumerate(rows):
         k = len(row["input_ids"])
@@ -52,7 +52,7 @@ def collate(rows, pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
         # The model predicts token t+1 from token t; a packed example's first token is not
         # a continuation of the previous example, so it is never a target.
         first = torch.nonzero(pos == 0).flatten()
-        labels[i, first[first > 0]] = IGNORE
+        labels[i, first[first > 0]] = IGNORE_INDEX
     same = segment[:, :, None] == segment[:, None, :]
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
     valid = (segment >= 0)[:, None, :]
@@ -66,4 +66,4 @@ def collate(rows, pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
 
 def count_targets(labels: torch.Tensor, shifted: bool = True) -> int:
     """Tokens that carry loss: the model predicts labels[1:] from tokens[:-1]."""
-    return int((labels[:, 1:] != IGNORE).sum()) if shifted else int((labels != IGNORE).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if shifted else int((labels != IGNORE_INDEX).sum())

@@ -32,10 +32,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ftmagic.constants import IGNORE_INDEX
 from ftmagic.engine.fused_lora import fused_lora
-from ftmagic.engine.losses import causal_lm_loss
+from ftmagic.engine.losses import causal_lm_loss, labelled_cross_entropy_sum
 
-IGNORE = -100
 VARLEN = "ftmagic_varlen"
 # Attention kinds whose per-example replacement gives the same result (eager and SDPA are
 # both plain softmax attention; flash/flex kernels already handle packed rows themselves).
@@ -60,6 +60,9 @@ def flatten_batch(rows: list) -> dict:
 
     ``seq_bounds`` is the tuple of example boundaries ``(0, len_0, len_0 + len_1, ..., T)``. The first
     label of every example is -100 (it is never predicted from the previous example).
+    ``label_index`` holds the positions whose next token is trained and ``label_targets``
+    those tokens, found here on the CPU: selecting them on a GPU with a boolean mask would
+    make every step wait for the device.
 
     Example::
 
@@ -74,13 +77,16 @@ def flatten_batch(rows: list) -> dict:
             if n <= 0:
                 continue
             ids.extend(row["input_ids"][start:start + n])
-            labels.append(IGNORE)
+            labels.append(IGNORE_INDEX)
             labels.extend(row["labels"][start + 1:start + n])
             positions.extend(range(n))
             bounds.append(bounds[-1] + n)
             start += n
+    index = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds)}
+            "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds),
+            "label_index": torch.tensor(index, dtype=torch.long),
+            "label_targets": torch.tensor([labels[t + 1] for t in index], dtype=torch.long)}
 
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -178,5 +184,10 @@ def fast_loss(model, batch: dict, *, reduction: str = "sum") -> torch.Tensor:
     if "seq_bounds" in batch:
         inputs["seq_bounds"] = batch["seq_bounds"]
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    if "label_index" in batch:  # a flattened row: the trained positions are already known
+        rows = hidden[0].index_select(0, batch["label_index"].to(hidden.device))
+        targets = batch["label_targets"].to(hidden.device)
+        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias)
+        return total if reduction == "sum" else total / max(1, targets.shape[0])
     return causal_lm_loss(hidden, head.weight, batch["labels"].to(hidden.device), bias=head.bias,
                           reduction=reduction)

@@ -1,20 +1,30 @@
-"""The training loop: one function you can read top to bottom.
+"""The training loop: one function you can read top to bottom, with its parts beside it.
 
 Data order is a pure function of ``(seed, epoch)``: micro-batch ``k`` of the run is
 batch ``k % batches_per_epoch`` of epoch ``k // batches_per_epoch``, and optimizer
 step ``s`` consumes micro-batches ``s*grad_accum .. s*grad_accum+grad_accum-1``. The
 data position of a checkpoint is therefore just its step, which makes resume exact.
 
-The loss of one optimizer step is the mean over every trained token of all its
-micro-batches (not a mean of per-batch means), so gradient accumulation gives the same
-update as one large batch.
+The loss of one optimizer step is the mean over every loss unit (trained token, for SFT)
+of all its micro-batches (not a mean of per-batch means), so gradient accumulation gives
+the same update as one large batch. What a batch is and how its loss is computed belongs
+to the objective (:mod:`ftmagic.engine.objectives`).
 
-Causal LMs take the fast step of :mod:`ftmagic.engine.fastpath`: each micro-batch is
-flattened into one unpadded row whose examples attend only to themselves, and only
-labelled positions go through the output layer. Prompt learning and models with unusual
-heads run the model's own forward on padded batches (block-diagonal masks for packed rows).
+Nothing in a step waits for the device: losses, metrics and gradient norms accumulate as
+device tensors in a :class:`Window` and are read once every ``logging_steps`` steps (and
+before a checkpoint or evaluation), when a :class:`~ftmagic.events.Step` event reports
+their means over the window. On a GPU that keeps the queue of kernels full.
 
-Progress is reported only through ``emit(dict)`` (see the events in the package plan).
+The parts, in the order a step uses them:
+
+* :class:`Batches` - the deterministic micro-batch stream;
+* the objective's ``batch`` / ``loss`` - forward and backward of each micro-batch;
+* :func:`optimizer_step` - unscale, clip, step, schedule, zero the gradients;
+* :class:`Window` - what is read and reported at logging steps;
+* :class:`LoopState` - everything ``state.json`` stores, so a resume continues exactly;
+* :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping.
+
+Progress is reported only through ``emit(event)`` with the typed records of :mod:`ftmagic.events`.
 
 Example::
 
@@ -25,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -34,9 +45,9 @@ from typing import Callable, Optional
 import torch
 
 from ftmagic.engine import checkpoint as ckpt
-from ftmagic.engine.collate import collate, count_targets
 from ftmagic.engine.device import build_optimizer
-from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch, supports_fast_path
+from ftmagic.engine.objectives import CausalLM
+from ftmagic.events import Checkpoint, Eval, Message, Step
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -74,8 +85,25 @@ def plan_steps(n_rows: int, *, batch_size: int, grad_accum: int, epochs: float, 
     return per_epoch, max(1, math.ceil(epochs * per_epoch / grad_accum))
 
 
+def resolve_logging_steps(requested: int, device: str, max_steps: int) -> int:
+    """How often the loop reads the loss from the device: ``requested``, or for 0 (``auto``)
+    every step where reading is free (CPU, MPS) and about 200 times a run, at most every 10
+    steps, on CUDA, where each read waits for the GPU to finish its queue.
+
+    Example::
+
+        >>> resolve_logging_steps(0, "cpu", 1000), resolve_logging_steps(0, "cuda", 1000), resolve_logging_steps(3, "cuda", 50)
+        (1, 5, 3)
+    """
+    if requested and requested > 0:
+        return requested
+    if device != "cuda":
+        return 1
+    return max(1, min(10, max_steps // 200))
+
+
 def memory_bytes(device: str) -> int:
-    """Peak CUDA memory allocated, else this process's resident memory."""
+    """Peak CUDA memory allocated, else this process's resident memory (neither waits for the device)."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
     try:
@@ -101,9 +129,10 @@ class LoopOutcome:
     peak_memory_bytes: int
     history: list = field(default_factory=list)
     last_checkpoint: Optional[str] = None
+    eval_metrics: dict = field(default_factory=dict)
 
 
-class _Batches:
+class Batches:
     """The deterministic micro-batch stream (see the module docstring)."""
 
     def __init__(self, rows, batch_size: int, seed: int):
@@ -126,46 +155,134 @@ class _Batches:
         return [self.rows[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
 
 
-def evaluate(model, rows, *, batch_size: int, pad_id: int, plan, shifted: bool = True) -> Optional[float]:
-    """Token-weighted mean loss over ``rows`` (no dropout, no gradients, RNG untouched)."""
+@dataclass
+class LoopState:
+    """Everything a checkpoint's ``state.json`` stores: resuming from it continues the run exactly.
+
+    ``history`` holds the logged step and eval events (as dicts); the best-evaluation
+    fields drive early stopping.
+    """
+
+    step: int = 0
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    train_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    eval_metrics: dict = field(default_factory=dict)
+    best_eval: Optional[float] = None
+    best_step: Optional[int] = None
+    bad_evals: int = 0
+    history: list = field(default_factory=list)
+
+    def to_json(self, *, epoch: int, batch_index: int, order_seed: int) -> dict:
+        return {**dataclasses.asdict(self), "epoch": epoch, "batch_index": batch_index, "order_seed": order_seed}
+
+    @classmethod
+    def from_json(cls, values: dict) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def record_eval(self, step: int, loss: Optional[float], metrics: dict) -> bool:
+        """Note an evaluation; True when it is the best so far (lower loss)."""
+        self.eval_loss, self.eval_metrics = loss, dict(metrics)
+        if loss is not None and (self.best_eval is None or loss < self.best_eval):
+            self.best_eval, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+
+class Window:
+    """Losses, metrics and gradient norms of the steps since the last log, kept on the device.
+
+    ``read()`` is the only place the loop waits for the device; it returns the means over
+    the window and starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self.loss_sum = None  # device tensor: sum of per-unit losses
+        self.metric_sums: dict = {}
+        self.grad_norm_sum = None
+        self.units = self.tokens = self.steps = self.counted_steps = 0
+        self.lr = None  # the learning rate of the window's last step
+        self.started = time.perf_counter()
+
+    @staticmethod
+    def _add(total, value):
+        return value if total is None else total + value
+
+    def add_micro_batch(self, loss_sum: torch.Tensor, metrics: dict, units: int, tokens: int) -> None:
+        self.loss_sum = self._add(self.loss_sum, loss_sum.detach().float())
+        for name, value in metrics.items():
+            self.metric_sums[name] = self._add(self.metric_sums.get(name), value.detach().float())
+        self.units += units
+        self.tokens += tokens
+
+    def add_step(self, grad_norm, lr: float) -> None:
+        self.steps += 1
+        self.lr = lr
+        if grad_norm is not None:
+            self.grad_norm_sum = self._add(self.grad_norm_sum, grad_norm.detach().float())
+            self.counted_steps += 1
+
+    def read(self) -> dict:
+        """Means over the window (one device sync), its tokens and seconds; then a new window."""
+        now = time.perf_counter()
+        out = {"loss": float(self.loss_sum) / self.units if self.loss_sum is not None and self.units else None,
+               "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
+               "grad_norm": (float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None
+                             else None),
+               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr}
+        self._clear()
+        return out
+
+
+def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: float = 1.0):
+    """Unscale (fp16), clip, step, advance the schedule and zero the gradients.
+
+    Returns the gradient norm before clipping as a device tensor (read later, with the loss).
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int = 0, shifted: bool = True,
+             with_metrics: bool = False):
+    """Mean loss per unit over ``rows`` (no dropout, no gradients, RNG untouched).
+
+    With ``with_metrics`` returns ``(loss, {metric: mean})`` for objectives that report more.
+    """
+    objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     if not rows:
-        return None
+        return (None, {}) if with_metrics else None
     was_training = model.training
     model.eval()
-    fast = supports_fast_path(model)
-    total, tokens = 0.0, 0
-    with torch.no_grad(), _attention(model, fast):
+    window = Window()
+    with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = make_batch(rows[start:start + batch_size], pad_id, plan, fast)
-            n = count_targets(batch["labels"], shifted)
-            if n == 0:
+            batch = objective.batch(rows[start:start + batch_size])
+            units = objective.units(batch)
+            if units == 0:
                 continue
-            with _autocast(plan):
-                loss = _mean_loss(model, batch, plan, fast, n)
-            total += float(loss) * n
-            tokens += n
+            with objective.context(model), _autocast(plan):
+                loss_sum, metrics = objective.loss(model, batch)
+            window.add_micro_batch(loss_sum, metrics, units, objective.tokens(batch))
     model.train(was_training)
-    return total / tokens if tokens else None
-
-
-def make_batch(rows, pad_id: int, plan, fast: bool) -> dict:
-    """One unpadded row for the fast path (:mod:`ftmagic.engine.fastpath`), else a padded batch."""
-    return flatten_batch(rows) if fast else collate(rows, pad_id, plan.torch_dtype)
-
-
-def _attention(model, fast: bool):
-    # Per-example attention for flattened rows and fused LoRA projections; forward, backward and
-    # checkpoint recomputation run inside.
-    return fast_step(model) if fast else nullcontext()
-
-
-def _mean_loss(model, batch: dict, plan, fast: bool, n: int):
-    """Mean next-token loss over the ``n`` trained tokens of ``batch``."""
-    if fast:
-        # Only labelled positions reach the output layer, in chunks: no full [tokens, vocab] logits.
-        return fast_loss(model, _to(batch, plan.device), reduction="sum") / n
-    # No KV cache in training: it would only hold memory until the step ends.
-    return model(**_to(batch, plan.device), use_cache=False).loss
+    result = window.read()
+    return (result["loss"], result["metrics"]) if with_metrics else result["loss"]
 
 
 def _autocast(plan):
@@ -174,22 +291,19 @@ def _autocast(plan):
     return torch.autocast(device_type=plan.device, dtype=plan.torch_dtype)
 
 
-def _to(batch: dict, device: str) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-
-
-def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pad_id: int, max_steps: int,
-               emit: Callable[[dict], None], stop=None, checkpoint_root=None, resume_from=None,
-               shifted: bool = True) -> LoopOutcome:
+def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
+               emit: Callable, stop=None, checkpoint_root=None, resume_from=None, objective=None,
+               pad_id: int = 0, shifted: bool = True) -> LoopOutcome:
     """Train ``model`` for ``max_steps`` optimizer steps; see the module docstring.
 
-    ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler,
-    scaler, RNG states and the data position. ``shifted`` is False for prompt-learning
-    methods, whose first real token is also a target (predicted from a virtual token).
+    ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler, scaler,
+    RNG states and the data position. ``objective`` defaults to supervised next-token
+    loss (:class:`~ftmagic.engine.objectives.CausalLM` with ``pad_id`` and ``shifted``).
     """
-    batches = _Batches(train_rows, config.batch_size, config.seed)
-    fast = supports_fast_path(model)
+    objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
+    batches = Batches(train_rows, config.batch_size, config.seed)
     ga = config.grad_accum
+    log_every = resolve_logging_steps(config.logging_steps, plan.device, max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(optimizer_plan, params, lr=config.lr, weight_decay=config.weight_decay)
     n_warmup = warmup_steps(config.warmup, max_steps)
@@ -197,103 +311,102 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         optimizer, lambda s: lr_factor(s, kind=config.scheduler, warmup_steps=n_warmup, total_steps=max_steps))
     scaler = torch.amp.GradScaler(plan.device) if plan.use_grad_scaler else None
 
-    step, trained_tokens, best_eval, bad_evals, history = 0, 0, None, 0, []
-    elapsed_before, last_eval, last_loss = 0.0, None, None
     # With early stopping, a CPU copy of the trainable weights at the best evaluation, restored
     # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
     keep_best = bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
-    best_weights, best_step = None, None
+    best_weights = None
+    state = LoopState()
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        step, trained_tokens = state["step"], state["trained_tokens"]
-        best_eval, bad_evals, history = state["best_eval"], state["bad_evals"], state["history"]
-        elapsed_before, last_eval, last_loss = state["elapsed_s"], state.get("eval_loss"), state.get("train_loss")
-        best_step = state.get("best_step")
+        saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state = LoopState.from_json(saved)
         best_weights = ckpt.load_best(resume_from) if keep_best else None
 
+    window = Window()
+    started, start_step = time.perf_counter(), state.step
+    peak, saved_at, last_saved, reason = 0, None, None, "finished"
+
+    def elapsed() -> float:
+        return state.elapsed_s + (time.perf_counter() - started)
+
+    def log() -> None:
+        """Read the window from the device and report it (a no-op when no step ran since the last log)."""
+        nonlocal peak
+        if window.steps == 0:
+            return
+        read = window.read()
+        peak = max(peak, memory_bytes(plan.device))
+        if read["loss"] is not None:
+            state.train_loss = read["loss"]
+        rate = (state.step - start_step) / (time.perf_counter() - started)
+        event = Step(step=state.step, max_steps=max_steps, loss=read["loss"], lr=read["lr"],
+                     epoch=round(state.step * ga / batches.per_epoch, 4), grad_norm=read["grad_norm"],
+                     tokens=read["tokens"], tokens_per_s=read["tokens"] / read["seconds"] if read["seconds"] else None,
+                     elapsed_s=elapsed(), eta_s=(max_steps - state.step) / rate if rate else None,
+                     memory_bytes=peak, metrics=read["metrics"])
+        state.history.append(event.to_dict())
+        emit(event)
+
+    def run_eval() -> None:
+        loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
+                                 with_metrics=True)
+        best = state.record_eval(state.step, loss, metrics)
+        if best and keep_best:
+            nonlocal best_weights
+            best_weights = ckpt.trainable_state(model)
+        event = Eval(step=state.step, eval_loss=loss, metrics=metrics)
+        state.history.append(event.to_dict())
+        emit(event)
+
     def save() -> Optional[str]:
-        nonlocal saved_at
-        if checkpoint_root is None or saved_at == step:
+        nonlocal saved_at, last_saved
+        if checkpoint_root is None or saved_at == state.step:
             return last_saved  # already written (a stop right after a periodic save)
-        saved_at = step
-        epoch, index = batches.position(step * ga)
-        state = {"step": step, "epoch": epoch, "batch_index": index, "order_seed": config.seed,
-                 "trained_tokens": trained_tokens, "best_eval": best_eval, "bad_evals": bad_evals,
-                 "history": history, "elapsed_s": elapsed_before + (time.perf_counter() - started),
-                 "eval_loss": last_eval, "train_loss": last_loss, "best_step": best_step}
-        path = ckpt.save_checkpoint(checkpoint_root, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, state=state, keep=config.save_total_limit, best=best_weights)
-        emit({"event": "checkpoint", "step": step, "path": str(path)})
-        return str(path)
+        log()  # the saved history and train loss include every step up to this one
+        saved_at = state.step
+        epoch, index = batches.position(state.step * ga)
+        values = dataclasses.replace(state, elapsed_s=elapsed()).to_json(epoch=epoch, batch_index=index,
+                                                                          order_seed=config.seed)
+        path = ckpt.save_checkpoint(checkpoint_root, step=state.step, model=model, optimizer=optimizer,
+                                    scheduler=scheduler, scaler=scaler, state=values, keep=config.save_total_limit,
+                                    best=best_weights)
+        emit(Checkpoint(step=state.step, path=str(path)))
+        last_saved = str(path)
+        return last_saved
 
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    started = time.perf_counter()
-    start_step, reason, last_saved, peak, saved_at = step, "finished", None, 0, None
     try:
-        while step < max_steps:
-            tick = time.perf_counter()
-            micro = [make_batch(batches.get(k), pad_id, plan, fast) for k in range(step * ga, step * ga + ga)]
-            counts = [count_targets(b["labels"], shifted) for b in micro]
-            window = sum(counts)
-            step_loss = 0.0
-            for batch, n in zip(micro, counts):
+        while state.step < max_steps:
+            # Forward and backward of every micro-batch of this step, weighted by its share of the units.
+            micro = [objective.batch(batches.get(k)) for k in range(state.step * ga, state.step * ga + ga)]
+            units = [objective.units(b) for b in micro]
+            total = sum(units)
+            for batch, n in zip(micro, units):
                 if n == 0:
                     continue
-                with _attention(model, fast):
+                with objective.context(model):
                     with _autocast(plan):
-                        loss = _mean_loss(model, batch, plan, fast, n)
-                    # Weight each micro-batch by its share of the window's trained tokens.
-                    scaled = loss * (n / window)
+                        loss_sum, metrics = objective.loss(model, batch)
+                    scaled = loss_sum / total
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss = step_loss + loss.detach() * (n / window)  # stays on the device: no sync per micro-batch
-            step_loss = float(step_loss)
-            if scaler:
-                scaler.unscale_(optimizer)
-            limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            trained_tokens += window
-            last_loss = step_loss if window else last_loss
-            now = time.perf_counter()
-            done = now - started
-            rate = (step - start_step) / done if done > 0 else 0.0
-            peak = max(peak, memory_bytes(plan.device))
-            event = {"event": "step", "step": step, "max_steps": max_steps,
-                     "epoch": round((step * ga) / batches.per_epoch, 4), "loss": step_loss if window else None,
-                     "lr": lr, "grad_norm": grad_norm, "tokens": window,
-                     "tokens_per_s": window / (now - tick) if now > tick else 0.0,
-                     "elapsed_s": elapsed_before + done, "eta_s": (max_steps - step) / rate if rate else None,
-                     "memory_bytes": peak}
-            history.append(event)
-            if step % config.logging_steps == 0 or step == max_steps:
-                emit(event)
+                window.add_micro_batch(loss_sum, metrics, n, objective.tokens(batch))
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies
+            grad_norm = optimizer_step(optimizer, scheduler, params, scaler=scaler,
+                                       max_grad_norm=config.max_grad_norm)
+            state.step += 1
+            state.trained_tokens += sum(objective.tokens(b) for b in micro)
+            window.add_step(grad_norm, lr)
+            if state.step % log_every == 0 or state.step == max_steps:
+                log()
 
-            if eval_rows and config.eval_steps and step % config.eval_steps == 0 and step < max_steps:
-                last_eval = evaluate(model, eval_rows, batch_size=config.batch_size, pad_id=pad_id, plan=plan,
-                                     shifted=shifted)
-                ev = {"event": "eval", "step": step, "eval_loss": last_eval}
-                history.append(ev)
-                emit(ev)
-                if last_eval is not None and (best_eval is None or last_eval < best_eval):
-                    best_eval, bad_evals, best_step = last_eval, 0, step
-                    if keep_best:
-                        best_weights = ckpt.trainable_state(model)
-                else:
-                    bad_evals += 1
-                if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
+            if eval_rows and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
+                log()
+                run_eval()
+                if config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience:
                     reason = "early_stopping"
-            if config.save_steps and step % config.save_steps == 0:
-                last_saved = save()
+            if config.save_steps and state.step % config.save_steps == 0:
+                save()
             if reason == "early_stopping":
                 break
             if stop is not None and stop.is_set():
@@ -303,33 +416,30 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, pa
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
 
-    if step > 0 and (reason != "finished" or config.save_steps):
+    log()  # the steps since the last log (a stop or an early end leaves a partial window)
+    if state.step > 0 and (reason != "finished" or config.save_steps):
         # A stopped run must be resumable; a finished one too, so `resume: true` with a
         # larger max_steps continues from the end instead of the last periodic save.
-        last_saved = save()
+        save()
     if reason == "finished" and eval_rows:
-        # The end-of-run evaluation (periodic ones skip the last step to avoid doing it twice).
-        last_eval = evaluate(model, eval_rows, batch_size=config.batch_size, pad_id=pad_id, plan=plan, shifted=shifted)
-        ev = {"event": "eval", "step": step, "eval_loss": last_eval}
-        history.append(ev)
-        emit(ev)
-        if last_eval is not None and (best_eval is None or last_eval < best_eval):
-            best_eval = last_eval
-    if reason == "early_stopping" and best_step is not None and best_step != step:
-        if best_weights is not None:
-            # The run ends with the weights of its best evaluation, not the ones that stopped improving.
-            current = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in best_weights.items():
-                    current[name].copy_(tensor.to(current[name].device, current[name].dtype))
-            last_eval = best_eval
-            emit({"event": "message", "level": "info",
-                  "text": f"early stopping: kept the weights of step {best_step} (best eval loss {best_eval:.4f})"})
-        else:
-            emit({"event": "message", "level": "info",
-                  "text": f"early stopping: the saved weights are those of step {step}; the best eval loss was at "
-                          f"step {best_step} (its checkpoint, if kept, is in checkpoints/)"})
-    runtime = elapsed_before + (time.perf_counter() - started)
-    return LoopOutcome(reason=reason, step=step, train_loss=last_loss, eval_loss=last_eval, best_eval_loss=best_eval,
-                       trained_tokens=trained_tokens, runtime_s=runtime, peak_memory_bytes=peak, history=history,
-                       last_checkpoint=last_saved)
+        run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)
+    if reason == "early_stopping" and state.best_step is not None and state.best_step != state.step:
+        _keep_best_weights(model, state, best_weights, emit)
+    return LoopOutcome(reason=reason, step=state.step, train_loss=state.train_loss, eval_loss=state.eval_loss,
+                       best_eval_loss=state.best_eval, trained_tokens=state.trained_tokens, runtime_s=elapsed(),
+                       peak_memory_bytes=peak, history=state.history, last_checkpoint=last_saved,
+                       eval_metrics=state.eval_metrics)
+
+
+def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable) -> None:
+    """Early stopping ends with the weights of the best evaluation, not the ones that stopped improving."""
+    if best_weights is None:
+        emit(Message(f"early stopping: the saved weights are those of step {state.step}; the best eval loss was at "
+                     f"step {state.best_step} (its checkpoint, if kept, is in checkpoints/)"))
+        return
+    current = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in best_weights.items():
+            current[name].copy_(tensor.to(current[name].device, current[name].dtype))
+    state.eval_loss = state.best_eval
+    emit(Message(f"early stopping: kept the weights of step {state.best_step} (best eval loss {state.best_eval:.4f})"))

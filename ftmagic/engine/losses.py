@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-# Elements of one logits chunk: 2**23 fp32 values = 32 MB, whatever the vocabulary size.
-_CHUNK_ELEMENTS = 1 << 23
+from ftmagic.constants import IGNORE_INDEX, LOSS_CHUNK_ELEMENTS
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -39,7 +37,7 @@ def default_chunk_rows(vocab_size: int) -> int:
         >>> default_chunk_rows(32000)
         262
     """
-    return max(16, _CHUNK_ELEMENTS // max(1, vocab_size))
+    return max(16, LOSS_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +96,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None
 
 
+def labelled_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                               bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of rows ``hidden`` ``[N, H]`` that all carry a target ``[N]``, chunked.
+
+    The core of :func:`linear_cross_entropy`, without its masking of unlabelled positions
+    (the memory tracer calls it on fake tensors, whose masked size cannot be known).
+    """
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, reduction: str = "mean",
                          chunk_rows: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -123,8 +132,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # Only positions with a label go through the output layer at all.
     hidden = hidden[keep]
     targets = targets[keep]
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    total = labelled_cross_entropy_sum(hidden, weight, targets, bias=bias, chunk_rows=chunk_rows)
     if reduction == "sum":
         return total
     return total / targets.shape[0] if targets.shape[0] else total

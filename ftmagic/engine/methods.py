@@ -1,26 +1,20 @@
-"""Fine-tuning methods: a registry of plain entries, ``name -> how to prepare the model``.
+"""How to prepare a model for each fine-tuning method: the engine's half of the method table.
 
-Adding a method is adding an entry (see :func:`register`), never editing a chain of
-ifs. Each ``prepare(model, config)`` returns the model to train with exactly the
-intended parameters left trainable.
+*What* each method trains (adapter or not, quantized, prompt learning, default targets)
+lives in the torch-free table :mod:`ftmagic.methods`, which the config, the memory
+calculator and the tracer read too. This registry adds one preparer per name,
+``prepare(model, config) -> model`` with exactly the intended parameters left trainable,
+in the way peft registers its tuners; a new method is one entry in each.
 
-=============== ==================================================================
-full            every weight trains
-lora / dora     low-rank adapters on ``target_modules`` (DoRA: weight-decomposed)
-qlora           LoRA on a 4-bit NF4 base (the model is loaded quantized)
-ia3             learned rescaling vectors (IA3)
-prompt_tuning   trainable virtual tokens in front of the input
-prefix_tuning   trainable key/value prefixes in every attention layer
-bitfit          only bias terms; a model without biases is refused with an error, since
-                training "nothing" or silently switching to another method would mislead
-freeze          only the top ``trainable_layers`` blocks, the final norm and the head
-                (with tied embeddings the head *is* the input embedding, so it trains too)
-=============== ==================================================================
+BitFit on a model without biases is refused with an error, since training "nothing" or
+silently switching to another method would mislead. ``freeze`` trains the top
+``trainable_layers`` blocks, the final norm and the head (with tied embeddings the head
+*is* the input embedding, so it trains too).
 
 Example::
 
-    from ftmagic.engine.methods import METHODS
-    model = METHODS["lora"].prepare(model, config)
+    from ftmagic.engine.methods import get_method
+    model = get_method("lora").prepare(model, config)
 """
 
 from __future__ import annotations
@@ -31,36 +25,53 @@ from typing import Callable
 from torch import nn
 
 from ftmagic.errors import ConfigError, ModelError
+from ftmagic.methods import METHODS as SPECS
+from ftmagic.methods import MethodSpec, feedforward_targets, get_method_spec, select_targets
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registry entry."""
+    """A method's facts (from the core table) and how the engine prepares a model for it."""
 
-    name: str
+    spec: MethodSpec
     prepare: Callable  # (model, config) -> model with the right parameters trainable
-    adapter: bool  # True: saved as a PEFT adapter; False: saved as full weights
-    quantized: bool = False  # the base is loaded in 4-bit
-    mergeable: bool = False  # merge: true can fold the adapter into the base weights
-    summary: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def adapter(self) -> bool:
+        return self.spec.adapter
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec.quantized
+
+    @property
+    def mergeable(self) -> bool:
+        return self.spec.mergeable
 
 
-METHODS: dict[str, Method] = {}
+PREPARERS: dict[str, Callable] = {}
 
 
-def register(method: Method) -> Method:
-    """Add a method; a duplicate name is a programming error, so it raises."""
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
+def register(name: str, prepare: Callable) -> Callable:
+    """Add the preparer of a method of the core table; a duplicate or unknown name is a programming error."""
+    if name in PREPARERS:
+        raise ValueError(f"method {name!r} is already registered")
+    if name not in SPECS:
+        raise ValueError(f"method {name!r} is not in the method table (ftmagic/methods.py)")
+    PREPARERS[name] = prepare
+    return prepare
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"`method: {name}` is not accepted; use one of {', '.join(METHODS)}") from None
+    """The method's facts and preparer; a one-line ConfigError for an unknown name."""
+    spec = get_method_spec(name)
+    if name not in PREPARERS:
+        raise ConfigError(f"`method: {name}` has no preparer in this version of the engine")
+    return Method(spec, PREPARERS[name])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,8 +88,8 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def auto_target_modules(model: nn.Module) -> list[str]:
-    """Names (last component) of every linear layer inside the blocks: the QLoRA-paper choice."""
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer of one transformer block, in model order."""
     names = []
     for block in transformer_blocks(model)[:1]:
         for name, module in block.named_modules():
@@ -91,17 +102,14 @@ def auto_target_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _targets(model, config):
-    if config.target_modules == "auto":
-        return auto_target_modules(model)
-    if config.target_modules == "all-linear":
-        return "all-linear"
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in config.target_modules if t not in present]
-    if missing:
-        raise ConfigError(f"`target_modules`: {', '.join(missing)} not found in the model; "
-                          f"linear layers there are: {', '.join(auto_target_modules(model))}")
-    return list(config.target_modules)
+def auto_target_modules(model: nn.Module, method: str = "lora") -> list[str]:
+    """What ``target_modules: auto`` adapts for ``method`` (every linear of the blocks for LoRA)."""
+    return select_targets(get_method_spec(method), block_linear_names(model), "auto")
+
+
+def _targets(model, config, method: str) -> list[str]:
+    # The same rule as the memory calculator's, applied to the real model's linears.
+    return select_targets(get_method_spec(method), block_linear_names(model), config.target_modules)
 
 
 def _set_trainable(model, predicate) -> int:
@@ -129,11 +137,13 @@ def _full(model, config):
     return model
 
 
-def _lora(model, config, *, dora: bool = False):
+def _lora(model, config, *, method: str = "lora"):
     from peft import LoraConfig
 
+    spec = get_method_spec(method)
     return _peft(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                   target_modules=_targets(model, config), use_dora=dora, task_type="CAUSAL_LM"))
+                                   target_modules=_targets(model, config, method), use_dora=spec.magnitude,
+                                   task_type="CAUSAL_LM"))
 
 
 def _qlora(model, config):
@@ -141,22 +151,14 @@ def _qlora(model, config):
 
     # Casts norms and the head to fp32 for stable training; checkpointing is set up by the loop.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _lora(model, config)
+    return _lora(model, config, method="qlora")
 
 
 def _ia3(model, config):
     from peft import IA3Config
 
-    if config.target_modules == "auto":
-        targets = auto_target_modules(model)
-        # IA3 scales keys, values and the MLP output; the feed-forward one rescales inputs.
-        wanted = [t for t in targets if t in ("k_proj", "v_proj", "down_proj", "c_attn", "c_proj", "fc2", "dense_4h_to_h")]
-        targets = wanted or targets
-    else:
-        targets = _targets(model, config)
-    if targets == "all-linear":
-        targets = auto_target_modules(model)
-    feed_forward = [t for t in targets if t in ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")]
+    targets = _targets(model, config, "ia3")
+    feed_forward = feedforward_targets(get_method_spec("ia3"), targets)
     return _peft(model, IA3Config(target_modules=targets, feedforward_modules=feed_forward, task_type="CAUSAL_LM"))
 
 
@@ -201,16 +203,15 @@ def _contains(parent: nn.Module, child: nn.Module) -> bool:
     return any(m is child for m in parent.modules())
 
 
-register(Method("full", _full, adapter=False, summary="every weight trains"))
-register(Method("lora", _lora, adapter=True, mergeable=True, summary="low-rank adapters"))
-register(Method("qlora", _qlora, adapter=True, quantized=True, mergeable=True, summary="LoRA on a 4-bit NF4 base"))
-register(Method("dora", lambda m, c: _lora(m, c, dora=True), adapter=True, mergeable=True,
-                summary="weight-decomposed low-rank adapters"))
-register(Method("ia3", _ia3, adapter=True, mergeable=True, summary="learned rescaling vectors"))
-register(Method("prompt_tuning", _prompt_tuning, adapter=True, summary="trainable virtual tokens"))
-register(Method("prefix_tuning", _prefix_tuning, adapter=True, summary="trainable key/value prefixes"))
-register(Method("bitfit", _bitfit, adapter=False, summary="bias terms only"))
-register(Method("freeze", _freeze, adapter=False, summary="top blocks and the head only"))
+register("full", _full)
+register("lora", _lora)
+register("qlora", _qlora)
+register("dora", lambda model, config: _lora(model, config, method="dora"))
+register("ia3", _ia3)
+register("prompt_tuning", _prompt_tuning)
+register("prefix_tuning", _prefix_tuning)
+register("bitfit", _bitfit)
+register("freeze", _freeze)
 
 
 def enable_gradient_checkpointing(model, adapter: bool) -> None:

@@ -2,8 +2,10 @@
 
 ``tiny`` is the small pretrained model that ships inside the package
 (``ftmagic/assets/tiny``). With the environment variable ``FTMAGIC_SMOKE=1`` every
-model id resolves to ``tiny`` and runs are capped at :data:`SMOKE_MAX_STEPS` steps, so
-a notebook written for a 7B model can be checked end to end on a laptop or in CI.
+model id that is not a local folder resolves to ``tiny`` and runs are capped at
+:data:`~ftmagic.constants.SMOKE_MAX_STEPS` steps (the rule lives in
+:mod:`ftmagic.constants`), so a notebook written for a 7B model can be checked end to
+end on a laptop or in CI.
 
 Example::
 
@@ -16,37 +18,27 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ftmagic import constants
 from ftmagic.errors import ModelError
-
-SMOKE_ENV = "FTMAGIC_SMOKE"
-SMOKE_MAX_STEPS = 20  # enough to see the loss move and every event fire, small enough for CI
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-
-
-def smoke_mode() -> bool:
-    """True when ``FTMAGIC_SMOKE`` is set to a true value (1, true, yes)."""
-    return os.environ.get(SMOKE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``tiny`` (and, in smoke mode, any id) to the embedded model; leave other ids alone.
+    """Map ``tiny`` (and, in smoke mode, any id but a local folder) to the embedded model.
 
     Example::
 
         resolve_model_path("tiny")            # -> ".../ftmagic/assets/tiny"
         resolve_model_path("Qwen/Qwen2.5-0.5B")  # -> "Qwen/Qwen2.5-0.5B" (loaded from the hub)
     """
-    if name == "tiny" or smoke_mode():
-        if not (TINY_DIR / "config.json").exists():
-            raise ModelError(f"the embedded model is missing at {TINY_DIR}; rebuild it with "
-                             "`python scripts/build_tiny_model.py` or set `model:` to another id")
-        return str(TINY_DIR)
-    return os.path.expanduser(name)
+    path = constants.resolve_model_name(name)
+    if path == str(constants.TINY_MODEL_DIR) and not constants.tiny_model_available():
+        raise ModelError(f"the embedded model is missing at {constants.TINY_MODEL_DIR}; rebuild it with "
+                         "`python scripts/build_tiny_model.py` or set `model:` to another id")
+    return path
 
 
 def hidden_size_of(path: str) -> Optional[int]:

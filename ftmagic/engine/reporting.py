@@ -7,7 +7,7 @@ training without the log the user asked for.
 Example::
 
     sinks = make_reporters("tensorboard", "out")     # writes out/runs/
-    for sink in sinks: sink({"event": "step", "step": 1, "loss": 2.3, "lr": 1e-4})
+    for sink in sinks: sink(Step(step=1, max_steps=10, loss=2.3, lr=1e-4))
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftmagic.errors import ConfigError
+from ftmagic.events import End, Eval, Plan, Start, Step
 
 KNOWN = ("tensorboard", "wandb")
 
@@ -41,11 +42,16 @@ _SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_nor
             "memory_bytes": "train/memory_bytes"}
 
 
-def _scalars(event: dict) -> dict:
-    if event.get("event") == "step":
-        return {tag: event[key] for key, tag in _SCALARS.items() if isinstance(event.get(key), (int, float))}
-    if event.get("event") == "eval" and isinstance(event.get("eval_loss"), (int, float)):
-        return {"eval/loss": event["eval_loss"]}
+def _scalars(event) -> dict:
+    if isinstance(event, Step):
+        values = {tag: getattr(event, key) for key, tag in _SCALARS.items()
+                  if isinstance(getattr(event, key), (int, float))}
+        values.update({f"train/{k}": v for k, v in event.metrics.items() if isinstance(v, (int, float))})
+        return values
+    if isinstance(event, Eval):
+        values = {"eval/loss": event.eval_loss} if isinstance(event.eval_loss, (int, float)) else {}
+        values.update({f"eval/{k}": v for k, v in event.metrics.items() if isinstance(v, (int, float))})
+        return values
     return {}
 
 
@@ -56,14 +62,14 @@ def _tensorboard(log_dir: Path):
         raise ConfigError("`report_to: tensorboard` needs the tensorboard package (pip install tensorboard)") from None
     state = {"writer": None}
 
-    def sink(event: dict) -> None:
+    def sink(event) -> None:
         # Created at the first value, after the engine has claimed output_dir (the writer makes folders).
         values = _scalars(event)
         if values and state["writer"] is None:
             state["writer"] = SummaryWriter(log_dir=str(log_dir))
         for tag, value in values.items():
-            state["writer"].add_scalar(tag, value, event["step"])
-        if event.get("event") == "end" and state["writer"] is not None:
+            state["writer"].add_scalar(tag, value, event.step)
+        if isinstance(event, End) and state["writer"] is not None:
             state["writer"].close()
 
     return sink
@@ -76,14 +82,14 @@ def _wandb(output_dir, config: dict):
         raise ConfigError("`report_to: wandb` needs the wandb package (pip install wandb) and a login") from None
     state = {"run": None}
 
-    def sink(event: dict) -> None:
-        if state["run"] is None and event.get("event") in ("plan", "start", "step"):
+    def sink(event) -> None:
+        if state["run"] is None and isinstance(event, (Plan, Start, Step)):
             state["run"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "ftmagic"), config=config,
                                       dir=str(output_dir))
         values = _scalars(event)
         if values and state["run"] is not None:
-            state["run"].log(values, step=event["step"])
-        if event.get("event") == "end" and state["run"] is not None:
+            state["run"].log(values, step=event.step)
+        if isinstance(event, End) and state["run"] is not None:
             state["run"].finish()
 
     return sink

@@ -156,14 +156,9 @@ class RunResult:
         """The exact text the model sees for ``prompt`` (training template + generation prompt)."""
         template = getattr(self.config, "template", None)
         system = getattr(self.config, "system_prompt", None)
-        try:
-            from ftmagic.data import render_prompt
-        except ImportError:
-            render_prompt = None
-        if render_prompt is not None:
-            return render_prompt(self.tokenizer, prompt, template=template, system_prompt=system)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from ftmagic.data import render_prompt
+
+        return render_prompt(self.tokenizer, prompt, template=template, system_prompt=system)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> str:
         """Answer ``prompt`` with the tuned model; greedy by default, stops at EOS.

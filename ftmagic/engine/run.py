@@ -9,7 +9,7 @@ Example::
 
     from ftmagic.engine.run import finetune
     result = finetune(model="tiny", data="train.jsonl", method="lora", max_steps=50,
-                      on_event=lambda e: print(e["event"], e.get("loss", "")))
+                      on_event=lambda e: print(e.kind, getattr(e, "loss", "")))
     print(result.metrics["train_loss"], result.generate("reverse: abc"))
 """
 
@@ -28,23 +28,27 @@ import numpy as np
 import torch
 
 from ftmagic.config import FinetuneConfig
+from ftmagic.data import prepare_data
+from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
+from ftmagic.engine.models import hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
-from ftmagic.engine.models import (SMOKE_MAX_STEPS, hidden_size_of, load_model, load_tokenizer, quiet_progress,
-                                   resolve_model_path, smoke_mode)
 from ftmagic.engine.result import RUN_FILE, RunResult
 from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
+from ftmagic.events import End, Message, Plan, Start
+from ftmagic.memory import preflight
+from ftmagic.methods import get_method_spec
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing")
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "threads")
 # Files a finished or crashed run leaves; only these are replaced when a run starts over.
 _OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
@@ -52,25 +56,24 @@ _OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_
                  "README.md", "model.safetensors.index.json")
 
 
-def finetune(config: Any = None, *, on_event: Optional[Callable[[dict], None]] = None, stop=None,
-             **overrides: Any) -> RunResult:
+def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
     """Fine-tune a model; return a :class:`RunResult`.
 
     ``config`` is a :class:`FinetuneConfig`, a dict, a YAML file path, or None (then the
-    keyword ``overrides`` are the whole config). ``on_event(dict)`` receives the progress
-    events; ``stop`` (anything with ``is_set()``, e.g. ``threading.Event``) ends the run
+    keyword ``overrides`` are the whole config). ``on_event(event)`` receives the progress
+    events (the typed records of :mod:`ftmagic.events`; ``event.to_dict()`` gives a plain
+    dict); ``stop`` (anything with ``is_set()``, e.g. ``threading.Event``) ends the run
     after the current step with a checkpoint. Ctrl-C does the same.
 
     Example::
 
         result = finetune("run.yaml", lr=1e-4)
-        result = finetune(model="tiny", data=records, method="qlora", max_steps=30)
+        result = finetune(model="tiny", data=records, method="qlora", max_steps=30,
+                          on_event=lambda e: print(e.kind, getattr(e, "loss", "")))
     """
     cfg = resolve_config(config, overrides)
-    emit = on_event or (lambda event: None)
-    notes: list[tuple[str, str]] = []  # (level, text) messages, sent right after the plan event
     try:
-        return _run(cfg, emit, stop, notes)
+        return _run(cfg, on_event or (lambda event: None), stop)
     except torch.OutOfMemoryError:
         raise MemoryFitError(_oom_message(cfg)) from None
 
@@ -92,15 +95,6 @@ def run_identity(cfg: FinetuneConfig) -> str:
     """A short hash of what a run trains (not how long): equal for a re-run or a resume."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_CONTROL_KEYS}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _prepare_data(cfg: FinetuneConfig, tokenizer):
-    """The data layer's contract: ``prepare_data(config, tokenizer) -> PreparedData``."""
-    try:
-        from ftmagic.data import prepare_data
-    except ImportError:
-        raise DataError("the data pipeline (ftmagic.data.prepare_data) is not installed in this copy of ftmagic") from None
-    return prepare_data(cfg, tokenizer)
 
 
 def data_warnings(stats: dict) -> list[str]:
@@ -132,49 +126,98 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
+def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
-    if smoke_mode():
-        notes.append(("info", f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
-                              f"`{cfg.model}` and at most {SMOKE_MAX_STEPS} steps"))
+    caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
-    plan = choose_device(detect_caps(), cfg.device, cfg.precision, cfg.method,
-                         hidden_size=hidden_size_of(model_path))
-    if plan.fallback:
-        notes.append(("warning", plan.fallback))
-    method = get_method(plan.method)
-
+    plan = choose_device(caps, cfg.device, cfg.precision, cfg.method, hidden_size=hidden_size_of(model_path))
+    notes = _plan_notes(cfg, plan)
     out = Path(cfg.output_dir)
-    sinks = make_reporters(cfg.report_to, out, cfg.to_dict())
-    if sinks:
-        user_emit = emit
-
-        def emit(event: dict) -> None:
-            user_emit(event)
-            for sink in sinks:
-                sink(event)
-
+    emit = _with_reporters(emit, cfg, out)
     resume_from = _claim_output_dir(out, cfg, notes)
 
     tokenizer = load_tokenizer(model_path)
-    data = _prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)
     if not data.train:
         raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
                         f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
-    emit({"event": "plan", "model": cfg.model, "method": plan.method, "device": plan.device,
-          "precision": plan.precision, "reason": plan.reason, "format": data.stats.get("format"),
-          "train_records": data.stats.get("train_examples", len(data.train)),
-          "eval_records": data.stats.get("eval_examples", len(data.eval or [])), "output_dir": str(out)})
-    notes.extend(("warning", text) for text in data_warnings(data.stats))
-    for level, text in notes:
-        emit({"event": "message", "level": level, "text": text})
+    emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
+              format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
+              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
+    notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
+    for note in notes:
+        emit(note)
     if plan.device == "cuda" and not cfg.skip_memory_check:
-        verdict_line = preflight_check(cfg.replace(model=model_path), detect_caps())
+        verdict_line = preflight_check(dataclasses.replace(cfg, model=model_path), caps)
         if verdict_line:
-            emit({"event": "message", "level": "info", "text": verdict_line})
+            emit(Message(verdict_line))
 
     _seed_everything(cfg.seed)
+    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit)
+    trainable, total = count_parameters(model)
+    threads = plan_threads(cfg.threads, params=total, device=plan.device)
+    if threads.threads is not None:
+        emit(Message(threads.reason))
+    per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                      epochs=cfg.epochs, max_steps=cfg.max_steps)
+    if smoke_mode():
+        max_steps = min(max_steps, SMOKE_MAX_STEPS)
+    opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
+    if opt_plan.message:
+        emit(Message(opt_plan.message, "warning"))
+    resumed_step = ckpt.checkpoint_step(resume_from) if resume_from is not None else 0
+    emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
+               epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
+
+    with run_threads(threads):
+        outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
+                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
+                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
+                             shifted=not get_method_spec(plan.method).adds_positions)
+
+    metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats,
+                          threads=threads.threads)
+    model.eval()
+    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
+                   history=outcome.history, model_path=model_path, emit=emit)
+    emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
+    return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
+                     model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
+                     plan=dataclasses.asdict(plan))
+
+
+def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
+    """Messages the user sees right after the plan line (sent once the plan is known)."""
+    notes = []
+    if smoke_mode():
+        notes.append(Message(f"smoke mode (FTMAGIC_SMOKE=1): using the embedded tiny model instead of "
+                             f"`{cfg.model}` and at most {SMOKE_MAX_STEPS} steps"))
+    if plan.fallback:
+        notes.append(Message(plan.fallback, "warning"))
+    return notes
+
+
+def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
+    """``emit`` that also feeds the ``report_to`` trackers (created before any weights load)."""
+    sinks = make_reporters(cfg.report_to, out, cfg.to_dict())
+    if not sinks:
+        return emit
+
+    def emit_and_report(event) -> None:
+        emit(event)
+        for sink in sinks:
+            sink(event)
+
+    return emit_and_report
+
+
+def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable):
+    """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method)``.
+
+    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so.
+    """
+    method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
     try:
         base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
@@ -184,8 +227,7 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
             raise
         # bitsandbytes' CPU backend is young; a machine it cannot serve still gets a run.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        emit({"event": "message", "level": "warning",
-              "text": f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA"})
+        emit(Message(f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA", "warning"))
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
         base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
@@ -194,46 +236,21 @@ def _run(cfg: FinetuneConfig, emit, stop, notes: list) -> RunResult:
         _upcast_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
-    trainable, total = count_parameters(model)
-    threads = plan_threads(cfg.threads, params=total, device=plan.device)
-    if threads.threads is not None:
-        emit({"event": "message", "level": "info", "text": threads.reason})
+    return model, plan, method
 
-    per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                      epochs=cfg.epochs, max_steps=cfg.max_steps)
-    if smoke_mode():
-        max_steps = min(max_steps, SMOKE_MAX_STEPS)
-    opt_plan = choose_optimizer(cfg.optimizer, plan.device, detect_caps().bnb_available)
-    if opt_plan.message:
-        emit({"event": "message", "level": "warning", "text": opt_plan.message})
-    resumed_step = 0
-    if resume_from is not None:
-        resumed_step = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))["step"]
-    emit({"event": "start", "trainable_params": trainable, "total_params": total, "max_steps": max_steps,
-          "epochs": max_steps * cfg.grad_accum / per_epoch, "resumed_from_step": resumed_step})
 
-    with run_threads(threads):
-        outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                             shifted=plan.method != "prompt_tuning")
-
-    metrics = {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
-               "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
-               "trained_tokens": outcome.trained_tokens, "runtime_s": outcome.runtime_s,
-               "peak_memory_bytes": outcome.peak_memory_bytes,
-               "stopped": outcome.reason in ("stopped", "interrupted"),
-               "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
-               "method": plan.method, "device": plan.device, "precision": plan.precision,
-               "threads": threads.threads,
-               "data": {k: v for k, v in (data.stats or {}).items() if isinstance(v, (int, float, str, bool))}}
-    model.eval()
-    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit)
-    emit({"event": "end", "reason": outcome.reason, "metrics": metrics, "output_dir": str(out)})
-    return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
-                     model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
-                     plan=dataclasses.asdict(plan))
+def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: DevicePlan, stats: dict,
+                threads: Optional[int] = None) -> dict:
+    """``metrics.json``: how the run ended, its losses, size, speed and data counts."""
+    return {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
+            "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
+            "trained_tokens": outcome.trained_tokens, "runtime_s": outcome.runtime_s,
+            "peak_memory_bytes": outcome.peak_memory_bytes,
+            "stopped": outcome.reason in ("stopped", "interrupted"),
+            "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
+            "method": plan.method, "device": plan.device, "precision": plan.precision, "threads": threads,
+            **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
+            "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 
 def _upcast_trainable(model) -> None:
@@ -268,9 +285,9 @@ def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[P
         ckpt.clean_temporaries(out / "checkpoints")
         found = ckpt.latest_checkpoint(out / "checkpoints")
         if found is None:
-            notes.append(("warning", f"no checkpoint in {out / 'checkpoints'}; starting from step 0"))
+            notes.append(Message(f"no checkpoint in {out / 'checkpoints'}; starting from step 0", "warning"))
         else:
-            notes.append(("info", f"resuming from {found.name}"))
+            notes.append(Message(f"resuming from {found.name}"))
         _write_run_file(out, cfg, identity, finished=False)
         return found
 
@@ -282,7 +299,7 @@ def _claim_output_dir(out: Path, cfg: FinetuneConfig, notes: list) -> Optional[P
             raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
                                   f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
                                   "or choose another `output_dir`")
-        notes.append(("info", f"replacing the earlier result of this same config in {out}"))
+        notes.append(Message(f"replacing the earlier result of this same config in {out}"))
     if busy:
         for name in _OUTPUT_NAMES:
             target = out / name
@@ -316,13 +333,13 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
                     adapter=method.adapter, plan=dataclasses.asdict(plan))
     if cfg.merge:
         if not method.adapter:
-            emit({"event": "message", "level": "info", "text": f"`merge: true`: {plan.method} already saves full weights"})
+            emit(Message(f"`merge: true`: {plan.method} already saves full weights"))
         elif not method.mergeable:
-            emit({"event": "message", "level": "warning",
-                  "text": f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)"})
+            emit(Message(f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)",
+                         "warning"))
         else:
             merge_adapter(out, model_path, out / "merged", device=plan.device)
-            emit({"event": "message", "level": "info", "text": f"merged weights written to {out / 'merged'}"})
+            emit(Message(f"merged weights written to {out / 'merged'}"))
 
 
 def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
@@ -343,16 +360,12 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> s
 
 def preflight_check(cfg: FinetuneConfig, caps) -> Optional[str]:
     """The memory calculator's verdict for this GPU: raise MemoryFitError when the run will not
-    fit, else return its one-line message (None when the calculator is not installed).
+    fit, else return its one-line message.
 
     Example::
 
         preflight_check(cfg, DeviceCaps(cuda_available=True, name="T4", total_memory=15 * 2**30))
     """
-    try:
-        from ftmagic.memory import preflight
-    except ImportError:
-        return None
     verdict = preflight(cfg, caps.total_memory, bf16_supported=caps.bf16_supported)
     if not verdict.fits:
         raise MemoryFitError(verdict.message or "the run is not expected to fit this GPU; "
@@ -364,8 +377,6 @@ def _oom_message(cfg: FinetuneConfig, caps=None) -> str:
     """One line for a CUDA out-of-memory error: the memory calculator's best changes, or rules of thumb."""
     tips = []
     try:
-        from ftmagic.memory import preflight
-
         caps = caps or detect_caps()
         verdict = preflight(cfg, caps.total_memory, bf16_supported=caps.bf16_supported)
         tips = [s.label for s in (getattr(verdict, "suggestions", None) or [])[:2] if getattr(s, "label", None)]
@@ -376,7 +387,7 @@ def _oom_message(cfg: FinetuneConfig, caps=None) -> str:
             tips.append(f"`batch_size: {max(1, cfg.batch_size // 2)}` with `grad_accum: {cfg.grad_accum * 2}`")
         if not cfg.gradient_checkpointing:
             tips.append("`gradient_checkpointing: true`")
-        if cfg.method in ("full", "lora", "dora", "freeze", "bitfit", "ia3"):
+        if not get_method_spec(cfg.method).quantized and not get_method_spec(cfg.method).prompt_learning:
             tips.append("`method: qlora`")
         if cfg.max_seq_len > 256:
             tips.append(f"`max_seq_len: {cfg.max_seq_len // 2}`")

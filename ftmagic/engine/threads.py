@@ -67,11 +67,16 @@ def choose_threads(requested: Union[str, int], load: CpuLoad, *, params: int, de
         >>> choose_threads("auto", CpuLoad(cores=8, busy=0.1, torch_threads=8), params=10**9, device="cpu").threads
         8
         >>> choose_threads(3, CpuLoad(cores=8, busy=0.1, torch_threads=8), params=10**9, device="cpu").reason
-        'threads: 3 as asked (torch had 8; set back after the run)'
+        "threads: 3 (as asked; torch's 8 set back after the run)"
     """
-    restore = f"torch had {load.torch_threads}; set back after the run"
+    def line(threads: int, why: str) -> str:
+        # Say so whenever torch's own setting changes for the run.
+        if threads != load.torch_threads:
+            why += f"; torch's {load.torch_threads} set back after the run"
+        return f"threads: {threads} ({why})"
+
     if requested != "auto":
-        return ThreadPlan(int(requested), f"threads: {int(requested)} as asked ({restore})")
+        return ThreadPlan(int(requested), line(int(requested), "as asked"))
     if device != "cpu":
         return ThreadPlan(None, f"threads: torch's {load.torch_threads} left as they are ({device} does the work)")
     cores = max(1, load.cores)
@@ -82,7 +87,7 @@ def choose_threads(requested: Union[str, int], load: CpuLoad, *, params: int, de
     why = [f"{load.busy:.1f} of {cores} cores busy with other work"]
     if by_size < min(cores, by_load):
         why.append(f"a {params / 1e6:.1f}M-parameter model gains little from more")
-    return ThreadPlan(threads, f"threads: {threads} ({'; '.join(why)}; {restore})")
+    return ThreadPlan(threads, line(threads, "; ".join(why)))
 
 
 def usable_cores() -> int:

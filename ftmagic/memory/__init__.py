@@ -1,8 +1,9 @@
 """Memory calculator: will this fine-tuning run fit the GPU, and what to change if not.
 
 Importing this package never imports torch: the analytic estimate answers in
-milliseconds. Exact mode (``estimate_memory(..., mode="exact")`` or
-:func:`simulate_memory`) traces one real step under FakeTensorMode and imports torch then.
+milliseconds. Exact mode (``ftmagic.estimate_memory(..., mode="exact")``) traces one real
+step under FakeTensorMode; it runs torch, so it lives in the engine
+(:mod:`ftmagic.engine.trace`), which builds on this package and never the other way round.
 
 Example::
 
@@ -21,11 +22,4 @@ from ftmagic.memory.suggest import Suggestion, Verdict, check_fit, format_measur
 
 __all__ = ["BUILTIN", "DEVICE_KEYS", "GPU", "GPU_PRESETS", "MemoryEstimate", "ModelShape", "Suggestion", "Verdict",
            "builtin_names", "check_fit", "count_params", "estimate_memory", "format_bytes", "format_measured",
-           "preflight", "resolve_gpu", "resolve_model", "simulate_memory", "suggest"]
-
-
-def simulate_memory(model, **settings):
-    """Exact mode: trace one training step under FakeTensorMode (see ftmagic.memory.simulate)."""
-    from ftmagic.memory.simulate import simulate_memory as simulate
-
-    return simulate(model, **settings)
+           "preflight", "resolve_gpu", "resolve_model", "suggest"]

@@ -44,7 +44,7 @@ class ModelShape:
     vocab: int
     head_dim: int = 0  # 0: hidden // heads
     tied: bool = False  # input embedding shared with the output head
-    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    bias_linears: tuple = ()  # leaf names of the block's linears that have a bias (Qwen2: q, k, v)
     fused_qkv: bool = False  # Phi-3: one qkv_proj linear
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj linear
     norms_per_layer: int = 2  # Gemma 2 has four RMSNorms per block
@@ -77,9 +77,14 @@ class ModelShape:
         return attn + mlp
 
     @property
+    def bias_params_per_layer(self) -> int:
+        """Bias terms of one block's linears (what BitFit trains)."""
+        return sum(fan_out for name, _, fan_out in self.linears() if name in self.bias_linears)
+
+    @property
     def linear_params_per_layer(self) -> int:
-        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        return sum(fan_in * fan_out for _, fan_in, fan_out in self.linears()) + bias
+        """Weights and biases of one block's linears."""
+        return sum(fan_in * fan_out for _, fan_in, fan_out in self.linears()) + self.bias_params_per_layer
 
     @property
     def norm_params_per_layer(self) -> int:
@@ -108,6 +113,9 @@ class ModelShape:
         return cfg
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
 def _shape(name, model_type, hidden, intermediate, layers, heads, kv_heads, vocab, tied, **kw) -> ModelShape:
     return ModelShape(name=name, model_type=model_type, hidden=hidden, intermediate=intermediate, layers=layers,
                       heads=heads, kv_heads=kv_heads, vocab=vocab, tied=tied, **kw)
@@ -119,10 +127,10 @@ BUILTIN = {s.name: s for s in [
     _shape("llama-3.2-3b", "llama", 3072, 8192, 28, 24, 8, 128256, True, extra=(("rope_theta", 500000.0),)),
     _shape("llama-3.1-8b", "llama", 4096, 14336, 32, 32, 8, 128256, False, extra=(("rope_theta", 500000.0),)),
     _shape("mistral-7b", "mistral", 4096, 14336, 32, 32, 8, 32768, False),  # v0.3 vocabulary
-    _shape("qwen2.5-0.5b", "qwen2", 896, 4864, 24, 14, 2, 151936, True, qkv_bias=True),
-    _shape("qwen2.5-1.5b", "qwen2", 1536, 8960, 28, 12, 2, 151936, True, qkv_bias=True),
-    _shape("qwen2.5-3b", "qwen2", 2048, 11008, 36, 16, 2, 151936, True, qkv_bias=True),
-    _shape("qwen2.5-7b", "qwen2", 3584, 18944, 28, 28, 4, 152064, False, qkv_bias=True),
+    _shape("qwen2.5-0.5b", "qwen2", 896, 4864, 24, 14, 2, 151936, True, bias_linears=_QKV),
+    _shape("qwen2.5-1.5b", "qwen2", 1536, 8960, 28, 12, 2, 151936, True, bias_linears=_QKV),
+    _shape("qwen2.5-3b", "qwen2", 2048, 11008, 36, 16, 2, 151936, True, bias_linears=_QKV),
+    _shape("qwen2.5-7b", "qwen2", 3584, 18944, 28, 28, 4, 152064, False, bias_linears=_QKV),
     _shape("gemma-2-2b", "gemma2", 2304, 9216, 26, 8, 4, 256000, True, head_dim=256, norms_per_layer=4,
            final_logit_softcap=30.0),
     _shape("phi-3-mini", "phi3", 3072, 8192, 32, 32, 32, 32064, False, fused_qkv=True, fused_gate_up=True),
@@ -169,8 +177,9 @@ def builtin_names() -> list:
 
 def tiny_config_path() -> str:
     """Where the embedded tiny model's config.json lives (it may not be built yet)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "assets", "tiny", "config.json")
+    from ftmagic.constants import TINY_MODEL_DIR
+
+    return str(TINY_MODEL_DIR / "config.json")
 
 
 def resolve_model(model: Any) -> ModelShape:
@@ -290,12 +299,28 @@ def shape_from_hf_config(values: dict, *, name: str = "config", source: str = "m
         name=name, model_type=model_type, hidden=hidden, intermediate=intermediate,
         layers=values["num_hidden_layers"], heads=heads, kv_heads=kv_heads, vocab=values["vocab_size"],
         head_dim=head_dim, tied=bool(tied),
-        qkv_bias=bool(values.get("attention_bias", model_type == "qwen2")),
+        bias_linears=_bias_linears(model_type, values),
         fused_qkv=model_type == "phi3", fused_gate_up=model_type == "phi3",
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2,
         final_logit_softcap=values.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
         extra=extra,
     )
+
+
+def _bias_linears(model_type: str, values: dict) -> tuple:
+    """Which linears of a block carry a bias, from the config's own switches.
+
+    Qwen2 always biases q, k and v; Llama-style configs say `attention_bias` (q, k, v and
+    o) and `mlp_bias` (gate, up, down).
+    """
+    if model_type == "qwen2":
+        return _QKV
+    names: tuple = ()
+    if values.get("attention_bias"):
+        names += _QKV + ("o_proj", "qkv_proj")
+    if values.get("mlp_bias"):
+        names += ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+    return names
 
 
 def _hashable(value: Any) -> bool:

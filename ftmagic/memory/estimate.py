@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS
+from ftmagic.errors import ConfigError, ModelError
 from ftmagic.memory.architectures import ModelShape, resolve_model
-from ftmagic.memory.policy import ALL_METHODS, weight_plan, resolve_precision
+from ftmagic.memory.policy import resolve_precision, weight_plan
+from ftmagic.methods import LOSSES as ENGINE_LOSSES
+from ftmagic.methods import MethodSpec, get_method_spec, select_targets
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
-LOSSES = ("auto", "chunked", "full")
-CHUNK_ELEMENTS = 1 << 23  # fp32 logits per loss chunk in ftmagic's engine (32 MB)
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 blocks
+LOSSES = ("auto",) + ENGINE_LOSSES
 GIB = 1024 ** 3
 EAGER_ATTENTION = ("gemma2",)  # architectures trained with the eager attention kernel (seq x seq scores)
 
@@ -119,16 +119,11 @@ class MemoryEstimate:
 # ------------------------------------------------------------------------ parameters
 
 
-def _targets(shape: ModelShape, target_modules: Any) -> list:
-    names = [n for n, _, _ in shape.linears()]
-    if target_modules in (None, "auto", "all-linear"):
-        return names
-    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [t for t in wanted if t not in names]
-    if unknown or not wanted:
-        raise ConfigError(f"`target_modules: {unknown[0] if unknown else wanted}` does not name a linear layer of "
-                          f"{shape.name}; use `auto` or some of {', '.join(names)}")
-    return wanted
+def _targets(shape: ModelShape, spec: MethodSpec, target_modules: Any) -> list:
+    """The linears ``spec`` adapts in each block: the same rule the engine applies to the real model."""
+    if spec.trains != "adapters":
+        return []
+    return select_targets(spec, [n for n, _, _ in shape.linears()], target_modules)
 
 
 def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_modules: Any = "auto",
@@ -140,30 +135,33 @@ def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_mod
         >>> count_params(resolve_model("llama-3.2-1b"), "lora", lora_r=16)["added"]
         11272192
     """
+    spec = get_method_spec(method)
     base = shape.total_params
     linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
     added = 0
-    trainable = 0
-    if method == "full":
+    if spec.trains == "all":
         trainable = base
-    elif method in ("lora", "qlora", "dora"):
-        targets = _targets(shape, target_modules)
-        per_layer = sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets)
-        if method == "dora":
-            per_layer += sum(linears[t][1] for t in targets)
+    elif spec.trains == "adapters":
+        targets = _targets(shape, spec, target_modules)
+        if spec.peft_type == "IA3":  # one scale per output feature, or per input feature on the MLP's way out
+            feedforward = set(spec.feedforward)
+            per_layer = sum(linears[t][0] if t in feedforward else linears[t][1] for t in targets)
+        else:  # LoRA: A (r x in) and B (out x r); DoRA adds a magnitude per output feature
+            per_layer = sum(lora_r * (linears[t][0] + linears[t][1]) for t in targets)
+            if spec.magnitude:
+                per_layer += sum(linears[t][1] for t in targets)
         added = trainable = shape.layers * per_layer
-    elif method == "ia3":
-        targets = _targets(shape, target_modules)
-        per_layer = sum(linears[t][0] if t == "down_proj" else linears[t][1] for t in targets)
-        added = trainable = shape.layers * per_layer
-    elif method == "prompt_tuning":
-        added = trainable = num_virtual_tokens * shape.hidden
-    elif method == "prefix_tuning":
-        added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
-    elif method == "bitfit":
-        bias = (shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0
-        trainable = shape.layers * (shape.norm_params_per_layer + bias) + shape.hidden
-    elif method == "freeze":
+    elif spec.trains == "virtual_tokens":
+        if spec.adds_positions:  # prompt tuning: one embedding per virtual token
+            added = trainable = num_virtual_tokens * shape.hidden
+        else:  # prefix tuning: a key and a value per virtual token in every layer
+            added = trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
+    elif spec.trains == "biases":
+        trainable = shape.layers * shape.bias_params_per_layer
+        if not trainable:
+            raise ModelError(f"`method: {method}` trains bias terms, and {shape.name} has none "
+                             "(Llama-style models are bias-free); use `method: lora` or a model with biases")
+    else:  # top_layers: the top blocks, the final norm and the head (the embedding when tied)
         top = min(trainable_layers, shape.layers)
         trainable = top * (shape.linear_params_per_layer + shape.norm_params_per_layer) + shape.hidden \
             + shape.vocab * shape.hidden
@@ -183,7 +181,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
-                    grad_accum: int = 1, bf16_supported: bool = True, mode: str = "analytic",
+                    grad_accum: int = 1, bf16_supported: bool = True,
                     device: str = "cuda", loss: str = "auto") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
@@ -191,13 +189,14 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     ``tiny``. ``precision="auto"`` means bf16 (fp16 when ``bf16_supported`` is False, as on
     a T4). With ``grad_accum`` > 1 the gradients stay alive through the next micro-batches'
     forward and backward. ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
-    accepted so a config's fields pass straight through. ``mode="exact"`` traces one step
-    under FakeTensorMode instead (imports torch; seconds to a minute). ``device="cpu"``
+    accepted so a config's fields pass straight through. ``device="cpu"``
     models what differs on CPU (dropout masks), for comparing with CPU measurements.
     ``loss``: ``chunked`` is ftmagic's training step (the loss is computed in chunks of
     rows, never holding full logits), ``full`` is Hugging Face's ``model(..., labels=...)``
     (batch x seq x vocab fp32 logits); ``auto`` picks what the engine runs (``full`` for
-    soft-capped logits and prompt learning, which keep the model's own forward).
+    soft-capped logits and prompt learning, which keep the model's own forward). Exact
+    mode (a traced step) is :func:`ftmagic.estimate_memory` with ``mode="exact"``, which
+    lives with the engine because it runs torch.
 
     Example::
 
@@ -205,8 +204,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                               gradient_checkpointing=True)
         print(f"{est.total_gib:.1f} GiB at {est.peak_phase}")
     """
-    if method not in ALL_METHODS:
-        raise ConfigError(f"`method: {method}` is not accepted; use one of {', '.join(ALL_METHODS)}")
+    get_method_spec(method)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"`optimizer: {optimizer}` is not accepted; use one of {', '.join(OPTIMIZERS)}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -221,129 +219,119 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
     if loss not in LOSSES:
         raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
-    if mode not in ("analytic", "exact"):
-        raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
     shape = resolve_model(model)
     precision = resolve_precision(precision, bf16_supported)
-    if method == "qlora" and precision == "fp32":
-        raise ConfigError("`precision: fp32` does not apply to `method: qlora`; use bf16 or fp16")
+    if get_method_spec(method).quantized and precision == "fp32":
+        raise ConfigError(f"`precision: fp32` does not apply to `method: {method}`; use bf16 or fp16")
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
                     device=device, loss=resolve_loss(loss, shape, method))
-    if mode == "exact":
-        from ftmagic.memory.exact import exact_estimate
-
-        return exact_estimate(shape, settings)
-    return _analytic(shape, settings)
+    return analytic_estimate(shape, settings)
 
 
 def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
     """``auto`` -> what the engine runs: the chunked loss, except for soft-capped logits and prompt learning."""
     if loss != "auto":
         return loss
-    if shape.final_logit_softcap or method in ("prompt_tuning", "prefix_tuning"):
+    if shape.final_logit_softcap or "chunked" not in get_method_spec(method).losses:
         return "full"
     return "chunked"
 
 
-def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
-    method, precision = s["method"], s["precision"]
-    plan = weight_plan(method, precision)
-    counts = count_params(shape, method, lora_r=s["lora_r"], target_modules=s["target_modules"],
+def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
+    """The estimate for resolved ``settings`` (as :func:`estimate_memory` builds them).
+
+    The parts, each a function below: weights, optimizer states, saved activations, logits
+    and loss; then the three phases of a step, whose largest is the peak.
+    """
+    spec, plan = get_method_spec(s["method"]), weight_plan(s["method"], s["precision"])
+    counts = count_params(shape, s["method"], lora_r=s["lora_r"], target_modules=s["target_modules"],
                           num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"])
     trainable = counts["trainable"]
-    adapter_method = method not in ("full", "bitfit", "freeze")
-    base_trainable = 0 if adapter_method else trainable
+    frozen, train_w, grads = _weight_bytes(shape, spec, plan, trainable)
+    states, transient, paged = _optimizer_bytes(shape, plan, s, trainable)
+    acts = _activation_bytes(shape, spec, plan, s, trainable)
+    logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, s, acts)
+    phases, breakdown = _phases(shape, spec, plan, s, trainable=trainable, static=frozen + train_w + states,
+                                grads=grads, transient=transient, acts=acts, logits_fwd=logits_fwd,
+                                logits_bwd=logits_bwd)
+    breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
+    peak_phase = max(phases, key=phases.get)
+    notes = []
+    if paged:
+        notes.append("paged optimizer states live in managed host memory and are not counted on the device")
+    if s["method"] not in ("full", "lora", "qlora"):  # the methods the activation model was calibrated on
+        notes.append(f"activations of `{s['method']}` are approximated from the LoRA/full fine-tuning calibration")
+    return MemoryEstimate(total_bytes=int(sum(breakdown.values())), breakdown=breakdown, phases=phases,
+                          peak_phase=peak_phase, settings=s, model=shape.name, trainable_params=int(trainable),
+                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes,
+                          shape=shape)
 
-    # ---- weights
-    linear_params = shape.layers * (shape.linear_params_per_layer
-                                    - ((shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0))
+
+def _weight_bytes(shape: ModelShape, spec: MethodSpec, plan, trainable: int) -> tuple:
+    """(frozen weights, trainable weights, their gradients) in bytes."""
+    base_trainable = 0 if spec.adapter else trainable
+    linear_params = shape.layers * (shape.linear_params_per_layer - shape.bias_params_per_layer)
     frozen_base = shape.total_params - base_trainable
     if plan.quantized:
         frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
     else:
         frozen = frozen_base * plan.base_bytes
-    train_w = trainable * plan.trainable_bytes
-    grads = trainable * plan.trainable_bytes
+    return frozen, trainable * plan.trainable_bytes, trainable * plan.trainable_bytes
 
-    # ---- optimizer
+
+def _optimizer_bytes(shape: ModelShape, plan, s: dict, trainable: int) -> tuple:
+    """(optimizer states on the device, the step's transient, paged states in host memory) in bytes."""
     state_bytes = plan.trainable_bytes
-    paged = 0
-    n_tensors = _trainable_tensors(shape, method, s)
+    n_tensors = _trainable_tensors(shape, s["method"], s)
     if s["optimizer"] == "adamw":
         states = 2 * trainable * state_bytes + 4 * n_tensors
         # ftmagic's engine steps with the fused AdamW kernel on CUDA (no extra buffer); torch's
         # multi-tensor (foreach) AdamW, used on CPU, allocates one more state-sized sqrt(v) buffer.
         transient = trainable * state_bytes if s.get("device", "cuda") == "cpu" else 0
-    elif s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
+        return states, transient, 0
+    if s["optimizer"] in ("adamw_8bit", "paged_adamw_8bit"):
         states = int(2 * trainable * (1 + 4 / 256)) + 4 * n_tensors  # uint8 states + fp32 absmax per 256 block
-        transient = 0  # one fused kernel per tensor
-        if s["optimizer"] == "paged_adamw_8bit":
-            paged, states = states, 0
-    else:
-        states, transient = 0, 0
+        # one fused kernel per tensor: no transient
+        return (0, 0, states) if s["optimizer"] == "paged_adamw_8bit" else (states, 0, 0)
+    return 0, 0, 0
 
-    # ---- activations (per token) and logits
+
+def _activation_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, trainable: int) -> dict:
+    """What forward saves for backward: per block (``per_layer``, per token), over all blocks
+    (``layers_held``), with what lies outside the blocks (``act_held``); plus the sizes the
+    logits and the phases need."""
     batch, seq = s["batch_size"], s["seq_len"]
-    if method in ("prompt_tuning", "prefix_tuning"):
-        seq_eff = seq + (s["num_virtual_tokens"] if method == "prompt_tuning" else 0)
-    else:
-        seq_eff = seq
+    seq_eff = seq + (s["num_virtual_tokens"] if spec.adds_positions else 0)
     tokens = batch * seq_eff
-    if adapter_method:
-        layers_total, per_layer = _adapter_layers(shape, method, plan, s)
-    elif method == "bitfit":
-        # Frozen linears, trainable norms: every block passes gradients (like prompt learning)
-        # and each RMSNorm also keeps its normalised input for its weight's gradient.
+    if spec.adapter:
+        layers_total, per_layer = _adapter_layers(shape, s["method"], plan, s)
+    elif spec.trains == "biases":
+        # Frozen linear weights with trainable biases: every block passes gradients (like prompt
+        # learning); a bias's gradient needs no saved input.
         layers_total, per_layer = _adapter_layers(shape, "prompt_tuning", plan, s)
-        norms = shape.norms_per_layer * plan.compute_bytes * shape.hidden
-        layers_total, per_layer = layers_total + shape.layers * norms, per_layer + norms
     else:
-        per_layer = _layer_bytes_per_token(shape, method, plan, s)
+        per_layer = _layer_bytes_per_token(shape, s["method"], plan, s)
         # `freeze`: blocks below the trainable ones neither train nor pass gradients (unless the
         # trained head is tied to the input embeddings, which then need gradients through all)
         trained = shape.layers
-        if method == "freeze" and not shape.tied:
+        if spec.trains == "top_layers" and not shape.tied:
             trained = min(s["trainable_layers"], shape.layers)
         layers_total = trained * per_layer
     c_res = 4 if plan.quantized else plan.compute_bytes if plan.autocast is None else plan.base_bytes
-    c_res = 4 if (plan.autocast and not adapter_method) else c_res  # fp32 master weights keep fp32 residuals
-    c_logit = plan.compute_bytes if plan.autocast else plan.base_bytes
-    if adapter_method:
+    c_res = 4 if (plan.autocast and not spec.adapter) else c_res  # fp32 master weights keep fp32 residuals
+    if spec.adapter:
         outside = 4 * shape.hidden + 8  # the final norm's fp32 input
     else:  # the final norm's fp32 input, normed value and output (the head's input, for its weight gradient)
         outside = (4 + 2 * c_res) * shape.hidden + 8
-    v = shape.vocab
-    softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
-    if s.get("loss", "full") == "full":
-        logits_held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
-        logits_fwd = logits_held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v
-        logits_bwd = logits_held + 8 * tokens * v  # fp32 gradient of log-softmax output and of its input
-    else:
-        # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
-        # head trains) are computed during forward and kept; one chunk of logits exists at a time.
-        head_w = 4 if plan.quantized else (plan.trainable_bytes if not adapter_method else plan.base_bytes)
-        head_trains = method in ("full", "freeze")
-        rows = min(tokens, max(16, CHUNK_ELEMENTS // v))
-        logits_held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
-        # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
-        # freed by then); from the second chunk on, the previous chunk's gradient is still
-        # referenced while the next one is computed. Plus the copy of the labelled rows.
-        multi = tokens > rows
-        chunk = rows * v * (12 if multi else 8)
-        if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
-            chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
-        chunk += tokens * shape.hidden * c_res
-        logits_fwd = logits_held + chunk
-        logits_bwd = logits_held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
     gc = s["gradient_checkpointing"]
     # Eager attention (Gemma 2's soft-capped logits) materialises batch x heads x seq x seq
     # scores per block: the soft-capped scores and the fp32 softmax are saved (calibrated on traces).
     eager = 0
     if shape.model_type in EAGER_ATTENTION:
-        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not adapter_method
+        eager = batch * shape.heads * seq_eff * seq_eff * ((4 + plan.compute_bytes) if not spec.adapter
                                                             else (2 + plan.compute_bytes))
     layers_held = tokens * (shape.layers * c_res * shape.hidden if gc else layers_total) + (0 if gc else shape.layers * eager)
     act_held = layers_held + tokens * outside
@@ -351,25 +339,58 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
         act_held += trainable * plan.compute_bytes
     if plan.quantized and s.get("loss", "full") == "full":  # the fp32 head (upcast by peft), cast and saved
         act_held += shape.vocab * shape.hidden * plan.compute_bytes
-    static = frozen + train_w + states  # alive through the whole steady-state step
+    return dict(tokens=tokens, per_layer=per_layer, layers_held=layers_held, act_held=act_held, eager=eager,
+                c_res=c_res, c_logit=plan.compute_bytes if plan.autocast else plan.base_bytes)
 
+
+def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict) -> tuple:
+    """(held through the step, at the end of forward, at the start of backward) for the logits and loss."""
+    tokens, c_res, c_logit, v = acts["tokens"], acts["c_res"], acts["c_logit"], shape.vocab
+    softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
+    if s.get("loss", "full") == "full":
+        held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
+        return held, held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v, held + 8 * tokens * v
+    # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
+    # head trains) are computed during forward and kept; one chunk of logits exists at a time.
+    head_w = 4 if plan.quantized else (plan.trainable_bytes if not spec.adapter else plan.base_bytes)
+    head_trains = spec.trains in ("all", "top_layers")
+    rows = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // v))
+    held = tokens * shape.hidden * c_res + (4 * v * shape.hidden if head_trains else 0)
+    # one chunk: its fp32 logits and their log-softmax (the half-precision matmul output is
+    # freed by then); from the second chunk on, the previous chunk's gradient is still
+    # referenced while the next one is computed. Plus the copy of the labelled rows.
+    multi = tokens > rows
+    chunk = rows * v * (12 if multi else 8)
+    if plan.autocast and head_w == 4:  # the fp32 head, cast to the compute dtype for each chunk's matmul
+        chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
+    chunk += tokens * shape.hidden * c_res
+    backward = held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
+    return held, held + chunk, backward
+
+
+def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: int, static: int, grads: int,
+            transient: int, acts: dict, logits_fwd: int, logits_bwd: int) -> tuple:
+    """Bytes at the end of forward, the worst moment of backward, and the optimizer step; and the
+    breakdown (gradients, activations, logits, transient) at the largest of them."""
+    tokens, per_layer, eager = acts["tokens"], acts["per_layer"], acts["eager"]
+    act_held, layers_held = acts["act_held"], acts["layers_held"]
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
     fwd = static + accumulated + act_held + logits_fwd
     bwd_loss = static + accumulated + act_held + logits_bwd
     # Deeper in backward: the gradients of every block above the current one exist, while
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
     layer_grads = trainable / max(shape.layers, 1)
-    embed_grads = shape.embedding_params if (method == "full" and not shape.tied) else 0
+    embed_grads = shape.embedding_params if (spec.trains == "all" and not shape.tied) else 0
     grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
     temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
-    if gc:
+    if s["gradient_checkpointing"]:
         deep_grads, deep_acts = grads_deep, act_held + tokens * per_layer + eager + temp
     else:
         # Without checkpointing, a block's activations are freed as its gradients appear: the
         # worst moment is either the start (every activation, the head's gradient) or the end
         # (every gradient, one block's activations).
-        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if method in ("full", "freeze") else 0
+        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if spec.trains in ("all", "top_layers") else 0
         extra = act_held - layers_held
         if layers_held + head_grads >= grads_deep + tokens * per_layer + eager:
             deep_grads, deep_acts = head_grads, extra + temp + layers_held
@@ -378,13 +399,9 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
     if accumulated:
         deep_grads = grads  # every gradient already exists from the earlier micro-batches
     bwd_deep = static + deep_grads + deep_acts
-    bwd = max(bwd_loss, bwd_deep)
-    step = static + grads + transient
-    phases = {"forward": int(fwd), "backward": int(bwd), "optimizer_step": int(step)}
+    phases = {"forward": int(fwd), "backward": int(max(bwd_loss, bwd_deep)), "optimizer_step": int(static + grads + transient)}
     peak_phase = max(phases, key=phases.get)
-
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
-    breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
     if peak_phase == "forward":
         breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":
@@ -394,25 +411,15 @@ def _analytic(shape: ModelShape, s: dict) -> MemoryEstimate:
             breakdown.update(gradients=int(deep_grads), activations=int(deep_acts))
     else:
         breakdown.update(gradients=int(grads), optimizer_step_transient=int(transient))
-    total = sum(breakdown.values())
-    notes = []
-    if paged:
-        notes.append("paged optimizer states live in managed host memory and are not counted on the device")
-    if method in ("dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "freeze"):
-        notes.append(f"activations of `{method}` are approximated from the LoRA/full fine-tuning calibration")
-    return MemoryEstimate(total_bytes=int(total), breakdown=breakdown, phases=phases, peak_phase=peak_phase,
-                          settings=s, model=shape.name, trainable_params=int(trainable),
-                          total_params=int(counts["total"]), paged_optimizer_states=int(paged), notes=notes,
-                          shape=shape)
+    return phases, breakdown
 
 
 def _trainable_tensors(shape: ModelShape, method: str, s: dict) -> int:
     """How many trainable tensors (each AdamW state has a 4-byte step counter)."""
-    if method in ("lora", "qlora"):
-        return 2 * shape.layers * len(_targets(shape, s["target_modules"]))
-    if method == "dora":
-        return 3 * shape.layers * len(_targets(shape, s["target_modules"]))
-    if method == "full":
+    spec = get_method_spec(method)
+    if spec.peft_type == "LORA":  # A and B per target, and DoRA's magnitude
+        return (3 if spec.magnitude else 2) * shape.layers * len(_targets(shape, spec, s["target_modules"]))
+    if spec.trains == "all":
         return shape.layers * (len(shape.linears()) + shape.norms_per_layer) + 2 + (0 if shape.tied else 1)
     return shape.layers * 2
 
@@ -481,15 +488,15 @@ def _cached_features(shape: ModelShape, targets: tuple, rank: int) -> list:
 
 def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     """(bytes per token over all blocks, the largest single block) for adapter methods."""
-    targets = [] if method in ("prompt_tuning", "prefix_tuning") else _targets(shape, s["target_modules"])
-    rank = s["lora_r"] if method in ("lora", "qlora", "dora") else 0
-    if method == "ia3":
-        rank = 0
-    dropout = s["lora_dropout"] > 0 and method in ("lora", "qlora", "dora")
+    spec = get_method_spec(method)
+    targets = _targets(shape, spec, s["target_modules"])
+    lora = spec.peft_type == "LORA"
+    rank = s["lora_r"] if lora else 0
+    dropout = s["lora_dropout"] > 0 and lora
     params = dict(_ADAPTER_PARAMS[(plan.compute_bytes, plan.quantized, dropout)])
     if dropout:
         params["per"] += DROPOUT_MASK_BYTES[s.get("device", "cuda")]
-    if method in ("prompt_tuning", "prefix_tuning"):
+    if spec.prompt_learning:
         feats = adapter_features(shape, ["q_proj"], 0)  # the virtual tokens make every block need gradients
         for f in feats:
             f.update(shared=0, per=0)
@@ -502,9 +509,9 @@ def _adapter_layers(shape: ModelShape, method: str, plan, s: dict) -> tuple:
     blocks = []
     for f in feats:
         b = sum(params[k] * f[k] for k in f) + extra_norms
-        if method == "dora":
+        if spec.magnitude:
             b += 6 * dout  # base output, LoRA output and magnitude scale, saved per adapted linear
-        if method == "ia3":
+        if spec.peft_type == "IA3":
             b += plan.compute_bytes * dout
         blocks.append(b)
     return sum(blocks), max(blocks) if blocks else 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ftmagic.errors import ConfigError
+from ftmagic.units import format_bytes  # noqa: F401  (sizes in verdicts and suggestions)
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -198,12 +199,3 @@ def required_bytes(peak_bytes: int, constants: Optional[CudaConstants] = None) -
     """Peak + CUDA context + allocator headroom: what the card must have."""
     c = constants or cuda_constants()
     return peak_bytes + c.context_bytes + headroom_bytes(peak_bytes, c)
-
-
-def format_bytes(n: float) -> str:
-    """Human size with binary units: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
-    n = float(n)
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"

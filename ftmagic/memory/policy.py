@@ -30,10 +30,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ftmagic.errors import ConfigError
+from ftmagic.methods import get_method_spec
 
-FULL_LIKE = ("full", "bitfit", "freeze")
-ADAPTERS = ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
-ALL_METHODS = FULL_LIKE + ADAPTERS + ("qlora",)
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -53,18 +51,17 @@ def weight_plan(method: str, precision: str) -> WeightPlan:
     """The dtype table above for one (method, precision); precision must already be resolved."""
     if precision not in PRECISIONS:
         raise ConfigError(f"`precision: {precision}` is not accepted here; use one of {', '.join(PRECISIONS)}")
-    if method not in ALL_METHODS:
-        raise ConfigError(f"`method: {method}` is not accepted; use one of {', '.join(ALL_METHODS)}")
+    spec = get_method_spec(method)
     half = DTYPE_BYTES[precision]
     if precision == "fp32":
-        if method == "qlora":
-            raise ConfigError("`precision: fp32` does not apply to `method: qlora`; use bf16 or fp16")
+        if spec.quantized:
+            raise ConfigError(f"`precision: fp32` does not apply to `method: {method}`; use bf16 or fp16")
         return WeightPlan(4, 4, 4, None, False)
-    if method in FULL_LIKE:
+    if spec.trains_base_weights:
         if precision == "bf16":
             return WeightPlan(2, 2, 2, None, False)
         return WeightPlan(4, 4, 2, "fp16", False)
-    if method == "qlora":
+    if spec.quantized:
         return WeightPlan(4, 4, half, precision, True)
     return WeightPlan(half, 4, half, precision, False)
 

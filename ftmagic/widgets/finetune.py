@@ -314,10 +314,10 @@ class CellReporter:
             if self.widget is None:
                 self._open_widget(event)
             self.widget(event)
-            if event.get("event") == "start":
+            if getattr(event, "kind", None) == "start":
                 from ftmagic.textprogress import format_params
 
-                print(format_params(event.get("trainable_params"), event.get("total_params")))
+                print(format_params(event.trainable_params, event.total_params))
         else:
             self._state.update(event)
         if self.extra is not None:
@@ -327,7 +327,7 @@ class CellReporter:
         from ftmagic.textprogress import format_plan_line
         from ftmagic.widgets.progress import TrainingProgress
 
-        if first_event.get("event") == "plan":
+        if getattr(first_event, "kind", None) == "plan":
             # Printed (not only shown in the widget) so it stays in the saved notebook.
             print(format_plan_line(first_event))
         self.widget = TrainingProgress(stop=self.stop)

@@ -35,10 +35,8 @@ COMM_MESSAGES = ("comm_open", "comm_msg", "comm_close")
 
 def current_kernel() -> Any:
     """The running ipykernel Kernel, or None (terminal IPython, plain Python)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return None
+    from IPython import get_ipython
+
     return getattr(get_ipython(), "kernel", None)
 
 

@@ -21,9 +21,11 @@ from typing import Optional
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ftmagic.memory.estimate import DEVICE_KEYS, OPTIMIZERS, MemoryEstimate, estimate_memory
+from ftmagic.constants import OPTIMIZERS
+from ftmagic.api import estimate_memory
+from ftmagic.memory.estimate import DEVICE_KEYS, MemoryEstimate
 from ftmagic.memory.gpus import GPU_PRESETS, format_bytes, resolve_gpu
-from ftmagic.memory.policy import ALL_METHODS
+from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.usage import as_usage_error
 from ftmagic.widgets.static import display_with_snapshot
@@ -147,7 +149,7 @@ class MemoryCalculator:
         self.controls = {
             "model": w.Combobox(value=str(model), options=builtin_names() + ["tiny"], description="model",
                                 ensure_option=False, continuous_update=False),
-            "method": w.Dropdown(options=list(ALL_METHODS), value=method, description="method"),
+            "method": w.Dropdown(options=list(METHOD_NAMES), value=method, description="method"),
             "precision": w.Dropdown(options=["auto", "bf16", "fp16", "fp32"], value=precision, description="precision"),
             "batch_size": w.BoundedIntText(value=batch_size, min=1, max=4096, description="batch size"),
             "seq_len": w.BoundedIntText(value=seq_len, min=8, max=1_048_576, step=128, description="seq len"),

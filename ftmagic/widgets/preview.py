@@ -233,8 +233,6 @@ def lookup_data(token: str, namespace: dict) -> Any:
 
 
 def _in_notebook(shell: Optional[Any]) -> bool:
-    try:
-        from ftmagic.widgets.finetune import in_notebook
-    except ImportError:  # pragma: no cover - the finetune front is optional here
-        return False
+    from ftmagic.widgets.finetune import in_notebook
+
     return in_notebook(shell)

@@ -1,6 +1,6 @@
 """The live training widget: progress bar, ETA, tokens/s, loss chart, lr, memory, Stop.
 
-It is built only from engine events (plain dicts), so it is tested by feeding events,
+It is built only from engine events (:mod:`ftmagic.events`), so it is tested by feeding events,
 with no training. The strings it shows come from pure functions
 (:func:`progress_fields`, :mod:`ftmagic.textprogress`); the widget only copies them in.
 The Stop button sets a ``threading.Event`` that the engine checks after each step;
@@ -47,18 +47,17 @@ def progress_fields(state: RunState) -> dict[str, str]:
         >>> progress_fields(state)["step"], progress_fields(state)["eta"], progress_fields(state)["memory"]
         ('step 3/12', '00:03 elapsed, 00:09 left', '1.00 MiB')
     """
-    step = state.last_step or {}
+    step = state.last_step
     total = state.max_steps
     fields = {
         "step": f"step {state.step}/{total}" if total else f"step {state.step}",
-        "epoch": f"epoch {step['epoch']:.2f}" if step.get("epoch") is not None else "",
-        "loss": format_loss(step.get("loss")) if step else "",
+        "epoch": f"epoch {step.epoch:.2f}" if step and step.epoch is not None else "",
+        "loss": format_loss(step.loss) if step else "",
         "eval_loss": format_loss(state.eval_points[-1][1]) if state.eval_points else "",
-        "lr": format_lr(step.get("lr")) if step else "",
-        "rate": f"{format_count(step['tokens_per_s'])} tokens/s" if step.get("tokens_per_s") is not None else "",
-        "eta": (f"{format_duration(step.get('elapsed_s'))} elapsed, {format_duration(step.get('eta_s'))} left"
-                if step else ""),
-        "memory": format_bytes(step["memory_bytes"]) if step.get("memory_bytes") is not None else "",
+        "lr": format_lr(step.lr) if step else "",
+        "rate": f"{format_count(step.tokens_per_s)} tokens/s" if step and step.tokens_per_s is not None else "",
+        "eta": f"{format_duration(step.elapsed_s)} elapsed, {format_duration(step.eta_s)} left" if step else "",
+        "memory": format_bytes(step.memory_bytes) if step and step.memory_bytes is not None else "",
     }
     return fields
 
@@ -78,8 +77,8 @@ def header_html(state: RunState) -> str:
     if state.plan is None:
         return "<span>ftmagic: preparing the run&hellip;</span>"
     line = f"<span>{html.escape(format_plan_line(state.plan, state.start))}</span>"
-    if state.plan.get("reason"):
-        line += f'<br><small style="opacity:0.7">{html.escape(str(state.plan["reason"]))}</small>'
+    if state.plan.reason:
+        line += f'<br><small style="opacity:0.7">{html.escape(state.plan.reason)}</small>'
     return line
 
 
@@ -87,11 +86,11 @@ def log_html(state: RunState, limit: int = 5) -> str:
     """The latest messages and checkpoints (warnings first-class, not hidden in a log)."""
     lines = []
     for message in state.messages[-limit:]:
-        icon = "&#9888; " if message.get("level") == "warning" else ""
-        lines.append(icon + html.escape(str(message.get("text", ""))))
+        icon = "&#9888; " if message.level == "warning" else ""
+        lines.append(icon + html.escape(message.text))
     if state.checkpoints:
         last = state.checkpoints[-1]
-        lines.append(html.escape(f"checkpoint at step {last.get('step')}: {last.get('path')}"))
+        lines.append(html.escape(f"checkpoint at step {last.step}: {last.path}"))
     return "<br>".join(lines)
 
 
@@ -141,7 +140,7 @@ class TrainingProgress:
         self.widget = w.VBox([self.header, self._row, self.status, self.chart, self.log])
 
     # ------------------------------------------------------------------ events
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event) -> None:
         kind = self.state.update(event)
         self._poll_clicks()
         if kind in ("plan", "start"):
@@ -161,7 +160,7 @@ class TrainingProgress:
         elif kind in ("message", "checkpoint"):
             self._render_log()
         elif kind == "end":
-            self._on_end(event)
+            self._on_end(self.state.end)
 
     def _poll_clicks(self) -> None:
         """Let a waiting Stop click in (kernels where clicks queue up behind the cell)."""
@@ -186,12 +185,12 @@ class TrainingProgress:
         self.chart_redraws += 1
         self.chart.value = loss_chart_svg(self.state.train_points, self.state.eval_points)
 
-    def _on_end(self, event: dict) -> None:
+    def _on_end(self, event) -> None:
         self._redraw_texts()
         self._redraw_chart()
         self._hint = ""
         self._render_log()
-        reason = event.get("reason", "finished")
+        reason = event.reason
         self.bar.bar_style = "success" if reason in ("finished", "early_stopping") else "warning"
         if reason == "finished":
             self.bar.value = 1.0

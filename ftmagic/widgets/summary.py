@@ -111,17 +111,17 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         rows = dict(summary_rows(state, {"train_loss": 1.2, "steps": 10}))
         assert rows["train loss"] == "1.2"
     """
-    end = state.end or {}
-    metrics = {**(end.get("metrics") or {}), **(metrics or {})}
+    end = state.end
+    metrics = {**((end.metrics if end else None) or {}), **(metrics or {})}
     rows: list[tuple[str, str]] = []
-    reason = end.get("reason") or ("stopped" if metrics.get("stopped") else "finished" if end else "did not finish")
+    reason = (end.reason if end else None) or ("stopped" if metrics.get("stopped") else "did not finish")
     rows.append(("status", reason.replace("_", " ")))
     steps = metrics.get("steps", state.step if state.last_step else None)
     if steps is not None:
         total = state.max_steps
         rows.append(("steps", f"{steps}/{total}" if total and total != steps else str(steps)))
-    if state.last_step and state.last_step.get("epoch") is not None:
-        rows.append(("epoch", f"{state.last_step['epoch']:.2f}"))
+    if state.last_step and state.last_step.epoch is not None:
+        rows.append(("epoch", f"{state.last_step.epoch:.2f}"))
     if metrics.get("train_loss") is not None:
         rows.append(("train loss", format_loss(metrics["train_loss"])))
     elif state.train_points:
@@ -131,19 +131,19 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         rows.append(("eval loss", format_loss(eval_loss)))
     if metrics.get("runtime_s") is not None:
         rows.append(("runtime", format_duration(metrics["runtime_s"])))
-    if state.last_step and state.last_step.get("tokens_per_s") is not None:
-        rows.append(("throughput", f"{format_count(state.last_step['tokens_per_s'])} tokens/s"))
+    if state.last_step and state.last_step.tokens_per_s is not None:
+        rows.append(("throughput", f"{format_count(state.last_step.tokens_per_s)} tokens/s"))
     peak = metrics.get("peak_memory_bytes", state.peak_memory_bytes)
     if peak is not None:
         rows.append(("peak memory", format_bytes(peak)))
     if state.start is not None:
-        rows.append(("parameters", format_params(state.start.get("trainable_params"), state.start.get("total_params"))))
+        rows.append(("parameters", format_params(state.start.trainable_params, state.start.total_params)))
     if state.plan is not None:
         plan = state.plan
-        rows.append(("run", f"{plan.get('model')} | {plan.get('method')} | {plan.get('device')} {plan.get('precision')}"))
-        if plan.get("reason"):
-            rows.append(("why this device", str(plan["reason"])))
-    output_dir = output_dir or end.get("output_dir") or (state.plan or {}).get("output_dir")
+        rows.append(("run", f"{plan.model} | {plan.method} | {plan.device} {plan.precision}"))
+        if plan.reason:
+            rows.append(("why this device", plan.reason))
+    output_dir = output_dir or (end.output_dir if end else None) or (state.plan.output_dir if state.plan else None)
     if output_dir:
         rows.append(("output", str(output_dir)))
     if reason in ("stopped", "interrupted"):
@@ -177,8 +177,8 @@ def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     )
     chart = loss_chart_svg(state.train_points, state.eval_points)
     messages = "".join(
-        f'<div class="ftmagic-message">{"&#9888; " if m.get("level") == "warning" else ""}'
-        f'{html.escape(str(m.get("text", "")))}</div>'
+        f'<div class="ftmagic-message">{"&#9888; " if m.level == "warning" else ""}'
+        f'{html.escape(m.text)}</div>'
         for m in state.messages
     )
     return (

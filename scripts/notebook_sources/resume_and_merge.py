@@ -42,7 +42,7 @@ CELLS = [
     stop = threading.Event()
 
     def press_stop_at_step_25(event):
-        if event["event"] == "step" and event["step"] == 25:
+        if event.kind == "step" and event.step == 25:
             stop.set()
 
     first = ftmagic.finetune(config, output_dir="runs/resume", overwrite=True, stop=stop, on_event=press_stop_at_step_25)

@@ -1,4 +1,4 @@
-"""Exact mode: trace one real training step and read its peak memory.
+"""Exact mode of the memory calculator: trace one real training step and read its peak memory.
 
 The model is built from its config (no weights are read), a batch of the requested
 shape goes forward and backward, and the optimizer steps, all under
@@ -9,11 +9,14 @@ dtypes but no data, so a 7B model's step is simulated on a laptop CPU without
 allocating it. With ``fake=False`` the same step runs on real CPU tensors: that is
 the *measured* peak the benchmark and the tests compare against.
 
-torch, transformers and peft are imported inside the functions.
+The method is prepared by the engine's own registry (:mod:`ftmagic.engine.methods`), so
+the traced step trains exactly what a run trains. :func:`exact_estimate` wraps the trace
+as a :class:`~ftmagic.memory.MemoryEstimate`; the analytic model it falls back to lives in
+the core (:mod:`ftmagic.memory`), which never imports this module.
 
 Example::
 
-    from ftmagic.memory.simulate import simulate_memory
+    from ftmagic.engine.trace import simulate_memory
     sim = simulate_memory("smollm2-135m", method="lora", batch_size=2, seq_len=512)
     print(sim.peak_bytes, sim.phases)
 """
@@ -21,14 +24,16 @@ Example::
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.constants import NF4_BYTES_PER_PARAM
+from ftmagic.errors import ConfigError, FtmagicError
 from ftmagic.memory.architectures import ModelShape, resolve_model
-from ftmagic.memory.estimate import resolve_loss
+from ftmagic.memory.estimate import DEVICE_KEYS, MemoryEstimate, analytic_estimate, resolve_loss
 from ftmagic.memory.policy import weight_plan
+from ftmagic.methods import get_method_spec
 
 # Methods whose kernels a fake tensor cannot run (bitsandbytes), or whose state lives
 # outside what the tracer sees; these fall back to the analytic estimate.
@@ -37,7 +42,6 @@ UNTRACEABLE_METHODS: dict = {}
 # compute dtype. bitsandbytes' MatMul4Bit saves only the packed weight for backward, as a
 # frozen linear saves only its weight, so activations are the same; weights are then
 # counted at their NF4 size.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 UNTRACEABLE_OPTIMIZERS = {
     "adamw_8bit": "bitsandbytes' 8-bit optimizer kernels cannot run on fake tensors",
     "paged_adamw_8bit": "bitsandbytes' paged optimizer kernels cannot run on fake tensors",
@@ -89,58 +93,26 @@ def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
     return model
 
 
-def target_module_names(shape: ModelShape, target_modules: Any) -> list:
-    """Linear names that adapters attach to; ``auto``/``all-linear`` = every linear of the blocks."""
-    names = [name for name, _, _ in shape.linears()]
-    if target_modules in (None, "auto", "all-linear"):
-        return names
-    if isinstance(target_modules, str):
-        return [target_modules]
-    return list(target_modules)
+def prepare_method(model, *, method: str, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules: Any,
+                   num_virtual_tokens: int, trainable_layers: int):
+    """Apply ``method`` with the engine's own preparer; return the model to train.
 
+    QLoRA's base is already a 4-bit stand-in here (frozen linears in the compute dtype), so it
+    gets the LoRA preparer: peft's k-bit preparation would upcast the stand-in itself.
+    """
+    from types import SimpleNamespace
 
-def prepare_method(model, shape: ModelShape, *, method: str, lora_r: int, lora_alpha: int, lora_dropout: float,
-                   target_modules: Any, num_virtual_tokens: int, trainable_layers: int):
-    """Apply ``method`` the way the engine does (peft for adapters); return the model to train."""
-    import torch
+    from ftmagic.engine.methods import get_method
 
-    if method == "full":
-        return model
-    if method in ("bitfit", "freeze"):
+    settings = SimpleNamespace(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                               target_modules=target_modules, num_virtual_tokens=num_virtual_tokens,
+                               trainable_layers=trainable_layers)
+    spec = get_method_spec(method)
+    if spec.quantized:
         for p in model.parameters():
             p.requires_grad_(False)
-        if method == "bitfit":
-            for name, p in model.named_parameters():
-                if name.endswith(".bias") or "norm" in name:
-                    p.requires_grad_(True)
-        else:
-            blocks = model.model.layers
-            for block in list(blocks)[len(blocks) - trainable_layers:]:
-                for p in block.parameters():
-                    p.requires_grad_(True)
-            for p in model.get_output_embeddings().parameters():
-                p.requires_grad_(True)
-        return model
-    import peft
-
-    targets = target_module_names(shape, target_modules)
-    if method == "qlora":
-        for p in model.parameters():
-            p.requires_grad_(False)
-    if method in ("lora", "dora", "qlora"):
-        cfg = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                              use_dora=method == "dora", task_type="CAUSAL_LM")
-    elif method == "ia3":
-        ff = [t for t in targets if t in ("down_proj",)]
-        cfg = peft.IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
-    elif method == "prompt_tuning":
-        cfg = peft.PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
-    elif method == "prefix_tuning":
-        cfg = peft.PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
-    else:
-        raise ConfigError(f"`method: {method}` cannot be traced; use the analytic estimate")
-    del torch
-    return peft.get_peft_model(model, cfg)
+        return get_method("lora").prepare(model, settings)
+    return get_method(method).prepare(model, settings)
 
 
 def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: str = "bf16", batch_size: int = 1,
@@ -172,14 +144,14 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     # Fake mode: build on the meta device (no storage), then turn every parameter and
     # buffer into a CPU fake tensor. Building directly under FakeTensorMode breaks peft,
     # whose adapter `.to()` calls cannot swap fake parameters.
-    with torch.device("meta") if fake else _null():
+    with torch.device("meta") if fake else nullcontext():
         net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation)
         quantized, quant_states = 0, []
         if plan.quantized and not fake and _bnb_available():
             quant_states = _quantize_bnb(net, dtypes[plan.compute_bytes])  # real NF4 weights, CPU kernels
         elif plan.quantized:
             quantized = _quantize_stand_in(net, dtypes[plan.compute_bytes])
-        net = prepare_method(net, shape, method=method, lora_r=lora_r, lora_alpha=lora_alpha,
+        net = prepare_method(net, method=method, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=target_modules,
                              num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
     if gradient_checkpointing:
@@ -195,7 +167,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         fake_mode = FakeTensorMode()
         _fakify(net, fake_mode)
         params = [p for p in net.parameters() if p.requires_grad]
-    with fake_mode if fake_mode is not None else _null(), _one_sequence_per_row(fake):
+    with fake_mode if fake_mode is not None else nullcontext(), _one_sequence_per_row(fake):
         if optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=1e-4)
         else:
@@ -213,7 +185,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         chunked = _chunked_loss() if loss_kind == "chunked" else None
 
         def step():
-            with autocast if autocast is not None else _null():
+            with autocast if autocast is not None else nullcontext():
                 if chunked is None:  # Hugging Face's loss: full batch x seq x vocab logits
                     return net(input_ids=ids, labels=labels).loss
                 # ftmagic's engine: decoder to hidden states, then the chunked loss
@@ -273,14 +245,12 @@ def _chunked_loss():
     fake tensor cannot know; every traced position is labelled, so the rows are taken
     directly (a copy, as the mask makes) and handed to the same chunked autograd function.
     """
-    from ftmagic.engine.losses import _ChunkedLinearCrossEntropy, default_chunk_rows
+    from ftmagic.engine.losses import labelled_cross_entropy_sum
 
     def loss(hidden, head, labels):
         rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
-        total = _ChunkedLinearCrossEntropy.apply(rows, head.weight, head.bias, targets,
-                                                 default_chunk_rows(head.weight.shape[0]))
-        return total / targets.shape[0]
+        return labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias) / targets.shape[0]
 
     return loss
 
@@ -456,14 +426,6 @@ def _one_sequence_per_row(active: bool):
         masking.find_packed_sequence_indices = original
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def simulate_memory(model: Any, **settings: Any) -> TraceResult:
     """Exact mode: :func:`trace_step` under FakeTensorMode (nothing is allocated).
 
@@ -474,3 +436,50 @@ def simulate_memory(model: Any, **settings: Any) -> TraceResult:
     """
     settings.setdefault("fake", True)
     return trace_step(model, **settings)
+
+
+def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryEstimate] = None) -> MemoryEstimate:
+    """The traced step as a :class:`~ftmagic.memory.MemoryEstimate`; the analytic one, with a note, where it cannot trace.
+
+    ``settings`` are the resolved settings of an analytic estimate (``estimate.settings``).
+    Where the step cannot be traced (bitsandbytes' 8-bit optimizers, prefix tuning's cache,
+    an architecture transformers cannot build here) the analytic estimate comes back with
+    a note that says why, so callers always get an answer.
+
+    Example::
+
+        est = estimate_memory("smollm2-135m", method="full")      # the core's analytic estimate
+        exact = exact_estimate(est.shape, est.settings, est)
+        exact.notes   # says it was traced, or why it fell back
+    """
+    analytic = analytic if analytic is not None else analytic_estimate(shape, settings)
+    reason = untraceable_reason(settings["method"], settings["optimizer"])
+    if reason is None and settings["method"] == "prefix_tuning":
+        reason = "prefix tuning's cache-based virtual tokens are not traced"
+    if reason is None:
+        try:
+            sim = simulate_memory(
+                shape, method=settings["method"], precision=settings["precision"],
+                batch_size=settings["batch_size"], seq_len=settings["seq_len"],
+                gradient_checkpointing=settings["gradient_checkpointing"], optimizer=settings["optimizer"],
+                lora_r=settings["lora_r"], lora_dropout=settings["lora_dropout"],
+                target_modules=settings["target_modules"], num_virtual_tokens=settings["num_virtual_tokens"],
+                trainable_layers=settings["trainable_layers"], loss=settings.get("loss", "auto"),
+                optimizer_impl="foreach" if settings.get("device") == "cpu" else "fused")
+        except FtmagicError as exc:
+            reason = str(exc)
+        except Exception as exc:  # an architecture or op the tracer cannot run: say so, keep the analytic answer
+            reason = f"the step could not be traced ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    if reason is not None:
+        analytic.notes.append(f"exact mode fell back to the analytic estimate: {reason}")
+        return analytic
+    breakdown = dict.fromkeys(DEVICE_KEYS, 0)
+    breakdown.update(sim.breakdown)
+    peak_phase = max(sim.phases, key=sim.phases.get)
+    notes = ["exact: one steady-state step traced under FakeTensorMode with torch's MemTracker"]
+    if get_method_spec(settings["method"]).quantized:
+        notes.append("4-bit linears traced as frozen compute-dtype linears (same saved tensors), weights counted at NF4 size")
+    return MemoryEstimate(total_bytes=int(sim.peak_bytes), breakdown=breakdown, phases=dict(sim.phases),
+                          peak_phase=peak_phase, settings=dict(settings, mode="exact"), model=shape.name,
+                          trainable_params=sim.trainable_params, total_params=sim.total_params,
+                          paged_optimizer_states=analytic.paged_optimizer_states, notes=notes, shape=shape)
