@@ -27,8 +27,8 @@ which the memory calculator refuses to read). A test runs it.
 
 Usage::
 
-    python benchmarks/gpu_suite.py                        # everything this GPU can run (about 30-40 min on an H100)
-    python benchmarks/gpu_suite.py --models 1b --steps 6  # a few minutes
+    python benchmarks/gpu_suite.py                        # everything this GPU can run (16 runs; the 8B ones load 16 GB each)
+    python benchmarks/gpu_suite.py --models 1b --steps 6  # the 1B half: 8 short runs
     python benchmarks/gpu_suite.py --install              # and give the memory calculator the measured constants
     python benchmarks/gpu_suite.py --dry-run --out /tmp/dry.json
 

@@ -198,3 +198,17 @@ def test_qlora_quantization_config():
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
         (True, "nf4", True, torch.float16)
     assert quantization_config("bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_the_memory_calculator_resolves_cpu_precision_by_the_same_rule():
+    from ftmagic.memory import estimate_memory
+    from ftmagic.memory.policy import cpu_bf16_pays, resolve_precision
+
+    assert resolve_precision("auto", bf16_supported=True, device="cpu") == "bf16"
+    assert resolve_precision("auto", bf16_supported=False, device="cpu") == "fp32"
+    assert resolve_precision("auto", bf16_supported=False) == "fp16"  # a T4
+    for flags, hidden in ((ZEN4.cpu_flags, 512), (ZEN4.cpu_flags, 144), (SKYLAKE.cpu_flags, 4096)):
+        plan = choose_device(DeviceCaps(cpu_flags=flags), hidden_size=hidden)
+        est = estimate_memory("smollm2-135m", device="cpu", batch_size=1, seq_len=64,
+                              bf16_supported=cpu_bf16_pays(flags, hidden))
+        assert est.settings["precision"] == plan.precision

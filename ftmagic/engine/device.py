@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ftmagic.errors import ConfigError
+from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 
 
 @dataclass(frozen=True)
@@ -88,24 +89,6 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
-# CPU instruction sets under which bf16 autocast was measured to train faster than fp32 with the
-# eval loss within 2% (benchmarks/README.md): Intel AMX and AVX512_BF16 (AMD Zen 4). Without them
-# torch emulates bf16 on the CPU, which is slower than fp32.
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# bf16 pays through its matrix multiplies: measured 1.4x per step at hidden size 512, nothing
-# measurable at 144 (the embedded tiny model), where conversions cost what the matmuls save.
-CPU_BF16_MIN_HIDDEN = 512
-
-
-def cpu_bf16(flags) -> Optional[str]:
-    """The bf16 instruction set of a CPU with these ``flags`` that makes bf16 pay, or None.
-
-    Example::
-
-        >>> cpu_bf16({"avx512f", "avx512_bf16"}), cpu_bf16({"avx2", "avx512f"})
-        ('avx512_bf16', None)
-    """
-    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
 
 
 def native_bf16(compute_capability, is_rocm: bool = False) -> bool:
@@ -152,8 +135,8 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
 
     ``auto`` prefers CUDA (bf16 where the GPU has it, else fp16 with a gradient scaler),
     then Apple MPS, then the CPU: bf16 autocast where the CPU computes bf16 in hardware
-    (:func:`cpu_bf16`) and the model (``hidden_size``, when known) is wide enough for it to
-    pay (:data:`CPU_BF16_MIN_HIDDEN`), else fp32. QLoRA without CUDA runs on bitsandbytes' CPU
+    and the model (``hidden_size``, when known) is wide enough for it to pay
+    (:func:`ftmagic.memory.policy.cpu_bf16_pays`), else fp32. QLoRA without CUDA runs on bitsandbytes' CPU
     backend when it is there, else becomes LoRA (``plan.fallback`` says so).
 
     Example::
@@ -206,8 +189,7 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
     else:
         where = "cpu" + (" (no CUDA GPU found)" if requested == "auto" else " (as asked)")
         hardware = cpu_bf16(caps.cpu_flags)
-        wide = hidden_size is not None and hidden_size >= CPU_BF16_MIN_HIDDEN
-        if precision == "auto" and hardware and wide:
+        if precision == "auto" and cpu_bf16_pays(caps.cpu_flags, hidden_size):
             precision, why = "bf16", f"bf16 autocast (this CPU computes bf16 in hardware: {hardware.upper()})"
         elif precision == "auto" and hardware:
             width = f"hidden size {hidden_size}" if hidden_size else "a model of unknown width"
