@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/threads_busy.py                     # 2 busy processes, 40 steps, 2 rounds
     python benchmarks/threads_busy.py --busy 0            # the same on a quiet machine
+    python benchmarks/threads_busy.py --model /tmp/ftmagic-bench/model   # a 28M model: auto decides by load
     python benchmarks/threads_busy.py --json
 
 Reports, per setting, the threads chosen, the training loop's seconds and seconds per step.
@@ -31,14 +32,14 @@ def _spin(stop) -> None:
         sum(range(10_000))
 
 
-def run_once(threads, steps: int, out: str) -> dict:
+def run_once(threads, steps: int, out: str, model: str) -> dict:
     import torch
 
     from ftmagic.demo import DEMO_CONFIG, demo_dataset
     from ftmagic.engine.run import finetune
 
-    settings = {**DEMO_CONFIG, "max_steps": steps, "eval_steps": 0, "save_steps": 0, "output_dir": out,
-                "overwrite": True, "threads": threads}
+    settings = {**DEMO_CONFIG, "model": model, "max_steps": steps, "eval_steps": 0, "save_steps": 0,
+                "output_dir": out, "overwrite": True, "threads": threads}
     lines = []
     result = finetune(data=demo_dataset("train"), on_event=lambda e: lines.append(getattr(e, "text", "")), **settings)
     chosen = next((t for t in lines if t.startswith("threads:")), "")
@@ -51,6 +52,10 @@ def main(argv=None) -> int:
     parser.add_argument("--busy", type=int, default=2, help="processes that each keep one core busy (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (default, auto)")
+    parser.add_argument("--model", default="tiny",
+                        help="the model to train (default: the embedded 1M-parameter one, which `auto` always gives "
+                             "one thread; a larger one, e.g. train_throughput.py's 28M model directory, shows the "
+                             "choice by load)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.rounds):
                 for name, threads in (("default", default), ("auto", "auto")):
-                    results[name].append(run_once(threads, args.steps, os.path.join(tmp, name)))
+                    results[name].append(run_once(threads, args.steps, os.path.join(tmp, name), args.model))
                     if not args.json:
                         r = results[name][-1]
                         print(f"{name}: {r['threads']} thread(s), {r['train_s']:.1f} s", file=sys.stderr, flush=True)
@@ -81,11 +86,13 @@ def main(argv=None) -> int:
                       "train_s": [round(r["train_s"], 2) for r in runs],
                       "best_s_per_step": min(r["s_per_step"] for r in runs)} for name, runs in results.items()}
     summary["busy_processes"], summary["cores"], summary["steps"] = args.busy, os.cpu_count(), args.steps
+    summary["model"] = args.model
     summary["default_over_auto"] = summary["default"]["best_s_per_step"] / summary["auto"]["best_s_per_step"]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{args.busy} busy process(es) on {os.cpu_count()} cores; the demo's LoRA run, {args.steps} steps")
+    print(f"{args.busy} busy process(es) on {os.cpu_count()} cores; the demo's LoRA run on {args.model}, "
+          f"{args.steps} steps")
     print(f"{'setting':<10}{'threads':>8}{'train s (each round)':>24}{'s/step (best)':>15}")
     for name in ("default", "auto"):
         s = summary[name]

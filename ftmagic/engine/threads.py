@@ -79,10 +79,12 @@ def choose_threads(requested: Union[str, int], load: CpuLoad, *, params: int, de
         return ThreadPlan(int(requested), line(int(requested), "as asked"))
     if device != "cpu":
         return ThreadPlan(None, f"threads: torch's {load.torch_threads} left as they are ({device} does the work)")
+    by_size = max(1, math.ceil(params / PARAMS_PER_THREAD))
+    if by_size == 1:  # whatever the load: one thread (plan_threads does not even sample it)
+        return ThreadPlan(1, line(1, f"a {params / 1e6:.1f}M-parameter model gains little from more"))
     cores = max(1, load.cores)
     free = max(0.0, cores - load.busy)
     by_load = max(1, math.floor(free + (1 - FREE_SHARE)))
-    by_size = max(1, math.ceil(params / PARAMS_PER_THREAD))
     threads = min(cores, by_load, by_size)
     why = [f"{load.busy:.1f} of {cores} cores busy with other work"]
     if by_size < min(cores, by_load):
@@ -106,7 +108,7 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def measure_cpu_load(interval: float = 0.25) -> CpuLoad:
+def measure_cpu_load(interval: float = 0.1) -> CpuLoad:
     """Sample how busy this process's cores are with other work over ``interval`` seconds."""
     import psutil
     import torch
@@ -137,7 +139,7 @@ def plan_threads(requested: Union[str, int], *, params: int, device: str) -> Thr
     """:func:`choose_threads` for this machine (the load is sampled only when ``auto`` on the CPU needs it)."""
     import torch
 
-    if requested == "auto" and device == "cpu":
+    if requested == "auto" and device == "cpu" and params > PARAMS_PER_THREAD:
         load = measure_cpu_load()
     else:
         load = CpuLoad(cores=usable_cores(), busy=0.0, torch_threads=torch.get_num_threads())
