@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -132,3 +133,34 @@ def test_other_adapters_keep_peft_forward_and_context_restores():
     assert not any("forward" in vars(m) for m in layers)
     with model.disable_adapter():
         assert torch.allclose(off, model(input_ids=ids).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_cuda_under_autocast_it_matches_peft(dtype):
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability 8.0")
+    model = _model().cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        ref_loss, ref_grads = _step_on(model, fused=False)
+        loss, grads = _step_on(model, fused=True)
+    assert abs(loss.item() - ref_loss.item()) < 0.02 * abs(ref_loss.item())
+    for name in grads:
+        cos = torch.nn.functional.cosine_similarity(grads[name].flatten().float(), ref_grads[name].flatten().float(),
+                                                    dim=0)
+        assert grads[name].dtype == torch.float32 and cos > 0.99, name
+    # The dropout draws run on the GPU too, at the asked rate.
+    torch.manual_seed(0)
+    bits = draw_dropout_bits((1 << 20,), "cuda")
+    assert abs((bits >= dropout_threshold(0.1)).float().mean().item() - 0.9) < 0.002
+
+
+def _step_on(model, fused: bool):
+    ids = torch.randint(0, 53, (2, 11), generator=torch.Generator().manual_seed(3)).cuda()
+    torch.manual_seed(1)
+    model.zero_grad()
+    with fused_lora(model) if fused else contextlib.nullcontext():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
