@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_limit import limit_fields, matmul_peak, run_flops
+
 SYSTEMS = ("trainer_peft", "trl", "ftmagic")
 
 CHATML_TEMPLATE = (
@@ -190,14 +192,31 @@ def trained_tokens(examples: list[dict]) -> int:
 
 # ------------------------------------------------------------------------ set-up (parent)
 
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
 def build_workdir(workdir: Path) -> Path:
     """Tokenizer, model and data, built once with fixed seeds and reused by every system."""
     marker = workdir / "ready.json"
     if marker.exists():
         return workdir
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     workdir.mkdir(parents=True, exist_ok=True)
     train = generate_records(TRAIN_RECORDS, seed=1)
@@ -207,17 +226,7 @@ def build_workdir(workdir: Path) -> Path:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=MODEL_CONFIG["vocab_size"], special_tokens=specials, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = [m["content"] for r in train for m in r["messages"]]
-    core.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None)
-    tok.chat_template = CHATML_TEMPLATE
+    tok = build_tokenizer([m["content"] for r in train for m in r["messages"]], MODEL_CONFIG["vocab_size"])
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL_CONFIG, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -253,9 +262,13 @@ def _peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+# The precision every system computes in (--precision): fp32 by default, held equal; `bf16` runs
+# each in bf16 autocast with a bf16 base (fp32 adapters), on a GPU that has it or a CPU that does.
+PRECISION = {"value": "fp32"}
+
+
 def _bf16() -> bool:
-    import torch
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return PRECISION["value"] == "bf16"
 
 
 def _hf_schedule_args(size: dict, out: str) -> dict:
@@ -287,8 +300,8 @@ def run_trainer_peft(model_dir: str, records: list[dict], size: dict, out: str):
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=TrainingArguments(**_hf_schedule_args(size, out)), train_dataset=ds,
                       data_collator=collator)
-    trainer.train()
-    return model, trainer.state.global_step
+    output = trainer.train()
+    return model, trainer.state.global_step, output.metrics.get("train_runtime")
 
 
 def packed_rows_per_step(size: dict, mean_len: float) -> int:
@@ -322,8 +335,8 @@ def run_trl(model_dir: str, records: list[dict], size: dict, out: str, mode: str
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if _bf16() else torch.float32)
     trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok,
                          peft_config=_lora_config())
-    trainer.train()
-    return trainer.model, trainer.state.global_step
+    output = trainer.train()
+    return trainer.model, trainer.state.global_step, output.metrics.get("train_runtime")
 
 
 def run_ftmagic(model_dir: str, records: list[dict], size: dict, out: str, extra: dict):
@@ -338,10 +351,11 @@ def run_ftmagic(model_dir: str, records: list[dict], size: dict, out: str, extra
                     weight_decay=HPARAMS["weight_decay"], max_grad_norm=HPARAMS["max_grad_norm"],
                     lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                     target_modules=list(LORA["target_modules"]), gradient_checkpointing=False,
-                    output_dir=out, overwrite=True, logging_steps=10, seed=HPARAMS["seed"])
+                    output_dir=out, overwrite=True, logging_steps=10, seed=HPARAMS["seed"],
+                    precision=PRECISION["value"])
     settings.update(extra)
     result = finetune(**settings)
-    return result, int(result.metrics.get("steps", 0))
+    return result, int(result.metrics.get("steps", 0)), result.metrics.get("runtime_s")
 
 
 FTMAGIC_VARIANTS = {
@@ -349,6 +363,7 @@ FTMAGIC_VARIANTS = {
     "no_fast_path": "the model's own forward on padded packed rows with a block-diagonal 4D mask, full logits",
     "no_chunked_loss": "flattened rows and per-example attention, but full logits and torch cross-entropy",
     "no_varlen": "flattened rows and chunked loss, but one SDPA over the whole row with a packed mask",
+    "no_fused_lora": "peft's own LoRA forward (dropout mask, scaled copy and add as separate passes)",
 }
 
 
@@ -374,9 +389,11 @@ def _apply_ftmagic_variant(variant: str) -> None:
         objectives.fast_loss = full_logits_loss
     elif variant == "no_varlen":
         # SDPA sees the packed position_ids and builds a [T, T] block-diagonal mask itself.
-        objectives.varlen_attention = lambda model: contextlib.nullcontext()
+        fastpath.varlen_attention = lambda model: contextlib.nullcontext()
         flatten = objectives.flatten_batch
         objectives.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
+    elif variant == "no_fused_lora":
+        fastpath.fused_lora = lambda model: contextlib.nullcontext()
     elif variant != "full":
         raise SystemExit(f"unknown --ftmagic-variant {variant!r}; choose from {', '.join(FTMAGIC_VARIANTS)}")
 
@@ -432,7 +449,8 @@ def evaluate(model, tokenizer, records: list[dict], token_budget: int = 4096) ->
 
 
 def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mode: str, ftmagic_extra: dict,
-          threads: int = 0, variant: str = "full") -> None:
+          threads: int = 0, variant: str = "full", precision: str = "fp32") -> None:
+    PRECISION["value"] = precision
     # Imports first, so wall time measures the run, not loading libraries.
     import datasets  # noqa: F401
     import peft  # noqa: F401
@@ -467,25 +485,37 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
 
     if threads:
         torch.set_num_threads(threads)
+        if system == "ftmagic":
+            ftmagic_extra = {"threads": threads, **ftmagic_extra}
+    # The limit: the matmul peak in the dtype the run computes in, with its threads, before and after it.
+    peaks = [matmul_peak(precision, device=_device())]
     start, cpu_start = time.perf_counter(), time.process_time()
     if system == "trainer_peft":
-        model, steps = run_trainer_peft(model_dir, records, size, out)
+        model, steps, train_s = run_trainer_peft(model_dir, records, size, out)
     elif system == "trl":
-        model, steps = run_trl(model_dir, records, size, out, trl_mode, mean_len)
+        model, steps, train_s = run_trl(model_dir, records, size, out, trl_mode, mean_len)
     else:
-        result, steps = run_ftmagic(model_dir, records, size, out, ftmagic_extra)
+        result, steps, train_s = run_ftmagic(model_dir, records, size, out, ftmagic_extra)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     # CPU seconds of this process: with --threads 1 a comparison that other load barely moves.
     cpu = time.process_time() - cpu_start
     peak = _peak_bytes()
+    peaks.append(matmul_peak(precision, device=_device()))
+    best = {key: max(p[key] for p in peaks) for key in ("flops_per_s", "flops_per_cpu_s")}
+    work = run_flops(model_dir, reference, lora_r=LORA["r"], target_modules=LORA["target_modules"])
 
     if system == "ftmagic":
         model = _ftmagic_trained_model(result, model_dir)
-    eval_loss = evaluate(model, tok, eval_records)
+    # Every system's adapter is scored in fp32, whatever it trained in.
+    eval_loss = evaluate(model.float(), tok, eval_records)
     report = {"wall_s": wall, "tokens_per_s": tokens / wall, "peak_bytes": peak, "eval_loss": eval_loss,
-              "trained_tokens": tokens, "steps": steps, "examples": len(records), "cpu_s": cpu}
+              "trained_tokens": tokens, "steps": steps, "examples": len(records), "cpu_s": cpu, "train_s": train_s,
+              "precision": precision, "threads": torch.get_num_threads(),
+              "flops_per_token": work["flops_per_token"], "matmul_peak": best,
+              **limit_fields(tokens=tokens, wall_s=wall, cpu_s=cpu, train_s=train_s,
+                             flops_per_token=work["flops_per_token"], peak=best)}
     if system == "trl":
         report["mode"] = trl_mode
     if system == "ftmagic" and variant != "full":
@@ -501,7 +531,7 @@ def run_system(system: str, args, workdir: Path, trl_mode: str = "padding_free")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--workdir", str(workdir),
            "--size", args.size, "--result", str(result_path), "--trl-mode", trl_mode,
            "--ftmagic-extra", args.ftmagic_extra, "--threads", str(args.threads),
-           "--ftmagic-variant", args.ftmagic_variant]
+           "--ftmagic-variant", args.ftmagic_variant, "--precision", args.precision]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + f"\n{system} failed with exit status {proc.returncode}\n")
@@ -516,18 +546,26 @@ def _mb(n: int) -> str:
 def format_table(results: dict) -> str:
     """The per-system table, then ftmagic against each other system."""
     ref = results.get("ftmagic")
-    head = f"{'system':<14}{'wall s':>9}{'CPU s':>9}{'tokens/s':>10}{'peak mem':>11}{'eval loss':>11}" \
-           f"{'tok/s vs ftmagic':>18}{'mem vs ftmagic':>16}"
+    head = f"{'system':<14}{'wall s':>9}{'CPU s':>9}{'tokens/s':>10}{'limit':>7}{'train':>7}{'peak mem':>11}" \
+           f"{'eval loss':>11}{'tok/s vs ftmagic':>18}{'mem vs ftmagic':>16}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         mem = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
-        lines.append(f"{name:<14}{r['wall_s']:>9.1f}{r.get('cpu_s', 0):>9.1f}{r['tokens_per_s']:>10,.0f}"
-                     f"{_mb(r['peak_bytes']):>11}{r['eval_loss']:>11.4f}{speed:>18}{mem:>16}")
+        share = f"{100 * r['limit_share']:.0f}%" if "limit_share" in r else "-"
+        train = f"{100 * r['train_limit_share']:.0f}%" if r.get("train_limit_share") else "-"
+        lines.append(f"{name:<14}{r['wall_s']:>9.1f}{r.get('cpu_s', 0):>9.1f}{r['tokens_per_s']:>10,.0f}{share:>7}"
+                     f"{train:>7}{_mb(r['peak_bytes']):>11}{r['eval_loss']:>11.4f}{speed:>18}{mem:>16}")
     notes = [f"{name}: TRL mode {r['mode']}" for name, r in results.items() if "mode" in r]
     notes += [f"{name}: variant {r['variant']}" for name, r in results.items() if "variant" in r]
     if notes:
         lines.append("(" + "; ".join(notes) + ")")
+    first = next(iter(results.values()), None)
+    if first and "flops_per_token" in first:
+        lines.append(f"limit: {first['flops_per_token'] / 1e6:.1f} MFLOP per trained token; measured "
+                     f"{first['precision']} matmul peak {first['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s on "
+                     f"{first['threads']} thread(s), so at most {first['matmul_peak']['flops_per_s'] / first['flops_per_token']:,.0f} "
+                     "tokens/s ('limit': share of it over the whole run; 'train': over the training loop)")
     if ref:
         lines.append("")
         for name, r in results.items():
@@ -548,6 +586,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ftmagic-bench"),
                         help="where the model and data are built once and reused")
     parser.add_argument("--ftmagic-extra", default="{}", help="JSON of extra finetune() settings, for experiments")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="what every system computes in (bf16: on a GPU or CPU that has it)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per system (default: torch's choice, all cores)")
     parser.add_argument("--ftmagic-variant", default="full", choices=list(FTMAGIC_VARIANTS),
@@ -559,7 +599,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     if args.child:
         child(args.child, workdir, args.size, Path(args.result), args.trl_mode, json.loads(args.ftmagic_extra),
-              args.threads, args.ftmagic_variant)
+              args.threads, args.ftmagic_variant, args.precision)
         return 0
 
     args.size = args.size or ("quick" if args.quick else "full")

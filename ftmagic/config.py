@@ -104,6 +104,10 @@ class FinetuneConfig:
     optimizer: OptimizerName = "adamw"
     device: DeviceName = "auto"
     skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
+    # CPU threads torch computes with during the run ("auto" or a number; set back afterwards). "auto":
+    # the cores free when the run starts, fewer for a small model; torch's default of one per core
+    # runs many times slower when other work holds some of them (ftmagic/engine/threads.py).
+    threads: Union[int, str] = "auto"
 
     # --- output, evaluation, checkpoints -------------------------------------------
     output_dir: str = "ftmagic-output"  # `~` is expanded
@@ -259,6 +263,9 @@ class FinetuneConfig:
         if self.method == "qlora" and self.precision == "fp32":
             fail("precision", "`precision: fp32` does not apply to `method: qlora` (4-bit weights compute in bf16/fp16); "
                               "use `precision: auto`")
+        if (isinstance(self.threads, str) and self.threads != "auto") or \
+                (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads < 1):
+            fail("threads", f"`threads: {self.threads}` must be `auto` or a number of threads from 1 up")
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
         self._validate_export(fail)

@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The memory calculator's CUDA constants are the built-in ones in tests, whatever a GPU measured on this machine.
+os.environ["FTMAGIC_GPU_CONSTANTS"] = "none"
 
 from model_builders import build_test_model_dir, build_test_tokenizer  # noqa: E402
 

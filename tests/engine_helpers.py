@@ -48,3 +48,8 @@ class StopAt:
 
 def step_losses(events) -> dict:
     return {e["step"]: e["loss"] for e in events if e.get("event") == "step"}
+
+
+def notes(events) -> list[dict]:
+    """The run's message events, less the line every CPU run gives about its threads."""
+    return [e for e in events if e.get("event") == "message" and not e["text"].startswith("threads:")]

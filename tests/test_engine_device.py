@@ -43,9 +43,49 @@ def test_a100_fp16_when_asked_gets_scaler():
 
 
 def test_cpu_when_no_gpu():
-    plan = choose_device(CPU)
+    plan = choose_device(CPU, hidden_size=4096)
     assert (plan.device, plan.precision, plan.use_grad_scaler) == ("cpu", "fp32", False)
-    assert plan.reason == "cpu (no CUDA GPU found): fp32 (CPUs gain little from half precision)"
+    assert plan.reason == "cpu (no CUDA GPU found): fp32 (this CPU has no bf16 instructions; half precision would be slower)"
+
+
+ZEN4 = DeviceCaps(cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
+SAPPHIRE_RAPIDS = DeviceCaps(cpu_flags=frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
+SKYLAKE = DeviceCaps(cpu_flags=frozenset({"avx2", "avx512f", "avx512bw"}))
+
+
+@pytest.mark.parametrize("caps,hidden,precision,why", [
+    (ZEN4, 512, "bf16", "bf16 autocast (this CPU computes bf16 in hardware: AVX512_BF16)"),
+    (SAPPHIRE_RAPIDS, 2048, "bf16", "bf16 autocast (this CPU computes bf16 in hardware: AMX_BF16)"),
+    (ZEN4, 144, "fp32", "fp32 (hidden size 144 gains nothing measurable from this CPU's bf16)"),
+    (ZEN4, None, "fp32", "fp32 (a model of unknown width gains nothing measurable from this CPU's bf16)"),
+    (SKYLAKE, 4096, "fp32", "fp32 (this CPU has no bf16 instructions; half precision would be slower)"),
+])
+def test_cpu_auto_takes_bf16_only_where_it_pays(caps, hidden, precision, why):
+    plan = choose_device(caps, hidden_size=hidden)
+    assert (plan.device, plan.precision, plan.use_grad_scaler) == ("cpu", precision, False)
+    assert plan.reason == f"cpu (no CUDA GPU found): {why}"
+    assert plan.autocast == (precision == "bf16")
+
+
+def test_cpu_bf16_as_asked_warns_where_it_is_emulated():
+    assert choose_device(SKYLAKE, precision="bf16").reason.endswith("expect it slower than fp32)")
+    assert choose_device(ZEN4, precision="bf16", hidden_size=64).reason.endswith(": bf16 as asked")
+    assert choose_device(ZEN4, precision="fp32", hidden_size=4096).precision == "fp32"
+
+
+def test_qlora_on_a_bf16_cpu_computes_in_bf16():
+    plan = choose_device(DeviceCaps(cpu_flags=ZEN4.cpu_flags, bnb_cpu_4bit=True), method="qlora", hidden_size=2048)
+    assert (plan.method, plan.precision, plan.qlora_compute_dtype) == ("qlora", "bf16", "bfloat16")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from ftmagic.engine.device import cpu_bf16, cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert cpu_bf16(cpu_flags(str(info))) == "avx512_bf16"
 
 
 def test_cpu_can_be_forced_on_a_gpu_machine():
@@ -158,3 +198,17 @@ def test_qlora_quantization_config():
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
         (True, "nf4", True, torch.float16)
     assert quantization_config("bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_the_memory_calculator_resolves_cpu_precision_by_the_same_rule():
+    from ftmagic.memory import estimate_memory
+    from ftmagic.memory.policy import cpu_bf16_pays, resolve_precision
+
+    assert resolve_precision("auto", bf16_supported=True, device="cpu") == "bf16"
+    assert resolve_precision("auto", bf16_supported=False, device="cpu") == "fp32"
+    assert resolve_precision("auto", bf16_supported=False) == "fp16"  # a T4
+    for flags, hidden in ((ZEN4.cpu_flags, 512), (ZEN4.cpu_flags, 144), (SKYLAKE.cpu_flags, 4096)):
+        plan = choose_device(DeviceCaps(cpu_flags=flags), hidden_size=hidden)
+        est = estimate_memory("smollm2-135m", device="cpu", batch_size=1, seq_len=64,
+                              bf16_supported=cpu_bf16_pays(flags, hidden))
+        assert est.settings["precision"] == plan.precision

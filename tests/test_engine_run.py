@@ -17,7 +17,7 @@ from ftmagic.engine.device import DeviceCaps, choose_device
 from ftmagic.errors import CheckpointError, ConfigError, ModelError
 from ftmagic.events import Step
 
-from engine_helpers import collect, reversal_records, step_losses
+from engine_helpers import collect, notes, reversal_records, step_losses
 
 BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, eval_steps=0, seed=5)
 
@@ -33,15 +33,16 @@ def test_event_sequence_and_fields(test_model_dir, tmp_path):
     result, events = _train(test_model_dir, tmp_path / "out", eval_data=reversal_records(4, seed=2), eval_steps=2,
                             max_steps=4, save_steps=2)
     kinds = [e["event"] for e in events]
-    assert kinds == ["plan", "start", "step", "step", "eval", "checkpoint", "step", "step", "checkpoint", "eval",
-                     "end"]
+    assert kinds == ["plan", "message", "start", "step", "step", "eval", "checkpoint", "step", "step", "checkpoint",
+                     "eval", "end"]
+    assert events[1]["text"].startswith("threads: 1 (")  # a 60k-parameter model on the CPU
     plan = events[0]
     assert {k: plan[k] for k in ("model", "method", "device", "precision", "format", "train_records",
                                  "eval_records", "output_dir")} == {
         "model": test_model_dir, "method": "lora", "device": "cpu", "precision": "fp32",
         "format": "prompt_completion", "train_records": 12, "eval_records": 4, "output_dir": str(tmp_path / "out")}
     assert plan["reason"].startswith("cpu")
-    step = events[2]
+    step = events[3]
     assert set(step) == {"event"} | {f.name for f in dataclasses.fields(Step)}  # the fields' one home
     assert step["step"] == 1 and step["max_steps"] == 4 and step["tokens"] > 0 and step["memory_bytes"] > 0
     assert events[-1]["reason"] == "finished" and events[-1]["output_dir"] == str(tmp_path / "out")
@@ -137,7 +138,7 @@ def test_early_stopping(test_model_dir, tmp_path):
     assert evals[-1]["eval_loss"] >= min(e["eval_loss"] for e in evals[:-1])
     assert events[-1]["reason"] == "early_stopping"
     best = min(evals, key=lambda e: e["eval_loss"])
-    messages = [e["text"] for e in events if e["event"] == "message"]
+    messages = [e["text"] for e in notes(events)]
     assert messages == [f"early stopping: kept the weights of step {best['step']} (best eval loss {best['eval_loss']:.4f})"]
     assert result.metrics["eval_loss"] == best["eval_loss"]
 
@@ -369,7 +370,7 @@ def test_qlora_load_failure_on_cpu_falls_back(tmp_path, monkeypatch, test_tokeni
 
     monkeypatch.setattr(run_module, "load_model", no_4bit)
     result, events = _train(model_dir, tmp_path / "out", method="qlora", max_steps=1)
-    texts = [e["text"] for e in events if e["event"] == "message"]
+    texts = [e["text"] for e in notes(events)]
     assert texts == ["QLoRA's 4-bit load failed on this CPU (no kernel image for this CPU); using LoRA"]
     assert result.metrics["method"] == "lora"
 
@@ -430,16 +431,16 @@ def test_qlora_on_the_embedded_tiny_model(tmp_path, monkeypatch):
     monkeypatch.delenv("FTMAGIC_SMOKE", raising=False)
     result, events = _train("tiny", tmp_path / "out", method="qlora", max_steps=2)
     assert events[0]["model"] == "tiny" and events[0]["method"] == "qlora"
-    assert [e for e in events if e["event"] == "message"] == []
+    assert notes(events) == []
     assert result.metrics["steps"] == 2 and isinstance(result.generate("reverse: abc", max_new_tokens=4), str)
 
 
 def test_message_levels(test_model_dir, tmp_path):
     _, events = _train(test_model_dir, tmp_path / "out", resume=True, max_steps=1, save_steps=1)
-    assert [(e["level"], e["text"].split(";")[0]) for e in events if e["event"] == "message"] == \
+    assert [(e["level"], e["text"].split(";")[0]) for e in notes(events)] == \
         [("warning", f"no checkpoint in {tmp_path / 'out' / 'checkpoints'}")]
     _, events = _train(test_model_dir, tmp_path / "out", resume=True, max_steps=2, save_steps=1)
-    assert [(e["level"], e["text"]) for e in events if e["event"] == "message"] == [("info", "resuming from step-00000001")]
+    assert [(e["level"], e["text"]) for e in notes(events)] == [("info", "resuming from step-00000001")]
 
 
 def test_data_warnings_name_skipped_and_truncated_records():

@@ -43,7 +43,8 @@ def test_finetune_cell_trains_and_binds_the_result(shell, test_model_dir, tmp_pa
                          body(test_model_dir, out))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"ftmagic: {test_model_dir} | lora | cpu fp32 | data: 16 train records")
-    assert "parameters trainable" in lines[1]
+    assert lines[1].startswith("threads: 1 (")  # what the run chose, one line
+    assert "parameters trainable" in lines[2]
     assert lines[-1] == "result bound to `tuned`"
     result = shell.user_ns["tuned"]
     assert isinstance(result, RunResult)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ftmagic.errors import ConfigError
+from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class DeviceCaps:
     mps_available: bool = False
     bnb_cpu_4bit: bool = False  # bitsandbytes can run NF4 matmuls on the CPU (bnb >= 0.48)
     bnb_available: bool = False  # bitsandbytes imports (8-bit optimizers, CUDA 4-bit)
+    cpu_flags: frozenset = frozenset()  # the CPU's instruction-set flags (/proc/cpuinfo), e.g. {"avx512_bf16"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,23 @@ def detect_caps() -> DeviceCaps:
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     bnb_ok, bnb_cpu = _bitsandbytes_support()
     return DeviceCaps(cuda_available=cuda, name=name, compute_capability=cc, total_memory=total,
-                      bf16_supported=bf16, mps_available=mps, bnb_cpu_4bit=bnb_cpu, bnb_available=bnb_ok)
+                      bf16_supported=bf16, mps_available=mps, bnb_cpu_4bit=bnb_cpu, bnb_available=bnb_ok,
+                      cpu_flags=cpu_flags())
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    """The instruction-set flags of this machine's first CPU (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86, ARM
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 
 
 def native_bf16(compute_capability, is_rocm: bool = False) -> bool:
@@ -112,11 +130,13 @@ def _bitsandbytes_support() -> tuple[bool, bool]:
 
 
 def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "auto",
-                  method: str = "lora") -> DevicePlan:
+                  method: str = "lora", hidden_size: Optional[int] = None) -> DevicePlan:
     """Pick device, precision, loss scaling and the QLoRA compute dtype for ``caps``.
 
     ``auto`` prefers CUDA (bf16 where the GPU has it, else fp16 with a gradient scaler),
-    then Apple MPS, then the CPU (fp32). QLoRA without CUDA runs on bitsandbytes' CPU
+    then Apple MPS, then the CPU: bf16 autocast where the CPU computes bf16 in hardware
+    and the model (``hidden_size``, when known) is wide enough for it to pay
+    (:func:`ftmagic.memory.policy.cpu_bf16_pays`), else fp32. QLoRA without CUDA runs on bitsandbytes' CPU
     backend when it is there, else becomes LoRA (``plan.fallback`` says so).
 
     Example::
@@ -168,10 +188,18 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
             why = f"{precision} as asked"
     else:
         where = "cpu" + (" (no CUDA GPU found)" if requested == "auto" else " (as asked)")
-        if precision == "auto":
-            precision, why = "fp32", "fp32 (CPUs gain little from half precision)"
+        hardware = cpu_bf16(caps.cpu_flags)
+        if precision == "auto" and cpu_bf16_pays(caps.cpu_flags, hidden_size):
+            precision, why = "bf16", f"bf16 autocast (this CPU computes bf16 in hardware: {hardware.upper()})"
+        elif precision == "auto" and hardware:
+            width = f"hidden size {hidden_size}" if hidden_size else "a model of unknown width"
+            precision, why = "fp32", f"fp32 ({width} gains nothing measurable from this CPU's bf16)"
+        elif precision == "auto":
+            precision, why = "fp32", "fp32 (this CPU has no bf16 instructions; half precision would be slower)"
         elif precision == "fp16":
-            raise ConfigError("`precision: fp16` is not supported on the CPU; use `precision: auto` (fp32) or bf16")
+            raise ConfigError("`precision: fp16` is not supported on the CPU; use `precision: auto` or bf16")
+        elif precision == "bf16" and not hardware:
+            why = "bf16 as asked (this CPU has no bf16 instructions: expect it slower than fp32)"
         else:
             why = f"{precision} as asked"
 

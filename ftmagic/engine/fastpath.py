@@ -1,6 +1,6 @@
 """The fast training step: no compute on padding, no full logits.
 
-Three pieces, used together by the training loop for causal LMs (adapters or full
+Four pieces, used together by the training loop for causal LMs (adapters or full
 fine-tuning, not prompt learning, which prepends virtual tokens):
 
 * :func:`flatten_batch` turns a micro-batch of rows (packed or not) into ONE row with
@@ -9,15 +9,17 @@ fine-tuning, not prompt learning, which prepends virtual tokens):
 * :func:`varlen_attention` (a context manager) makes the model's attention run causal
   SDPA on each example separately, so examples in one row never see each other and no
   ``[T, T]`` mask is built or multiplied (the work is ``sum(len_i**2)``, not ``T**2``);
+* :func:`ftmagic.engine.fused_lora.fused_lora` runs each LoRA projection as one autograd
+  node with a cheap dropout mask (:func:`fast_step` enters it with the attention);
 * :func:`fast_loss` runs the decoder to its last hidden states and applies the output
   layer only to positions that carry a label, chunk by chunk
   (:func:`ftmagic.engine.losses.causal_lm_loss`).
 
 Example::
 
-    from ftmagic.engine.fastpath import fast_loss, flatten_batch, supports_fast_path, varlen_attention
+    from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch, supports_fast_path
     if supports_fast_path(model):
-        with varlen_attention(model):
+        with fast_step(model):
             batch = flatten_batch(rows)
             loss_sum = fast_loss(model, batch, reduction="sum")
             loss_sum.backward()
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ftmagic.constants import IGNORE_INDEX
+from ftmagic.engine.fused_lora import fused_lora
 from ftmagic.engine.losses import causal_lm_loss, labelled_cross_entropy_sum
 
 VARLEN = "ftmagic_varlen"
@@ -103,11 +106,6 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, dropout
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        # Expand key/value heads once for the whole row rather than once per segment.
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     parts = [_segment_attention(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout, scaling,
                                 window, softcap)
              for a, b in zip(bounds[:-1], bounds[1:])]
@@ -118,14 +116,22 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, dropout
 def _segment_attention(module, query, key, value, dropout: float, scaling: float, window, softcap):
     """One example's causal attention ``[1, heads, n, head_dim]``, within ``window`` and soft-capped if asked."""
     n = query.shape[2]
+    # Grouped-query attention inside the kernel: no expanded copies of key and value (a third
+    # less attention time on CPU than repeating the heads first, the same result).
+    gqa = query.shape[1] != key.shape[1]
     if softcap is None and (window is None or n <= window):
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                              enable_gqa=gqa)
     pos = torch.arange(n, device=query.device)
     allowed = pos[None, :] <= pos[:, None]
     if window is not None:  # transformers' sliding window: key k is seen from query q when q - k < window
         allowed &= pos[None, :] > pos[:, None] - window
     if softcap is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa)
+    if gqa:  # the eager soft-capped scores need every query head's keys and values
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     # Gemma 2's eager attention: scores soft-capped before the mask, softmax in fp32.
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
@@ -189,6 +195,14 @@ def fast_path_blocker(model):
 def supports_fast_path(model) -> bool:
     """True when the fast step is exact for ``model`` (see :func:`fast_path_blocker`)."""
     return fast_path_blocker(model) is None
+
+
+@contextmanager
+def fast_step(model):
+    """The step's context: :func:`varlen_attention`, and LoRA projections as one node each
+    (:func:`ftmagic.engine.fused_lora.fused_lora`). Forward and backward run inside."""
+    with varlen_attention(model), fused_lora(model):
+        yield
 
 
 @contextmanager

@@ -44,6 +44,18 @@ def resolve_model_path(name: str) -> str:
     return path
 
 
+def hidden_size_of(path: str) -> Optional[int]:
+    """The model's hidden size from its config.json (None when it cannot be read): the device choice
+    weighs it before any weight loads."""
+    from ftmagic.errors import FtmagicError
+    from ftmagic.memory.architectures import resolve_model
+
+    try:
+        return resolve_model(path).hidden
+    except (FtmagicError, OSError, ValueError):
+        return None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """A tokenizer that can pad (pad falls back to EOS) and pads on the right for training.
 

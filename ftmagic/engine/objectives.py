@@ -33,7 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from ftmagic.engine.collate import collate, count_targets
-from ftmagic.engine.fastpath import fast_loss, flatten_batch, supports_fast_path, varlen_attention
+from ftmagic.engine.fastpath import fast_loss, fast_step, flatten_batch, supports_fast_path
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -66,8 +66,9 @@ class CausalLM:
         return self.units(batch)
 
     def context(self, model):
-        # Per-example attention for flattened rows; forward, backward and checkpoint recomputation run inside.
-        return varlen_attention(model) if self.fast else nullcontext()
+        # Per-example attention for flattened rows and fused LoRA projections; forward, backward and
+        # checkpoint recomputation run inside.
+        return fast_step(model) if self.fast else nullcontext()
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.units(batch)  # counted on the CPU copy: no device sync

@@ -41,10 +41,11 @@ from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import LoopState, plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
-from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.models import hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
+from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
@@ -55,7 +56,8 @@ from ftmagic.methods import get_method_spec
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
                      "output_dir", "precision", "optimizer", "gradient_checkpointing", "export", "gguf_quant",
-                     "push_to_hub", "hub_private", "on_nan", "trust_remote_code")
+                     "push_to_hub", "hub_private", "on_nan", "trust_remote_code",
+                     "threads")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
@@ -141,7 +143,7 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
     cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
-    plan = choose_device(caps, cfg.device, cfg.precision, cfg.method)
+    plan = choose_device(caps, cfg.device, cfg.precision, cfg.method, hidden_size=hidden_size_of(model_path))
     opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
     notes = _plan_notes(cfg, plan)
     if continuing:
@@ -177,6 +179,9 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
     _seed_everything(cfg.seed)
     model, plan, method = _load_and_prepare(cfg, plan, model_path, emit)
     trainable, total = count_parameters(model)
+    threads = plan_threads(cfg.threads, params=total, device=plan.device)
+    if threads.threads is not None:
+        emit(Message(threads.reason))
     per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
     if smoke_mode():
@@ -191,12 +196,14 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
-    outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                         pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                         checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                         shifted=not get_method_spec(plan.method).adds_positions)
+    with run_threads(threads):
+        outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
+                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
+                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
+                             shifted=not get_method_spec(plan.method).adds_positions)
 
-    metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
+    metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats,
+                          threads=threads.threads)
     model.eval()
     _write_outputs(out, claim, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
                    history=outcome.history, model_path=model_path, emit=emit, fingerprint=fingerprint)
@@ -270,7 +277,8 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
     return model, plan, method
 
 
-def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: DevicePlan, stats: dict) -> dict:
+def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: DevicePlan, stats: dict,
+                threads: Optional[int] = None) -> dict:
     """``metrics.json``: how the run ended, its losses, size, speed and data counts."""
     return {"train_loss": outcome.train_loss, "eval_loss": outcome.eval_loss,
             "best_eval_loss": outcome.best_eval_loss, "steps": outcome.step, "max_steps": max_steps,
@@ -278,7 +286,7 @@ def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: De
             "peak_memory_bytes": outcome.peak_memory_bytes,
             "stopped": outcome.reason in ("stopped", "interrupted"),
             "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
-            "method": plan.method, "device": plan.device, "precision": plan.precision,
+            "method": plan.method, "device": plan.device, "precision": plan.precision, "threads": threads,
             **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
             **({"skipped_steps": outcome.skipped_steps} if outcome.skipped_steps else {}),
             "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}

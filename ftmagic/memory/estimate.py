@@ -220,7 +220,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     if loss not in LOSSES:
         raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
     shape = resolve_model(model)
-    precision = resolve_precision(precision, bf16_supported)
+    precision = resolve_precision(precision, bf16_supported, device)
     if get_method_spec(method).quantized and precision == "fp32":
         raise ConfigError(f"`precision: fp32` does not apply to `method: {method}`; use bf16 or fp16")
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,

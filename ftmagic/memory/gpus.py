@@ -5,6 +5,12 @@ most the card's memory. The context (driver, kernels, cuBLAS workspace) is memor
 torch never reports as allocated; the headroom covers the caching allocator's
 fragmentation, which grows with the peak.
 
+Both are built-in guesses until a GPU has measured them: ``benchmarks/gpu_suite.py``
+writes the measured values to a JSON file, and :func:`cuda_constants` reads it from the
+path in ``$FTMAGIC_GPU_CONSTANTS`` (``none`` turns measured values off), else from
+``$XDG_CACHE_HOME/ftmagic/gpu_constants.json`` (``~/.cache/...``) where
+``gpu_suite.py --install`` puts it.
+
 Example::
 
     >>> from ftmagic.memory.gpus import GPU_PRESETS
@@ -14,7 +20,11 @@ Example::
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 from ftmagic.errors import ConfigError
@@ -95,11 +105,97 @@ def resolve_gpu(gpu: Union[str, GPU, int, float, None]) -> Optional[GPU]:
     return resolve_gpu(size)
 
 
-def headroom_bytes(peak_bytes: int) -> int:
+CONSTANTS_ENV = "FTMAGIC_GPU_CONSTANTS"
+CONSTANTS_FILE = "gpu_constants.json"
+
+
+@dataclass(frozen=True)
+class CudaConstants:
+    """What CUDA and the caching allocator add to a run's peak, and where the numbers come from."""
+
+    context_bytes: int
+    headroom_share: float
+    headroom_floor: int
+    source: str  # "built-in" or "<file> (measured on <GPU>)"
+
+
+BUILT_IN = CudaConstants(CUDA_CONTEXT_BYTES, HEADROOM_SHARE, HEADROOM_FLOOR, "built-in")
+
+
+def constants_path() -> Optional[Path]:
+    """Where measured constants are read from (see the module docstring); None when turned off."""
+    named = os.environ.get(CONSTANTS_ENV)
+    if named is not None:
+        return None if named.strip().lower() in ("", "none") else Path(named).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "ftmagic" / CONSTANTS_FILE
+
+
+def read_constants(path) -> CudaConstants:
+    """The ``constants`` block of a ``gpu_suite.py`` result; a one-line ConfigError names what is wrong.
+
+    Example::
+
+        read_constants("gpu_suite.json").context_bytes
+    """
+    where = str(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the measured GPU constants ({exc.strerror or exc}); "
+                          f"fix the file or unset {CONSTANTS_ENV}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc}); write it again with benchmarks/gpu_suite.py") from None
+    block = data.get("constants") if isinstance(data, dict) else None
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: no `constants` mapping; expected the JSON benchmarks/gpu_suite.py writes")
+    if block.get("dry_run") or data.get("dry_run"):
+        raise ConfigError(f"{where}: written by a dry run (`gpu_suite.py --dry-run`), so its constants are not "
+                          "measurements; run the suite on a GPU")
+
+    def number(key: str, low: float, high: float) -> float:
+        value = block.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise ConfigError(f"{where}: `constants.{key}: {value!r}` must be a number from {low:g} to {high:g}")
+        return value
+
+    context = int(number("cuda_context_bytes", 0, 16 * GIB))
+    share = float(number("allocator_headroom_share", 0, 1))
+    floor = int(number("allocator_headroom_floor_bytes", 0, 16 * GIB)) if "allocator_headroom_floor_bytes" in block \
+        else HEADROOM_FLOOR
+    gpu = block.get("gpu") or data.get("gpu") or "a GPU"
+    return CudaConstants(context, share, floor, f"{where} (measured on {gpu})")
+
+
+_CACHE: dict = {}
+
+
+def cuda_constants() -> CudaConstants:
+    """The constants the verdict uses: measured ones when a file is there (re-read when it changes), else built-in."""
+    path = constants_path()
+    if path is None or not path.is_file():
+        return BUILT_IN
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = read_constants(path)
+    return _CACHE[key]
+
+
+def headroom_bytes(peak_bytes: int, constants: Optional[CudaConstants] = None) -> int:
     """Allocator headroom the verdict adds to a predicted peak."""
-    return max(HEADROOM_FLOOR, int(peak_bytes * HEADROOM_SHARE))
+    c = constants or cuda_constants()
+    return max(c.headroom_floor, int(peak_bytes * c.headroom_share))
 
 
-def required_bytes(peak_bytes: int) -> int:
+def context_bytes(constants: Optional[CudaConstants] = None) -> int:
+    """CUDA context (and kernel images) the verdict adds: measured where a file says, else 512 MiB."""
+    return (constants or cuda_constants()).context_bytes
+
+
+def required_bytes(peak_bytes: int, constants: Optional[CudaConstants] = None) -> int:
     """Peak + CUDA context + allocator headroom: what the card must have."""
-    return peak_bytes + CUDA_CONTEXT_BYTES + headroom_bytes(peak_bytes)
+    c = constants or cuda_constants()
+    return peak_bytes + c.context_bytes + headroom_bytes(peak_bytes, c)

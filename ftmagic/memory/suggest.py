@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from ftmagic.errors import FtmagicError
 from ftmagic.memory.estimate import MemoryEstimate, estimate_memory
-from ftmagic.memory.gpus import (CUDA_CONTEXT_BYTES, GPU, format_bytes, headroom_bytes, required_bytes,
-                                 resolve_gpu)
+from ftmagic.memory.gpus import (BUILT_IN, GPU, context_bytes, cuda_constants, format_bytes, headroom_bytes,
+                                 required_bytes, resolve_gpu)
 
 
 @dataclass
@@ -61,8 +61,13 @@ class Verdict:
 
 def with_overheads(estimate: MemoryEstimate) -> MemoryEstimate:
     """Fill the estimate's cuda_context and allocator_headroom (used only for the verdict)."""
-    estimate.cuda_context = CUDA_CONTEXT_BYTES
-    estimate.allocator_headroom = headroom_bytes(estimate.total_bytes)
+    constants = cuda_constants()
+    estimate.cuda_context = context_bytes(constants)
+    estimate.allocator_headroom = headroom_bytes(estimate.total_bytes, constants)
+    if constants is not BUILT_IN:
+        note = f"CUDA context and allocator headroom from {constants.source}"
+        if note not in estimate.notes:
+            estimate.notes.append(note)
     return estimate
 
 

@@ -76,6 +76,9 @@ def _flag_spec(field) -> tuple[dict, str]:
     elif annotation is float:
         kwargs["metavar"] = "X"
         kind = "number"
+    elif typing.get_origin(annotation) is typing.Union and set(typing.get_args(annotation)) == {int, str}:
+        kwargs["metavar"] = "auto|N"
+        kind = "auto or a whole number"
     elif typing.get_origin(annotation) is typing.Union and list in typing.get_args(annotation):
         kwargs["metavar"] = "A,B"
         kind = "name or comma-separated list"
