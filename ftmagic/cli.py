@@ -63,11 +63,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except FtmagicError as exc:
-        print(f"ftmagic: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc, 2)
     except KeyboardInterrupt:
         print("ftmagic: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        _record_for_launcher(exc)
+        raise
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world) of this process under accelerate launch / torchrun; (0, 1) otherwise."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _record_for_launcher(exc: BaseException) -> None:
+    """One of several processes: leave the launcher a record of this process's own failure."""
+    if _process()[1] > 1:
+        from ftmagic.engine.launch import record_cli_failure
+
+        record_cli_failure(exc)
+
+
+def _report(exc: FtmagicError, status: int) -> int:
+    """``ftmagic: error: <one line>``; one of several processes names itself, or stays quiet when
+    ftmagic launched it (its launcher prints the line for the whole run)."""
+    import os
+
+    rank, world = _process()
+    if world > 1:
+        from ftmagic.engine.launch import LAUNCHED_ENV
+
+        _record_for_launcher(exc)
+        if os.environ.get(LAUNCHED_ENV):
+            return status
+        print(f"ftmagic: error: rank {rank} of {world}: {exc}", file=sys.stderr)
+        return status
+    print(f"ftmagic: error: {exc}", file=sys.stderr)
+    return status
 
 
 def _version() -> str:

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
 from ftmagic.methods import METHOD_NAMES, get_method_spec
+from ftmagic.strategies import STRATEGY_NAMES, check_batch_split
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
 
@@ -35,6 +36,7 @@ FormatName = Literal[FORMATS]
 OptimizerName = Literal[OPTIMIZERS]
 PrecisionName = Literal[PRECISIONS]
 DeviceName = Literal[DEVICES]
+StrategyName = Literal[STRATEGY_NAMES]
 
 
 @dataclass
@@ -89,6 +91,14 @@ class FinetuneConfig:
     optimizer: OptimizerName = "adamw"
     device: DeviceName = "auto"
     skip_memory_check: bool = False  # run even when the pre-flight estimate says it will not fit
+
+    # --- several processes (GPUs or machines) ---------------------------------------
+    # 1 runs in this process. N > 1 starts N processes through accelerate (one per GPU, or
+    # CPU processes without one); under `accelerate launch` or `torchrun` the launcher's
+    # processes are used and this stays 1 (or names their count). batch_size x grad_accum
+    # stays the batch of one step whatever N is (see ftmagic/strategies.py).
+    processes: int = 1
+    distributed: StrategyName = "auto"  # auto: DDP for adapters, FSDP for full fine-tuning on GPUs
 
     # --- output, evaluation, checkpoints -------------------------------------------
     output_dir: str = "ftmagic-output"
@@ -171,7 +181,7 @@ class FinetuneConfig:
         def fail(key: str, message: str) -> None:
             raise ConfigError(_where(source, lines, key) + message)
 
-        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device"):
+        for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "distributed"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:
@@ -183,7 +193,7 @@ class FinetuneConfig:
         if not 0 <= self.val_split < 1:
             fail("val_split", f"`val_split: {self.val_split}` must be in [0, 1), e.g. 0.1")
         for key, low in (("lora_r", 1), ("lora_alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 8),
-                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 0)):
+                         ("num_virtual_tokens", 1), ("trainable_layers", 0), ("logging_steps", 0), ("processes", 1)):
             if getattr(self, key) < low:
                 fail(key, f"`{key}: {getattr(self, key)}` must be at least {low}")
         for key in ("save_steps", "eval_steps", "early_stopping_patience", "save_total_limit", "weight_decay",
@@ -206,6 +216,10 @@ class FinetuneConfig:
         if self.method == "qlora" and self.precision == "fp32":
             fail("precision", "`precision: fp32` does not apply to `method: qlora` (4-bit weights compute in bf16/fp16); "
                               "use `precision: auto`")
+        try:
+            check_batch_split(self.batch_size, self.processes)
+        except ConfigError as exc:
+            fail("batch_size", str(exc))
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
 

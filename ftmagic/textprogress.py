@@ -137,6 +137,8 @@ def format_plan_line(plan, start=None) -> str:
     """
     plan = as_event(plan, "plan")
     parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
+    if plan.processes > 1:
+        parts[-1] += f" x {plan.processes} processes ({plan.distributed})"
     data = f"data: {plan.train_records} train"
     if plan.eval_records:
         data += f" + {plan.eval_records} eval"

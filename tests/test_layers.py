@@ -3,7 +3,7 @@
     front   ftmagic (the package), api, cli, commands/, magics, widgets/, textprogress,
             usage, demo            -- may use the engine and the core
     engine  engine/                -- may use the core; never a front, IPython or ipywidgets
-    core    config, constants, errors, events, methods, units, data/, memory/
+    core    config, constants, errors, events, methods, strategies, units, data/, memory/
                                    -- pure Python: never the engine or a front, never torch
 
 The walk reads every ``import`` statement (function-level ones too), so a lazy import
@@ -21,7 +21,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
-CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods", "ftmagic.units",
+CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods",
+        "ftmagic.strategies", "ftmagic.units",
         "ftmagic.data", "ftmagic.memory")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
@@ -107,6 +108,7 @@ def test_the_walk_sees_a_violation(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["ftmagic", "ftmagic.memory", "ftmagic.data", "ftmagic.events", "ftmagic.methods",
+                                    "ftmagic.strategies",
                                     "ftmagic.api", "ftmagic.magics"])
 def test_light_modules_never_load_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"

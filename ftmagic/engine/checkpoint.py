@@ -32,6 +32,8 @@ from ftmagic.errors import CheckpointError
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+RANK_RNG_FILE = "rng_ranks.pt"  # every process's RNG states (multi-process runs)
+ENGINE_PREFIX = "engine-"  # DeepSpeed's own partitioned checkpoint, written beside ours by every process
 
 
 def trainable_state(model) -> dict:
@@ -74,27 +76,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None) -> None:
-    """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it)."""
+def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None,
+                 trainable: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                 rank_rngs: Optional[list] = None) -> None:
+    """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it).
+
+    ``trainable`` and ``optimizer_state`` are given when no single process holds them
+    (gathered from sharded processes); ``rank_rngs`` holds every process's RNG states.
+    """
     from safetensors.torch import save_file
 
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    weights = trainable if trainable is not None else trainable_state(model)
+    save_file(weights, str(tmp / "trainable.safetensors"))
     if best is not None:
         save_file(best, str(tmp / "best.safetensors"))  # weights of the best evaluation (early stopping)
     if hasattr(model, "peft_config"):
         # The adapter in PEFT format too (a few MB), so any checkpoint can be loaded for inference.
-        model.save_pretrained(str(tmp))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(str(tmp), **({"state_dict": trainable} if trainable is not None else {}))
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    if rank_rngs is not None:
+        torch.save(rank_rngs, tmp / RANK_RNG_FILE)
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
 def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
-                    best: Optional[dict] = None) -> Path:
-    """Atomically write checkpoint ``step`` under ``root`` and drop all but the newest ``keep`` (0: keep all)."""
+                    best: Optional[dict] = None, **gathered) -> Path:
+    """Atomically write checkpoint ``step`` under ``root`` and drop all but the newest ``keep`` (0: keep all).
+
+    ``gathered`` (``trainable``, ``optimizer_state``, ``rank_rngs``) comes from
+    :func:`save_distributed` on the process that writes.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -103,7 +118,8 @@ def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, sta
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, best=best)
+        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, best=best,
+                     **gathered)
         (tmp / MARKER).write_text(str(step), encoding="utf-8")
         for item in tmp.iterdir():
             _fsync_file(item)
@@ -156,32 +172,103 @@ def latest_checkpoint(root) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def save_distributed(root, *, ranks, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
+                     best: Optional[dict] = None) -> Optional[Path]:
+    """A checkpoint of a multi-process run: every process takes part, the first one writes.
+
+    Sharded weights and optimizer states are gathered whole (so the checkpoint resumes on
+    any number of processes), every process's RNG states are kept, and DeepSpeed writes
+    its own partitioned state beside the checkpoint (same process count to resume).
+    Returns the path on the first process, None on the others.
+    """
+    trainable = ranks.trainable_state()
+    optimizer_state = ranks.optimizer_state(optimizer)
+    rank_rngs = ranks.gather(rng_state())
+    if ranks.spec.engine == "deepspeed":
+        engine_dir = Path(root) / f"{ENGINE_PREFIX}{step:08d}"
+        ranks.wrapped.save_checkpoint(str(engine_dir))  # every process writes its partition
+        state = {**state, "engine_checkpoint": engine_dir.name}
+        ranks.barrier()
+    path = None
+    if ranks.is_main:
+        path = save_checkpoint(root, step=step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               state=state, keep=keep, best=best, trainable=trainable,
+                               optimizer_state=optimizer_state, rank_rngs=rank_rngs)
+        kept = {json.loads((p / "state.json").read_text(encoding="utf-8")).get("engine_checkpoint")
+                for p in list_checkpoints(root)}
+        for stale in Path(root).glob(f"{ENGINE_PREFIX}*"):
+            if stale.name not in kept:
+                shutil.rmtree(stale, ignore_errors=True)
+    ranks.barrier()  # no process runs ahead while a checkpoint is being written
+    return path
+
+
 def load_checkpoint(path, *, model, optimizer, scheduler, scaler) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNG states; returns ``state.json``."""
+    load_weights(path, model)
+    return load_training_state(path, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def _cannot_load(path: Path, exc: Exception) -> CheckpointError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CheckpointError(f"checkpoint {path} cannot be loaded ({first}); delete it to resume from the one before")
+
+
+def load_weights(path, model) -> None:
+    """Copy a checkpoint's trainable weights into ``model`` (before any multi-process wrapping)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     try:
         weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = [name for name in weights if name not in params]
-        if unknown:
-            raise CheckpointError(f"checkpoint {path} does not match this model (unknown weight `{unknown[0]}`); "
-                                  "resume with the same model and method, or set `resume: false`")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise _cannot_load(path, exc) from None
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} does not match this model (unknown weight `{unknown[0]}`); "
+                              "resume with the same model and method, or set `resume: false`")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def load_training_state(path, *, optimizer, scheduler, scaler, ranks=None) -> dict:
+    """Restore optimizer, scheduler, scaler and RNG states (weights: :func:`load_weights`); returns ``state.json``.
+
+    On several processes each takes its own RNG states when the checkpoint was written by
+    as many processes; on another count every process takes the first one's, as every
+    process starts a run from the same seed.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        if ranks is None:
+            optimizer.load_state_dict(optimizer_state)
+        elif ranks.spec.engine == "deepspeed":
+            engine = state.get("engine_checkpoint")
+            if not engine or not (path.parent / engine).is_dir():
+                raise CheckpointError(f"checkpoint {path} has no DeepSpeed state beside it; resume it with "
+                                      "the strategy and process count that wrote it")
+            ranks.wrapped.load_checkpoint(str(path.parent / engine), load_optimizer_states=True,
+                                          load_lr_scheduler_states=False, load_module_strict=False)
+        else:
+            ranks.load_optimizer_state(optimizer, optimizer_state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if scaler is not None and (path / "scaler.pt").exists():
             scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        if ranks is not None and (path / RANK_RNG_FILE).exists():
+            per_rank = torch.load(path / RANK_RNG_FILE, weights_only=False)
+            if len(per_rank) == ranks.world:
+                rng = per_rank[ranks.rank]
+        set_rng_state(rng)
+        return state
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({first}); delete it to resume from the one before") from None
+        raise _cannot_load(path, exc) from None
 
 
 def load_best(path) -> Optional[dict]:

@@ -228,14 +228,29 @@ class Window:
             self.grad_norm_sum = self._add(self.grad_norm_sum, grad_norm.detach().float())
             self.counted_steps += 1
 
-    def read(self) -> dict:
-        """Means over the window (one device sync), its tokens and seconds; then a new window."""
+    def read(self, reduce: Optional[Callable] = None) -> dict:
+        """Means over the window (one device sync), its tokens and seconds; then a new window.
+
+        ``reduce`` (several processes) sums the loss, unit, token and metric totals over every
+        process first, so each reads the means of the whole run; the gradient norm is the
+        same on every process already.
+        """
         now = time.perf_counter()
-        out = {"loss": float(self.loss_sum) / self.units if self.loss_sum is not None and self.units else None,
-               "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
-               "grad_norm": (float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None
-                             else None),
-               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr}
+        grad_norm = float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None else None
+        if reduce is None:
+            out = {"loss": float(self.loss_sum) / self.units if self.loss_sum is not None and self.units else None,
+                   "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
+                   "grad_norm": grad_norm, "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started,
+                   "lr": self.lr}
+        else:
+            names = sorted(self.metric_sums)
+            loss_sum, units, tokens, *metrics = reduce(
+                [self.loss_sum if self.loss_sum is not None else 0.0, self.units, self.tokens,
+                 *(self.metric_sums[name] for name in names)])
+            out = {"loss": loss_sum / units if units else None,
+                   "metrics": {name: value / units for name, value in zip(names, metrics)} if units else {},
+                   "grad_norm": grad_norm, "tokens": int(tokens), "steps": self.steps, "seconds": now - self.started,
+                   "lr": self.lr}
         self._clear()
         return out
 
@@ -260,10 +275,13 @@ def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: 
 
 
 def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int = 0, shifted: bool = True,
-             with_metrics: bool = False):
+             with_metrics: bool = False, ranks=None):
     """Mean loss per unit over ``rows`` (no dropout, no gradients, RNG untouched).
 
     With ``with_metrics`` returns ``(loss, {metric: mean})`` for objectives that report more.
+    With ``ranks`` (several processes) each process evaluates its share of every batch
+    through the wrapped model and the sums are combined, so every process gets the same
+    loss, the one a single process computes.
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     if not rows:
@@ -273,16 +291,32 @@ def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int 
     window = Window()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = objective.batch(rows[start:start + batch_size])
-            units = objective.units(batch)
-            if units == 0:
-                continue
-            with objective.context(model), _autocast(plan):
-                loss_sum, metrics = objective.loss(model, batch)
-            window.add_micro_batch(loss_sum, metrics, units, objective.tokens(batch))
+            if ranks is None:
+                batch = objective.batch(rows[start:start + batch_size])
+                units = objective.units(batch)
+                if units == 0:
+                    continue
+                with objective.context(model), _autocast(plan):
+                    loss_sum, metrics = objective.loss(model, batch)
+            else:
+                mine, counts = ranks.shard(rows[start:start + batch_size])
+                batch = objective.batch(mine)
+                units = objective.units(batch) if counts else 0
+                with objective.context(model), _autocast(plan):
+                    loss_sum, metrics = ranks.forward(batch)  # every process runs as many passes as the others
+            _add_to_window(window, loss_sum, metrics, units, objective.tokens(batch) if units else 0)
     model.train(was_training)
-    result = window.read()
+    result = window.read(reduce=ranks.sum if ranks is not None else None)
     return (result["loss"], result["metrics"]) if with_metrics else result["loss"]
+
+
+def _add_to_window(window: Window, loss_sum, metrics: dict, units: int, tokens: int) -> None:
+    """A pass whose rows do not count (a process's empty share) adds zeros, so every process
+    reports the same metric names."""
+    if units:
+        window.add_micro_batch(loss_sum, metrics, units, tokens)
+    else:
+        window.add_micro_batch(loss_sum * 0, {name: value * 0 for name, value in metrics.items()}, 0, 0)
 
 
 def _autocast(plan):
@@ -293,37 +327,55 @@ def _autocast(plan):
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
                emit: Callable, stop=None, checkpoint_root=None, resume_from=None, objective=None,
-               pad_id: int = 0, shifted: bool = True) -> LoopOutcome:
+               pad_id: int = 0, shifted: bool = True, ranks=None) -> LoopOutcome:
     """Train ``model`` for ``max_steps`` optimizer steps; see the module docstring.
 
     ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler, scaler,
     RNG states and the data position. ``objective`` defaults to supervised next-token
     loss (:class:`~ftmagic.engine.objectives.CausalLM` with ``pad_id`` and ``shifted``).
+    ``ranks`` (:class:`~ftmagic.engine.distributed.Ranks`, several processes) splits each
+    micro-batch across the processes, weighs every loss by the units of the whole step,
+    sums what is logged and evaluated, agrees on Stop at logging steps and lets the first
+    process write the checkpoints; ``emit`` is then that process's alone.
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     batches = Batches(train_rows, config.batch_size, config.seed)
     ga = config.grad_accum
     log_every = resolve_logging_steps(config.logging_steps, plan.device, max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(optimizer_plan, params, lr=config.lr, weight_decay=config.weight_decay)
     n_warmup = warmup_steps(config.warmup, max_steps)
+    if resume_from is not None:
+        ckpt.load_weights(resume_from, model)  # before any wrapping: FSDP shards the loaded weights
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def make_optimizer(trainable):
+        return build_optimizer(optimizer_plan, trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    if ranks is None:
+        optimizer = make_optimizer(params)
+        scaler = torch.amp.GradScaler(plan.device) if plan.use_grad_scaler else None
+    else:
+        optimizer, params = ranks.prepare(model, objective, make_optimizer, ga)
+        scaler = ranks.grad_scaler(plan.device) if plan.use_grad_scaler else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, kind=config.scheduler, warmup_steps=n_warmup, total_steps=max_steps))
-    scaler = torch.amp.GradScaler(plan.device) if plan.use_grad_scaler else None
 
     # With early stopping, a CPU copy of the trainable weights at the best evaluation, restored
-    # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
-    keep_best = bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
+    # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training,
+    # and for sharded strategies, whose weights no single process holds).
+    keep_best = (bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
+                 and (ranks is None or not ranks.spec.shards))
     best_weights = None
     state = LoopState()
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        saved = ckpt.load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                         ranks=ranks)
         state = LoopState.from_json(saved)
         best_weights = ckpt.load_best(resume_from) if keep_best else None
 
     window = Window()
     started, start_step = time.perf_counter(), state.step
     peak, saved_at, last_saved, reason = 0, None, None, "finished"
+    reduce = ranks.sum if ranks is not None else None
 
     def elapsed() -> float:
         return state.elapsed_s + (time.perf_counter() - started)
@@ -333,10 +385,11 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         nonlocal peak
         if window.steps == 0:
             return
-        read = window.read()
-        peak = max(peak, memory_bytes(plan.device))
+        read = window.read() if reduce is None else window.read(reduce=reduce)
+        peak = max(peak, memory_bytes(plan.device) if ranks is None else int(ranks.max(memory_bytes(plan.device))))
         if read["loss"] is not None:
             state.train_loss = read["loss"]
+        state.trained_tokens += read["tokens"]
         rate = (state.step - start_step) / (time.perf_counter() - started)
         event = Step(step=state.step, max_steps=max_steps, loss=read["loss"], lr=read["lr"],
                      epoch=round(state.step * ga / batches.per_epoch, 4), grad_norm=read["grad_norm"],
@@ -348,7 +401,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
 
     def run_eval() -> None:
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
-                                 with_metrics=True)
+                                 with_metrics=True, ranks=ranks)
         best = state.record_eval(state.step, loss, metrics)
         if best and keep_best:
             nonlocal best_weights
@@ -366,11 +419,13 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         epoch, index = batches.position(state.step * ga)
         values = dataclasses.replace(state, elapsed_s=elapsed()).to_json(epoch=epoch, batch_index=index,
                                                                           order_seed=config.seed)
-        path = ckpt.save_checkpoint(checkpoint_root, step=state.step, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler, state=values, keep=config.save_total_limit,
-                                    best=best_weights)
-        emit(Checkpoint(step=state.step, path=str(path)))
-        last_saved = str(path)
+        parts = dict(step=state.step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     state=values, keep=config.save_total_limit, best=best_weights)
+        path = (ckpt.save_checkpoint(checkpoint_root, **parts) if ranks is None
+                else ckpt.save_distributed(checkpoint_root, ranks=ranks, **parts))
+        if path is not None:
+            emit(Checkpoint(step=state.step, path=str(path)))
+            last_saved = str(path)
         return last_saved
 
     if plan.device == "cuda":
@@ -379,26 +434,46 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     try:
         while state.step < max_steps:
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
-            micro = [objective.batch(batches.get(k)) for k in range(state.step * ga, state.step * ga + ga)]
-            units = [objective.units(b) for b in micro]
-            total = sum(units)
-            for batch, n in zip(micro, units):
-                if n == 0:
+            rows = [batches.get(k) for k in range(state.step * ga, state.step * ga + ga)]
+            if ranks is None:
+                micro = [objective.batch(r) for r in rows]
+                units = [objective.units(b) for b in micro]
+                factor = sum(units)  # the loss of a step is the sum over its units divided by their number
+            else:
+                shares = [ranks.shard(r) for r in rows]
+                micro = [objective.batch(mine) for mine, _ in shares]
+                units = [objective.units(b) if counts else 0 for b, (_, counts) in zip(micro, shares)]
+                factor = ranks.loss_factor(sum(units))  # world / units of the step on every process
+            for i, (batch, n) in enumerate(zip(micro, units)):
+                if ranks is None:
+                    if n == 0:
+                        continue
+                    with objective.context(model):
+                        with _autocast(plan):
+                            loss_sum, metrics = objective.loss(model, batch)
+                        scaled = loss_sum / factor
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    window.add_micro_batch(loss_sum, metrics, n, objective.tokens(batch))
                     continue
-                with objective.context(model):
+                # Every process runs every micro-batch (an empty share with zero weight): each
+                # pass enters the collectives the other processes enter.
+                last = i == ga - 1
+                with ranks.sync_context(last), objective.context(model):
                     with _autocast(plan):
-                        loss_sum, metrics = objective.loss(model, batch)
-                    scaled = loss_sum / total
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                window.add_micro_batch(loss_sum, metrics, n, objective.tokens(batch))
+                        loss_sum, metrics = ranks.forward(batch)
+                    ranks.backward(loss_sum * factor if n else loss_sum * 0, scaler, last)
+                _add_to_window(window, loss_sum, metrics, n, objective.tokens(batch) if n else 0)
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
-            grad_norm = optimizer_step(optimizer, scheduler, params, scaler=scaler,
-                                       max_grad_norm=config.max_grad_norm)
+            step_fn = optimizer_step if ranks is None else ranks.optimizer_step
+            grad_norm = step_fn(optimizer, scheduler, params, scaler=scaler, max_grad_norm=config.max_grad_norm)
             state.step += 1
-            state.trained_tokens += sum(objective.tokens(b) for b in micro)
             window.add_step(grad_norm, lr)
-            if state.step % log_every == 0 or state.step == max_steps:
+            logged = state.step % log_every == 0 or state.step == max_steps
+            if logged:
                 log()
+                if state.train_loss is not None and not math.isfinite(state.train_loss):
+                    reason = "nan"  # every process read the same summed loss, so all stop here
+                    break
 
             if eval_rows and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
                 log()
@@ -409,17 +484,24 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                 save()
             if reason == "early_stopping":
                 break
-            if stop is not None and stop.is_set():
+            stopping = stop is not None and stop.is_set()
+            if ranks is not None:
+                # Processes see a Stop at different moments; they agree on it when they log.
+                stopping = logged and ranks.any(stopping)
+            if stopping:
                 reason = "stopped"
                 break
     except KeyboardInterrupt:
+        if ranks is not None:
+            raise  # one process alone cannot stop the others mid-step; its launcher ends them all
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
 
     log()  # the steps since the last log (a stop or an early end leaves a partial window)
-    if state.step > 0 and (reason != "finished" or config.save_steps):
+    if state.step > 0 and reason != "nan" and (reason != "finished" or config.save_steps):
         # A stopped run must be resumable; a finished one too, so `resume: true` with a
         # larger max_steps continues from the end instead of the last periodic save.
+        # Weights that became NaN are never saved over the last good checkpoint.
         save()
     if reason == "finished" and eval_rows:
         run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)

@@ -61,17 +61,23 @@ def load_tokenizer(path: str):
     return tok
 
 
-def quantization_config(compute_dtype: str):
-    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype."""
+def quantization_config(compute_dtype: str, quant_storage: Optional[str] = None):
+    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype.
+
+    ``quant_storage`` (FSDP) packs the 4-bit weights into that float dtype, which FSDP can shard.
+    """
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), **extra)
 
 
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
-               qlora_compute_dtype: Optional[str] = None):
+               qlora_compute_dtype: Optional[str] = None, quant_storage: Optional[str] = None):
     """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
+
+    On CUDA the model goes to the current device (each process of a multi-GPU run has its own).
 
     Example::
 
@@ -81,8 +87,10 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
 
     kwargs = {"dtype": weight_dtype}
     if qlora_compute_dtype:
-        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype, quant_storage)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+        if quant_storage:  # peft's FSDP-QLoRA guide: the model's dtype is the storage dtype
+            kwargs["dtype"] = getattr(torch, quant_storage)
     try:
         with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

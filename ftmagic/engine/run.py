@@ -21,6 +21,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,12 +36,13 @@ from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
+from ftmagic.engine.distributed import LaunchInfo, Ranks, launch_info, plan_distributed
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.result import RUN_FILE, RunResult
-from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError, TrainingError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
 from ftmagic.methods import get_method_spec
@@ -47,7 +51,7 @@ from ftmagic.methods import get_method_spec
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing")
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "processes", "distributed")
 # Files a finished or crashed run leaves; only these are replaced when a run starts over.
 _OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
@@ -64,15 +68,25 @@ def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=No
     dict); ``stop`` (anything with ``is_set()``, e.g. ``threading.Event``) ends the run
     after the current step with a checkpoint. Ctrl-C does the same.
 
+    ``processes: N`` starts N processes through accelerate (:mod:`ftmagic.engine.launch`)
+    and reports the first one's events here; under ``accelerate launch`` or ``torchrun``
+    this process is one of the launcher's, and only the first one reports.
+
     Example::
 
         result = finetune("run.yaml", lr=1e-4)
         result = finetune(model="tiny", data=records, method="qlora", max_steps=30,
                           on_event=lambda e: print(e.kind, getattr(e, "loss", "")))
+        result = finetune(model="tiny", data=records, processes=2)    # two processes, one result
     """
     cfg = resolve_config(config, overrides)
+    info = launch_info()
+    if info.world == 1 and cfg.processes > 1:
+        from ftmagic.engine.launch import run_processes
+
+        return run_processes(cfg, on_event=on_event, stop=stop)
     try:
-        return _run(cfg, on_event or (lambda event: None), stop)
+        return _run(cfg, on_event or (lambda event: None), stop, info)
     except torch.OutOfMemoryError:
         raise MemoryFitError(_oom_message(cfg)) from None
 
@@ -125,16 +139,43 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
+def _run(cfg: FinetuneConfig, emit: Callable, stop, info: LaunchInfo = LaunchInfo()) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(caps, cfg.device, cfg.precision, cfg.method)
+    ranks = None
+    if info.world > 1:
+        dplan = plan_distributed(cfg, plan.device, info, precision=plan.precision)
+        ranks = Ranks.start(dplan, plan)  # joins the other processes (accelerate)
+        # From here the config says how the run really goes; neither key changes what it trains.
+        cfg = dataclasses.replace(cfg, processes=dplan.world, distributed=dplan.strategy)
+        if not ranks.is_main:
+            emit = _silent  # one process reports; the others compute the same things
+    result = _train(cfg, caps, plan, model_path, emit, stop, ranks)
+    if ranks is not None:
+        ranks.close()
+    return result
+
+
+def _silent(event) -> None:
+    """The events of every process but the first: they would repeat its own."""
+
+
+def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: Callable, stop, ranks) -> RunResult:
+    main = ranks is None or ranks.is_main
     notes = _plan_notes(cfg, plan)
+    if ranks is not None:
+        notes.append(Message(ranks.plan.reason))
     out = Path(cfg.output_dir)
-    emit = _with_reporters(emit, cfg, out)
-    resume_from = _claim_output_dir(out, cfg, notes)
+    if main:
+        emit = _with_reporters(emit, cfg, out)
+    if ranks is None:
+        resume_from = _claim_output_dir(out, cfg, notes)
+    else:
+        # The first process checks and prepares output_dir; the others get its answer (or its error).
+        resume_from = ranks.main_decides(lambda: _claim_output_dir(out, cfg, notes))
 
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(cfg, tokenizer)
@@ -143,7 +184,8 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
                         f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
-              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
+              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out),
+              processes=cfg.processes, distributed=cfg.distributed if ranks is not None else None))
     notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
     for note in notes:
         emit(note)
@@ -153,7 +195,7 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
             emit(Message(verdict_line))
 
     _seed_everything(cfg.seed)
-    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit)
+    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit, ranks)
     trainable, total = count_parameters(model)
     per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
@@ -166,19 +208,64 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
-    outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                         pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                         checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                         shifted=not get_method_spec(plan.method).adds_positions)
+    with _stop_on_signals(stop, ranks) as stop:
+        outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
+                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
+                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
+                             shifted=not get_method_spec(plan.method).adds_positions, ranks=ranks)
+    if outcome.reason == "nan":
+        last = f"; the last good checkpoint is {outcome.last_checkpoint}" if outcome.last_checkpoint else ""
+        raise TrainingError(f"the training loss became {outcome.train_loss} by step {outcome.step}, so the run "
+                            f"stopped and saved nothing after it{last}; lower `lr` (now {cfg.lr:g}) or keep "
+                            "`max_grad_norm` above 0")
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
+    if ranks is not None:
+        metrics.update(processes=ranks.world, distributed=ranks.plan.strategy)
     model.eval()
-    _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit)
+    # Sharded weights are gathered whole (every process takes part); the first process writes.
+    state_dict = ranks.full_state_dict() if ranks is not None and ranks.spec.shards else None
+    if main:
+        _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
+                       history=outcome.history, model_path=model_path, emit=emit, state_dict=state_dict)
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
+    if ranks is not None:
+        ranks.barrier()  # no process ends before the outputs are written
     return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                      model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                      plan=dataclasses.asdict(plan))
+
+
+@contextmanager
+def _stop_on_signals(stop, ranks):
+    """On several processes, Ctrl-C (SIGINT) and a launcher's SIGTERM become a Stop that the
+    processes agree on at the next logging step, so they all save the same checkpoint;
+    a second Ctrl-C interrupts at once. One process keeps Python's own KeyboardInterrupt."""
+    if ranks is None or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    flag = _SignalStop(stop)
+    previous = {sig: signal.signal(sig, flag.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _SignalStop:
+    """``stop`` plus the signals a multi-process run received."""
+
+    def __init__(self, stop) -> None:
+        self.stop, self.signalled = stop, False
+
+    def handle(self, signum, frame) -> None:
+        if self.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def is_set(self) -> bool:
+        return self.signalled or (self.stop is not None and self.stop.is_set())
 
 
 def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
@@ -206,16 +293,21 @@ def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
     return emit_and_report
 
 
-def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable):
+def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable, ranks=None):
     """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method)``.
 
-    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so.
+    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so. Under
+    FSDP and DeepSpeed the weights stay in host memory until the strategy shards them onto
+    the GPU (QLoRA quantizes on the GPU, with its 4-bit weights stored in the compute dtype).
     """
     method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
+    sharded = ranks is not None and bool(ranks.spec.shards)
+    device = "cpu" if sharded and not method.quantized else plan.device
     try:
-        base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
-                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+        base = load_model(model_path, device=device, weight_dtype=weight_dtype,
+                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
+                          quant_storage=plan.qlora_compute_dtype if sharded and method.quantized else None)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
@@ -310,13 +402,15 @@ def _write_run_file(out: Path, cfg: FinetuneConfig, identity: str, finished: boo
     (out / RUN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
 
 
-def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit):
+def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit,
+                   state_dict: Optional[dict] = None):
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
     # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
+    # ``state_dict``: the weights gathered from sharded processes.
     with quiet_progress():
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(out))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
