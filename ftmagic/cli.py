@@ -68,8 +68,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("ftmagic: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        _record_for_launcher(exc)
+        if _process()[1] > 1:
+            _record_for_launcher(exc)
+            if _launched_by_ftmagic():
+                return 1  # the launcher reports it: the failing process's traceback and one line
         raise
+
+
+def _launched_by_ftmagic() -> bool:
+    import os
+
+    from ftmagic.engine.launch import LAUNCHED_ENV
+
+    return bool(os.environ.get(LAUNCHED_ENV))
 
 
 def _process() -> tuple[int, int]:
@@ -90,14 +101,10 @@ def _record_for_launcher(exc: BaseException) -> None:
 def _report(exc: FtmagicError, status: int) -> int:
     """``ftmagic: error: <one line>``; one of several processes names itself, or stays quiet when
     ftmagic launched it (its launcher prints the line for the whole run)."""
-    import os
-
     rank, world = _process()
     if world > 1:
-        from ftmagic.engine.launch import LAUNCHED_ENV
-
         _record_for_launcher(exc)
-        if os.environ.get(LAUNCHED_ENV):
+        if _launched_by_ftmagic():
             return status
         print(f"ftmagic: error: rank {rank} of {world}: {exc}", file=sys.stderr)
         return status

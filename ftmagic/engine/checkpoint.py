@@ -179,7 +179,7 @@ def save_distributed(root, *, ranks, step: int, model, optimizer, scheduler, sca
     Sharded weights and optimizer states are gathered whole (so the checkpoint resumes on
     any number of processes), every process's RNG states are kept, and DeepSpeed writes
     its own partitioned state beside the checkpoint (same process count to resume).
-    Returns the path on the first process, None on the others.
+    Returns the checkpoint's path (on every process).
     """
     trainable = ranks.trainable_state()
     optimizer_state = ranks.optimizer_state(optimizer)
@@ -189,7 +189,7 @@ def save_distributed(root, *, ranks, step: int, model, optimizer, scheduler, sca
         ranks.wrapped.save_checkpoint(str(engine_dir))  # every process writes its partition
         state = {**state, "engine_checkpoint": engine_dir.name}
         ranks.barrier()
-    path = None
+    path = Path(root) / f"{PREFIX}{step:08d}"
     if ranks.is_main:
         path = save_checkpoint(root, step=step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                state=state, keep=keep, best=best, trainable=trainable,

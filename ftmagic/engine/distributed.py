@@ -129,6 +129,14 @@ def plan_distributed(cfg, device: str, info: LaunchInfo, *, cpu_count: Optional[
         dplan = plan_distributed(cfg, "cuda", LaunchInfo(world=2, rank=0, local_rank=0, local_world=2))
         dplan.strategy, dplan.rows_per_process
     """
+    try:
+        return _plan_distributed(cfg, device, info, cpu_count=cpu_count, precision=precision)
+    except ConfigError as exc:
+        exc.agreed = True  # every process decides the same from the same inputs
+        raise
+
+
+def _plan_distributed(cfg, device: str, info: LaunchInfo, *, cpu_count: Optional[int], precision: str):
     if cfg.processes not in (1, info.world):
         raise ConfigError(f"`processes: {cfg.processes}` does not match the {info.world} processes the launcher "
                           f"started; set `processes: {info.world}` (or 1) or launch {cfg.processes}")
@@ -225,10 +233,10 @@ class Ranks:
         from accelerate.utils import DistributedDataParallelKwargs
 
         kwargs: dict = dict(cpu=device_plan.device == "cpu", mixed_precision="no", step_scheduler_with_optimizer=False)
-        if plan.device == "cpu":
-            torch.set_num_threads(plan.threads)
         if plan.strategy == "ddp":
-            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+            # Buffers (rotary frequencies) are the same everywhere: no broadcast before every forward pass.
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False,
+                                                                       broadcast_buffers=False)]
         elif plan.fsdp is not None:
             from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -243,7 +251,10 @@ class Ranks:
 
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=dict(plan.deepspeed),
                                                          zero3_init_flag=plan.strategy == "deepspeed_zero3")
-        return cls(plan, Accelerator(**kwargs))
+        accelerator = Accelerator(**kwargs)
+        if plan.device == "cpu":
+            torch.set_num_threads(plan.threads)  # after accelerate, which sets its own default for CPU processes
+        return cls(plan, accelerator)
 
     def prepare(self, model, objective, build_optimizer: Callable, grad_accum: int):
         """Wrap ``model`` for the strategy and build its optimizer; returns ``(optimizer, params)``.
@@ -339,11 +350,13 @@ class Ranks:
         return grad_norm
 
     # ------------------------------------------------------------------ collectives
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum of a 1-D float64 tensor over every process."""
-        values = values.to(self.accelerator.device)
-        torch.distributed.all_reduce(values)
-        return values
+    def sum(self, values: list) -> list:
+        """Each value (a number or a one-element tensor) summed over every process, as floats (one collective)."""
+        device = self.accelerator.device
+        packed = torch.stack([v.detach().to(device, torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                              else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+        torch.distributed.all_reduce(packed)
+        return packed.tolist()
 
     def max(self, value: float) -> float:
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
@@ -370,7 +383,9 @@ class Ranks:
         if outcome[0] == "error":
             import ftmagic.errors as errors
 
-            raise getattr(errors, outcome[1], FtmagicError)(outcome[2])
+            error = getattr(errors, outcome[1], FtmagicError)(outcome[2])
+            error.agreed = True  # every process raises it: it is the run's error, not one process's
+            raise error
         return outcome[1]
 
     def gather(self, value: Any) -> list:

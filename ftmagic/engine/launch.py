@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -67,7 +68,8 @@ def failure_record(exc: BaseException, rank: int, world: int) -> dict:
     from ftmagic.engine.distributed import is_peer_failure
 
     return {"rank": rank, "world": world, "type": type(exc).__name__, "message": one_line(exc),
-            "peer": is_peer_failure(exc), "details": "".join(traceback.format_exception(exc))[-20000:]}
+            "peer": is_peer_failure(exc), "agreed": bool(getattr(exc, "agreed", False)),
+            "details": "".join(traceback.format_exception(exc))[-20000:]}
 
 
 def failure_error(records: list, world: int, fallback: str = "") -> FtmagicError:
@@ -82,12 +84,16 @@ def failure_error(records: list, world: int, fallback: str = "") -> FtmagicError
     import ftmagic.errors as errors
 
     own = [r for r in records if not r.get("peer")]
-    if own and len(own) == world and len({r["message"] for r in own}) == 1 and hasattr(errors, own[0]["type"]):
-        # Every process made the same mistake (a config or data problem): it is the run's error.
-        return getattr(errors, own[0]["type"])(own[0]["message"])
+    agreed = [r for r in own if r.get("agreed") and hasattr(errors, r["type"])]
+    if agreed:
+        # An error every process reached together (a refused output_dir, a NaN loss): the run's own
+        # error, as one process would have raised it; the launcher may have ended the others first.
+        return getattr(errors, agreed[0]["type"])(agreed[0]["message"])
     if own:
         first = own[0]
-        return DistributedError(f"rank {first['rank']} of {world} failed: {first['message']}", first.get("details", ""))
+        # A user's mistake is its one line; anything else (a bug) keeps the failing process's traceback.
+        details = "" if hasattr(errors, first["type"]) else first.get("details", "")
+        return DistributedError(f"rank {first['rank']} of {world} failed: {first['message']}", details)
     if records:
         first = records[0]
         return DistributedError(f"rank {first['rank']} of {world} lost its connection to the others: "
@@ -117,13 +123,25 @@ def run_processes(cfg, *, on_event: Optional[Callable] = None, stop=None):
     :class:`~ftmagic.engine.result.RunResult` read back from ``output_dir``.
     """
     import torch
-    from accelerate.utils import get_free_port, is_cuda_available
+    from accelerate.utils import is_cuda_available
+    from accelerate.utils.other import get_free_port
 
     cuda = is_cuda_available()  # NVML-based: does not initialise CUDA in this process
     with _nvml_check():
         gpus = torch.cuda.device_count() if cuda else 0
     check_fork_safe(cfg.processes, cuda_available=cuda, cuda_initialized=cuda and torch.cuda.is_initialized(),
                     gpus=gpus)
+    if not cuda:
+        # Forked processes share what this one imported: on a CPU machine (where these imports touch
+        # no GPU) importing the model libraries once here saves every process doing it again.
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    # A launch leaves torch.elastic's rendezvous store (whose server thread lives in this process)
+    # waiting for garbage collection; a forked copy that collected it would wait forever for a
+    # thread it does not have. So garbage is collected here, and what remains is frozen: the
+    # forked processes' collector never looks at objects they inherited (Python's gc.freeze).
+    gc.collect()
+    gc.freeze()
     context = multiprocessing.get_context("fork")
     channel, shared_stop = context.Queue(), context.Event()
     outcome: dict = {}
@@ -140,7 +158,10 @@ def run_processes(cfg, *, on_event: Optional[Callable] = None, stop=None):
 
     thread = threading.Thread(target=launch, name="ftmagic-launcher", daemon=True)
     thread.start()
-    failures = _pump(channel, thread, on_event or (lambda event: None), stop, shared_stop)
+    try:
+        failures = _pump(channel, thread, on_event or (lambda event: None), stop, shared_stop)
+    finally:
+        gc.unfreeze()
     if failures or "error" in outcome:
         error = outcome.get("error")
         raise failure_error(failures, cfg.processes, one_line(error) if error is not None else "") from None
@@ -242,9 +263,10 @@ def _quiet_launcher(cuda: bool):
     failure, if any, is reported as one line); without CUDA, its bitsandbytes check is skipped."""
     import accelerate.launchers as launchers
 
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level, stdout = elastic.level, sys.stdout
-    elastic.setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels, stdout = [logger.level for logger in loggers], sys.stdout
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     sys.stdout = _ThreadMuted(stdout, threading.current_thread())
     check = launchers.are_libraries_initialized
     if not cuda:
@@ -255,7 +277,8 @@ def _quiet_launcher(cuda: bool):
         launchers.are_libraries_initialized = check
         if isinstance(sys.stdout, _ThreadMuted):
             sys.stdout = stdout
-        elastic.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- accelerate launch (CLI)
@@ -268,7 +291,7 @@ def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, 
     the ``train`` arguments each process gets. Raises the one-line error of a failed process.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from accelerate.utils import get_free_port
+    from accelerate.utils.other import get_free_port
 
     with tempfile.TemporaryDirectory(prefix="ftmagic-launch-") as folder:
         config_file = Path(folder) / "accelerate_config.yaml"
@@ -277,12 +300,19 @@ def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, 
                 "--main_process_port", str(get_free_port()), "-m", "ftmagic.cli", "train", config_path, *child_args]
         args = launch_command_parser().parse_args(argv)
         os.environ[LAUNCHED_ENV] = "1"
+        elastic = logging.getLogger("torch.distributed.elastic")
+        level = elastic.level
+        elastic.setLevel(logging.CRITICAL)  # its report of a failure is replaced by the one line below
         try:
             launch_command(args)
         except Exception as exc:
-            raise _cli_failure(exc, processes) from None
+            error = _cli_failure(exc, processes)
+            if getattr(error, "details", ""):
+                print(error.details.rstrip(), file=sys.stderr)  # a bug keeps its traceback, as in one process
+            raise error from None
         finally:
             os.environ.pop(LAUNCHED_ENV, None)
+            elastic.setLevel(level)
 
 
 def _cli_failure(exc: Exception, world: int) -> FtmagicError:
@@ -295,6 +325,9 @@ def _cli_failure(exc: Exception, world: int) -> FtmagicError:
     records = []
     for rank, failure in sorted(failures.items(), key=lambda item: getattr(item[1], "timestamp", 0)):
         data = getattr(failure, "error_file_data", None) or {}
+        if isinstance(data, dict) and isinstance(data.get("ftmagic"), dict):
+            records.append(data["ftmagic"])  # written by record_cli_failure
+            continue
         message = (data.get("message") or {}) if isinstance(data, dict) else {}
         text = message.get("message") if isinstance(message, dict) else None
         if not text:  # no record: ended by the launcher or by a broken connection, not its own fault
@@ -308,15 +341,27 @@ def _cli_failure(exc: Exception, world: int) -> FtmagicError:
 
 
 def record_cli_failure(exc: BaseException) -> None:
-    """In a launched ``ftmagic train`` process: leave the launcher a record of this process's own error
-    (torch.elastic's error file); a broken connection to a process that died is not recorded."""
-    from ftmagic.engine.distributed import is_peer_failure
+    """In a launched ``ftmagic train`` process: leave the launcher a record of this process's own error.
 
-    if is_peer_failure(exc) or not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    It goes into torch.elastic's error file (``TORCHELASTIC_ERROR_FILE``), in torch's format
+    plus the record :func:`failure_error` reads; a broken connection to a process that died
+    is not recorded, so the launcher names the process that failed first.
+    """
+    import json
+    import time
+
+    from ftmagic.engine.distributed import is_peer_failure, launch_info
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if is_peer_failure(exc) or not path:
         return
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-    ErrorHandler().record_exception(exc)
+    info = launch_info()
+    record = failure_record(exc, info.rank, info.world)
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}",
+                        "extraInfo": {"py_callstack": record["details"], "timestamp": str(int(time.time()))}},
+            "ftmagic": record}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
 
 
 __all__ = ["LAUNCHED_ENV", "check_fork_safe", "failure_error", "failure_record", "one_line", "record_cli_failure",

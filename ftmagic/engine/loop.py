@@ -423,9 +423,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                      state=values, keep=config.save_total_limit, best=best_weights)
         path = (ckpt.save_checkpoint(checkpoint_root, **parts) if ranks is None
                 else ckpt.save_distributed(checkpoint_root, ranks=ranks, **parts))
-        if path is not None:
-            emit(Checkpoint(step=state.step, path=str(path)))
-            last_saved = str(path)
+        emit(Checkpoint(step=state.step, path=str(path)))
+        last_saved = str(path)
         return last_saved
 
     if plan.device == "cuda":

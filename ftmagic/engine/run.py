@@ -215,9 +215,11 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
                              shifted=not get_method_spec(plan.method).adds_positions, ranks=ranks)
     if outcome.reason == "nan":
         last = f"; the last good checkpoint is {outcome.last_checkpoint}" if outcome.last_checkpoint else ""
-        raise TrainingError(f"the training loss became {outcome.train_loss} by step {outcome.step}, so the run "
-                            f"stopped and saved nothing after it{last}; lower `lr` (now {cfg.lr:g}) or keep "
-                            "`max_grad_norm` above 0")
+        error = TrainingError(f"the training loss became {outcome.train_loss} by step {outcome.step}, so the run "
+                              f"stopped and saved nothing after it{last}; lower `lr` (now {cfg.lr:g}) or keep "
+                              "`max_grad_norm` above 0")
+        error.agreed = True  # every process read the same summed loss
+        raise error
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
     if ranks is not None:

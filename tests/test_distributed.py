@@ -1,0 +1,160 @@
+"""The same run on two CPU processes (gloo), started by accelerate's notebook_launcher.
+
+Each test forks the test process (``finetune(..., processes=2)``), so the processes share
+what pytest already imported and start in well under a second. FSDP and DeepSpeed run
+through accelerate on GPUs only (its FSDP plugin refuses a machine without an
+accelerator, and its CPU processes always use DDP); their settings are tested in
+test_strategies.py, their runs in test_engine_gpu.py where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+import ftmagic
+from ftmagic.engine import distributed
+from ftmagic.engine.checkpoint import list_checkpoints
+from ftmagic.errors import CheckpointError, DistributedError, TrainingError
+
+from engine_helpers import collect, reversal_records, step_losses
+
+# Packed tiny batches and no dropout: every difference left is float rounding of the summed gradients.
+SETTINGS = dict(method="lora", lora_r=4, lora_dropout=0.0, lr=2e-2, batch_size=8, grad_accum=2, max_steps=4,
+                save_steps=0, eval_steps=2, val_split=0.25, seed=3, max_seq_len=64)
+
+
+def _run(test_model_dir, output_dir, **overrides):
+    on_event, events = collect()
+    settings = {**SETTINGS, "model": test_model_dir, "data": reversal_records(30), **overrides}
+    result = ftmagic.finetune(output_dir=str(output_dir), on_event=on_event, **settings)
+    return result, events
+
+
+def _eval_losses(events) -> dict:
+    return {e["step"]: e["eval_loss"] for e in events if e["event"] == "eval"}
+
+
+def test_two_processes_of_batch_4_end_with_the_losses_of_one_process_of_batch_8(test_model_dir, tmp_path):
+    one, one_events = _run(test_model_dir, tmp_path / "one")
+    two, two_events = _run(test_model_dir, tmp_path / "two", processes=2)
+
+    assert two.metrics["processes"] == 2 and two.metrics["distributed"] == "ddp"
+    single, double = step_losses(one_events), step_losses(two_events)
+    assert sorted(double) == [1, 2, 3, 4]
+    for step in single:
+        assert double[step] == pytest.approx(single[step], abs=1e-4)
+    # evaluation is split across the processes and summed back
+    assert _eval_losses(two_events) == pytest.approx(_eval_losses(one_events), abs=1e-4)
+    assert two.metrics["trained_tokens"] == one.metrics["trained_tokens"]
+    # one process wrote the outputs, the adapter the single process would have written
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    # the widget's events: one stream, from the first process, in the single-process order
+    kinds = [e["event"] for e in two_events]
+    assert kinds[0] == "plan" and kinds[-1] == "end" and kinds.count("start") == 1
+    plan = two_events[0]
+    assert plan["processes"] == 2 and plan["distributed"] == "ddp"
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(test_model_dir, tmp_path):
+    settings = dict(save_steps=2, save_total_limit=0, eval_steps=0, val_split=0.0)
+    _, reference = _run(test_model_dir, tmp_path / "reference", **settings)
+    reference = step_losses(reference)
+
+    for first, then in ((2, 1), (1, 2)):
+        out = tmp_path / f"from-{first}-to-{then}"
+        _run(test_model_dir, out, processes=first, **settings)
+        # as if the run had stopped after step 2: its later checkpoint is gone
+        shutil.rmtree(out / "checkpoints" / "step-00000004")
+        assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+        result, events = _run(test_model_dir, out, processes=then, resume=True, **settings)
+        resumed = step_losses(events)
+        assert sorted(resumed) == [3, 4], (first, then)
+        for step in resumed:
+            assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (first, then, step)
+        assert result.metrics["steps"] == 4
+
+
+def test_stop_reaches_every_process_and_they_save_the_same_step(test_model_dir, tmp_path):
+    stop = threading.Event()
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 2:
+            stop.set()  # the widget's Stop button sets this event in the notebook's process
+
+    settings = {**SETTINGS, "model": test_model_dir, "data": reversal_records(30), "max_steps": 40, "eval_steps": 0}
+    result = ftmagic.finetune(output_dir=str(tmp_path / "out"), processes=2, stop=stop, on_event=on_event, **settings)
+    assert result.metrics["stopped"] and result.metrics["reason"] == "stopped"
+    assert 2 <= result.metrics["steps"] < 40
+    newest = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    assert json.loads((newest / "state.json").read_text())["step"] == result.metrics["steps"]
+    # every process's random state travels with the checkpoint
+    assert len(torch.load(newest / "rng_ranks.pt", weights_only=False)) == 2
+
+
+def test_a_process_that_raises_ends_the_run_with_one_line_naming_it(test_model_dir, tmp_path, monkeypatch):
+    real = distributed.Ranks.optimizer_step
+    calls = {"n": 0}
+
+    def fail_on_rank_1(self, *args, **kwargs):
+        calls["n"] += 1  # counted per process (each has its own copy after the fork)
+        if self.rank == 1 and calls["n"] == 2:
+            raise ValueError("rank one broke on purpose")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Ranks, "optimizer_step", fail_on_rank_1)
+    started = time.monotonic()
+    with pytest.raises(DistributedError) as info:
+        _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0)
+    assert str(info.value) == "rank 1 of 2 failed: ValueError: rank one broke on purpose"
+    assert "\n" not in str(info.value)
+    assert "fail_on_rank_1" in info.value.details  # the failing process's traceback travels with the error
+    assert time.monotonic() - started < 60  # the other process did not wait for it
+
+
+def test_the_same_mistake_on_every_process_is_the_mistake(test_model_dir, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="is not empty and was not written by ftmagic"):
+        _run(test_model_dir, busy, processes=2)
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(test_model_dir, tmp_path, monkeypatch):
+    real = distributed.Ranks.forward
+    calls = {"n": 0}
+
+    def nan_on_rank_1(self, batch):
+        loss, metrics = real(self, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if self.rank == 1 and calls["n"] >= 5 else loss), metrics
+
+    monkeypatch.setattr(distributed.Ranks, "forward", nan_on_rank_1)
+    with pytest.raises(TrainingError, match="the training loss became nan by step 3"):
+        _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0, save_steps=2)
+    # the NaN step was not saved over the last good checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "out" / "checkpoints")] == ["step-00000002"]
+
+
+def test_early_stopping_is_decided_together(test_model_dir, tmp_path):
+    settings = dict(eval_steps=1, early_stopping_patience=1, lr=0.5, max_steps=12)  # a large lr soon stops improving
+    one, _ = _run(test_model_dir, tmp_path / "one", **settings)
+    two, _ = _run(test_model_dir, tmp_path / "two", processes=2, **settings)
+    assert one.metrics["reason"] == "early_stopping"
+    assert (two.metrics["reason"], two.metrics["steps"]) == (one.metrics["reason"], one.metrics["steps"])
+    assert two.metrics["best_eval_loss"] == pytest.approx(one.metrics["best_eval_loss"], abs=1e-4)
+
+
+def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
+    with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
+        _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)
