@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
 from ftmagic.methods import METHOD_NAMES, get_method_spec
-from ftmagic.strategies import STRATEGY_NAMES, check_batch_split
+from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
 
@@ -218,8 +218,10 @@ class FinetuneConfig:
                               "use `precision: auto`")
         try:
             check_batch_split(self.batch_size, self.processes)
+            if self.device == "cpu":
+                resolve_strategy(self.distributed, method=self.method, device="cpu")
         except ConfigError as exc:
-            fail("batch_size", str(exc))
+            fail("batch_size" if "batch_size" in str(exc) else "distributed", str(exc))
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
 

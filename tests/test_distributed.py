@@ -158,3 +158,98 @@ def test_early_stopping_is_decided_together(test_model_dir, tmp_path):
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
     with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
         _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli_config(tmp_path, model_dir, body=""):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversal_records(24)))
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {model_dir}\ndata: {data}\nmethod: lora\nmax_steps: 3\nbatch_size: 4\nlora_r: 2\n"
+                    f"lora_dropout: 0.0\nsave_steps: 0\neval_steps: 0\noutput_dir: {tmp_path / 'out'}\n" + body)
+    return path
+
+
+def _cli(args, env_path=None, cwd=None):
+    """`ftmagic ...` in a fresh interpreter (a launch starts its processes as new interpreters too)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in (env_path, root, os.environ.get("PYTHONPATH")) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ftmagic.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("strategy,files", [("auto", {"accelerate_config.yaml"}),
+                                            ("deepspeed_zero3", {"accelerate_config.yaml", "deepspeed_config.json"})])
+def test_print_accelerate_config_writes_what_processes_n_uses(test_model_dir, tmp_path, capsys, strategy, files):
+    import yaml
+
+    from ftmagic.cli import main
+
+    path = _cli_config(tmp_path, test_model_dir, f"method: full\ndistributed: {strategy}\n")
+    folder = tmp_path / "launch"
+    assert main(["train", str(path), "--processes", "8", "--set", "batch_size=8", "--print-accelerate-config",
+                 str(folder)]) == 0
+    assert {p.name for p in folder.iterdir()} == files
+    config = yaml.safe_load((folder / "accelerate_config.yaml").read_text())
+    assert config["num_processes"] == 8
+    out = capsys.readouterr().out
+    assert f"# launch: accelerate launch --config_file {folder / 'accelerate_config.yaml'} -m ftmagic.cli train" in out
+    if strategy == "auto":  # full fine-tuning on GPUs: FSDP, with its settings from ftmagic/strategies.py
+        assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_use_orig_params"] is True
+        assert not (tmp_path / "out").exists()  # printing trains nothing
+    else:
+        ds = json.loads((folder / "deepspeed_config.json").read_text())
+        assert config["deepspeed_config"]["deepspeed_config_file"] == str((folder / "deepspeed_config.json").resolve())
+        assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 8  # micro-batch 1 on 8 processes
+
+
+def test_print_accelerate_config_needs_several_processes(test_model_dir, tmp_path, capsys):
+    from ftmagic.cli import main
+
+    path = _cli_config(tmp_path, test_model_dir)
+    assert main(["train", str(path), "--print-accelerate-config", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("ftmagic: error: --print-accelerate-config: set `--processes N` "
+                                               "(N > 1) or `processes: N` in the config")
+
+
+@pytest.mark.slow
+def test_cli_processes_2_trains_like_one_process(test_model_dir, tmp_path):
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("cpu fp32 x 2 processes (ddp)") == 1  # one process prints
+    assert done.stdout.strip().splitlines()[-1].startswith("finished after 3 steps")
+    two = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (two["processes"], two["distributed"], two["steps"]) == (2, "ddp", 3)
+    on_event, events = collect()
+    ftmagic.finetune(str(path), output_dir=str(tmp_path / "one"), on_event=on_event)  # the same file, one process
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    launched = {h["step"]: h["loss"] for h in history if h["event"] == "step"}
+    assert launched == pytest.approx(step_losses(events), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    # Every launched interpreter imports sitecustomize: the process of rank 1 fails at its first step.
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import ftmagic.engine.distributed as d\n"
+        "    def broken(self, *args, **kwargs):\n"
+        "        raise ftmagic.errors.DataError('row 7 of rank 1 is broken')\n"
+        "    import ftmagic.errors\n"
+        "    d.Ranks.optimizer_step = broken\n")
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"

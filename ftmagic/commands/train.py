@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             source = "--processes" if set(sets) == {"processes"} else "--set"
             raise ConfigError(f"{source}: {exc}") from None
     if args.print_config is not None:
+        if cfg.processes < 2:
+            raise ConfigError("--print-accelerate-config: set `--processes N` (N > 1) or `processes: N` in the config")
         return print_accelerate_config(cfg, args.print_config, args)
     from ftmagic.engine.distributed import launch_info
 

@@ -234,9 +234,7 @@ class Ranks:
 
         kwargs: dict = dict(cpu=device_plan.device == "cpu", mixed_precision="no", step_scheduler_with_optimizer=False)
         if plan.strategy == "ddp":
-            # Buffers (rotary frequencies) are the same everywhere: no broadcast before every forward pass.
-            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False,
-                                                                       broadcast_buffers=False)]
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
         elif plan.fsdp is not None:
             from accelerate.utils import FullyShardedDataParallelPlugin
 
