@@ -9,3 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install torch==2.13.0
 # The package with the test extra (pytest, nbval, the real tracking and export libraries).
 pip install -e '.[test]'
+# DeepSpeed, only to validate the DeepSpeed configs ftmagic writes (tests/test_strategies.py). It goes
+# into its own folder, not site-packages: installed there, accelerate imports it on every full-weights
+# save_pretrained and it prints a CPU warning into each run. Checking a config needs no GPU.
+pip install --upgrade --no-deps --target build/deepspeed-check deepspeed==0.19.8 hjson==3.1.0 msgpack==1.2.4 einops==0.8.2

@@ -253,3 +253,71 @@ def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
     done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
     assert done.returncode == 2
     assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"
+
+
+# ----------------------------------------------------------------------------- %%finetune --processes N
+
+
+def test_finetune_cell_on_two_processes_feeds_one_widget_and_its_stop_reaches_every_process(test_model_dir, tmp_path):
+    from test_magics_engine import body
+
+    from ftmagic.widgets.finetune import CellReporter, build_config, flag_overrides, parse_line, run_with_reporter
+    from ftmagic.widgets.finetune import FinetuneMagics
+
+    args = parse_line(FinetuneMagics.finetune, "--processes 2 --max-steps 40")
+    config = build_config(body(test_model_dir, tmp_path / "cell"), flag_overrides(args),
+                          {"records": reversal_records(16)})
+    assert config.processes == 2
+    holder = {}
+
+    def click_stop_at_step_2(event):
+        if event.kind == "step" and event.step == 2:
+            holder["reporter"].widget.button.click()  # the widget lives in this process; the training does not
+
+    reporter = CellReporter("widget", on_event=click_stop_at_step_2)
+    holder["reporter"] = reporter
+    result = run_with_reporter(config, reporter)
+    reporter.finish(result, "ft")
+    assert reporter.stop.is_set()
+    assert result.metrics["reason"] == "stopped" and result.metrics["processes"] == 2
+    assert reporter.state.last_step.step == result.metrics["steps"] >= 2
+    assert reporter.state.plan.processes == 2
+    html = reporter.widget.summary_bundle(result.metrics)["text/html"]
+    assert "stopped" in html and "--resume" in html
+    assert result.generate("reverse: abc", max_new_tokens=2) is not None  # the result is read back from output_dir
+
+
+@pytest.mark.slow
+def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(test_model_dir, tmp_path):
+    """A real kernel: %%finetune --processes 2 after a one-process run, clicked from the front end."""
+    ipykernel = pytest.importorskip("ipykernel")
+    if int(ipykernel.__version__.split(".")[0]) < 7:
+        pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
+    from test_magics_engine import Kernel, _training_started, body
+
+    kernel = Kernel(tmp_path)
+    button = {}
+
+    def click_once_training_started(msg):
+        content = msg["content"]
+        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
+            button["id"] = content["comm_id"]
+        if _training_started(msg) and "id" in button and "sent" not in button:
+            click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
+            kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", click))
+            button["sent"] = True
+
+    try:
+        kernel.setup()
+        # A one-process run first: its libraries (bitsandbytes among them) are loaded in the kernel.
+        out = kernel.execute("%%finetune --max-steps 1 --progress none --name first\n" + body(test_model_dir, tmp_path / "a"))
+        assert "Error" not in out, out
+        cell = "%%finetune --processes 2 --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "b")
+        out = kernel.execute(cell, on_message=click_once_training_started)
+        assert button.get("sent"), out
+        assert "x 2 processes (ddp)" in out and "Launching training" not in out
+        assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
+        report = kernel.execute("print(ft.metrics['reason'], ft.metrics['processes'], ft.metrics['steps'])").split()
+        assert report[:2] == ["stopped", "2"] and int(report[2]) < 5000
+    finally:
+        kernel.close()
