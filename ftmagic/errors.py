@@ -51,3 +51,7 @@ class DistributedError(FtmagicError):
 
 class TrainingError(FtmagicError):
     """Training cannot go on as configured (the loss became NaN or infinite)."""
+
+
+class ExportError(FtmagicError):
+    """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""
