@@ -301,7 +301,10 @@ class Ranks:
         the step's mean loss per unit, exactly as one process computes it. DeepSpeed also
         divides by the accumulation steps, which is undone here.
         """
-        total = torch.tensor([float(local_units)], dtype=torch.float64, device=self.accelerator.device)
+        total = torch.tensor([float(local_units)], dtype=torch.float64)
+        if self.accelerator.device.type == "cuda":
+            # From pinned memory the copy and the all-reduce queue behind the step's kernels: no step waits.
+            total = total.pin_memory().to(self.accelerator.device, non_blocking=True)
         torch.distributed.all_reduce(total)
         factor = self.world / total.clamp(min=1.0)
         if self.spec.engine == "deepspeed":
