@@ -66,12 +66,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except FtmagicError as exc:
-        for line in str(exc).splitlines():  # a config with several mistakes: one line each
-            print(f"ftmagic: error: {line}", file=sys.stderr)
-        return 2
+        return _report(exc, 2)
     except KeyboardInterrupt:
         print("ftmagic: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if _process()[1] > 1:
+            _record_for_launcher(exc)
+            if _launched_by_ftmagic():
+                return 1  # the launcher reports it: the failing process's traceback and one line
+        raise
+
+
+def _launched_by_ftmagic() -> bool:
+    import os
+
+    from ftmagic.engine.launch import LAUNCHED_ENV
+
+    return bool(os.environ.get(LAUNCHED_ENV))
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world) of this process under accelerate launch / torchrun; (0, 1) otherwise."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _record_for_launcher(exc: BaseException) -> None:
+    """One of several processes: leave the launcher a record of this process's own failure."""
+    if _process()[1] > 1:
+        from ftmagic.engine.launch import record_cli_failure
+
+        record_cli_failure(exc)
+
+
+def _report(exc: FtmagicError, status: int) -> int:
+    """``ftmagic: error: <one line>``; one of several processes names itself, or stays quiet when
+    ftmagic launched it (its launcher prints the line for the whole run)."""
+    rank, world = _process()
+    prefix = "ftmagic: error: "
+    if world > 1:
+        _record_for_launcher(exc)
+        if _launched_by_ftmagic():
+            return status
+        prefix += f"rank {rank} of {world}: "
+    for line in str(exc).splitlines() or [""]:  # a config with several mistakes: one line each
+        print(prefix + line, file=sys.stderr)
+    return status
 
 
 def _version() -> str:

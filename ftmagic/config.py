@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
 from ftmagic.methods import METHOD_NAMES, get_method_spec
+from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
 
@@ -37,6 +38,7 @@ FormatName = Literal[FORMATS]
 OptimizerName = Literal[OPTIMIZERS]
 PrecisionName = Literal[PRECISIONS]
 DeviceName = Literal[DEVICES]
+StrategyName = Literal[STRATEGY_NAMES]
 
 
 @dataclass
@@ -108,6 +110,14 @@ class FinetuneConfig:
     # the cores free when the run starts, fewer for a small model; torch's default of one per core
     # runs many times slower when other work holds some of them (ftmagic/engine/threads.py).
     threads: Union[int, str] = "auto"
+
+    # --- several processes (GPUs or machines) ---------------------------------------
+    # 1 runs in this process. N > 1 starts N processes through accelerate (one per GPU, or
+    # CPU processes without one); under `accelerate launch` or `torchrun` the launcher's
+    # processes are used and this stays 1 (or names their count). batch_size x grad_accum
+    # stays the batch of one step whatever N is (see ftmagic/strategies.py).
+    processes: int = 1
+    distributed: StrategyName = "auto"  # auto: DDP for adapters, FSDP for full fine-tuning on GPUs
 
     # --- output, evaluation, checkpoints -------------------------------------------
     output_dir: str = "ftmagic-output"  # `~` is expanded
@@ -226,7 +236,7 @@ class FinetuneConfig:
         fail = problems.add
 
         for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text",
-                    "on_nan"):
+                    "on_nan", "distributed"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:
@@ -266,6 +276,12 @@ class FinetuneConfig:
         if (isinstance(self.threads, str) and self.threads != "auto") or \
                 (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads < 1):
             fail("threads", f"`threads: {self.threads}` must be `auto` or a number of threads from 1 up")
+        try:
+            check_batch_split(self.batch_size, self.processes)
+            if self.device == "cpu":
+                resolve_strategy(self.distributed, method=self.method, device="cpu")
+        except ConfigError as exc:
+            fail("batch_size" if "batch_size" in str(exc) else "distributed", str(exc))
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
         self._validate_export(fail)
@@ -309,6 +325,7 @@ NUMBER_RANGES = {
     # tokens per example (1M tokens), adapter ranks, virtual tokens and layers.
     "batch_size": (1, 65_536), "grad_accum": (1, 4_096), "max_seq_len": (8, 2**20),
     "lora_r": (1, 65_536), "lora_alpha": (1, 2**20), "num_virtual_tokens": (1, 65_536), "trainable_layers": (0, 65_536),
+    "processes": (1, 65_536),  # one per GPU, across every machine of the run
 }
 
 

@@ -60,6 +60,17 @@ class CheckpointError(FtmagicError):
     """An output directory or checkpoint cannot be used as asked."""
 
 
+class DistributedError(FtmagicError):
+    """A process of a multi-process run failed; the message names the process and says why.
+
+    ``details`` holds the failing process's traceback, when there was one.
+    """
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
 class TrainingError(FtmagicError):
     """Training cannot go on and nothing safe is left to save (e.g. the loss became NaN before any checkpoint)."""
 

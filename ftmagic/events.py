@@ -69,6 +69,8 @@ class Plan(Event):
     eval_records: int = 0
     output_dir: str = ""
     objective: str = "sft"
+    processes: int = 1  # processes training together (ftmagic/strategies.py)
+    distributed: Optional[str] = None  # their strategy (ddp, fsdp, deepspeed_zero2/3); None for one process
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,10 @@ def format_plan_line(plan, start=None) -> str:
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
     plan = as_event(plan, "plan")
-    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip(), "data: " + format_data(plan)]
+    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
+    if plan.processes > 1:
+        parts[-1] += f" x {plan.processes} processes ({plan.distributed})"
+    parts.append("data: " + format_data(plan))
     if start is not None:
         start = as_event(start, "start")
         parts.append(format_params(start.trainable_params, start.total_params))

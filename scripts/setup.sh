@@ -25,3 +25,8 @@ if [ "${FTMAGIC_SKIP_BROWSER:-0}" != "1" ] && [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
 fi
+
+# DeepSpeed, only to validate the DeepSpeed configs ftmagic writes (tests/test_strategies.py). It goes
+# into its own folder, not site-packages: installed there, accelerate imports it on every full-weights
+# save_pretrained and it prints a CPU warning into each run. Checking a config needs no GPU.
+pip install --upgrade --no-deps --target build/deepspeed-check deepspeed==0.19.8 hjson==3.1.0 msgpack==1.2.4 einops==0.8.2

@@ -3,7 +3,7 @@
     front   ftmagic (the package), api, cli, commands/, magics, widgets/, textprogress,
             usage, demo            -- may use the engine and the core
     engine  engine/                -- may use the core; never a front, IPython or ipywidgets
-    core    adapters, config, constants, errors, events, hub, methods, units, data/, memory/, export/
+    core    adapters, config, constants, errors, events, hub, methods, strategies, units, data/, memory/, export/
                                    -- pure Python: never the engine or a front, never torch
 
 The walk reads every ``import`` statement (function-level ones too), so a lazy import
@@ -22,8 +22,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
 CORE = ("ftmagic.adapters", "ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.hub",
-        "ftmagic.methods",
-        "ftmagic.units", "ftmagic.data", "ftmagic.memory", "ftmagic.export")
+        "ftmagic.methods", "ftmagic.strategies", "ftmagic.units", "ftmagic.data", "ftmagic.memory", "ftmagic.export")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
 ENGINE_LIBRARIES = ("torch", "peft", "accelerate", "bitsandbytes", "safetensors")
@@ -108,6 +107,7 @@ def test_the_walk_sees_a_violation(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["ftmagic", "ftmagic.memory", "ftmagic.data", "ftmagic.events", "ftmagic.methods",
+                                    "ftmagic.strategies",
                                     "ftmagic.api", "ftmagic.magics"])
 def test_light_modules_never_load_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"

@@ -4,6 +4,7 @@ Example::
 
     $ ftmagic estimate llama-3.1-8b --method qlora --batch-size 2 --seq-len 2048 --gpu T4
     $ ftmagic estimate ./my-checkpoint --method full --json
+    $ ftmagic estimate llama-3.1-8b --method full --batch-size 8 --gpu A100 --devices 4 --strategy fsdp
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     from ftmagic.constants import OPTIMIZERS
     from ftmagic.memory.gpus import GPU_PRESETS
     from ftmagic.methods import METHOD_NAMES
+    from ftmagic.strategies import STRATEGY_NAMES
 
     parser.add_argument("model", help="built-in name (e.g. llama-3.2-1b), local directory, cached hub id, or tiny")
     parser.add_argument("--method", default="lora", choices=METHOD_NAMES)
@@ -35,6 +37,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", default="auto", choices=("auto", "chunked", "full"),
                         help="auto: as ftmagic trains (chunked loss); full: Hugging Face's full-logits loss")
     parser.add_argument("--gpu", default=None, help=f"judge the fit: {', '.join(GPU_PRESETS)}, or a size in GiB")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="GPUs training the run together; the estimate is per GPU (default 1)")
+    parser.add_argument("--strategy", default="auto", choices=STRATEGY_NAMES,
+                        help="with several GPUs: how they share the run (auto: DDP for adapters, FSDP for full)")
     parser.add_argument("--exact", action="store_true",
                         help="trace one step under FakeTensorMode (imports torch; seconds to a minute)")
     parser.add_argument("--json", action="store_true", help="print JSON (total_bytes, breakdown, ...)")
@@ -43,6 +49,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ftmagic.memory.gpus import format_bytes, resolve_gpu
     from ftmagic.memory.suggest import verdict_for
+    from ftmagic.strategies import LABELS as STRATEGY_LABELS
     from ftmagic.api import estimate_memory
 
     targets = args.target_modules
@@ -55,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, method=args.method, precision=args.precision, batch_size=args.batch_size,
         seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
         lora_r=args.lora_r, lora_dropout=args.lora_dropout, target_modules=targets, grad_accum=args.grad_accum,
-        bf16_supported=gpu.bf16 if gpu else True, mode="exact" if args.exact else "analytic", loss=args.loss)
+        bf16_supported=gpu.bf16 if gpu else True, mode="exact" if args.exact else "analytic", loss=args.loss,
+        devices=args.devices, strategy=args.strategy)
     verdict = verdict_for(estimate, gpu)
     if args.json:
         out = estimate.to_dict()
@@ -68,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     s = estimate.settings
     print(f"{estimate.model}: {s['method']} {s['precision']}, batch {s['batch_size']} x {s['seq_len']} tokens"
-          f"{', gradient checkpointing' if s['gradient_checkpointing'] else ''}, {s['optimizer']}")
+          f"{', gradient checkpointing' if s['gradient_checkpointing'] else ''}, {s['optimizer']}"
+          + (f"; per GPU of {s['devices']} ({STRATEGY_LABELS[s['strategy']]})" if s.get("devices", 1) > 1 else ""))
     print(f"  trainable parameters {estimate.trainable_params:,} of {estimate.total_params:,}")
     for key, value in estimate.breakdown.items():
         if value:

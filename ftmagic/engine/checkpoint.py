@@ -55,6 +55,7 @@ WEIGHTS_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
 STATES_FILE = "training_state.safetensors"
 STATE_FILE = "state.json"
+ENGINE_PREFIX = "engine-"  # DeepSpeed's own partitioned checkpoint, written beside ours by every process
 _LEFTOVER = re.compile(r"^\.(tmp|old)-step-(\d{8})-\d+$")
 
 
@@ -206,20 +207,29 @@ def _finite_or_none(value):
     return value
 
 
-def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None) -> None:
-    """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it)."""
+def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None,
+                 trainable: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                 rank_rngs: Optional[list] = None) -> None:
+    """Write every part of a checkpoint into ``tmp`` (split out so tests can interrupt it).
+
+    ``trainable`` and ``optimizer_state`` are given when no single process holds them
+    (gathered from sharded processes); ``rank_rngs`` holds every process's RNG states.
+    """
     from safetensors.torch import save_file
 
-    save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
+    weights = trainable if trainable is not None else trainable_state(model)
+    save_file(weights, str(tmp / WEIGHTS_FILE))
     if best is not None:
         save_file(best, str(tmp / BEST_FILE))  # weights of the best evaluation (early stopping)
     if hasattr(model, "peft_config"):
         # The adapter in PEFT format too (a few MB), so any checkpoint can be loaded for inference.
-        model.save_pretrained(str(tmp))
-    parts = {"optimizer": optimizer.state_dict(), "optimizer_class": type(optimizer).__name__,
-             "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        model.save_pretrained(str(tmp), **({"state_dict": trainable} if trainable is not None else {}))
+    parts = {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+             "optimizer_class": type(optimizer).__name__, "scheduler": scheduler.state_dict(), "rng": rng_state()}
     if scaler is not None:
         parts["scaler"] = scaler.state_dict()
+    if rank_rngs is not None:
+        parts["rank_rngs"] = list(rank_rngs)
     tensors: dict = {}
     tree = encode_state(parts, tensors)
     save_file(tensors, str(tmp / STATES_FILE), metadata={"tree": json.dumps(tree, allow_nan=False)})
@@ -227,11 +237,12 @@ def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict,
 
 
 def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
-                    best: Optional[dict] = None) -> Path:
+                    best: Optional[dict] = None, **gathered) -> Path:
     """Atomically write checkpoint ``step`` under ``root`` and drop all but the newest ``keep`` (0: keep all).
 
     A full disk or another write error raises a one-line :class:`CheckpointError`; the
-    checkpoints already written are untouched.
+    checkpoints already written are untouched. ``gathered`` (``trainable``,
+    ``optimizer_state``, ``rank_rngs``) comes from :func:`save_distributed` on the process that writes.
     """
     root = Path(root)
     final = root / f"{PREFIX}{step:08d}"
@@ -241,7 +252,8 @@ def save_checkpoint(root, *, step: int, model, optimizer, scheduler, scaler, sta
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, best=best)
+        _write_files(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, best=best,
+                     **gathered)
         (tmp / MARKER).write_text(str(step), encoding="utf-8")
         for item in tmp.iterdir():
             _fsync_file(item)
@@ -346,6 +358,37 @@ def recover(root) -> list[str]:
             if item.exists():
                 shutil.rmtree(item, ignore_errors=True)
     return notes
+
+
+def save_distributed(root, *, ranks, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
+                     best: Optional[dict] = None) -> Optional[Path]:
+    """A checkpoint of a multi-process run: every process takes part, the first one writes.
+
+    Sharded weights and optimizer states are gathered whole (so the checkpoint resumes on
+    any number of processes), every process's RNG states are kept, and DeepSpeed writes
+    its own partitioned state beside the checkpoint (same process count to resume).
+    Returns the checkpoint's path (on every process).
+    """
+    trainable = ranks.trainable_state()
+    optimizer_state = ranks.optimizer_state(optimizer)
+    rank_rngs = ranks.gather(rng_state())
+    if ranks.spec.engine == "deepspeed":
+        engine_dir = Path(root) / f"{ENGINE_PREFIX}{step:08d}"
+        ranks.wrapped.save_checkpoint(str(engine_dir))  # every process writes its partition
+        state = {**state, "engine_checkpoint": engine_dir.name}
+        ranks.barrier()
+    path = Path(root) / f"{PREFIX}{step:08d}"
+    if ranks.is_main:
+        path = save_checkpoint(root, step=step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               state=state, keep=keep, best=best, trainable=trainable,
+                               optimizer_state=optimizer_state, rank_rngs=rank_rngs)
+        kept = {json.loads((p / STATE_FILE).read_text(encoding="utf-8")).get("engine_checkpoint")
+                for p in list_checkpoints(root)}
+        for stale in Path(root).glob(f"{ENGINE_PREFIX}*"):
+            if stale.name not in kept:
+                shutil.rmtree(stale, ignore_errors=True)
+    ranks.barrier()  # no process runs ahead while a checkpoint is being written
+    return path
 
 
 def clean_temporaries(root) -> None:
@@ -485,33 +528,72 @@ def find_resumable(root, model, warn: Callable[[str], None], required: Optional[
     return None
 
 
+def _as_checkpoint(source) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else read_checkpoint(source)
+
+
+def load_weights(source: Union[str, os.PathLike, Checkpoint], model) -> None:
+    """Copy a checkpoint's trainable weights into ``model`` (before any multi-process wrapping)."""
+    checkpoint = _as_checkpoint(source)
+    check_fits(checkpoint, model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in checkpoint.weights.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def load_training_state(source: Union[str, os.PathLike, Checkpoint], *, optimizer, scheduler, scaler,
+                        ranks=None) -> dict:
+    """Restore optimizer, scheduler, scaler and RNG states (weights: :func:`load_weights`); returns ``state.json``.
+
+    On several processes (``ranks``) each takes its own RNG states when the checkpoint was
+    written by as many processes; on another count every process takes the first one's, as
+    every process starts a run from the same seed. Never unpickles anything.
+    """
+    checkpoint = _as_checkpoint(source)
+    states = checkpoint.states
+    if states["optimizer_class"] != type(optimizer).__name__:
+        raise CheckpointError(f"checkpoint {checkpoint.name} holds the state of the {states['optimizer_class']} "
+                              f"optimizer and this run uses {type(optimizer).__name__}; resume with the `optimizer` "
+                              "the run started with")
+    try:
+        if ranks is None:
+            optimizer.load_state_dict(states["optimizer"])
+        elif ranks.spec.engine == "deepspeed":
+            engine = checkpoint.state.get("engine_checkpoint")
+            folder = checkpoint.path.parent / str(engine)
+            if not engine or not folder.is_dir():
+                raise CheckpointError(f"checkpoint {checkpoint.name} has no DeepSpeed state beside it; resume it "
+                                      "with the strategy and process count that wrote it")
+            ranks.wrapped.load_checkpoint(str(folder), load_optimizer_states=True, load_lr_scheduler_states=False,
+                                          load_module_strict=False)
+        else:
+            ranks.load_optimizer_state(optimizer, states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        if scaler is not None and "scaler" in states:
+            scaler.load_state_dict(states["scaler"])
+        rng = states["rng"]
+        per_rank = states.get("rank_rngs")
+        if ranks is not None and isinstance(per_rank, list) and len(per_rank) == ranks.world:
+            rng = per_rank[ranks.rank]
+        set_rng_state(rng)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint.name} cannot be loaded into this run ({_first_line(exc)}); "
+                              "resume with the same config, or set `resume: false`") from None
+    return checkpoint.state
+
+
 def load_checkpoint(source: Union[str, os.PathLike, Checkpoint], *, model, optimizer, scheduler, scaler) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNG states; returns ``state.json``.
 
     ``source`` is a checkpoint folder or a :class:`Checkpoint` already read by
     :func:`find_resumable`. Never unpickles anything.
     """
-    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
-    check_fits(checkpoint, model)
-    states = checkpoint.states
-    if states["optimizer_class"] != type(optimizer).__name__:
-        raise CheckpointError(f"checkpoint {checkpoint.name} holds the state of the {states['optimizer_class']} "
-                              f"optimizer and this run uses {type(optimizer).__name__}; resume with the `optimizer` "
-                              "the run started with")
-    params = dict(model.named_parameters())
-    try:
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
-        if scaler is not None and "scaler" in states:
-            scaler.load_state_dict(states["scaler"])
-        set_rng_state(states["rng"])
-        with torch.no_grad():
-            for name, tensor in checkpoint.weights.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"checkpoint {checkpoint.name} cannot be loaded into this run ({_first_line(exc)}); "
-                              "resume with the same config, or set `resume: false`") from None
-    return checkpoint.state
+    checkpoint = _as_checkpoint(source)
+    load_weights(checkpoint, model)
+    return load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
 def load_best(source) -> Optional[dict]:

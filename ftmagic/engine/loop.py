@@ -251,15 +251,32 @@ class Window:
             self.grad_norm_sum = self._add(self.grad_norm_sum, grad_norm.detach().float())
             self.counted_steps += 1
 
-    def read(self) -> dict:
-        """Means over the window (one device sync), its tokens and seconds; then a new window."""
+    def read(self, reduce: Optional[Callable] = None) -> dict:
+        """Means over the window (one device sync), its tokens and seconds; then a new window.
+
+        ``reduce`` (several processes) sums the loss, unit, token and metric totals over every
+        process first, so each reads the means of the whole run; the gradient norm is the
+        same on every process already.
+        """
         now = time.perf_counter()
-        out = {"loss": float(self.loss_sum) / self.units if self.loss_sum is not None and self.units else None,
-               "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
-               "grad_norm": (float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None
-                             else None),
-               "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started, "lr": self.lr,
-               "nonfinite": bool(self.nonfinite) if self.nonfinite is not None else False}
+        grad_norm = float(self.grad_norm_sum) / self.counted_steps if self.grad_norm_sum is not None else None
+        # A NaN on one process reaches every process through the summed loss (and the
+        # gradient norm is the same everywhere), so all of them stop at the same step.
+        nonfinite = bool(self.nonfinite) if self.nonfinite is not None else False
+        if reduce is None:
+            out = {"loss": float(self.loss_sum) / self.units if self.loss_sum is not None and self.units else None,
+                   "metrics": {k: float(v) / self.units for k, v in self.metric_sums.items()} if self.units else {},
+                   "grad_norm": grad_norm, "tokens": self.tokens, "steps": self.steps, "seconds": now - self.started,
+                   "lr": self.lr, "nonfinite": nonfinite}
+        else:
+            names = sorted(self.metric_sums)
+            loss_sum, units, tokens, *metrics = reduce(
+                [self.loss_sum if self.loss_sum is not None else 0.0, self.units, self.tokens,
+                 *(self.metric_sums[name] for name in names)])
+            out = {"loss": loss_sum / units if units else None,
+                   "metrics": {name: value / units for name, value in zip(names, metrics)} if units else {},
+                   "grad_norm": grad_norm, "tokens": int(tokens), "steps": self.steps, "seconds": now - self.started,
+                   "lr": self.lr, "nonfinite": nonfinite}
         self._clear()
         return out
 
@@ -317,10 +334,13 @@ def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: 
 
 
 def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int = 0, shifted: bool = True,
-             with_metrics: bool = False):
+             with_metrics: bool = False, ranks=None):
     """Mean loss per unit over ``rows`` (no dropout, no gradients, RNG untouched).
 
     With ``with_metrics`` returns ``(loss, {metric: mean})`` for objectives that report more.
+    With ``ranks`` (several processes) each process evaluates its share of every batch
+    through the wrapped model and the sums are combined, so every process gets the same
+    loss, the one a single process computes.
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     if not rows:
@@ -330,16 +350,32 @@ def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int 
     window = Window()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = objective.batch(rows[start:start + batch_size])
-            units = objective.units(batch)
-            if units == 0:
-                continue
-            with objective.context(model), _autocast(plan):
-                loss_sum, metrics = objective.loss(model, batch)
-            window.add_micro_batch(loss_sum, metrics, units, objective.tokens(batch))
+            if ranks is None:
+                batch = objective.batch(rows[start:start + batch_size])
+                units = objective.units(batch)
+                if units == 0:
+                    continue
+                with objective.context(model), _autocast(plan):
+                    loss_sum, metrics = objective.loss(model, batch)
+            else:
+                mine, counts = ranks.shard(rows[start:start + batch_size])
+                batch = objective.batch(mine)
+                units = objective.units(batch) if counts else 0
+                with objective.context(model), _autocast(plan):
+                    loss_sum, metrics = ranks.forward(batch)  # every process runs as many passes as the others
+            _add_to_window(window, loss_sum, metrics, units, objective.tokens(batch) if units else 0)
     model.train(was_training)
-    result = window.read()
+    result = window.read(reduce=ranks.sum if ranks is not None else None)
     return (result["loss"], result["metrics"]) if with_metrics else result["loss"]
+
+
+def _add_to_window(window: Window, loss_sum, metrics: dict, units: int, tokens: int) -> None:
+    """A pass whose rows do not count (a process's empty share) adds zeros, so every process
+    reports the same metric names."""
+    if units:
+        window.add_micro_batch(loss_sum, metrics, units, tokens)
+    else:
+        window.add_micro_batch(loss_sum * 0, {name: value * 0 for name, value in metrics.items()}, 0, 0)
 
 
 def _autocast(plan):
@@ -350,32 +386,48 @@ def _autocast(plan):
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
                emit: Callable, stop=None, checkpoint_root=None, resume_from=None, objective=None,
-               pad_id: int = 0, shifted: bool = True) -> LoopOutcome:
+               pad_id: int = 0, shifted: bool = True, ranks=None) -> LoopOutcome:
     """Train ``model`` for ``max_steps`` optimizer steps; see the module docstring.
 
     ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler, scaler,
     RNG states and the data position. ``objective`` defaults to supervised next-token
     loss (:class:`~ftmagic.engine.objectives.CausalLM` with ``pad_id`` and ``shifted``).
+    ``ranks`` (:class:`~ftmagic.engine.distributed.Ranks`, several processes) splits each
+    micro-batch across the processes, weighs every loss by the units of the whole step,
+    sums what is logged and evaluated, agrees on Stop at logging steps and lets the first
+    process write the checkpoints; ``emit`` is then that process's alone.
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     batches = Batches(train_rows, config.batch_size, config.seed)
     ga = config.grad_accum
     log_every = resolve_logging_steps(config.logging_steps, plan.device, max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(optimizer_plan, params, lr=config.lr, weight_decay=config.weight_decay)
     n_warmup = warmup_steps(config.warmup, max_steps)
+    if resume_from is not None:
+        ckpt.load_weights(resume_from, model)  # before any wrapping: FSDP shards the loaded weights
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def make_optimizer(trainable):
+        return build_optimizer(optimizer_plan, trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    if ranks is None:
+        optimizer = make_optimizer(params)
+        scaler = torch.amp.GradScaler(plan.device) if plan.use_grad_scaler else None
+    else:
+        optimizer, params = ranks.prepare(model, objective, make_optimizer, ga)
+        scaler = ranks.grad_scaler(plan.device) if plan.use_grad_scaler else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, kind=config.scheduler, warmup_steps=n_warmup, total_steps=max_steps))
-    scaler = torch.amp.GradScaler(plan.device) if plan.use_grad_scaler else None
 
     # With early stopping, a CPU copy of the trainable weights at the best evaluation, restored
-    # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
+    # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training,
+    # and for sharded strategies, whose weights no single process holds).
     small = sum(p.numel() for p in params) <= BEST_COPY_LIMIT
-    keep_best = bool(config.early_stopping_patience) and small
+    keep_best = bool(config.early_stopping_patience) and small and (ranks is None or not ranks.spec.shards)
     best_weights = None
     state = LoopState()
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        saved = ckpt.load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                         ranks=ranks)
         state = LoopState.from_json(saved)
         best_weights = ckpt.load_best(resume_from) if keep_best else None
     # Where finite weights are, should the loss turn NaN: the newest checkpoint, else a copy of the start.
@@ -388,6 +440,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     window = Window()
     started, start_step = time.perf_counter(), state.step
     peak, saved_at, last_saved, reason = 0, None, None, "finished"
+    reduce = ranks.sum if ranks is not None else None
 
     def elapsed() -> float:
         return state.elapsed_s + (time.perf_counter() - started)
@@ -397,10 +450,11 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         nonlocal peak
         if window.steps == 0:
             return
-        read = window.read()
-        peak = max(peak, memory_bytes(plan.device))
+        read = window.read() if reduce is None else window.read(reduce=reduce)
+        peak = max(peak, memory_bytes(plan.device) if ranks is None else int(ranks.max(memory_bytes(plan.device))))
         if read["loss"] is not None:
             state.train_loss = read["loss"]
+        state.trained_tokens += read["tokens"]
         rate = (state.step - start_step) / (time.perf_counter() - started)
         event = Step(step=state.step, max_steps=max_steps, loss=read["loss"], lr=read["lr"],
                      epoch=round(state.step * ga / batches.per_epoch, 4), grad_norm=read["grad_norm"],
@@ -414,7 +468,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
 
     def run_eval() -> None:
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
-                                 with_metrics=True)
+                                 with_metrics=True, ranks=ranks)
         best = state.record_eval(state.step, loss, metrics)
         if best and keep_best:
             nonlocal best_weights
@@ -428,15 +482,19 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         if checkpoint_root is None or saved_at == state.step:
             return last_saved  # already written (a stop right after a periodic save)
         log()  # the saved history and train loss include every step up to this one
-        if not weights_are_finite(params):
+        broken = not weights_are_finite(params)
+        if ranks is not None:
+            broken = ranks.any(broken)  # a shard's NaN stops every process, not the one that holds it
+        if broken:
             raise _NonFinite()  # never saved: the last finite checkpoint stays the newest
         saved_at = state.step
         epoch, index = batches.position(state.step * ga)
         values = dataclasses.replace(state, elapsed_s=elapsed()).to_json(epoch=epoch, batch_index=index,
                                                                           order_seed=config.seed)
-        path = ckpt.save_checkpoint(checkpoint_root, step=state.step, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler, state=values, keep=config.save_total_limit,
-                                    best=best_weights)
+        parts = dict(step=state.step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     state=values, keep=config.save_total_limit, best=best_weights)
+        path = (ckpt.save_checkpoint(checkpoint_root, **parts) if ranks is None
+                else ckpt.save_distributed(checkpoint_root, ranks=ranks, **parts))
         emit(Checkpoint(step=state.step, path=str(path)))
         last_saved = last_finite = str(path)
         return last_saved
@@ -445,9 +503,15 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         """Put back the weights of the last checkpoint written (or those the run started from)."""
         nonlocal state
         history, seen_at = state.history, state.step
+        if ranks is not None and ranks.spec.shards:
+            # No process holds the whole model to put the checkpoint's weights back into.
+            raise TrainingError(f"the loss or gradients became NaN or infinite by step {seen_at} (`lr: {config.lr}` "
+                                "may be too high); nothing after the last checkpoint was saved; lower `lr` and "
+                                "resume from it with `resume: true`")
         if last_finite is not None:
-            saved = ckpt.load_checkpoint(last_finite, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         scaler=scaler)
+            ckpt.load_weights(last_finite, model)  # DDP's replicas share these parameters
+            saved = ckpt.load_training_state(last_finite, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                             ranks=ranks)
             state = LoopState.from_json(saved)
             kept = f"the weights of step {state.step} (checkpoint {Path(str(last_finite)).name})"
         elif initial_weights is not None:
@@ -471,42 +535,63 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     try:
         while state.step < max_steps:
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
-            micro = [objective.batch(batches.get(k)) for k in range(state.step * ga, state.step * ga + ga)]
-            units = [objective.units(b) for b in micro]
-            total = sum(units)
+            rows = [batches.get(k) for k in range(state.step * ga, state.step * ga + ga)]
+            if ranks is None:
+                micro = [objective.batch(r) for r in rows]
+                units = [objective.units(b) for b in micro]
+                factor = sum(units)  # the loss of a step is the sum over its units divided by their number
+            else:
+                shares = [ranks.shard(r) for r in rows]
+                micro = [objective.batch(mine) for mine, _ in shares]
+                units = [objective.units(b) if counts else 0 for b, (_, counts) in zip(micro, shares)]
+                factor = ranks.loss_factor(sum(units))  # world / units of the step on every process
             parts = []
-            for batch, n in zip(micro, units):
-                if n == 0:
+            for i, (batch, n) in enumerate(zip(micro, units)):
+                if ranks is None:
+                    if n == 0:
+                        continue
+                    with objective.context(model):
+                        with _autocast(plan):
+                            loss_sum, metrics = objective.loss(model, batch)
+                        scaled = loss_sum / factor
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    parts.append((loss_sum, metrics, n, objective.tokens(batch)))
                     continue
-                with objective.context(model):
+                # Every process runs every micro-batch (an empty share with zero weight): each
+                # pass enters the collectives the other processes enter.
+                last = i == ga - 1
+                with ranks.sync_context(last), objective.context(model):
                     with _autocast(plan):
-                        loss_sum, metrics = objective.loss(model, batch)
-                    scaled = loss_sum / total
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                parts.append((loss_sum, metrics, n, objective.tokens(batch)))
+                        loss_sum, metrics = ranks.forward(batch)
+                    ranks.backward(loss_sum * factor if n else loss_sum * 0, scaler, last)
+                parts.append((loss_sum, metrics, n, objective.tokens(batch) if n else 0))
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
-            if check_every_step and parts and not step_is_finite([p[0] for p in parts], params, scaler):
-                # `on_nan: skip`: no update from this step; the data and the schedule move on.
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.step += 1
-                state.skipped_steps += 1
-                skipped_in_a_row += 1
-                emit(Message(f"step {state.step}: the loss or gradients are NaN or infinite; its update was skipped "
-                             f"({state.skipped_steps} so far)", "warning"))
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise _NonFinite()
-                continue
+            if check_every_step and parts:
+                bad = not step_is_finite([p[0] for p in parts], params, scaler)
+                if ranks is not None:
+                    bad = ranks.any(bad)  # every process skips the same steps
+                if bad:
+                    # `on_nan: skip`: no update from this step; the data and the schedule move on.
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    state.step += 1
+                    state.skipped_steps += 1
+                    skipped_in_a_row += 1
+                    emit(Message(f"step {state.step}: the loss or gradients are NaN or infinite; its update was "
+                                 f"skipped ({state.skipped_steps} so far)", "warning"))
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise _NonFinite()
+                    continue
             skipped_in_a_row = 0
             for part in parts:
-                window.add_micro_batch(*part)
-            grad_norm = optimizer_step(optimizer, scheduler, params, scaler=scaler,
-                                       max_grad_norm=config.max_grad_norm)
+                _add_to_window(window, *part)
+            step_fn = optimizer_step if ranks is None else ranks.optimizer_step
+            grad_norm = step_fn(optimizer, scheduler, params, scaler=scaler, max_grad_norm=config.max_grad_norm)
             flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler) if parts and not check_every_step else None
             state.step += 1
-            state.trained_tokens += sum(objective.tokens(b) for b in micro)
             window.add_step(grad_norm, lr, flag)
-            if state.step % log_every == 0 or state.step == max_steps:
+            logged = state.step % log_every == 0 or state.step == max_steps
+            if logged:
                 log()
 
             if eval_rows and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
@@ -518,10 +603,16 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                 save()
             if reason == "early_stopping":
                 break
-            if stop is not None and stop.is_set():
+            stopping = stop is not None and stop.is_set()
+            if ranks is not None:
+                # Processes see a Stop at different moments; they agree on it when they log.
+                stopping = logged and ranks.any(stopping)
+            if stopping:
                 reason = "stopped"
                 break
     except KeyboardInterrupt:
+        if ranks is not None:
+            raise  # one process alone cannot stop the others mid-step; its launcher ends them all
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
     except _NonFinite:
@@ -538,7 +629,11 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             reason = "nonfinite"
     if reason == "nonfinite":
         optimizer.zero_grad(set_to_none=True)
-        restore_last_finite()
+        try:
+            restore_last_finite()
+        except TrainingError as error:
+            error.agreed = ranks is not None  # every process read the same summed loss: the run's error
+            raise
     elif reason == "finished" and eval_rows:
         run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)
     if reason == "early_stopping" and state.best_step is not None and state.best_step != state.step:

@@ -160,8 +160,10 @@ def _lora(model, config, *, method: str = "lora"):
 def _qlora(model, config):
     from peft import prepare_model_for_kbit_training
 
-    # Casts norms and the head to fp32 for stable training; checkpointing is set up by the loop.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if getattr(config, "distributed", None) != "fsdp" or getattr(config, "processes", 1) < 2:
+        # Casts norms and the head to fp32 for stable training; checkpointing is set up by the loop.
+        # Under FSDP they keep the storage dtype: FSDP flattens one dtype per unit (peft's FSDP-QLoRA guide).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return _lora(model, config, method="qlora")
 
 

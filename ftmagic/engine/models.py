@@ -84,21 +84,28 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def quantization_config(compute_dtype: str):
-    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype."""
+def quantization_config(compute_dtype: str, quant_storage: Optional[str] = None):
+    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype.
+
+    ``quant_storage`` (FSDP) packs the 4-bit weights into that float dtype, which FSDP can shard.
+    """
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), **extra)
 
 
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
-               qlora_compute_dtype: Optional[str] = None, trust_remote_code: bool = False):
+               qlora_compute_dtype: Optional[str] = None, trust_remote_code: bool = False,
+               quant_storage: Optional[str] = None):
     """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
 
     Only safetensors weights or pickles that ``torch.load(weights_only=True)`` accepts are
     read (transformers' default); a pickle that names code is refused in one line, as is a
     repository's own Python code unless ``trust_remote_code`` is true.
+
+    On CUDA the model goes to the current device (each process of a multi-GPU run has its own).
 
     Example::
 
@@ -109,8 +116,10 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
     refuse_custom_code(path, trust_remote_code)
     kwargs = {"dtype": weight_dtype, "trust_remote_code": trust_remote_code}
     if qlora_compute_dtype:
-        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype, quant_storage)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+        if quant_storage:  # peft's FSDP-QLoRA guide: the model's dtype is the storage dtype
+            kwargs["dtype"] = getattr(torch, quant_storage)
     try:
         with quiet_progress(), hub_access(path, kind="model", error=ModelError), warnings.catch_warnings():
             # torch's note about a pickle's protocol is noise: the file is refused or loaded either way.

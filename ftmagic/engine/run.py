@@ -24,6 +24,9 @@ import json
 import os
 import random
 from array import array
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,6 +40,7 @@ from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
+from ftmagic.engine.distributed import LaunchInfo, Ranks, launch_info, plan_distributed
 from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import LoopState, plan_steps, train_loop
@@ -57,7 +61,7 @@ _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "m
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
                      "output_dir", "precision", "optimizer", "gradient_checkpointing", "export", "gguf_quant",
                      "push_to_hub", "hub_private", "on_nan", "trust_remote_code",
-                     "threads")
+                     "threads", "processes", "distributed")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
@@ -69,16 +73,26 @@ def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=No
     dict); ``stop`` (anything with ``is_set()``, e.g. ``threading.Event``) ends the run
     after the current step with a checkpoint. Ctrl-C does the same.
 
+    ``processes: N`` starts N processes through accelerate (:mod:`ftmagic.engine.launch`)
+    and reports the first one's events here; under ``accelerate launch`` or ``torchrun``
+    this process is one of the launcher's, and only the first one reports.
+
     Example::
 
         result = finetune("run.yaml", lr=1e-4)
         result = finetune(model="tiny", data=records, method="qlora", max_steps=30,
                           on_event=lambda e: print(e.kind, getattr(e, "loss", "")))
+        result = finetune(model="tiny", data=records, processes=2)    # two processes, one result
     """
     cfg = resolve_config(config, overrides)
+    info = launch_info()
+    if info.world == 1 and cfg.processes > 1:
+        from ftmagic.engine.launch import run_processes
+
+        return run_processes(cfg, on_event=on_event, stop=stop)
     claims: list[Claim] = []  # the output_dir claim, released whatever happens
     try:
-        return _run(cfg, on_event or (lambda event: None), stop, claims)
+        return _run(cfg, on_event or (lambda event: None), stop, claims, info)
     except torch.OutOfMemoryError:
         raise MemoryFitError(_oom_message(cfg)) from None
     finally:
@@ -137,23 +151,52 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
+def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list, info: LaunchInfo = LaunchInfo()) -> RunResult:
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(caps, cfg.device, cfg.precision, cfg.method, hidden_size=hidden_size_of(model_path))
+    ranks = None
+    if info.world > 1:
+        dplan = plan_distributed(cfg, plan.device, info, precision=plan.precision)
+        ranks = Ranks.start(dplan, plan)  # joins the other processes (accelerate)
+        # From here the config says how the run really goes; neither key changes what it trains.
+        cfg = dataclasses.replace(cfg, processes=dplan.world, distributed=dplan.strategy)
+        if not ranks.is_main:
+            emit = _silent  # one process reports; the others compute the same things
+    notes = [Message(continuing)] if continuing else []
+    result = _train(cfg, caps, plan, model_path, emit, stop, ranks, claims, notes)
+    if ranks is not None:
+        ranks.close()
+    return result
+
+
+def _silent(event) -> None:
+    """The events of every process but the first: they would repeat its own."""
+
+
+def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: Callable, stop, ranks, claims: list,
+           notes: list) -> RunResult:
+    main = ranks is None or ranks.is_main
     opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
-    notes = _plan_notes(cfg, plan)
-    if continuing:
-        notes.insert(0, Message(continuing))
+    notes = notes + _plan_notes(cfg, plan)
+    if ranks is not None:
+        notes.append(Message(ranks.plan.reason))
     out = Path(os.path.expanduser(cfg.output_dir))
-    emit = _with_reporters(emit, cfg, out)
-    # Checks and locks output_dir; nothing there is written or removed until the run starts.
-    claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
-                             note=lambda level, text: notes.append(Message(text, level)))
-    claims.append(claim)
+    if main:
+        emit = _with_reporters(emit, cfg, out)
+
+    def claim_dir() -> bool:
+        # Checks and locks output_dir; nothing there is written or removed until the run starts.
+        claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
+                                 note=lambda level, text: notes.append(Message(text, level)))
+        claims.append(claim)
+        return claim.resume
+
+    # With several processes the first one claims output_dir; the others get its answer (or its error).
+    resume = claim_dir() if ranks is None else ranks.main_decides(claim_dir)
 
     tokenizer = load_tokenizer(_tokenizer_folder(cfg, model_path), trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
@@ -164,7 +207,8 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
                         + "); check the file and `format` (`ftmagic preview` shows each problem)")
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
-              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
+              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out),
+              processes=cfg.processes, distributed=cfg.distributed if ranks is not None else None))
     notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
     if data.stats.get("split"):
         notes.append(Message(f"{data.stats['split']} `text` records longer than max_seq_len={cfg.max_seq_len} train as "
@@ -177,7 +221,7 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
             emit(Message(verdict_line))
 
     _seed_everything(cfg.seed)
-    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit)
+    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit, ranks)
     trainable, total = count_parameters(model)
     threads = plan_threads(cfg.threads, params=total, device=plan.device)
     if threads.threads is not None:
@@ -188,30 +232,39 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list) -> RunResult:
         max_steps = min(max_steps, SMOKE_MAX_STEPS)
     if opt_plan.message:
         emit(Message(opt_plan.message, "warning"))
-    resume_from = _find_resume_point(claim, out, model, emit)
+    resume_from = _find_resume_point(resume, out, model, emit)
     # The run really starts here: only now are old outputs removed and the run record written.
     fingerprint = data_fingerprint(data)
-    start_run(claim, cfg, fingerprint=fingerprint, names=_run_folders(cfg))
+    if main:
+        start_run(claims[0], cfg, fingerprint=fingerprint, names=_run_folders(cfg))
     resumed_step = resume_from.step if resume_from is not None else 0
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
-    with run_threads(threads):
+    with run_threads(threads), _stop_on_signals(stop, ranks) as stop:
         outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
                              pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
                              checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                             shifted=not get_method_spec(plan.method).adds_positions)
+                             shifted=not get_method_spec(plan.method).adds_positions, ranks=ranks)
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats,
                           threads=threads.threads)
+    if ranks is not None:
+        metrics.update(processes=ranks.world, distributed=ranks.plan.strategy)
     model.eval()
-    _write_outputs(out, claim, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit, fingerprint=fingerprint)
+    # Sharded weights are gathered whole (every process takes part); the first process writes and exports.
+    state_dict = ranks.full_state_dict() if ranks is not None and ranks.spec.shards else None
     result = RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                        model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
                        plan=dataclasses.asdict(plan))
-    export_after_run(result, emit)  # the config's `export:` and `push_to_hub:` keys, if any
+    if main:
+        _write_outputs(out, claims[0], model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method,
+                       metrics=metrics, history=outcome.history, model_path=model_path, emit=emit,
+                       fingerprint=fingerprint, state_dict=state_dict)
+        export_after_run(result, emit)  # the config's `export:` and `push_to_hub:` keys, if any
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
+    if ranks is not None:
+        ranks.barrier()  # no process ends before the outputs are written
     return result
 
 
@@ -221,6 +274,38 @@ def _tokenizer_folder(cfg: FinetuneConfig, model_path: str) -> str:
                            for name in ("tokenizer.json", "tokenizer_config.json")):
         return str(Path(cfg.adapter).expanduser())
     return model_path
+
+
+@contextmanager
+def _stop_on_signals(stop, ranks):
+    """On several processes, Ctrl-C (SIGINT) and a launcher's SIGTERM become a Stop that the
+    processes agree on at the next logging step, so they all save the same checkpoint;
+    a second Ctrl-C interrupts at once. One process keeps Python's own KeyboardInterrupt."""
+    if ranks is None or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    flag = _SignalStop(stop)
+    previous = {sig: signal.signal(sig, flag.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _SignalStop:
+    """``stop`` plus the signals a multi-process run received."""
+
+    def __init__(self, stop) -> None:
+        self.stop, self.signalled = stop, False
+
+    def handle(self, signum, frame) -> None:
+        if self.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def is_set(self) -> bool:
+        return self.signalled or (self.stop is not None and self.stop.is_set())
 
 
 def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
@@ -248,16 +333,21 @@ def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
     return emit_and_report
 
 
-def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable):
+def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable, ranks=None):
     """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method)``.
 
-    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so.
+    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so. Under
+    FSDP and DeepSpeed the weights stay in host memory until the strategy shards them onto
+    the GPU (QLoRA quantizes on the GPU, with its 4-bit weights stored in the compute dtype).
     """
     method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
+    sharded = ranks is not None and bool(ranks.spec.shards)
+    device = "cpu" if sharded and not method.quantized else plan.device
     try:
-        base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
+        base = load_model(model_path, device=device, weight_dtype=weight_dtype,
                           qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
+                          quant_storage=plan.qlora_compute_dtype if sharded and method.quantized else None,
                           trust_remote_code=cfg.trust_remote_code)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
@@ -300,10 +390,10 @@ def _upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
-def _find_resume_point(claim: Claim, out: Path, model, emit: Callable) -> Optional[ckpt.Checkpoint]:
+def _find_resume_point(resume: bool, out: Path, model, emit: Callable) -> Optional[ckpt.Checkpoint]:
     """The checkpoint to resume from: the newest that reads completely and fits ``model`` (a
-    damaged newer one is named and skipped); None for a fresh run."""
-    if not claim.resume:
+    damaged newer one is named and skipped); None for a fresh run (``resume`` false)."""
+    if not resume:
         return None
     found = ckpt.find_resumable(out / "checkpoints", model, warn=lambda text: emit(Message(text, "warning")),
                                 required=LoopState.JSON_TYPES)
@@ -344,8 +434,11 @@ def data_fingerprint(data) -> str:
 
 
 def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history,
-                   model_path, emit, fingerprint: str):
-    """Write the result into a staging folder, then move it into ``out`` (never over a user's file)."""
+                   model_path, emit, fingerprint: str, state_dict: Optional[dict] = None):
+    """Write the result into a staging folder, then move it into ``out`` (never over a user's file).
+
+    ``state_dict``: the weights gathered from sharded processes.
+    """
     import yaml
 
     from ftmagic.engine.checkpoint import is_disk_full, strict_json
@@ -356,7 +449,7 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
         staging = stage(out)
         # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
         with quiet_progress():
-            model.save_pretrained(str(staging))
+            model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
         # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
         save_tokenizer(staging, tokenizer, cfg)
         write_generation_config(staging, tokenizer, cfg, base_dir=model_path)

@@ -459,6 +459,8 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
     """
     analytic = analytic if analytic is not None else analytic_estimate(shape, settings)
     reason = untraceable_reason(settings["method"], settings["optimizer"])
+    if reason is None and settings.get("devices", 1) > 1:
+        reason = "the tracer runs one process; the share of each of several devices is the analytic estimate's"
     if reason is None and settings["method"] == "prefix_tuning":
         reason = "prefix tuning's cache-based virtual tokens are not traced"
     if reason is None:

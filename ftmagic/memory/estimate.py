@@ -38,6 +38,8 @@ from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, resolve_model
 from ftmagic.memory.policy import resolve_precision, weight_plan
 from ftmagic.methods import LOSSES as ENGINE_LOSSES
 from ftmagic.methods import MethodSpec, get_method_spec, select_targets
+from ftmagic.memory.sharding import device_share
+from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, get_strategy_spec, resolve_strategy, rows_per_process
 
 LOSSES = ("auto",) + ENGINE_LOSSES
 GIB = 1024 ** 3
@@ -45,7 +47,7 @@ EAGER_ATTENTION = ("gemma2",)  # architectures trained with the eager attention 
 
 # Keys of MemoryEstimate.breakdown, in the order they stack in the bar.
 DEVICE_KEYS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits",
-               "optimizer_step_transient")
+               "optimizer_step_transient", "communication_buffers")
 
 # Bytes per element that a frozen-base block saves for backward, by (compute bytes,
 # quantized, dropout): norm_in (each RMSNorm's fp32 input), attn (q, k, v and the attention
@@ -182,7 +184,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     lora_r: int = 16, target_modules: Any = "auto", packing: bool = False,
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
                     grad_accum: int = 1, bf16_supported: bool = True,
-                    device: str = "cuda", loss: str = "auto") -> MemoryEstimate:
+                    device: str = "cuda", loss: str = "auto", devices: int = 1,
+                    strategy: str = "auto") -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
     ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
@@ -197,6 +200,11 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     prompt learning, which keeps the model's own forward). Exact
     mode (a traced step) is :func:`ftmagic.estimate_memory` with ``mode="exact"``, which
     lives with the engine because it runs torch.
+
+    ``devices`` > 1 estimates one of that many devices training the run together under
+    ``strategy`` (``auto``, ``ddp``, ``fsdp``, ``deepspeed_zero2``, ``deepspeed_zero3``; see
+    :mod:`ftmagic.memory.sharding`): ``batch_size`` stays the micro-batch of the whole run,
+    split across the devices as the engine splits it, and the result is per device.
 
     Example::
 
@@ -219,6 +227,12 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
     if loss not in LOSSES:
         raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
+    _check_positive("devices", devices)
+    if strategy not in STRATEGY_NAMES:
+        raise ConfigError(f"`strategy: {strategy}` is not accepted; use one of {', '.join(STRATEGY_NAMES)}")
+    resolved = resolve_strategy(strategy, method=method, device=device) if devices > 1 else None
+    if devices > 1:
+        check_batch_split(batch_size, devices)
     shape = resolve_model(model)
     precision = resolve_precision(precision, bf16_supported, device)
     if get_method_spec(method).quantized and precision == "fp32":
@@ -227,7 +241,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
-                    device=device, loss=resolve_loss(loss, shape, method))
+                    device=device, loss=resolve_loss(loss, shape, method), devices=devices,
+                    strategy=resolved or "auto")
     return analytic_estimate(shape, settings)
 
 
@@ -252,11 +267,27 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
     trainable = counts["trainable"]
     frozen, train_w, grads = _weight_bytes(shape, spec, plan, trainable)
     states, transient, paged = _optimizer_bytes(shape, plan, s, trainable)
-    acts = _activation_bytes(shape, spec, plan, s, trainable)
-    logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, s, acts)
+    devices = s.get("devices", 1)
+    gathered = buffers = 0
+    grad_share = 1.0
+    rows = s
+    if devices > 1:
+        # One of several devices: its share of the weights and states, its rows of every micro-batch.
+        part = device_share(shape, plan, strategy=s["strategy"], devices=devices, frozen=frozen,
+                            trainable_bytes=train_w, gradients=grads, states=states, trainable=trainable,
+                            adapter=spec.adapter)
+        grad_share = part.gradients / grads if grads else 1.0
+        frozen, train_w, grads, states = part.frozen, part.trainable, part.gradients, part.optimizer_states
+        transient = -(-transient // devices) if "optimizer_states" in get_strategy_spec(s["strategy"]).shards \
+            else transient
+        gathered, buffers = part.gathered, part.buffers
+        rows = {**s, "batch_size": rows_per_process(s["batch_size"], devices)}
+    acts = _activation_bytes(shape, spec, plan, rows, trainable)
+    logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, rows, acts)
     phases, breakdown = _phases(shape, spec, plan, s, trainable=trainable, static=frozen + train_w + states,
                                 grads=grads, transient=transient, acts=acts, logits_fwd=logits_fwd,
-                                logits_bwd=logits_bwd)
+                                logits_bwd=logits_bwd, gathered=gathered, buffers=buffers,
+                                grad_share=grad_share)
     breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
     peak_phase = max(phases, key=phases.get)
     notes = []
@@ -377,9 +408,14 @@ def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict)
 
 
 def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: int, static: int, grads: int,
-            transient: int, acts: dict, logits_fwd: int, logits_bwd: int) -> tuple:
+            transient: int, acts: dict, logits_fwd: int, logits_bwd: int, gathered: int = 0,
+            buffers: int = 0, grad_share: float = 1.0) -> tuple:
     """Bytes at the end of forward, the worst moment of backward, and the optimizer step; and the
-    breakdown (gradients, activations, logits, transient) at the largest of them."""
+    breakdown (gradients, activations, logits, transient) at the largest of them.
+
+    On several devices, ``gathered`` weights exist in forward and backward, the
+    communication ``buffers`` from backward on (the gradient exchange) through the step,
+    and each device keeps ``grad_share`` of the gradients."""
     tokens, per_layer, eager = acts["tokens"], acts["per_layer"], acts["eager"]
     act_held, layers_held = acts["act_held"], acts["layers_held"]
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
@@ -389,7 +425,7 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
     layer_grads = trainable / max(shape.layers, 1)
     embed_grads = shape.embedding_params if (spec.trains == "all" and not shape.tied) else 0
-    grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes
+    grads_deep = max(0, trainable - embed_grads - layer_grads) * plan.trainable_bytes * grad_share
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes  # QLoRA's MLP runs on fp32 outputs
     temp = tokens * (2 * mlp_bytes * shape.intermediate + 4 * shape.hidden)
     if s["gradient_checkpointing"]:
@@ -398,7 +434,8 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
         # Without checkpointing, a block's activations are freed as its gradients appear: the
         # worst moment is either the start (every activation, the head's gradient) or the end
         # (every gradient, one block's activations).
-        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes) if spec.trains in ("all", "top_layers") else 0
+        head_grads = (shape.vocab * shape.hidden * plan.trainable_bytes * grad_share
+                      if spec.trains in ("all", "top_layers") else 0)
         extra = act_held - layers_held
         if layers_held + head_grads >= grads_deep + tokens * per_layer + eager:
             deep_grads, deep_acts = head_grads, extra + temp + layers_held
@@ -407,9 +444,15 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     if accumulated:
         deep_grads = grads  # every gradient already exists from the earlier micro-batches
     bwd_deep = static + deep_grads + deep_acts
-    phases = {"forward": int(fwd), "backward": int(max(bwd_loss, bwd_deep)), "optimizer_step": int(static + grads + transient)}
+    fwd += gathered
+    bwd_loss += gathered + buffers
+    bwd_deep += gathered + buffers
+    phases = {"forward": int(fwd), "backward": int(max(bwd_loss, bwd_deep)),
+              "optimizer_step": int(static + grads + transient + buffers)}
     peak_phase = max(phases, key=phases.get)
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
+    breakdown["communication_buffers"] = int(gathered if peak_phase == "forward" else buffers
+                                             if peak_phase == "optimizer_step" else gathered + buffers)
     if peak_phase == "forward":
         breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":

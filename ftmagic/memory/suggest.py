@@ -4,7 +4,9 @@ Each suggestion is one change to the run, with its own new estimate. Changes tha
 the run fit come first, in order of what they cost the user: gradient checkpointing
 (only time), an 8-bit optimizer, a smaller micro-batch with more accumulation (same
 effective batch), QLoRA or LoRA (a different method), shorter sequences (less context).
-When no single change is enough, a combination is offered.
+When no single change is enough, a combination is offered. More GPUs with FSDP rank after
+the settings and before changing the method (the run stays the same run); of those, the
+fewest GPUs that fit is offered.
 
 Example::
 
@@ -24,6 +26,7 @@ from ftmagic.errors import FtmagicError
 from ftmagic.memory.estimate import MemoryEstimate, estimate_memory
 from ftmagic.memory.gpus import (BUILT_IN, GPU, context_bytes, cuda_constants, format_bytes, headroom_bytes,
                                  required_bytes, resolve_gpu)
+from ftmagic.strategies import LABELS as STRATEGY_LABELS
 
 
 @dataclass
@@ -73,7 +76,10 @@ def with_overheads(estimate: MemoryEstimate) -> MemoryEstimate:
 
 _ESTIMATE_KEYS = ("method", "precision", "batch_size", "seq_len", "gradient_checkpointing", "optimizer", "lora_r",
                   "target_modules", "packing", "lora_dropout", "num_virtual_tokens", "trainable_layers", "grad_accum",
-                  "device", "loss")
+                  "device", "loss", "devices", "strategy")
+# More GPUs cost more than a setting, less than changing what trains (the run stays the same run);
+# FSDP, since it shards weights, gradients and optimizer states alike.
+MORE_DEVICES = ((2, 4.5), (4, 4.6), (8, 4.7))
 
 
 def _candidates(settings: dict) -> list:
@@ -101,6 +107,12 @@ def _candidates(settings: dict) -> list:
     if seq >= 256:
         out.append((7, f"shorter sequences: max_seq_len {seq} -> {seq // 2} (longer examples are truncated)",
                     {"seq_len": seq // 2}))
+    devices = settings.get("devices", 1)
+    if settings.get("device", "cuda") == "cuda":
+        for count, cost in MORE_DEVICES:
+            if count > devices and batch >= count:
+                out.append((cost, f"use {count} GPUs with FSDP (`processes: {count}`, `distributed: fsdp`)",
+                            {"devices": count, "strategy": "fsdp"}))
     return out
 
 
@@ -119,13 +131,23 @@ def suggest(model: Any, settings: dict, gpu_total_bytes: Optional[int] = None, l
         fits = gpu_total_bytes is not None and required_bytes(est.total_bytes) <= gpu_total_bytes
         results.append(Suggestion(label, changes, with_overheads(est), fits, cost))
     current = estimate_memory(model, **base).total_bytes
-    results = [r for r in results if r.estimate.total_bytes < current]
+    results = _fewest_devices([r for r in results if r.estimate.total_bytes < current])
     if gpu_total_bytes is not None and results and not any(r.fits for r in results):
         combo = _combination(model, base, gpu_total_bytes)
         if combo is not None:
             results.append(combo)
     results.sort(key=lambda r: (not r.fits, r.cost if r.fits else 0, r.estimate.total_bytes))
     return results[:limit]
+
+
+def _fewest_devices(results: list) -> list:
+    """Of the "more GPUs" suggestions keep one: the fewest GPUs that fit, else the most there are."""
+    more = [r for r in results if "devices" in r.changes]
+    if not more:
+        return results
+    fitting = [r for r in more if r.fits]
+    keep = min(fitting, key=lambda r: r.changes["devices"]) if fitting else max(more, key=lambda r: r.changes["devices"])
+    return [r for r in results if "devices" not in r.changes or r is keep]
 
 
 def _combination(model: Any, base: dict, gpu_total_bytes: int) -> Optional[Suggestion]:
@@ -165,6 +187,8 @@ def describe_changes(changes: dict, base: dict) -> str:
         parts.append(f"micro-batch {changes['batch_size']} with grad_accum {changes['grad_accum']}")
     if "seq_len" in changes:
         parts.append(f"max_seq_len {changes['seq_len']}")
+    if "devices" in changes:
+        parts.append(f"{changes['devices']} GPUs with FSDP")
     del base
     return " + ".join(parts)
 
@@ -200,6 +224,8 @@ def fit_message(estimate: MemoryEstimate, gpu: GPU, fits: bool, suggestions: lis
     need = estimate.required_bytes
     s = estimate.settings
     what = f"{estimate.model} {s.get('method')} {s.get('precision')} batch {s.get('batch_size')} x {s.get('seq_len')}"
+    if s.get("devices", 1) > 1:
+        what += f" on {s['devices']} GPUs ({STRATEGY_LABELS[s['strategy']]}), per GPU,"
     head = (f"{what} needs {format_bytes(need)} (peak {format_bytes(estimate.total_bytes)} at {estimate.peak_phase}"
             f" + CUDA context and allocator headroom)")
     if fits:
@@ -243,7 +269,7 @@ def settings_from_config(config) -> dict:
                 optimizer=config.optimizer, lora_r=config.lora_r, target_modules=config.target_modules,
                 packing=config.packing, lora_dropout=config.lora_dropout,
                 num_virtual_tokens=config.num_virtual_tokens, trainable_layers=config.trainable_layers,
-                grad_accum=config.grad_accum)
+                grad_accum=config.grad_accum, devices=config.processes, strategy=config.distributed)
 
 
 def format_measured(measured_peak_bytes: Optional[int], estimate: Optional[MemoryEstimate]) -> str:

@@ -27,18 +27,21 @@ from ftmagic.memory.estimate import DEVICE_KEYS, MemoryEstimate
 from ftmagic.memory.gpus import GPU_PRESETS, format_bytes, resolve_gpu
 from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
+from ftmagic.strategies import LABELS as STRATEGY_LABELS
+from ftmagic.strategies import STRATEGY_NAMES
 from ftmagic.usage import as_usage_error
 from ftmagic.widgets.static import StaticTwin
 
 COLORS = {
     "frozen_weights": "#8da0cb", "trainable_weights": "#66c2a5", "gradients": "#fc8d62",
     "optimizer_states": "#e78ac3", "activations": "#a6d854", "logits": "#ffd92f",
-    "optimizer_step_transient": "#e5c494", "overhead": "#b3b3b3",
+    "optimizer_step_transient": "#e5c494", "communication_buffers": "#bc80bd", "overhead": "#b3b3b3",
 }
 LABELS = {
     "frozen_weights": "frozen weights", "trainable_weights": "trainable weights", "gradients": "gradients",
     "optimizer_states": "optimizer states", "activations": "activations", "logits": "logits and loss",
-    "optimizer_step_transient": "optimizer step transient", "overhead": "CUDA context + headroom",
+    "optimizer_step_transient": "optimizer step transient",
+    "communication_buffers": "gathered weights + communication buffers", "overhead": "CUDA context + headroom",
 }
 NO_GPU = "(no GPU)"
 # Colours that read on light and dark themes; JupyterLab's own where a front end has them.
@@ -89,7 +92,9 @@ def verdict_html(verdict: Verdict) -> str:
     est = verdict.estimate
     if est is None:
         return f"<div>{html.escape(verdict.message)}</div>"
-    head = (f"<b>peak {format_bytes(est.total_bytes)}</b> at {est.peak_phase}; "
+    devices = est.settings.get("devices", 1)
+    per = f" per GPU ({devices} GPUs, {STRATEGY_LABELS[est.settings['strategy']]})" if devices > 1 else ""
+    head = (f"<b>peak {format_bytes(est.total_bytes)}</b>{per} at {est.peak_phase}; "
             f"needs {format_bytes(est.required_bytes)} with CUDA context and allocator headroom; "
             f"{est.trainable_params:,} of {est.total_params:,} parameters train")
     if verdict.gpu is None:
@@ -155,7 +160,7 @@ class MemoryCalculator:
 
     def __init__(self, model: str = "tiny", *, method: str = "lora", precision: str = "auto", batch_size: int = 4,
                  seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                 lora_r: int = 16, gpu="T4"):
+                 lora_r: int = 16, gpu="T4", devices: int = 1, strategy: str = "auto"):
         import ipywidgets as w
 
         from ftmagic.memory.architectures import builtin_names
@@ -178,6 +183,8 @@ class MemoryCalculator:
             "optimizer": w.Dropdown(options=list(OPTIMIZERS), value=optimizer, description="optimizer"),
             "lora_r": w.BoundedIntText(value=lora_r, min=1, max=4096, description="LoRA r"),
             "gpu": w.Dropdown(options=options, value=gpu_name, description="GPU"),
+            "devices": w.BoundedIntText(value=devices, min=1, max=1024, description="GPUs"),
+            "strategy": w.Dropdown(options=list(STRATEGY_NAMES), value=strategy, description="strategy"),
         }
         self.bar = w.HTML()
         self.verdict_box = w.HTML()
@@ -190,7 +197,8 @@ class MemoryCalculator:
             control.observe(self._changed, names="value")
         c = self.controls
         left = w.VBox([c["model"], c["method"], c["precision"], c["optimizer"], c["lora_r"]])
-        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["gpu"]])
+        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["gpu"], c["devices"],
+                        c["strategy"]])
         # The two columns sit side by side where there is room and stack in a narrow window.
         controls = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap"))
         self.widget = w.VBox([controls, self.bar, self.verdict_box, self.suggestions_box],
@@ -206,7 +214,8 @@ class MemoryCalculator:
         c = self.controls
         return dict(method=c["method"].value, precision=c["precision"].value, batch_size=c["batch_size"].value,
                     seq_len=c["seq_len"].value, gradient_checkpointing=c["gradient_checkpointing"].value,
-                    optimizer=c["optimizer"].value, lora_r=c["lora_r"].value)
+                    optimizer=c["optimizer"].value, lora_r=c["lora_r"].value, devices=c["devices"].value,
+                    strategy=c["strategy"].value)
 
     def gpu(self):
         name = self.controls["gpu"].value
@@ -271,6 +280,8 @@ class MemoryMagics(Magics):
     @argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or sgd")
     @argument("--lora-r", type=int, default=16, help="LoRA rank")
     @argument("--gpu", default="T4", help="GPU preset (T4, L4, A10G, RTX 3090, A100 80GB, ...) or size in GiB")
+    @argument("--devices", type=int, default=1, help="how many GPUs train the run together (the estimate is per GPU)")
+    @argument("--strategy", default="auto", help="with several GPUs: auto, ddp, fsdp, deepspeed_zero2, deepspeed_zero3")
     @argument("--exact", action="store_true", help="trace one step under FakeTensorMode (imports torch)")
     @argument("--text", action="store_true", help="print a text report instead of the widget")
     @line_magic
@@ -280,12 +291,14 @@ class MemoryMagics(Magics):
         Example::
 
             %ft_memory llama-3.1-8b --method qlora --batch-size 2 --seq-len 2048 --gpu T4
+            %ft_memory llama-3.1-8b --method full --batch-size 8 --gpu A100 --devices 4 --strategy fsdp
         """
         args = parse_argstring(self.ft_memory, line)
         with as_usage_error():
             settings = dict(method=args.method, precision=args.precision, batch_size=args.batch_size,
                             seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
-                            optimizer=args.optimizer, lora_r=args.lora_r)
+                            optimizer=args.optimizer, lora_r=args.lora_r, devices=args.devices,
+                            strategy=args.strategy)
             gpu = resolve_gpu(args.gpu) if args.gpu and args.gpu.lower() != "none" else None
             if args.text or args.exact:
                 est = estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True,

@@ -1,0 +1,323 @@
+"""The same run on two CPU processes (gloo), started by accelerate's notebook_launcher.
+
+Each test forks the test process (``finetune(..., processes=2)``), so the processes share
+what pytest already imported and start in well under a second. FSDP and DeepSpeed run
+through accelerate on GPUs only (its FSDP plugin refuses a machine without an
+accelerator, and its CPU processes always use DDP); their settings are tested in
+test_strategies.py, their runs in test_engine_gpu.py where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+import ftmagic
+from ftmagic.engine import distributed
+from ftmagic.engine.checkpoint import list_checkpoints, read_checkpoint
+from ftmagic.errors import CheckpointError, DistributedError
+
+from engine_helpers import collect, reversal_records, step_losses
+
+# Packed tiny batches and no dropout: every difference left is float rounding of the summed gradients.
+SETTINGS = dict(method="lora", lora_r=4, lora_dropout=0.0, lr=2e-2, batch_size=8, grad_accum=2, max_steps=4,
+                save_steps=0, eval_steps=2, val_split=0.25, seed=3, max_seq_len=64)
+
+
+def _run(test_model_dir, output_dir, **overrides):
+    on_event, events = collect()
+    settings = {**SETTINGS, "model": test_model_dir, "data": reversal_records(30), **overrides}
+    result = ftmagic.finetune(output_dir=str(output_dir), on_event=on_event, **settings)
+    return result, events
+
+
+def _eval_losses(events) -> dict:
+    return {e["step"]: e["eval_loss"] for e in events if e["event"] == "eval"}
+
+
+def test_two_processes_of_batch_4_end_with_the_losses_of_one_process_of_batch_8(test_model_dir, tmp_path):
+    one, one_events = _run(test_model_dir, tmp_path / "one")
+    two, two_events = _run(test_model_dir, tmp_path / "two", processes=2)
+
+    assert two.metrics["processes"] == 2 and two.metrics["distributed"] == "ddp"
+    single, double = step_losses(one_events), step_losses(two_events)
+    assert sorted(double) == [1, 2, 3, 4]
+    for step in single:
+        assert double[step] == pytest.approx(single[step], abs=1e-4)
+    # evaluation is split across the processes and summed back
+    assert _eval_losses(two_events) == pytest.approx(_eval_losses(one_events), abs=1e-4)
+    assert two.metrics["trained_tokens"] == one.metrics["trained_tokens"]
+    # one process wrote the outputs, the adapter the single process would have written
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    # the widget's events: one stream, from the first process, in the single-process order
+    kinds = [e["event"] for e in two_events]
+    assert kinds[0] == "plan" and kinds[-1] == "end" and kinds.count("start") == 1
+    plan = two_events[0]
+    assert plan["processes"] == 2 and plan["distributed"] == "ddp"
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(test_model_dir, tmp_path):
+    settings = dict(save_steps=2, save_total_limit=0, eval_steps=0, val_split=0.0)
+    _, reference = _run(test_model_dir, tmp_path / "reference", **settings)
+    reference = step_losses(reference)
+
+    for first, then in ((2, 1), (1, 2)):
+        out = tmp_path / f"from-{first}-to-{then}"
+        _run(test_model_dir, out, processes=first, **settings)
+        # as if the run had stopped after step 2: its later checkpoint is gone
+        shutil.rmtree(out / "checkpoints" / "step-00000004")
+        assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+        result, events = _run(test_model_dir, out, processes=then, resume=True, **settings)
+        resumed = step_losses(events)
+        assert sorted(resumed) == [3, 4], (first, then)
+        for step in resumed:
+            assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (first, then, step)
+        assert result.metrics["steps"] == 4
+
+
+def test_stop_reaches_every_process_and_they_save_the_same_step(test_model_dir, tmp_path):
+    stop = threading.Event()
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 2:
+            stop.set()  # the widget's Stop button sets this event in the notebook's process
+
+    settings = {**SETTINGS, "model": test_model_dir, "data": reversal_records(30), "max_steps": 40, "eval_steps": 0}
+    result = ftmagic.finetune(output_dir=str(tmp_path / "out"), processes=2, stop=stop, on_event=on_event, **settings)
+    assert result.metrics["stopped"] and result.metrics["reason"] == "stopped"
+    assert 2 <= result.metrics["steps"] < 40
+    newest = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
+    assert json.loads((newest / "state.json").read_text())["step"] == result.metrics["steps"]
+    # every process's random state travels with the checkpoint
+    assert len(read_checkpoint(newest).states["rank_rngs"]) == 2
+
+
+def test_a_process_that_raises_ends_the_run_with_one_line_naming_it(test_model_dir, tmp_path, monkeypatch):
+    real = distributed.Ranks.optimizer_step
+    calls = {"n": 0}
+
+    def fail_on_rank_1(self, *args, **kwargs):
+        calls["n"] += 1  # counted per process (each has its own copy after the fork)
+        if self.rank == 1 and calls["n"] == 2:
+            raise ValueError("rank one broke on purpose")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Ranks, "optimizer_step", fail_on_rank_1)
+    started = time.monotonic()
+    with pytest.raises(DistributedError) as info:
+        _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0)
+    assert str(info.value) == "rank 1 of 2 failed: ValueError: rank one broke on purpose"
+    assert "\n" not in str(info.value)
+    assert "fail_on_rank_1" in info.value.details  # the failing process's traceback travels with the error
+    assert time.monotonic() - started < 60  # the other process did not wait for it
+
+
+def test_the_same_mistake_on_every_process_is_the_mistake(test_model_dir, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="is not empty and was not written by ftmagic"):
+        _run(test_model_dir, busy, processes=2)
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(test_model_dir, tmp_path, monkeypatch):
+    real = distributed.Ranks.forward
+    calls = {"n": 0}
+
+    def nan_on_rank_1(self, batch):
+        loss, metrics = real(self, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if self.rank == 1 and calls["n"] >= 5 else loss), metrics
+
+    monkeypatch.setattr(distributed.Ranks, "forward", nan_on_rank_1)
+    result, _ = _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0, save_steps=2)
+    # every process stopped at the NaN step and kept the weights of the last finite checkpoint
+    assert (result.metrics["reason"], result.metrics["steps"]) == ("nonfinite", 2)
+    # the NaN step was not saved over the last good checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "out" / "checkpoints")] == ["step-00000002"]
+
+
+def test_early_stopping_is_decided_together(test_model_dir, tmp_path):
+    settings = dict(eval_steps=1, early_stopping_patience=1, lr=0.5, max_steps=12)  # a large lr soon stops improving
+    one, _ = _run(test_model_dir, tmp_path / "one", **settings)
+    two, _ = _run(test_model_dir, tmp_path / "two", processes=2, **settings)
+    assert one.metrics["reason"] == "early_stopping"
+    assert (two.metrics["reason"], two.metrics["steps"]) == (one.metrics["reason"], one.metrics["steps"])
+    assert two.metrics["best_eval_loss"] == pytest.approx(one.metrics["best_eval_loss"], abs=1e-4)
+
+
+def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
+    with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
+        _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli_config(tmp_path, model_dir, body=""):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversal_records(24)))
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {model_dir}\ndata: {data}\nmethod: lora\nmax_steps: 3\nbatch_size: 4\nlora_r: 2\n"
+                    f"lora_dropout: 0.0\nsave_steps: 0\neval_steps: 0\noutput_dir: {tmp_path / 'out'}\n" + body)
+    return path
+
+
+def _cli(args, env_path=None, cwd=None):
+    """`ftmagic ...` in a fresh interpreter (a launch starts its processes as new interpreters too)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in (env_path, root, os.environ.get("PYTHONPATH")) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ftmagic.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("strategy,files", [("auto", {"accelerate_config.yaml"}),
+                                            ("deepspeed_zero3", {"accelerate_config.yaml", "deepspeed_config.json"})])
+def test_print_accelerate_config_writes_what_processes_n_uses(test_model_dir, tmp_path, capsys, strategy, files):
+    import yaml
+
+    from ftmagic.cli import main
+
+    path = _cli_config(tmp_path, test_model_dir, f"method: full\ndistributed: {strategy}\n")
+    folder = tmp_path / "launch"
+    assert main(["train", str(path), "--processes", "8", "--set", "batch_size=8", "--print-accelerate-config",
+                 str(folder)]) == 0
+    assert {p.name for p in folder.iterdir()} == files
+    config = yaml.safe_load((folder / "accelerate_config.yaml").read_text())
+    assert config["num_processes"] == 8
+    out = capsys.readouterr().out
+    assert f"# launch: accelerate launch --config_file {folder / 'accelerate_config.yaml'} -m ftmagic.cli train" in out
+    if strategy == "auto":  # full fine-tuning on GPUs: FSDP, with its settings from ftmagic/strategies.py
+        assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_use_orig_params"] is True
+        assert not (tmp_path / "out").exists()  # printing trains nothing
+    else:
+        ds = json.loads((folder / "deepspeed_config.json").read_text())
+        assert config["deepspeed_config"]["deepspeed_config_file"] == str((folder / "deepspeed_config.json").resolve())
+        assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 8  # micro-batch 1 on 8 processes
+
+
+def test_print_accelerate_config_needs_several_processes(test_model_dir, tmp_path, capsys):
+    from ftmagic.cli import main
+
+    path = _cli_config(tmp_path, test_model_dir)
+    assert main(["train", str(path), "--print-accelerate-config", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("ftmagic: error: --print-accelerate-config: set `--processes N` "
+                                               "(N > 1) or `processes: N` in the config")
+
+
+@pytest.mark.slow
+def test_cli_processes_2_trains_like_one_process(test_model_dir, tmp_path):
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("cpu fp32 x 2 processes (ddp)") == 1  # one process prints
+    assert done.stdout.strip().splitlines()[-1].startswith("finished after 3 steps")
+    two = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (two["processes"], two["distributed"], two["steps"]) == (2, "ddp", 3)
+    on_event, events = collect()
+    ftmagic.finetune(str(path), output_dir=str(tmp_path / "one"), on_event=on_event)  # the same file, one process
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    launched = {h["step"]: h["loss"] for h in history if h["event"] == "step"}
+    assert launched == pytest.approx(step_losses(events), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    # Every launched interpreter imports sitecustomize: the process of rank 1 fails at its first step.
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import ftmagic.engine.distributed as d\n"
+        "    def broken(self, *args, **kwargs):\n"
+        "        raise ftmagic.errors.DataError('row 7 of rank 1 is broken')\n"
+        "    import ftmagic.errors\n"
+        "    d.Ranks.optimizer_step = broken\n")
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"
+
+
+# ----------------------------------------------------------------------------- %%finetune --processes N
+
+
+def test_finetune_cell_on_two_processes_feeds_one_widget_and_its_stop_reaches_every_process(test_model_dir, tmp_path):
+    from test_magics_engine import body
+
+    from ftmagic.widgets.finetune import CellReporter, build_config, flag_overrides, parse_line, run_with_reporter
+    from ftmagic.widgets.finetune import FinetuneMagics
+
+    args = parse_line(FinetuneMagics.finetune, "--processes 2 --max-steps 40")
+    config = build_config(body(test_model_dir, tmp_path / "cell"), flag_overrides(args),
+                          {"records": reversal_records(16)})
+    assert config.processes == 2
+    holder = {}
+
+    def click_stop_at_step_2(event):
+        if event.kind == "step" and event.step == 2:
+            holder["reporter"].widget.button.click()  # the widget lives in this process; the training does not
+
+    reporter = CellReporter("widget", on_event=click_stop_at_step_2)
+    holder["reporter"] = reporter
+    result = run_with_reporter(config, reporter)
+    reporter.finish(result, "ft")
+    assert reporter.stop.is_set()
+    assert result.metrics["reason"] == "stopped" and result.metrics["processes"] == 2
+    assert reporter.state.last_step.step == result.metrics["steps"] >= 2
+    assert reporter.state.plan.processes == 2
+    html = reporter.widget.summary_bundle(result.metrics)["text/html"]
+    assert "stopped" in html and "--resume" in html
+    assert result.generate("reverse: abc", max_new_tokens=2) is not None  # the result is read back from output_dir
+
+
+@pytest.mark.slow
+def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(test_model_dir, tmp_path):
+    """A real kernel: %%finetune --processes 2 after a one-process run, clicked from the front end."""
+    ipykernel = pytest.importorskip("ipykernel")
+    if int(ipykernel.__version__.split(".")[0]) < 7:
+        pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
+    from test_magics_engine import Kernel, _training_started, body
+
+    kernel = Kernel(tmp_path)
+    button = {}
+
+    def click_once_training_started(msg):
+        content = msg["content"]
+        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
+            button["id"] = content["comm_id"]
+        if _training_started(msg) and "id" in button and "sent" not in button:
+            click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
+            kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", click))
+            button["sent"] = True
+
+    try:
+        kernel.setup()
+        # A one-process run first: its libraries (bitsandbytes among them) are loaded in the kernel.
+        out = kernel.execute("%%finetune --max-steps 1 --progress none --name first\n" + body(test_model_dir, tmp_path / "a"))
+        assert "Error" not in out, out
+        cell = "%%finetune --processes 2 --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "b")
+        out = kernel.execute(cell, on_message=click_once_training_started)
+        assert button.get("sent"), out
+        assert "x 2 processes (ddp)" in out and "Launching training" not in out
+        assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
+        report = kernel.execute("print(ft.metrics['reason'], ft.metrics['processes'], ft.metrics['steps'])").split()
+        assert report[:2] == ["stopped", "2"] and int(report[2]) < 5000
+    finally:
+        kernel.close()
