@@ -12,7 +12,7 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
   ``widgets/``, ``textprogress``, ``usage``, ``demo``: parse, validate, call, display;
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
-* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``units``, ``data/``
+* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``objectives``, ``units``, ``data/``
   and ``memory/``: pure Python that never imports the engine or a front.
 
 Example::

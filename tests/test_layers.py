@@ -21,7 +21,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
-CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods", "ftmagic.units",
+CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods", "ftmagic.objectives",
+        "ftmagic.units",
         "ftmagic.data", "ftmagic.memory")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
