@@ -282,7 +282,14 @@ def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int 
             window.add_micro_batch(loss_sum, metrics, units, objective.tokens(batch))
     model.train(was_training)
     result = window.read()
-    return (result["loss"], result["metrics"]) if with_metrics else result["loss"]
+    metrics = _summarize(objective, result["metrics"])
+    return (result["loss"], metrics) if with_metrics else result["loss"]
+
+
+def _summarize(objective, means: dict) -> dict:
+    """The objective's reported metrics from the window's means (objectives without the hook keep them)."""
+    summarize = getattr(objective, "summarize", None)
+    return summarize(means) if summarize is not None and means else means
 
 
 def _autocast(plan):
@@ -342,7 +349,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                      epoch=round(state.step * ga / batches.per_epoch, 4), grad_norm=read["grad_norm"],
                      tokens=read["tokens"], tokens_per_s=read["tokens"] / read["seconds"] if read["seconds"] else None,
                      elapsed_s=elapsed(), eta_s=(max_steps - state.step) / rate if rate else None,
-                     memory_bytes=peak, metrics=read["metrics"])
+                     memory_bytes=peak, metrics=_summarize(objective, read["metrics"]))
         state.history.append(event.to_dict())
         emit(event)
 

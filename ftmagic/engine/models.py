@@ -61,31 +61,68 @@ def load_tokenizer(path: str):
     return tok
 
 
-def quantization_config(compute_dtype: str):
-    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype."""
+# Sequence-classification heads stay in full precision under QLoRA: they are new and trained.
+HEAD_MODULES = ["score", "classifier"]
+
+
+def quantization_config(compute_dtype: str, head: bool = False):
+    """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype.
+
+    With a classification ``head`` that head is kept out of quantization (transformers' own
+    choice, used otherwise, keeps the language-model head out).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+                              llm_int8_skip_modules=HEAD_MODULES if head else None)
+
+
+def head_settings(objective: str, labels: Optional[list] = None) -> Optional[dict]:
+    """What :func:`load_model` needs for an objective's head: None for the language-model head,
+    else the number of outputs and, for a classifier, the label names.
+
+    Example::
+
+        head_settings("reward")                    # {'num_labels': 1}
+        head_settings("classify", ["neg", "pos"])  # {'num_labels': 2, 'id2label': {0: 'neg', 1: 'pos'}, ...}
+    """
+    from ftmagic.objectives import get_objective_spec
+
+    spec = get_objective_spec(objective)
+    if not spec.classifier_head:
+        return None
+    if spec.head == "score":
+        return {"num_labels": 1}
+    names = [str(v) for v in labels or []]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
-               qlora_compute_dtype: Optional[str] = None):
+               qlora_compute_dtype: Optional[str] = None, head: Optional[dict] = None):
     """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
+
+    ``head`` (see :func:`head_settings`) loads the model with a sequence-classification head
+    instead (``AutoModelForSequenceClassification``: decoders and BERT-style encoders).
 
     Example::
 
         model = load_model(resolve_model_path("tiny"), device="cpu")
+        scorer = load_model(resolve_model_path("tiny"), device="cpu", head={"num_labels": 1})
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": weight_dtype}
     if qlora_compute_dtype:
-        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype)
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype, head=head is not None)
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    auto = AutoModelForCausalLM
+    if head is not None:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(head)
     try:
-        with quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_progress(), _quiet_new_head(head is not None):
+            model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_not_found(path, exc)) from None
     if not qlora_compute_dtype:
@@ -109,6 +146,23 @@ def _plain_cpu_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def _quiet_new_head(active: bool):
+    """A new classification head is reported as "newly initialized" weights; that is the point here."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -35,13 +36,15 @@ from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device,
                                    keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
-from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.models import head_settings, load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.objectives import build_objective
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.result import RUN_FILE, RunResult
 from ftmagic.errors import CheckpointError, ConfigError, DataError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
 from ftmagic.methods import get_method_spec
+from ftmagic.objectives import get_objective_spec
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
 # keeps the run "the same" for output_dir protection and resume.
@@ -143,7 +146,8 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
                         f"{data.stats.get('skipped', 0)} skipped); check the file and `format`")
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
-              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out)))
+              eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out),
+              objective=cfg.objective))
     notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
     for note in notes:
         emit(note)
@@ -153,7 +157,7 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
             emit(Message(verdict_line))
 
     _seed_everything(cfg.seed)
-    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit)
+    model, plan, method, reference = _load_and_prepare(cfg, plan, model_path, emit, labels=data.labels)
     trainable, total = count_parameters(model)
     per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                       epochs=cfg.epochs, max_steps=cfg.max_steps)
@@ -166,19 +170,21 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
+    objective = build_objective(cfg, model, pad_id=tokenizer.pad_token_id, plan=plan, reference=reference,
+                                shifted=not get_method_spec(plan.method).adds_positions, labels=data.labels)
     outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                         pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                         checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                         shifted=not get_method_spec(plan.method).adds_positions)
+                         max_steps=max_steps, emit=emit, stop=stop, checkpoint_root=out / "checkpoints",
+                         resume_from=resume_from, objective=objective)
+    del objective, reference  # DPO's frozen copy is not needed past training
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
     model.eval()
     _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
-                   history=outcome.history, model_path=model_path, emit=emit)
+                   history=outcome.history, model_path=model_path, emit=emit, labels=data.labels)
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
     return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                      model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
-                     plan=dataclasses.asdict(plan))
+                     plan=dataclasses.asdict(plan), labels=data.labels)
 
 
 def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
@@ -206,16 +212,20 @@ def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
     return emit_and_report
 
 
-def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable):
-    """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method)``.
+def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable, labels=None):
+    """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method, reference)``.
 
-    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so.
+    QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so. The
+    objective's head (reward, classify) is loaded with the model. ``reference`` is DPO's frozen
+    copy of the starting model for methods that change the base weights; adapter methods
+    need none (the base with the adapter switched off is the reference).
     """
     method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
+    head = head_settings(cfg.objective, labels)
     try:
         base = load_model(model_path, device=plan.device, weight_dtype=weight_dtype,
-                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None)
+                          qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None, head=head)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
@@ -224,13 +234,16 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
         emit(Message(f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA", "warning"))
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
-        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32)
+        base = load_model(model_path, device=plan.device, weight_dtype=torch.float32, head=head)
+    reference = None
+    if get_objective_spec(cfg.objective).reference and not method.adapter:
+        reference = copy.deepcopy(base).eval().requires_grad_(False)
     model = method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
-    return model, plan, method
+    return model, plan, method, reference
 
 
 def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: DevicePlan, stats: dict) -> dict:
@@ -310,7 +323,8 @@ def _write_run_file(out: Path, cfg: FinetuneConfig, identity: str, finished: boo
     (out / RUN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
 
 
-def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit):
+def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history, model_path, emit,
+                   labels=None):
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +337,8 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
     (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
     _write_run_file(out, cfg, run_identity(cfg), finished=True, base_model=os.path.abspath(model_path)
                     if os.path.isdir(model_path) else model_path, trained_method=plan.method,
-                    adapter=method.adapter, plan=dataclasses.asdict(plan))
+                    adapter=method.adapter, plan=dataclasses.asdict(plan), objective=cfg.objective,
+                    **({"labels": list(labels)} if labels is not None else {}))
     if cfg.merge:
         if not method.adapter:
             emit(Message(f"`merge: true`: {plan.method} already saves full weights"))
@@ -331,18 +346,21 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
             emit(Message(f"`merge: true` does not apply to {plan.method} (virtual tokens cannot be folded into weights)",
                          "warning"))
         else:
-            merge_adapter(out, model_path, out / "merged", device=plan.device)
+            merge_adapter(out, model_path, out / "merged", device=plan.device, head=head_settings(cfg.objective, labels))
             emit(Message(f"merged weights written to {out / 'merged'}"))
 
 
-def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
-    """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", head: Optional[dict] = None) -> str:
+    """Fold a saved adapter into an unquantized copy of its base and save it to ``target``.
+
+    ``head`` (:func:`~ftmagic.engine.models.head_settings`) for a reward model or classifier.
+    """
     from peft import PeftModel
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
     dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
-    base = load_model(base_path, device=device, weight_dtype=dtype)
+    base = load_model(base_path, device=device, weight_dtype=dtype, head=head)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with quiet_progress():
