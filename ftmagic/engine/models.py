@@ -150,19 +150,29 @@ def _plain_cpu_4bit(model) -> None:
 
 @contextmanager
 def _quiet_new_head(active: bool):
-    """A new classification head is reported as "newly initialized" weights; that is the point here."""
+    """A new classification head is reported as "newly initialized" weights; that is the point here.
+
+    The message is filtered rather than the logger's level raised: transformers runs extra
+    checks (and prints their findings) when that logger's level is WARNING or above.
+    """
     if not active:
         yield
         return
+    import logging
+
     from transformers.utils import logging as hf_logging
 
+    class _NewHead(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "newly initialized" not in record.getMessage()
+
     logger = hf_logging.get_logger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(hf_logging.ERROR)
+    note = _NewHead()
+    logger.addFilter(note)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(note)
 
 
 @contextmanager
