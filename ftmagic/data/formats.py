@@ -287,6 +287,31 @@ def to_labelled(record: dict, columns: Optional[dict] = None) -> tuple:
     return text, label
 
 
+def comparable_turns(item, fmt: str) -> list:
+    """What duplicate checks compare for a converted record of any kind, as ``{"role", "content"}`` turns.
+
+    ``item`` is what the format's converter gave (a conversation, a :class:`PreferencePair`
+    or a ``(text, label)`` pair).
+    """
+    kind = format_kind(fmt)
+    if kind == "preference":
+        return item.prompt + [dict(t, role="chosen:" + t["role"]) for t in item.chosen] + \
+            [dict(t, role="rejected:" + t["role"]) for t in item.rejected]
+    if kind == "classification":
+        return [{"role": "text", "content": item[0]}, {"role": "label", "content": str(item[1])}]
+    return item
+
+
+def convert_record(record: dict, fmt: str, columns: Optional[dict] = None, system_prompt: Optional[str] = None):
+    """The converter of ``fmt``'s kind: a conversation, a :class:`PreferencePair` or ``(text, label)``."""
+    kind = format_kind(fmt)
+    if kind == "preference":
+        return to_preference(record, columns, system_prompt)
+    if kind == "classification":
+        return to_labelled(record, columns)
+    return to_conversation(record, fmt, columns, system_prompt)
+
+
 def conversation_issues(turns: list) -> list:
     """Soft problems of a usable conversation: ``[(kind, message)]`` for role order and the final turn.
 

@@ -27,6 +27,7 @@ STYLE = """<style>
 .ftm-eos {outline: 2px solid #d33; font-weight: bold}
 .ftm-bar {display: inline-block; height: 10px; background: #4a8fd8; vertical-align: middle}
 .ftm-over {background: #d8734a} .ftm-bad {color: #c33}
+.ftm-pair {display: flex; gap: 8px} .ftm-pair > div {flex: 1 1 0; min-width: 0}
 </style>"""
 
 
@@ -101,6 +102,12 @@ def record_html(view) -> str:
         parts.append(f'<div class="ftm-bad">{escape(p.kind)}: {escape(p.message)}</div>')
     raw = json.dumps(view.raw, ensure_ascii=False, indent=1, default=str)
     parts.append(f'<div>raw record</div><div class="ftm-pre">{escape(raw)}</div>')
+    if view.pair is not None:
+        parts.append(pair_html(view.pair))
+        parts.append("</div>")
+        return "".join(parts)
+    if view.label is not None:
+        parts.append(f"<div>label <b>{escape(str(view.label))}</b></div>")
     if view.text is not None:
         parts.append(f'<div>rendered text</div><div class="ftm-pre">{escape(view.text)}</div>')
     if view.tokens:
@@ -112,6 +119,24 @@ def record_html(view) -> str:
         parts.append('<div class="ftm-pre">' + "".join(token_html(t) for t in view.tokens) + "</div>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def pair_html(pair: dict) -> str:
+    """A preference record's two sides next to each other, each as its coloured tokens.
+
+    The prompt is context (grey) on both sides; the completion tokens whose log-probabilities
+    the preference loss compares are green.
+    """
+    columns = []
+    for side in ("chosen", "rejected"):
+        data = pair[side]
+        trained = sum(1 for t in data["tokens"] if t.trained)
+        cut = f", cut from {data['length']}" if data["truncated"] else ""
+        columns.append(f"<div><b>{side}</b>: {len(data['tokens'])} tokens{cut}, {trained} compared"
+                       f'<div class="ftm-pre">{"".join(token_html(t) for t in data["tokens"])}</div></div>')
+    legend = ('<div><span class="ftm-tok ftm-trained">compared (completion)</span> '
+              '<span class="ftm-tok ftm-context">context (prompt)</span> <span class="ftm-tok ftm-eos">EOS</span></div>')
+    return legend + '<div class="ftm-pair">' + "".join(columns) + "</div>"
 
 
 def _reasons(reasons: dict) -> str:
