@@ -71,6 +71,7 @@ def test_cli_preview_takes_the_objective(tmp_path, capsys):
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in PAIRS) + "\n")
-    with pytest.raises(SystemExit) as exit_code:
-        main(["preview", str(path), "--objective", "sft"])
-    assert exit_code.value.code == 2 and "cannot tell the format" in capsys.readouterr().err
+    assert main(["preview", str(path), "--objective", "sft"]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+    assert main(["preview", str(path), "--objective", "dpo"]) == 0
+    assert "format preference" in capsys.readouterr().out
