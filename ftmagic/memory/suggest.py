@@ -68,7 +68,7 @@ def with_overheads(estimate: MemoryEstimate) -> MemoryEstimate:
 
 _ESTIMATE_KEYS = ("method", "precision", "batch_size", "seq_len", "gradient_checkpointing", "optimizer", "lora_r",
                   "target_modules", "packing", "lora_dropout", "num_virtual_tokens", "trainable_layers", "grad_accum",
-                  "device", "loss")
+                  "device", "loss", "objective", "num_labels")
 
 
 def _candidates(settings: dict) -> list:
@@ -238,7 +238,8 @@ def settings_from_config(config) -> dict:
                 optimizer=config.optimizer, lora_r=config.lora_r, target_modules=config.target_modules,
                 packing=config.packing, lora_dropout=config.lora_dropout,
                 num_virtual_tokens=config.num_virtual_tokens, trainable_layers=config.trainable_layers,
-                grad_accum=config.grad_accum)
+                grad_accum=config.grad_accum, objective=getattr(config, "objective", "sft"),
+                num_labels=max(2, len(config.labels or [])))
 
 
 def format_measured(measured_peak_bytes: Optional[int], estimate: Optional[MemoryEstimate]) -> str:
