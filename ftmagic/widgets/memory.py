@@ -134,8 +134,10 @@ class MemoryCalculator:
 
     def __init__(self, model: str = "tiny", *, method: str = "lora", precision: str = "auto", batch_size: int = 4,
                  seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                 lora_r: int = 16, gpu="T4"):
+                 lora_r: int = 16, gpu="T4", objective: str = "sft"):
         import ipywidgets as w
+
+        from ftmagic.objectives import OBJECTIVE_NAMES
 
         from ftmagic.memory.architectures import builtin_names
 
@@ -156,6 +158,7 @@ class MemoryCalculator:
             "gradient_checkpointing": w.Checkbox(value=gradient_checkpointing, description="gradient checkpointing"),
             "optimizer": w.Dropdown(options=list(OPTIMIZERS), value=optimizer, description="optimizer"),
             "lora_r": w.BoundedIntText(value=lora_r, min=1, max=4096, description="LoRA r"),
+            "objective": w.Dropdown(options=list(OBJECTIVE_NAMES), value=objective, description="objective"),
             "gpu": w.Dropdown(options=options, value=gpu_name, description="GPU"),
         }
         self.bar = w.HTML()
@@ -169,7 +172,7 @@ class MemoryCalculator:
             control.observe(self._changed, names="value")
         c = self.controls
         left = w.VBox([c["model"], c["method"], c["precision"], c["optimizer"], c["lora_r"]])
-        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["gpu"]])
+        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["objective"], c["gpu"]])
         self.widget = w.VBox([w.HBox([left, right]), self.bar, self.verdict_box, self.suggestions_box])
         self.update()
 
@@ -180,7 +183,7 @@ class MemoryCalculator:
         c = self.controls
         return dict(method=c["method"].value, precision=c["precision"].value, batch_size=c["batch_size"].value,
                     seq_len=c["seq_len"].value, gradient_checkpointing=c["gradient_checkpointing"].value,
-                    optimizer=c["optimizer"].value, lora_r=c["lora_r"].value)
+                    optimizer=c["optimizer"].value, lora_r=c["lora_r"].value, objective=c["objective"].value)
 
     def gpu(self):
         name = self.controls["gpu"].value
@@ -237,6 +240,7 @@ class MemoryMagics(Magics):
     @argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     @argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or sgd")
     @argument("--lora-r", type=int, default=16, help="LoRA rank")
+    @argument("--objective", default="sft", help="sft, dpo, orpo, reward or classify (pairs: two sequences per record)")
     @argument("--gpu", default="T4", help="GPU preset (T4, L4, A10G, RTX 3090, A100 80GB, ...) or size in GiB")
     @argument("--exact", action="store_true", help="trace one step under FakeTensorMode (imports torch)")
     @argument("--text", action="store_true", help="print a text report instead of the widget")
@@ -252,7 +256,7 @@ class MemoryMagics(Magics):
         with as_usage_error():
             settings = dict(method=args.method, precision=args.precision, batch_size=args.batch_size,
                             seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
-                            optimizer=args.optimizer, lora_r=args.lora_r)
+                            optimizer=args.optimizer, lora_r=args.lora_r, objective=args.objective)
             gpu = resolve_gpu(args.gpu) if args.gpu and args.gpu.lower() != "none" else None
             if args.text or args.exact:
                 est = estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True,
