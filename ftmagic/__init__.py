@@ -1,7 +1,7 @@
 """ftmagic: fine-tune language models from a notebook.
 
-``%load_ext ftmagic`` registers ``%%finetune``, ``%ft_memory``, ``%ft_preview`` and
-``%%ft_generate``. The same engine runs from Python and from the ``ftmagic`` CLI.
+``%load_ext ftmagic`` registers ``%%finetune``, ``%ft_memory``, ``%ft_preview``,
+``%%ft_generate`` and ``%ft_export``. The same engine runs from Python and from the ``ftmagic`` CLI.
 
 Importing this package is cheap: torch, transformers and peft load only when a run
 starts, so the memory calculator and the magics answer at once.
@@ -12,8 +12,9 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
   ``widgets/``, ``textprogress``, ``usage``, ``demo``: parse, validate, call, display;
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
-* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``objectives``, ``units``, ``data/``
-  and ``memory/``: pure Python that never imports the engine or a front.
+* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``objectives``, ``units``, ``data/``,
+  ``memory/`` and ``export/`` (what exports share: targets, Modelfile, model card, summary):
+  pure Python that never imports the engine or a front.
 
 Example::
 
@@ -30,7 +31,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, ExportError, FtmagicError, MemoryFitError, ModelError
 
 __version__ = "0.1.0"
 
@@ -48,7 +49,7 @@ _LAZY = {
 
 __all__ = [
     "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
-    "CheckpointError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+    "CheckpointError", "ExportError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
 ]
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
@@ -112,6 +112,12 @@ class FinetuneConfig:
     resume: bool = False  # continue from the newest good checkpoint in output_dir
     merge: bool = False  # also write the adapter merged into the base weights
     report_to: Union[str, list] = "none"  # "none", "tensorboard", "wandb" (the fronts always show progress)
+
+    # --- export when the run ends (the same as `ftmagic export` / `%ft_export` afterwards) ----
+    export: Union[str, list] = field(default_factory=list)  # any of merged, gguf, ollama, hub; none by default
+    gguf_quant: Union[str, list] = "q8_0"  # GGUF types; q8_0 is near-lossless, half of f16, no compiled llama.cpp
+    push_to_hub: Optional[str] = None  # `user/name`: upload the run (and what `export` made) with a model card
+    hub_private: bool = True  # a new Hub repository starts private, so nothing is published by accident
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -220,6 +226,7 @@ class FinetuneConfig:
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
         self._validate_objective(fail)
+        self._validate_export(fail)
 
     def _validate_objective(self, fail) -> None:
         """The objective's keys, and what it accepts of the method, data format and packing."""
@@ -248,6 +255,25 @@ class FinetuneConfig:
             names = [str(v) for v in self.labels]
             if len(names) < 2 or len(set(names)) != len(names):
                 fail("labels", f"`labels: {self.labels}` must list at least two distinct label names")
+
+    def _validate_export(self, fail) -> None:
+        from ftmagic.export.targets import check_quants, check_targets
+
+        for key, check in (("export", check_targets), ("gguf_quant", check_quants)):
+            try:
+                chosen = check(getattr(self, key), key)
+            except ConfigError as exc:
+                fail(key, str(exc))
+        if not chosen:
+            fail("gguf_quant", "`gguf_quant` is empty; give at least one GGUF type, e.g. `gguf_quant: q8_0`")
+        if self.push_to_hub is not None and not _is_repo_id(self.push_to_hub):
+            fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be a Hub repository id like `user/name`")
+        if "hub" in check_targets(self.export) and not self.push_to_hub:
+            fail("export", "`export: hub` needs `push_to_hub: user/name` to know where to upload")
+        runtimes = [t for t in check_targets(self.export) if t in ("gguf", "ollama")]
+        if runtimes and get_objective_spec(self.objective).classifier_head:
+            fail("export", f"`export: {runtimes[0]}` takes a text-generating model; `objective: {self.objective}` "
+                           "trains a classification head (keep `export` to merged or hub)")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -292,6 +318,11 @@ def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
     for key_node, _ in getattr(node, "value", []):
         lines[key_node.value] = key_node.start_mark.line + 1
     return values, lines
+
+
+def _is_repo_id(value: str) -> bool:
+    parts = str(value).split("/")
+    return len(parts) == 2 and all(p and not any(c.isspace() for c in p) for p in parts)
 
 
 # Resolved field types (the module uses postponed annotations).

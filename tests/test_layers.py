@@ -3,7 +3,7 @@
     front   ftmagic (the package), api, cli, commands/, magics, widgets/, textprogress,
             usage, demo            -- may use the engine and the core
     engine  engine/                -- may use the core; never a front, IPython or ipywidgets
-    core    config, constants, errors, events, methods, units, data/, memory/
+    core    config, constants, errors, events, methods, units, data/, memory/, export/
                                    -- pure Python: never the engine or a front, never torch
 
 The walk reads every ``import`` statement (function-level ones too), so a lazy import
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
 CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods", "ftmagic.objectives",
         "ftmagic.units",
-        "ftmagic.data", "ftmagic.memory")
+        "ftmagic.data", "ftmagic.memory", "ftmagic.export")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
 ENGINE_LIBRARIES = ("torch", "peft", "accelerate", "bitsandbytes", "safetensors")

@@ -1,8 +1,8 @@
-"""notebooks/07_after_sft.ipynb: preference tuning (DPO) after SFT, a reward model and a classifier, on a CPU."""
+"""notebooks/08_after_sft.ipynb: preference tuning (DPO) after SFT, a reward model and a classifier, on a CPU."""
 
 from cells import CHECK, code, md
 
-NAME = "07_after_sft"
+NAME = "08_after_sft"
 KIND = "notebooks"
 
 CELLS = [
@@ -191,7 +191,7 @@ CELLS = [
 
     ## Next
 
-    * `colab/07_after_sft`: the same stages on a real model on a Colab T4.
+    * `colab/08_after_sft`: the same stages on a real model on a Colab T4.
     * `02_memory_calculator`: `objective: dpo` runs two sequences per record and a reference
       forward; the calculator counts both (`ftmagic.estimate_memory(..., objective="dpo")`).
     """),

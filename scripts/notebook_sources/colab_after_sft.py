@@ -1,8 +1,8 @@
-"""colab/07_after_sft.ipynb: SFT then DPO, a reward model and a classifier on a Colab T4 with Qwen2.5-0.5B-Instruct."""
+"""colab/08_after_sft.ipynb: SFT then DPO, a reward model and a classifier on a Colab T4 with Qwen2.5-0.5B-Instruct."""
 
 from cells import code, colab_drive, colab_intro, md
 
-NAME = "07_after_sft"
+NAME = "08_after_sft"
 KIND = "colab"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
