@@ -171,7 +171,8 @@ def format_plan_line(plan, start=None) -> str:
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
     plan = as_event(plan, "plan")
-    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
+    method = str(plan.method) + (f" {plan.objective}" if plan.objective and plan.objective != "sft" else "")
+    parts = [str(plan.model), method, f"{plan.device} {plan.precision}".strip()]
     data = f"data: {plan.train_records} train"
     if plan.eval_records:
         data += f" + {plan.eval_records} eval"

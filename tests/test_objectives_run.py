@@ -206,6 +206,21 @@ def test_integer_labels_and_an_explicit_label_list(test_model_dir, tmp_path):
         _run(test_model_dir, tmp_path, "strays", objective="classify", data=data, labels=[5, 6], max_steps=1)
 
 
-def test_metrics_text():
+def test_metrics_text_and_the_progress_fronts():
+    from ftmagic.events import Eval, Plan, Step
+    from ftmagic.textprogress import RunState, format_plan_line
+    from ftmagic.widgets.progress import status_html
+    from ftmagic.widgets.summary import summary_text
+
     assert format_metrics({"reward_margin": 0.5, "accuracy": 1.0}) == "margin 0.5 | acc 100.0%"
     assert format_metrics({}) == ""
+    plan = Plan(model="tiny", method="lora", device="cpu", precision="fp32", objective="dpo")
+    assert format_plan_line(plan).startswith("ftmagic: tiny | lora dpo | cpu fp32")
+    state = RunState()
+    state.update(plan)
+    state.update(Step(step=2, max_steps=4, loss=0.6, metrics={"reward_margin": 0.25, "reward_chosen": 0.2,
+                                                              "reward_rejected": -0.05, "accuracy": 0.75}))
+    state.update(Eval(step=2, eval_loss=0.65, metrics={"reward_margin": 0.1, "accuracy": 0.5}))
+    html = status_html(state)
+    assert "margin 0.25 | chosen 0.2 | rejected -0.05 | acc 75.0%" in html and "<b>eval</b> margin 0.1" in html
+    assert "eval metrics: margin 0.1 | acc 50.0%" in summary_text(state, name="dpo")
