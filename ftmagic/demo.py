@@ -303,8 +303,8 @@ _NOUNS = "film book meal hotel trip song game class team room garden city show p
 _TEMPLATES = ("the {n} was {a}.", "what a {a} {n}!", "i found the {n} {a}.", "our {n} felt {a} today.",
               "a {a} {n}, really.")
 
-# A classifier on `model: tiny`: LoRA adapts the model and trains the new head (measured 99.5%
-# held-out accuracy; the head alone on frozen features, `method: freeze` with `trainable_layers: 0`,
+# A classifier on `model: tiny`: LoRA adapts the model and trains the new head (measured 99.5-100%
+# held-out accuracy over runs; the head alone on frozen features, `method: freeze` with `trainable_layers: 0`,
 # reaches 63.5% with the same steps: this small model's features were never trained to separate sentiment).
 CLASSIFY_CONFIG = dict(model="tiny", objective="classify", method="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                        lr=3e-3, max_steps=120, batch_size=16, max_seq_len=64, eval_steps=0, save_steps=0, seed=0)
