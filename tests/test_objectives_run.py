@@ -224,3 +224,12 @@ def test_metrics_text_and_the_progress_fronts():
     html = status_html(state)
     assert "margin 0.25 | chosen 0.2 | rejected -0.05 | acc 75.0%" in html and "<b>eval</b> margin 0.1" in html
     assert "eval metrics: margin 0.1 | acc 50.0%" in summary_text(state, name="dpo")
+
+
+def test_dpo_with_gradient_checkpointing_and_qlora_train(test_model_dir, tmp_path):
+    """The reference forward runs without gradients inside a checkpointed model; QLoRA's 4-bit base
+    (bitsandbytes on CPU, or LoRA where it cannot run) is the reference with the adapter off."""
+    for name, settings in (("gc", dict(gradient_checkpointing=True)), ("qlora", dict(method="qlora"))):
+        result = _run(test_model_dir, tmp_path, f"dpo-{name}", objective="dpo", data=PAIRS, **settings)
+        steps = [e for e in result.history if e["event"] == "step"]
+        assert steps[-1]["metrics"]["reward_margin"] > 0, name
