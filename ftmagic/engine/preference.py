@@ -9,8 +9,9 @@ run their own forward on a padded batch.
 
 DPO's reference is the model as it was before training: the base with the adapter switched
 off for adapter methods (``peft``'s ``disable_adapter()``, no second copy in memory), a
-frozen copy otherwise. It runs on the same flattened row without gradients, and its
-log-probabilities are kept with the rows after their first use: the reference never
+frozen copy otherwise. It runs on the same flattened row without gradients, before the
+policy's forward (so its temporaries never sit beside the policy's saved activations), and
+its log-probabilities are kept with the rows after their first use: the reference never
 changes, so later epochs and repeated evaluations do not run it again.
 
 The losses follow TRL's ``DPOTrainer`` (``loss_type`` ``sigmoid`` and ``ipo``, IPO's log-ratios
@@ -182,8 +183,9 @@ class DPO(_Pairs):
 
     def loss(self, model, batch: dict) -> tuple:
         batch = to_device(batch, self.plan.device)
-        policy = sequence_logprobs(model, batch).float()
+        # The reference first: its temporaries are freed before the policy's forward saves its activations.
         reference = self.reference_logprobs(model, batch)
+        policy = sequence_logprobs(model, batch).float()
         return dpo_loss(policy, reference, batch["counts"].to(policy.device), beta=self.beta, loss_type=self.loss_type)
 
 

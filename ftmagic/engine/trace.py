@@ -228,7 +228,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         opt.zero_grad(set_to_none=True)
         tracker = _tracker_class()()
         extra = ([reference] if reference is not None else []) + \
-            ([objective_step.stage] if objective_step is not None else [])
+            (objective_step.stages if objective_step is not None else [])
         tracker.track_external(net, opt, ids, labels, *quant_states, *extra)
         phases = {}
         with tracker:
@@ -287,14 +287,14 @@ class _Stage:
 def _objective_step(obj, net, reference, ids, num_labels: int):
     """The loss of one step of a non-SFT objective as the engine computes it (None for SFT).
 
-    The returned function has ``stage``, a module the tracker must know (:class:`_Stage`).
+    The returned function has ``stages``, modules the tracker must know (:class:`_Stage`).
     """
     if obj.name == "sft":
         return None
     import torch
     import torch.nn.functional as F
 
-    stage = _Stage().module
+    stage, policy_stage = _Stage().module, _Stage().module
 
     from ftmagic.engine.logprobs import token_logprobs
 
@@ -321,20 +321,20 @@ def _objective_step(obj, net, reference, ids, num_labels: int):
                 chosen, rejected = logits[:, 0].chunk(2)
                 return -F.logsigmoid(chosen - rejected).mean()
             return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
-        policy = sums(net).float()
-        chosen, rejected = policy.chunk(2)
         if obj.name == "orpo":
+            chosen, rejected = sums(net).float().chunk(2)
             return -chosen.sum() / ids.numel() - F.logsigmoid(chosen - rejected).mean()
-        with torch.no_grad():
+        with torch.no_grad():  # the reference first, as the engine runs it
             if reference is not None:
                 ref = sums(reference).float()
             else:
                 with net.disable_adapter():
                     ref = stage(lambda: sums(net)).float()
+        chosen, rejected = policy_stage(lambda: sums(net)).float().chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
         return -F.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
 
-    step.stage = stage
+    step.stages = [stage, policy_stage]
     return step
 
 

@@ -417,8 +417,8 @@ def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict)
 
 
 def _reference_forward_bytes(shape: ModelShape, plan, s: dict, acts: dict) -> int:
-    """DPO's reference forward, run without gradients after the policy's: one block's temporaries
-    and one chunk of log-probabilities at a time, beside everything the policy holds."""
+    """DPO's reference forward, run without gradients before the policy's: one block's temporaries
+    and one chunk of log-probabilities at a time, beside the weights and optimizer states only."""
     tokens = acts["tokens"]
     mlp_bytes = 4 if plan.quantized else plan.compute_bytes
     block = tokens * (2 * mlp_bytes * shape.intermediate + 3 * acts["c_res"] * shape.hidden)
@@ -434,7 +434,7 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     tokens, per_layer, eager = acts["tokens"], acts["per_layer"], acts["eager"]
     act_held, layers_held = acts["act_held"], acts["layers_held"]
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
-    fwd = static + accumulated + act_held + max(logits_fwd, logits_held + reference)
+    fwd = static + accumulated + max(act_held + logits_fwd, reference)
     bwd_loss = static + accumulated + act_held + logits_bwd
     # Deeper in backward: the gradients of every block above the current one exist, while
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
@@ -462,8 +462,10 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     peak_phase = max(phases, key=phases.get)
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
     if peak_phase == "forward":
-        breakdown.update(gradients=int(accumulated), activations=int(act_held),
-                         logits=int(max(logits_fwd, logits_held + reference)))
+        if reference > act_held + logits_fwd:
+            breakdown.update(gradients=int(accumulated), logits=int(reference))
+        else:
+            breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":
         if bwd_loss >= bwd_deep:
             breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_bwd))
