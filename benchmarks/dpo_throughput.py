@@ -54,23 +54,23 @@ from train_throughput import LORA, MAX_LEN, _peak_bytes, build_workdir, load_rec
 SYSTEMS = ("trl", "ftmagic")
 SIZES = {
     # training pairs (one epoch), held-out pairs, micro-batch (pairs), gradient accumulation
-    "quick": dict(train=96, eval=48, batch_size=4, grad_accum=2),
+    "quick": dict(train=96, eval=100, batch_size=4, grad_accum=2),
     "full": dict(train=800, eval=100, batch_size=4, grad_accum=2),
 }
 HPARAMS = dict(lr=5e-4, beta=0.1, warmup=0.03, scheduler="cosine", max_grad_norm=1.0, seed=0)
 
 
 def make_pairs(records: list, seed: int) -> list:
-    """Conversational preference records: the record's own answer chosen, another record's rejected."""
+    """Conversational preference records: the record's own answer chosen, the same in capitals rejected."""
     rng = random.Random(seed)
     pairs = []
     for record in records:
-        other = rng.choice(records)
-        while other is record:
-            other = rng.choice(records)
-        prompt = record["messages"][:-1]
-        pairs.append({"prompt": prompt, "chosen": [record["messages"][-1]],
-                      "rejected": [{"role": "assistant", "content": other["messages"][-1]["content"]}]})
+        answer = record["messages"][-1]["content"]
+        rejected = answer.upper()
+        while rejected == answer:
+            rejected = rng.choice(records)["messages"][-1]["content"]
+        pairs.append({"prompt": record["messages"][:-1], "chosen": [record["messages"][-1]],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
     return pairs
 
 
