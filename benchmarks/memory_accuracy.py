@@ -20,6 +20,7 @@ Usage::
     python benchmarks/memory_accuracy.py --quick    # 7 rows
     python benchmarks/memory_accuracy.py --json out.json
     python benchmarks/memory_accuracy.py --published   # against published peaks (peft, torchtune, QLoRA)
+    python benchmarks/memory_accuracy.py --objectives  # DPO, ORPO, reward and classify steps (24 rows)
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ MODELS = {
                           kv_heads=2, vocab=8000, head_dim=64, tied=True, norms_per_layer=4, final_logit_softcap=30.0),
     "smollm2-135m": resolve_model("smollm2-135m"),
 }
+
+
+def objective_rows() -> list:
+    """DPO, ORPO, reward and classification steps: full / LoRA / QLoRA on llama-s and llama-m."""
+    rows = []
+    for objective in ("dpo", "orpo", "reward", "classify"):
+        rows += [dict(r, objective=objective) for r in
+                 _rows("llama-s", (("full", "bf16"), ("lora", "bf16"), ("qlora", "bf16")), ((2, 256),), (False,))
+                 + _rows("llama-m", (("lora", "bf16"),), ((2, 512),), (False, True))]
+    return rows
 
 
 def _rows(model, methods, shapes, gcs=(False, True)) -> list:
@@ -135,7 +146,7 @@ def format_table(results: list) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['model']:8} {r['method']:6} {r['precision']:5} {r['batch_size']:>2} {r['seq_len']:>4} "
+            f"{r['model']:8} {(r['method'] + '/' + r['objective']) if r.get('objective') else r['method']:6} {r['precision']:5} {r['batch_size']:>2} {r['seq_len']:>4} "
             f"{'yes' if r['gradient_checkpointing'] else 'no':3} | {r['measured'] / MIB:8.1f}M {r['analytic'] / MIB:8.1f}M "
             f"{r['analytic_err'] * 100:+5.1f}% | {r['exact'] / MIB:8.1f}M {r['exact_err'] * 100:+5.1f}% | {r['peak_phase']}")
     worst_a = max(abs(r["analytic_err"]) for r in results)
@@ -153,6 +164,7 @@ def main(argv=None) -> int:
                         help="auto/chunked: ftmagic's chunked loss (the engine's step); full: Hugging Face's loss")
     parser.add_argument("--published", action="store_true", help="only compare with published measurements")
     parser.add_argument("--only", metavar="WORD", help="only rows whose model or method is WORD (e.g. qlora, gemma-s)")
+    parser.add_argument("--objectives", action="store_true", help="DPO, ORPO, reward and classify rows instead")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.published:
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = []
     print(f"loss: {args.loss} (auto = the engine's step: chunked loss except soft-capped logits)")
-    rows = [r for r in matrix(args.quick) if not args.only or args.only in (r["model"], r["method"])]
+    rows = objective_rows() if args.objectives else matrix(args.quick)
+    rows = [r for r in rows if not args.only or args.only in (r["model"], r["method"], r.get("objective"))]
     for row in rows:
         results.append(run_row(dict(row, loss=args.loss)))
         print(format_table(results[-1:]).splitlines()[2], flush=True)

@@ -27,9 +27,10 @@ from typing import Any, Callable, Literal, Optional, Union
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError
 from ftmagic.methods import METHOD_NAMES, get_method_spec
+from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "preference", "prompt_completion", "classification", "text")
 
 # The accepted values of the choice keys, built from their one home (the method table, the
 # constants): `typing.Literal` of a tuple lists the tuple's items.
@@ -38,6 +39,8 @@ FormatName = Literal[FORMATS]
 OptimizerName = Literal[OPTIMIZERS]
 PrecisionName = Literal[PRECISIONS]
 DeviceName = Literal[DEVICES]
+ObjectiveName = Literal[OBJECTIVE_NAMES]
+DpoLossName = Literal[DPO_LOSSES]
 StrategyName = Literal[STRATEGY_NAMES]
 
 
@@ -61,6 +64,13 @@ class FinetuneConfig:
     trust_remote_code: bool = False
     method: MethodName = "lora"  # see ftmagic/methods.py for what each method trains
     # LoRA is the default: it fits a 16 GB GPU for most models under 8B and trains fast.
+
+    # --- objective (what the run optimises; ftmagic/objectives.py) ---------------------
+    objective: ObjectiveName = "sft"  # sft, or after it: dpo | orpo (preference pairs), reward | classify (a head)
+    beta: float = 0.1  # DPO: how far the policy may move from the reference (TRL's and the paper's default)
+    dpo_loss: DpoLossName = "sigmoid"  # sigmoid: the DPO paper's loss; ipo: IPO's squared loss (noisy preferences)
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the NLL (the ORPO paper's default)
+    labels: Optional[list] = None  # classify: label names in index order; default: sorted from the data
 
     # --- data ----------------------------------------------------------------------
     data: Any = None  # path, HF dataset id, list of dicts, DataFrame, datasets.Dataset, or a list of {path, weight}
@@ -236,7 +246,7 @@ class FinetuneConfig:
         fail = problems.add
 
         for key in ("method", "format", "train_on", "scheduler", "precision", "optimizer", "device", "long_text",
-                    "on_nan", "distributed"):
+                    "on_nan", "distributed", "objective", "dpo_loss"):
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:
@@ -284,7 +294,36 @@ class FinetuneConfig:
             fail("batch_size" if "batch_size" in str(exc) else "distributed", str(exc))
         if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
             fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
+        self._validate_objective(fail)
         self._validate_export(fail)
+
+    def _validate_objective(self, fail) -> None:
+        """The objective's keys, and what it accepts of the method, data format and packing."""
+        spec = get_objective_spec(self.objective)
+        if not method_supports(get_method_spec(self.method), self.objective):
+            fail("objective", f"`objective: {self.objective}` cannot be trained with `method: {self.method}` "
+                              "(virtual tokens live inside peft's own forward); use lora, qlora, dora, ia3 or full")
+        if not self.beta > 0:
+            fail("beta", f"`beta: {self.beta}` must be greater than 0 (typical: 0.1)")
+        if self.orpo_lambda < 0:
+            fail("orpo_lambda", f"`orpo_lambda: {self.orpo_lambda}` must not be negative (typical: 0.1)")
+        if self.packing and self.objective != "sft":
+            fail("packing", f"`packing: true` applies to `objective: sft`; {self.objective} already trains "
+                            "without padding (every micro-batch is one unpadded row)")
+        if self.train_on != "completions" and spec.data == "preference":
+            fail("train_on", f"`train_on: {self.train_on}` applies to `objective: sft`; {self.objective} compares "
+                             "the completions of each pair")
+        from ftmagic.data.formats import format_kind
+
+        if self.format != "auto" and format_kind(self.format) != spec.data:
+            fail("format", f"`format: {self.format}` holds {format_kind(self.format)} records, but "
+                           f"`objective: {self.objective}` trains on {spec.data} records; use `format: auto`")
+        if self.labels is not None:
+            if self.objective != "classify":
+                fail("labels", "`labels` applies to `objective: classify`")
+            names = [str(v) for v in self.labels]
+            if len(names) < 2 or len(set(names)) != len(names):
+                fail("labels", f"`labels: {self.labels}` must list at least two distinct label names")
 
     def _validate_export(self, fail) -> None:
         from ftmagic.export.targets import check_quants, check_targets
@@ -300,6 +339,10 @@ class FinetuneConfig:
             fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be a Hub repository id like `user/name`")
         if "hub" in check_targets(self.export) and not self.push_to_hub:
             fail("export", "`export: hub` needs `push_to_hub: user/name` to know where to upload")
+        runtimes = [t for t in check_targets(self.export) if t in ("gguf", "ollama")]
+        if runtimes and get_objective_spec(self.objective).classifier_head:
+            fail("export", f"`export: {runtimes[0]}` takes a text-generating model; `objective: {self.objective}` "
+                           "trains a classification head (keep `export` to merged or hub)")
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -196,3 +196,148 @@ def format_table(rows: list, base: float, tuned: float) -> str:
     out += [line(cells, "ok" if r["tuned"] == r["expected"] else "") for cells, r in zip(table, rows)]
     out.append(f"exact match on held-out words: {base:.0%} before, {tuned:.0%} after")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- after SFT: preference tuning
+#
+# The style demo: an SFT stage teaches the embedded model to answer `describe: <word>` with
+# `<word> is nice.` three times in four and `<word> is nice!` once in four, so greedy answers
+# end with a full stop. A DPO stage on pairs that prefer the enthusiastic `!` moves the
+# share of held-out answers in that style from 0% to 100% (measured).
+
+STYLE_PROMPT = "describe: {word}"
+PLAIN_STYLE = "{word} is nice."
+PREFERRED_STYLE = "{word} is nice!"
+STYLE_TRAIN_SIZE = 600
+STYLE_TEST_SIZE = 60
+
+# Stage 1, SFT: LoRA on `model: tiny`, merged so stage 2 starts from the tuned weights.
+STYLE_SFT_CONFIG = dict(model="tiny", method="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0, lr=3e-3,
+                        max_steps=150, batch_size=16, warmup=0.05, max_seq_len=64, eval_steps=0, save_steps=0,
+                        seed=0, merge=True)
+# Stage 2, DPO: a fresh LoRA on the merged SFT model; its adapter-disabled base is the reference.
+# beta 0.5 keeps the policy near the reference: at beta 0.1 the 1M-parameter model over-optimises
+# within 80 steps (the rejected full stop is pushed below other bytes and answers break).
+STYLE_DPO_CONFIG = dict(objective="dpo", beta=0.5, method="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                        lr=5e-4, max_steps=40, batch_size=16, warmup=0.05, max_seq_len=64, eval_steps=0,
+                        save_steps=0, seed=0)
+
+
+def _style_words(split: str) -> list:
+    train = _words(seed=5, count=STYLE_TRAIN_SIZE)
+    if split == "train":
+        return train
+    return _words(seed=6, count=STYLE_TEST_SIZE, exclude=frozenset(train))
+
+
+def style_sft_dataset(share_preferred: float = 0.25, seed: int = 0) -> list:
+    """The SFT stage's records (``messages``): ``describe: w`` answered in the plain style, and
+    in the preferred one with probability ``share_preferred``.
+
+    Example::
+
+        >>> style_sft_dataset()[0]["messages"][1]["content"]
+        'ixlzw is nice.'
+    """
+    rng = random.Random(seed)
+    return [{"messages": [{"role": "user", "content": STYLE_PROMPT.format(word=w)},
+                          {"role": "assistant", "content": (PREFERRED_STYLE if rng.random() < share_preferred
+                                                            else PLAIN_STYLE).format(word=w)}]}
+            for w in _style_words("train")]
+
+
+def style_pairs() -> list:
+    """The DPO stage's preference records: the preferred style chosen, the plain one rejected.
+
+    Example::
+
+        >>> style_pairs()[0]
+        {'prompt': 'describe: ixlzw', 'chosen': 'ixlzw is nice!', 'rejected': 'ixlzw is nice.'}
+    """
+    return [{"prompt": STYLE_PROMPT.format(word=w), "chosen": PREFERRED_STYLE.format(word=w),
+             "rejected": PLAIN_STYLE.format(word=w)} for w in _style_words("train")]
+
+
+def style_prompts() -> list:
+    """Held-out prompts (words in neither stage's data) to measure the style on."""
+    return [STYLE_PROMPT.format(word=w) for w in _style_words("test")]
+
+
+def preferred_share(answers: Iterable[str]) -> float:
+    """Share of ``answers`` in the preferred style (``<word> is nice!``).
+
+    Example::
+
+        >>> preferred_share(["abc is nice!", "abc is nice.", "xyz is nice!", "oops"])
+        0.5
+    """
+    answers = list(answers)
+    return sum(a.strip().endswith(" is nice!") for a in answers) / len(answers) if answers else 0.0
+
+
+def run_preference_demo(output_dir: str = "ftmagic-preference-demo", *, on_event=None, **dpo_overrides: Any) -> dict:
+    """SFT, then DPO, on the embedded model; the preferred-style share of held-out answers after each.
+
+    Returns ``{"sft_share", "dpo_share", "rows", "sft", "dpo"}`` (``rows``: a few prompts with
+    both stages' answers; ``sft``/``dpo``: the two RunResults).
+
+    Example::
+
+        report = run_preference_demo("/tmp/pref")
+        report["sft_share"], report["dpo_share"]      # measured: (0.0, 1.0)
+    """
+    import torch
+
+    from ftmagic.engine.run import finetune
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see run_demo: one thread is fastest for this model on a shared CPU
+    try:
+        sft = finetune(data=style_sft_dataset(), on_event=on_event, overwrite=True,
+                       **dict(STYLE_SFT_CONFIG, output_dir=f"{output_dir}/sft"))
+        dpo = finetune(data=style_pairs(), on_event=on_event, overwrite=True,
+                       **dict(STYLE_DPO_CONFIG, model=f"{output_dir}/sft/merged", output_dir=f"{output_dir}/dpo",
+                              **dpo_overrides))
+        # compare(): the DPO adapter off is the SFT model (the merged weights), on is the DPO model.
+        rows = dpo.compare(style_prompts(), max_new_tokens=24)
+    finally:
+        torch.set_num_threads(threads)
+    return {"sft_share": preferred_share(r["base"] for r in rows), "dpo_share": preferred_share(r["tuned"] for r in rows),
+            "rows": rows[:5], "sft": sft, "dpo": dpo}
+
+
+# --------------------------------------------------------------------------- classification
+
+SENTIMENT_LABELS = ("negative", "positive")
+_POSITIVE = ("great", "lovely", "wonderful", "happy", "bright", "kind", "fine", "good", "warm", "calm")
+_NEGATIVE = ("awful", "boring", "sad", "dull", "bad", "cold", "ugly", "poor", "rude", "noisy")
+_NOUNS = "film book meal hotel trip song game class team room garden city show park".split()
+_TEMPLATES = ("the {n} was {a}.", "what a {a} {n}!", "i found the {n} {a}.", "our {n} felt {a} today.",
+              "a {a} {n}, really.")
+
+# A classifier on `model: tiny`: LoRA adapts the model and trains the new head (measured 99.5-100%
+# held-out accuracy over runs; the head alone on frozen features, `method: freeze` with `trainable_layers: 0`,
+# reaches 63.5% with the same steps: this small model's features were never trained to separate sentiment).
+CLASSIFY_CONFIG = dict(model="tiny", objective="classify", method="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                       lr=3e-3, max_steps=120, batch_size=16, max_seq_len=64, eval_steps=0, save_steps=0, seed=0)
+
+
+def sentiment_dataset(split: str = "train") -> list:
+    """Generated short reviews labelled ``positive`` or ``negative`` (600 train, 200 test records).
+
+    Example::
+
+        >>> sentiment_dataset("test")[0]
+        {'text': 'the trip was noisy.', 'label': 'negative'}
+    """
+    from ftmagic.errors import ConfigError
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"sentiment_dataset: unknown split {split!r}; accepted: 'train', 'test'")
+    rng = random.Random(0 if split == "train" else 1)
+    out = []
+    for _ in range(600 if split == "train" else 200):
+        label = rng.choice(SENTIMENT_LABELS)
+        adjective = rng.choice(_POSITIVE if label == "positive" else _NEGATIVE)
+        out.append({"text": rng.choice(_TEMPLATES).format(n=rng.choice(_NOUNS), a=adjective), "label": label})
+    return out

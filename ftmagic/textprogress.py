@@ -142,6 +142,41 @@ def format_data(plan) -> str:
     return data
 
 
+# Short labels of the metrics objectives report (reward models, DPO/ORPO, classifiers), in display order.
+METRIC_LABELS = {"reward_margin": "margin", "reward_chosen": "chosen", "reward_rejected": "rejected",
+                 "accuracy": "acc", "macro_f1": "macro F1", "nll": "nll"}
+SHARES = ("accuracy", "macro_f1")  # shown as percentages
+
+
+def format_metrics(metrics: Optional[dict], keys: Optional[tuple] = None) -> str:
+    """An objective's metrics as ``label value`` pairs: reward margin, chosen/rejected rewards, accuracy, F1.
+
+    ``keys`` limits them to those names (default: the labelled ones, in :data:`METRIC_LABELS` order).
+
+    Example::
+
+        >>> format_metrics({"reward_chosen": 0.51, "reward_rejected": -0.3, "reward_margin": 0.81, "accuracy": 0.875})
+        'margin 0.81 | chosen 0.51 | rejected -0.3 | acc 87.5%'
+        >>> format_metrics({"accuracy": 0.9, "f1/pos": 0.92}, keys=("accuracy", "f1/pos"))
+        'acc 90.0% | F1 pos 92.0%'
+    """
+    if not metrics:
+        return ""
+    keys = keys or tuple(k for k in METRIC_LABELS if k in metrics)
+    parts = []
+    for key in keys:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)):
+            continue
+        if key.startswith("f1/"):
+            parts.append(f"F1 {key[3:]} {100 * value:.1f}%")
+        elif key in SHARES:
+            parts.append(f"{METRIC_LABELS[key]} {100 * value:.1f}%")
+        else:
+            parts.append(f"{METRIC_LABELS.get(key, key)} {format_loss(value)}")
+    return " | ".join(parts)
+
+
 def format_plan_line(plan, start=None) -> str:
     """The one line printed before heavy loading: model, method, device, precision, data.
 
@@ -154,7 +189,8 @@ def format_plan_line(plan, start=None) -> str:
         'ftmagic: tiny | lora | cpu fp32 | data: 200 train + 20 eval records (messages)'
     """
     plan = as_event(plan, "plan")
-    parts = [str(plan.model), str(plan.method), f"{plan.device} {plan.precision}".strip()]
+    method = str(plan.method) + (f" {plan.objective}" if plan.objective and plan.objective != "sft" else "")
+    parts = [str(plan.model), method, f"{plan.device} {plan.precision}".strip()]
     if plan.processes > 1:
         parts[-1] += f" x {plan.processes} processes ({plan.distributed})"
     parts.append("data: " + format_data(plan))
@@ -179,7 +215,11 @@ def format_step_line(step, width: int = 30) -> str:
     text = f"{format_bar(fraction, width)} {step.step}/{step.max_steps if step.max_steps else '?'}"
     if step.epoch is not None:
         text += f" ep {step.epoch:.2f}"
-    text += f" | loss {format_loss(step.loss)} | lr {format_lr(step.lr)}"
+    text += f" | loss {format_loss(step.loss)}"
+    if step.metrics:
+        shown = format_metrics(step.metrics)
+        text += f" | {shown}" if shown else ""
+    text += f" | lr {format_lr(step.lr)}"
     if step.tokens_per_s is not None:
         text += f" | {format_count(step.tokens_per_s)} tok/s"
     text += f" | {format_duration(step.elapsed_s)}<{format_duration(step.eta_s)}"
@@ -240,6 +280,7 @@ class RunState:
         self.end: Optional[End] = None
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
+        self.eval_metrics: dict = {}  # the latest evaluation's metrics beyond the loss
         self.checkpoints: list[Checkpoint] = []
         self.messages: list[Message] = []
         self.peak_memory_bytes: Optional[int] = None
@@ -260,6 +301,7 @@ class RunState:
         elif isinstance(event, Eval):
             if event.eval_loss is not None and math.isfinite(event.eval_loss):
                 self.eval_points.append((int(event.step), float(event.eval_loss)))
+            self.eval_metrics = dict(event.metrics or {})
         elif isinstance(event, Checkpoint):
             self.checkpoints.append(event)
         elif isinstance(event, Message):
@@ -352,9 +394,8 @@ class TextProgress:
         elif isinstance(event, Step):
             self._step(event)
         elif isinstance(event, Eval):
-            self._println(f"step {event.step}: eval loss {format_loss(event.eval_loss)}"
-                          + "".join(f" | {k} {format_loss(v)}" for k, v in event.metrics.items()
-                                    if isinstance(v, (int, float))))
+            shown = format_metrics(event.metrics, tuple(k for k in event.metrics if not k.startswith(("tp/", "fp/", "fn/"))))
+            self._println(f"step {event.step}: eval loss {format_loss(event.eval_loss)}" + (f" | {shown}" if shown else ""))
         elif isinstance(event, Checkpoint):
             self._println(f"step {event.step}: checkpoint saved to {event.path}")
         elif isinstance(event, Message):

@@ -168,4 +168,29 @@ def build_family_model_dir(path, family: str) -> str:
     model = build_family_model(family, tokenizer)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+
+
+def build_test_encoder_dir(path):
+    """Save a randomly initialised 2-layer BERT and a WordPiece tokenizer ([CLS] ... [SEP]) to ``path``."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    core.train_from_iterator(_CORPUS * 20, trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
+                                                                              show_progress=False))
+    cls, sep = core.token_to_id("[CLS]"), core.token_to_id("[SEP]")
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
     return str(path)

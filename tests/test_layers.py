@@ -22,7 +22,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
 CORE = ("ftmagic.adapters", "ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.hub",
-        "ftmagic.methods", "ftmagic.strategies", "ftmagic.units", "ftmagic.data", "ftmagic.memory", "ftmagic.export")
+        "ftmagic.methods", "ftmagic.objectives", "ftmagic.strategies",
+        "ftmagic.units", "ftmagic.data", "ftmagic.memory", "ftmagic.export")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
 ENGINE_LIBRARIES = ("torch", "peft", "accelerate", "bitsandbytes", "safetensors")

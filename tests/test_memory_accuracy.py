@@ -90,3 +90,27 @@ def test_exact_mode_falls_back_to_analytic_for_8bit_optimizers():
     analytic = estimate_memory(TINY, method="full", optimizer="adamw_8bit", batch_size=1, seq_len=32)
     assert est.total_bytes == analytic.total_bytes
     assert any("fell back to the analytic estimate" in n and "8-bit" in n for n in est.notes)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "reward", "classify"])
+@pytest.mark.parametrize("settings", [
+    dict(method="lora", precision="bf16", batch_size=4, seq_len=128),
+    dict(method="full", precision="bf16", batch_size=2, seq_len=128),
+    dict(method="lora", precision="fp32", batch_size=2, seq_len=128, gradient_checkpointing=True),
+], ids=lambda s: f"{s['method']}-{s['precision']}-gc{int(s.get('gradient_checkpointing', False))}")
+def test_objectives_analytic_within_10_percent_and_exact_within_3(objective, settings):
+    """Two sequences per record, DPO's reference forward (and frozen copy for full), the small heads."""
+    measured = trace_step(TINY, fake=False, objective=objective, **settings)
+    est = estimate_memory(TINY, device="cpu", objective=objective, **settings)
+    exact = estimate_memory(TINY, mode="exact", device="cpu", objective=objective, **settings)
+    assert abs(est.total_bytes - measured.peak_bytes) / measured.peak_bytes < 0.10, (est.phases, measured.phases)
+    assert abs(exact.total_bytes - measured.peak_bytes) / measured.peak_bytes < 0.03
+
+
+def test_dpo_full_fine_tuning_counts_the_frozen_reference_copy():
+    sft = estimate_memory(TINY, method="full", precision="bf16", batch_size=1, seq_len=16)
+    dpo = estimate_memory(TINY, method="full", precision="bf16", batch_size=1, seq_len=16, objective="dpo")
+    lora = estimate_memory(TINY, method="lora", precision="bf16", batch_size=1, seq_len=16, objective="dpo")
+    assert dpo.breakdown["frozen_weights"] - sft.breakdown["frozen_weights"] == 2 * TINY.total_params
+    assert lora.breakdown["frozen_weights"] == estimate_memory(TINY, method="lora", precision="bf16", batch_size=1,
+                                                               seq_len=16).breakdown["frozen_weights"]

@@ -20,6 +20,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     from ftmagic.constants import OPTIMIZERS
     from ftmagic.memory.gpus import GPU_PRESETS
     from ftmagic.methods import METHOD_NAMES
+    from ftmagic.objectives import OBJECTIVE_NAMES
     from ftmagic.strategies import STRATEGY_NAMES
 
     parser.add_argument("model", help="built-in name (e.g. llama-3.2-1b), local directory, cached hub id, or tiny")
@@ -36,6 +37,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-modules", default="auto", help="auto, or comma-separated linear names")
     parser.add_argument("--loss", default="auto", choices=("auto", "chunked", "full"),
                         help="auto: as ftmagic trains (chunked loss); full: Hugging Face's full-logits loss")
+    parser.add_argument("--objective", default="sft", choices=OBJECTIVE_NAMES,
+                        help="what the run optimises (dpo, orpo, reward: two sequences per record; dpo: a reference forward)")
     parser.add_argument("--gpu", default=None, help=f"judge the fit: {', '.join(GPU_PRESETS)}, or a size in GiB")
     parser.add_argument("--devices", type=int, default=1,
                         help="GPUs training the run together; the estimate is per GPU (default 1)")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
         lora_r=args.lora_r, lora_dropout=args.lora_dropout, target_modules=targets, grad_accum=args.grad_accum,
         bf16_supported=gpu.bf16 if gpu else True, mode="exact" if args.exact else "analytic", loss=args.loss,
-        devices=args.devices, strategy=args.strategy)
+        devices=args.devices, strategy=args.strategy, objective=args.objective)
     verdict = verdict_for(estimate, gpu)
     if args.json:
         out = estimate.to_dict()

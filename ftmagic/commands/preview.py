@@ -17,6 +17,7 @@ import argparse
 import json
 
 from ftmagic.config import FORMATS
+from ftmagic.objectives import OBJECTIVE_NAMES
 from ftmagic.errors import ConfigError
 
 
@@ -26,6 +27,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                                                      "folder, or a Hugging Face dataset id")
     parser.add_argument("--model", default=None, help="whose tokenizer and chat template to use (default: tiny)")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: detect)")
+    parser.add_argument("--objective", default=None, choices=OBJECTIVE_NAMES,
+                        help="detect only the formats this objective trains on (default: any format)")
     parser.add_argument("--template", default=None, help="named template (chatml, alpaca, llama3, plain) for base models")
     parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per example in training (default: 512)")
     parser.add_argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         # Before the analysis, which can take a while: an existing file is never overwritten.
         raise DataError(f"{args.write_clean}: the file exists and is never overwritten; give a new name or delete it first")
     columns = parse_columns(args.columns) or None
-    report = preview(args.data, model=args.model, format=args.format, template=args.template,
+    report = preview(args.data, model=args.model, format=args.format, template=args.template, objective=args.objective,
                      max_seq_len=args.max_seq_len, train_on=args.train_on, columns=columns,
                      system_prompt=args.system_prompt, batch_size=args.batch_size, long_text=args.long_text)
     cleaned = clean(args.data, args.write_clean, format=args.format, columns=columns) if args.write_clean else None

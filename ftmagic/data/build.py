@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ftmagic.data.encode import label_step, render_step, tokenize_step
-from ftmagic.data.formats import Detection, conversation_issues, detect_format, to_conversation
+from ftmagic.data.formats import (Detection, conversation_issues, detect_format, format_kind, to_conversation,
+                                  to_labelled, to_preference)
+from ftmagic.data.pairs import encode_texts, finish_pairs, start_pairs
 from ftmagic.data.load import LoadedData, load_data
 from ftmagic.data.problems import SKIPPING_KINDS, Problem, RecordError
 from ftmagic.data.templates import ChatTemplate, resolve_template
@@ -49,23 +51,24 @@ class Built:
     @property
     def split(self) -> int:
         """Long ``text`` records split into blocks (``long_text: split``)."""
-        return sum(1 for e in self.encoded if e is not None and e.split)
+        return sum(1 for e in self.encoded if e is not None and getattr(e, "split", 0))
 
 
 def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional[dict] = None,
                    template: Optional[str] = None, system_prompt: Optional[str] = None,
                    train_on: str = "completions", max_seq_len: Optional[int] = None, strict: bool = True,
-                   batch: int = 4096, long_text: str = "truncate") -> Built:
+                   batch: int = 4096, kind: Optional[str] = "conversations", long_text: str = "truncate") -> Built:
     """Load ``data`` and encode every record (in batches of ``batch``) exactly as training will.
 
     ``strict`` applies to reading (a malformed line raises); records that parse but cannot
     be used (missing fields, rejected by the template, nothing left to train) are skipped,
-    counted in ``skipped`` and listed in ``problems``.
+    counted in ``skipped`` and listed in ``problems``. ``kind`` is the kind of record the
+    objective trains on (``conversations``, ``preference``, ``classification``; None: any).
     """
     with gc_paused():
         loaded = load_data(data, strict=strict)
-        detection = detect(loaded, fmt, columns)
-        tpl = resolve_template(tokenizer, template) if detection.format != "text" else None
+        detection = detect(loaded, fmt, columns, kind)
+        tpl = resolve_template(tokenizer, template) if detection.format not in ("text", "classification") else None
         conversations: list = [None] * len(loaded.records)
         encoded: list = [None] * len(loaded.records)
         record_problems: list = []
@@ -83,34 +86,41 @@ def build_examples(data: Any, tokenizer, *, fmt: str = "auto", columns: Optional
     return Built(loaded, detection, tpl, conversations, encoded, problems, skipped)
 
 
-def detect(loaded: LoadedData, fmt: str = "auto", columns: Optional[dict] = None) -> Detection:
+def detect(loaded: LoadedData, fmt: str = "auto", columns: Optional[dict] = None,
+           kind: Optional[str] = None) -> Detection:
     """Format detection for loaded records (an empty dataset gets format ``unknown``)."""
     if not loaded.records:
         return Detection(fmt if fmt != "auto" else "unknown", "no records", dict(columns or {}))
-    return detect_format(loaded.records, fmt, columns, source=loaded.name)
+    return detect_format(loaded.records, fmt, columns, source=loaded.name, kind=kind)
 
 
 def iter_encoded(loaded: LoadedData, detection: Detection, tokenizer, *, template=None,
                  system_prompt: Optional[str] = None, train_on: str = "completions",
                  max_seq_len: Optional[int] = None, batch: int = 4096, long_text: str = "truncate"):
-    """Yield ``(index, conversation, encoded, problems)`` for every record, in order, ``batch`` at a time.
+    """Yield ``(index, item, encoded, problems)`` for every record, in order, ``batch`` at a time.
 
-    ``conversation``/``encoded`` are None for a record that cannot be used; ``problems``
-    lists what is wrong with the record (possibly only warnings). A record whose labels
-    are all -100 comes with a ``no_trained_tokens`` problem: training skips it.
+    ``item`` is what the record holds in its format's kind (a conversation, a
+    :class:`~ftmagic.data.formats.PreferencePair` or a ``(text, label)`` pair) and
+    ``encoded`` its :class:`~ftmagic.data.encode.Encoded`,
+    :class:`~ftmagic.data.pairs.PairEncoded` or :class:`~ftmagic.data.pairs.TextEncoded`;
+    both are None for a record that cannot be used. ``problems`` lists what is wrong with
+    the record (possibly only warnings). A record left with no trained token comes with a
+    ``no_trained_tokens`` problem: training skips it.
 
     The tokenizer of batch ``k`` runs in a worker thread (it releases the GIL) while batch
     ``k + 1`` is rendered, so both cores of a small machine are busy; results do not
     depend on this overlap.
     """
-    if tokenizer is not None and detection.format != "text" and not isinstance(template, ChatTemplate):
+    kind = format_kind(detection.format)
+    if tokenizer is not None and detection.format != "text" and kind != "classification" \
+            and not isinstance(template, ChatTemplate):
         template = resolve_template(tokenizer, template)
     n = len(loaded.records)
     starts = range(0, n, batch)
     if tokenizer is None:
         for start in starts:
-            convs, problems = _convert(loaded, detection, system_prompt, start, min(n, start + batch))
-            yield from ((start + k, convs[k], None, problems[k]) for k in range(len(convs)))
+            items, problems = _convert(loaded, detection, system_prompt, start, min(n, start + batch))
+            yield from ((start + k, items[k], None, problems[k]) for k in range(len(items)))
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -118,50 +128,83 @@ def iter_encoded(loaded: LoadedData, detection: Detection, tokenizer, *, templat
         pending = None
         for start in starts:
             stop = min(n, start + batch)
-            convs, problems = _convert(loaded, detection, system_prompt, start, stop)
-            todo = [k for k, c in enumerate(convs) if c is not None]
-            rendered = render_step(tokenizer, [convs[k] for k in todo], template=template, train_on=train_on)
-            future = pool.submit(tokenize_step, tokenizer, rendered)
+            items, problems = _convert(loaded, detection, system_prompt, start, stop)
+            todo = [k for k, c in enumerate(items) if c is not None]
+            chosen = [items[k] for k in todo]
+            if kind == "preference":
+                rendered, _ = start_pairs(tokenizer, chosen, template=template)
+                future = pool.submit(tokenize_step, tokenizer, rendered)
+            elif kind == "classification":
+                rendered, future = chosen, None
+            else:
+                rendered = render_step(tokenizer, chosen, template=template, train_on=train_on)
+                future = pool.submit(tokenize_step, tokenizer, rendered)
             if pending is not None:
                 yield from _finish(loaded, tokenizer, max_seq_len, long_text, *pending)
-            pending = (start, convs, problems, todo, rendered, future)
+            pending = (kind, start, items, problems, todo, rendered, future)
         if pending is not None:
             yield from _finish(loaded, tokenizer, max_seq_len, long_text, *pending)
 
 
 def _convert(loaded: LoadedData, detection: Detection, system_prompt: Optional[str], start: int, stop: int) -> tuple:
-    convs, problems = [], []
+    items, problems = [], []
     records, fmt, columns = loaded.records, detection.format, detection.columns
+    kind = format_kind(fmt)
     for i in range(start, stop):
         try:
-            conv = to_conversation(records[i], fmt, columns, system_prompt)
+            if kind == "preference":
+                item = to_preference(records[i], columns, system_prompt)
+            elif kind == "classification":
+                item = to_labelled(records[i], columns)
+            else:
+                item = to_conversation(records[i], fmt, columns, system_prompt)
         except RecordError as exc:
-            convs.append(None)
+            items.append(None)
             problems.append([Problem(exc.kind, loaded.location(i), exc.message)])
             continue
-        convs.append(conv)
-        issues = conversation_issues(conv)
-        problems.append([Problem(kind, loaded.location(i), message) for kind, message in issues] if issues else [])
-    return convs, problems
+        if kind == "preference":
+            issues = [] if not item.identical else [
+                ("identical_pair", "the chosen and rejected completions are the same; the pair teaches nothing")]
+            issues += conversation_issues(item.conversation("chosen"))
+            if item.identical:
+                items.append(None)
+                problems.append([Problem(k, loaded.location(i), m) for k, m in issues])
+                continue
+        elif kind == "classification":
+            issues = []
+        else:
+            issues = conversation_issues(item)
+        items.append(item)
+        problems.append([Problem(k, loaded.location(i), message) for k, message in issues] if issues else [])
+    return items, problems
 
 
-def _finish(loaded: LoadedData, tokenizer, max_seq_len, long_text, start, convs, problems, todo, rendered, future):
-    results = [None] * len(convs)
-    encoded = label_step(tokenizer, rendered, future.result(), max_seq_len, long_text)
+def _encode(kind: str, tokenizer, rendered: list, future, max_seq_len, long_text: str) -> list:
+    if kind == "preference":
+        return finish_pairs(tokenizer, rendered, future.result(), max_seq_len)
+    if kind == "classification":
+        return encode_texts(tokenizer, [t for t, _ in rendered], [label for _, label in rendered],
+                            max_seq_len=max_seq_len)
+    return label_step(tokenizer, rendered, future.result(), max_seq_len, long_text)
+
+
+def _finish(loaded: LoadedData, tokenizer, max_seq_len, long_text, kind, start, items, problems, todo, rendered, future):
+    results = [None] * len(items)
+    encoded = _encode(kind, tokenizer, rendered, future, max_seq_len, long_text)
     for k, result in zip(todo, encoded):
         if isinstance(result, RecordError):
             problems[k].append(Problem(result.kind, loaded.location(start + k), result.message))
-            convs[k] = None
+            items[k] = None
             continue
         if result.warnings:
-            problems[k].extend(Problem(kind, loaded.location(start + k), message) for kind, message in result.warnings)
+            problems[k].extend(Problem(kind_, loaded.location(start + k), message) for kind_, message in result.warnings)
         if result.trained_tokens == 0:
             problems[k].append(Problem("no_trained_tokens", loaded.location(start + k),
                                        f"no trained token is left within max_seq_len={max_seq_len} "
                                        f"(the example has {result.length} tokens)"))
         results[k] = result
-    for k in range(len(convs)):
-        yield start + k, convs[k], results[k], problems[k]
+    for k in range(len(items)):
+        yield start + k, items[k], results[k], problems[k]
 
 
 def sort_problems(load_problems: list, record_problems: list) -> list:

@@ -54,8 +54,10 @@ def final_answer(conversation: list) -> Optional[str]:
     return None
 
 
-def label_balance(answers: Counter) -> Optional[dict]:
+def label_balance(answers: Counter, any_count: bool = False) -> Optional[dict]:
     """If the answers look like class labels (few distinct values), how they are spread; else None.
+
+    ``any_count``: they are labels (a classification dataset), however many there are.
 
     Example::
 
@@ -64,7 +66,9 @@ def label_balance(answers: Counter) -> Optional[dict]:
     """
     n = sum(answers.values())
     distinct = len(answers)
-    if n < 4 or distinct > min(MAX_LABELS, n // 2):
+    if not any_count and (n < 4 or distinct > min(MAX_LABELS, n // 2)):
+        return None
+    if not n:
         return None
     ranked = answers.most_common()
     top, least = ranked[0][1], ranked[-1][1]
@@ -72,22 +76,27 @@ def label_balance(answers: Counter) -> Optional[dict]:
             "ratio": round(top / least, 2)}
 
 
-def imbalance_problem(balance: Optional[dict], location: str, threshold: float = 3.0) -> Optional[Problem]:
-    """A ``label_imbalance`` problem when the most common label is ``threshold`` times the rarest (or alone)."""
+def imbalance_problem(balance: Optional[dict], location: str, threshold: float = 3.0,
+                      labelled: bool = False) -> Optional[Problem]:
+    """A ``label_imbalance`` problem when the most common label is ``threshold`` times the rarest (or alone).
+
+    ``labelled``: the values are a classification dataset's labels (not answers that look like labels).
+    """
     if not balance:
         return None
     ranked = list(balance["counts"].items())
     n = sum(balance["counts"].values())
     (top, top_n), (least, least_n) = ranked[0], ranked[-1]
+    what = "labels" if labelled else "answers"
     if balance["distinct"] == 1:
-        return Problem("label_imbalance", location, f"all {n} answers are `{_short(top)}`")
+        return Problem("label_imbalance", location, f"all {n} {what} are `{_short(top)}`")
     if balance["ratio"] < threshold:
         return None
+    head = f"{balance['distinct']} labels" if labelled else f"answers look like labels ({balance['distinct']} distinct values)"
     return Problem("label_imbalance", location,
-                   f"answers look like labels ({balance['distinct']} distinct values): `{_short(top)}` is {top_n} of {n} "
-                   f"({100 * top_n / n:.0f}%), `{_short(least)}` only {least_n}")
+                   f"{head}: `{_short(top)}` is {top_n} of {n} ({100 * top_n / n:.0f}%), `{_short(least)}` only {least_n}")
 
 
-def _short(text: str, limit: int = 30) -> str:
-    text = " ".join(text.split())
+def _short(text, limit: int = 30) -> str:
+    text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -21,12 +21,13 @@ from typing import Any, Optional
 
 from ftmagic.data.build import detect, gc_paused, sort_problems
 from ftmagic.data.checks import DuplicateFinder
-from ftmagic.data.formats import to_conversation
+from ftmagic.data.formats import comparable_turns, convert_record
 from ftmagic.data.load import load_data
 from ftmagic.data.problems import Problem, RecordError
 from ftmagic.errors import DataError
 
-DROPPED_KINDS = ("unparseable", "oversized", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate", "near_duplicate")
+DROPPED_KINDS = ("unparseable", "oversized", "not_a_record", "missing_field", "empty_field", "bad_type", "duplicate",
+                 "near_duplicate", "identical_pair")
 
 
 @dataclass
@@ -80,7 +81,10 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
     for i, record in enumerate(loaded.records):
         where = loaded.location(i)
         try:
-            conv = to_conversation(record, detection.format, detection.columns)
+            item = convert_record(record, detection.format, detection.columns)
+            if getattr(item, "identical", False):
+                raise RecordError("identical_pair", "the chosen and rejected completions are the same")
+            conv = comparable_turns(item, detection.format)
         except RecordError as exc:
             if exc.kind in DROPPED_KINDS:
                 record_problems.append(Problem(exc.kind, where, exc.message))

@@ -8,7 +8,16 @@ Formats (the ``format`` config key):
 ``messages``        ``messages``: OpenAI style ``{"role", "content"}``, optional ``weight`` 0/1
 ``prompt_completion`` ``prompt`` and ``completion`` (strings, or lists of messages)
 ``text``            ``text``: plain text, every token trained (continual pre-training)
+``preference``      ``chosen`` and ``rejected`` (strings or lists of messages), optional
+                    ``prompt``; without a prompt, two full conversations whose shared
+                    opening turns are the prompt (UltraFeedback style)
+``classification``  ``text`` and ``label`` (a string or a whole number)
 =================== ==============================================================
+
+Each format holds one kind of record (:data:`FORMAT_KINDS`): conversations for
+supervised fine-tuning, preference pairs (DPO, ORPO, reward models) or labelled texts
+(classification). The objective says which kind a run trains on, and detection only
+considers formats of that kind.
 
 A ``columns`` mapping (canonical name -> your column) overrides detection, e.g.
 ``{"prompt": "question", "completion": "answer"}``.
@@ -40,10 +49,26 @@ FIELDS = {
     "messages": (("messages",), ("system",)),
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
+    "preference": (("chosen", "rejected"), ("prompt", "system")),
     "prompt_completion": (("prompt", "completion"), ("system",)),
+    "classification": (("text", "label"), ()),
     "text": (("text",), ()),
 }
 FORMAT_NAMES = tuple(FIELDS)
+# The kind of record each format holds (the objective table's `data` names these kinds).
+FORMAT_KINDS = {name: "conversations" for name in FORMAT_NAMES}
+FORMAT_KINDS.update(preference="preference", classification="classification")
+
+
+def format_kind(fmt: str) -> str:
+    """``conversations``, ``preference`` or ``classification``: what records of ``fmt`` hold.
+
+    Example::
+
+        >>> format_kind("messages"), format_kind("preference")
+        ('conversations', 'preference')
+    """
+    return FORMAT_KINDS.get(fmt, "conversations")
 
 ROLE_ALIASES = {
     "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -70,9 +95,11 @@ class Detection:
 
 
 def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[dict] = None,
-                  source: str = "data") -> Detection:
+                  source: str = "data", kind: Optional[str] = None) -> Detection:
     """Pick the format of ``records`` (or check an explicit ``fmt``), with a sentence of evidence.
 
+    ``kind`` (``conversations``, ``preference``, ``classification``) limits detection to
+    the formats of that kind (the objective's data); None considers every format.
     Raises :class:`~ftmagic.errors.DataError` when nothing fits, listing the fields found.
 
     Example::
@@ -88,6 +115,7 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     sample = list(records[:SAMPLE])
     if not sample:
         raise DataError(f"{source}: the dataset has no records")
+    names = [n for n in FORMAT_NAMES if kind is None or FORMAT_KINDS[n] == kind]
     present = {}
     for name in FORMAT_NAMES:
         required = FIELDS[name][0]
@@ -95,27 +123,39 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     if fmt != "auto":
         if fmt not in FIELDS:
             raise DataError(f"format: `{fmt}` is not known; use one of auto, {', '.join(FORMAT_NAMES)}")
+        if kind is not None and FORMAT_KINDS[fmt] != kind:
+            raise DataError(f"{source}: `format: {fmt}` holds {FORMAT_KINDS[fmt]} records; this objective trains on "
+                            f"{kind} records ({', '.join(names)})")
         if present[fmt] == 0:
             raise DataError(_no_fields_message(source, fmt, sample[0], columns))
         return Detection(fmt, f"set by `format: {fmt}`", columns)
     if columns:
-        named = [name for name in FORMAT_NAMES if all(f in columns for f in FIELDS[name][0])]
+        named = [name for name in names if all(f in columns for f in FIELDS[name][0])]
         if len(named) == 1 and present[named[0]]:
             return Detection(named[0], "the `columns` mapping names " + ", ".join(
                 f"{k}={v}" for k, v in columns.items()), columns)
-    best = max(FORMAT_NAMES, key=lambda n: (present[n], -FORMAT_NAMES.index(n)))
+    best = max(names, key=lambda n: (present[n], -FORMAT_NAMES.index(n)))
     if present[best] == 0:
         keys = sorted({str(k) for r in sample for k in r})[:12]
         raise DataError(f"{source}: cannot tell the format from the fields ({', '.join(keys) or 'none'}); expected "
-                        "messages, conversations, instruction+output, prompt+completion or text; set `columns`, "
-                        "e.g. {prompt: question, completion: answer}")
+                        f"{_EXPECTED.get(kind, _EXPECTED[None])}; set `columns`, e.g. {_EXAMPLE.get(kind, _EXAMPLE[None])}")
     fields_text = " and ".join(f"`{columns.get(f, f)}`" for f in FIELDS[best][0])
     shape = {"messages": " holds a list of {role, content}", "sharegpt": " holds a list of {from, value}"}.get(best, "")
     evidence = f"{fields_text}{shape} in {present[best]} of {len(sample)} sampled records"
-    if any(present[n] for n in FORMAT_NAMES if n != best):
-        others = ", ".join(f"{n} {present[n]}" for n in FORMAT_NAMES if n != best and present[n])
+    if any(present[n] for n in names if n != best):
+        others = ", ".join(f"{n} {present[n]}" for n in names if n != best and present[n])
         evidence += f" (also matched: {others})"
     return Detection(best, evidence, columns)
+
+
+_EXPECTED = {
+    None: "messages, conversations, instruction+output, chosen+rejected, prompt+completion, text+label or text",
+    "conversations": "messages, conversations, instruction+output, prompt+completion or text",
+    "preference": "chosen and rejected (with or without a prompt)",
+    "classification": "text and label",
+}
+_EXAMPLE = {None: "{prompt: question, completion: answer}", "conversations": "{prompt: question, completion: answer}",
+            "preference": "{chosen: good, rejected: bad}", "classification": "{text: review, label: sentiment}"}
 
 
 def to_conversation(record: dict, fmt: str, columns: Optional[dict] = None,
@@ -155,6 +195,125 @@ def to_conversation(record: dict, fmt: str, columns: Optional[dict] = None,
     if not any(t["role"] == "assistant" for t in turns):
         raise RecordError("no_assistant", "the conversation has no assistant turn to train on")
     return turns
+
+
+@dataclass
+class PreferencePair:
+    """A preference record: the shared ``prompt`` turns and each side's completion turns.
+
+    Assistant turns inside the prompt carry weight 0 (context, never trained); the
+    completions' assistant turns carry weight 1.
+    """
+
+    prompt: list
+    chosen: list
+    rejected: list
+
+    def conversation(self, side: str) -> list:
+        """The prompt followed by one side's completion (``side`` is ``chosen`` or ``rejected``)."""
+        return self.prompt + getattr(self, side)
+
+    @property
+    def identical(self) -> bool:
+        return [(t["role"], t["content"]) for t in self.chosen] == [(t["role"], t["content"]) for t in self.rejected]
+
+
+def to_preference(record: dict, columns: Optional[dict] = None, system_prompt: Optional[str] = None) -> PreferencePair:
+    """One preference record as a :class:`PreferencePair` (RecordError for a record that cannot be used).
+
+    Accepted shapes: ``prompt``/``chosen``/``rejected`` as strings or as lists of messages
+    (TRL's conversational preference format), or ``chosen``/``rejected`` as full
+    conversations whose shared opening turns are the prompt (UltraFeedback style).
+
+    Example::
+
+        >>> pair = to_preference({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+        >>> pair.prompt[0]["content"], pair.chosen[0]["content"], pair.rejected[0]["content"]
+        ('2+2?', '4', '5')
+    """
+    columns = columns or {}
+    col = columns.get
+    names = {side: col(side, side) for side in ("prompt", "chosen", "rejected")}
+    for side in ("chosen", "rejected"):
+        if record.get(names[side]) is None:
+            raise RecordError("missing_field", f"field `{names[side]}` is missing")
+    if record.get(names["prompt"]) is None:
+        chosen, rejected = (record[names[s]] for s in ("chosen", "rejected"))
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise RecordError("missing_field", f"field `{names['prompt']}` is missing: `{names['chosen']}` and "
+                                               f"`{names['rejected']}` are texts, so the prompt must be given (or "
+                                               "give both as full conversations, lists of messages)")
+        chosen, rejected = _message_list(record, names["chosen"], columns), _message_list(record, names["rejected"], columns)
+        shared = 0
+        while (shared < min(len(chosen), len(rejected))
+               and (chosen[shared]["role"], chosen[shared]["content"]) == (rejected[shared]["role"], rejected[shared]["content"])):
+            shared += 1
+        # The completions start at the first assistant turn after what both sides share.
+        while shared > 0 and shared < len(chosen) and chosen[shared]["role"] != "assistant":
+            shared -= 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        prompt = _as_turns(record, names["prompt"], "user")
+        chosen = _as_turns(record, names["chosen"], "assistant")
+        rejected = _as_turns(record, names["rejected"], "assistant")
+    system = _text(record, col("system", "system"), required=False) or system_prompt
+    if system and not (prompt and prompt[0]["role"] == "system"):
+        prompt.insert(0, _turn("system", system))
+    prompt = [dict(t, weight=0) if t["role"] == "assistant" else t for t in prompt]
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not any(t["role"] == "assistant" for t in turns):
+            what = "is the same as the other side's" if not turns else "has no assistant turn"
+            raise RecordError("empty_field" if not turns else "no_assistant",
+                              f"the {side} completion {what}; there is nothing to compare")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def to_labelled(record: dict, columns: Optional[dict] = None) -> tuple:
+    """``(text, label)`` of a classification record; the label is a string or a whole number.
+
+    Example::
+
+        >>> to_labelled({"text": "great film", "label": "pos"}), to_labelled({"review": "dull", "y": 0}, {"text": "review", "label": "y"})
+        (('great film', 'pos'), ('dull', 0))
+    """
+    columns = columns or {}
+    text = _text(record, columns.get("text", "text"), required=True)
+    name = columns.get("label", "label")
+    label = record.get(name)
+    if label is None:
+        raise RecordError("missing_field", f"field `{name}` is missing")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise RecordError("bad_type", f"field `{name}` is {label!r}; a label is a name or a whole number")
+    if isinstance(label, str) and not label.strip():
+        raise RecordError("empty_field", f"field `{name}` is empty")
+    return text, label
+
+
+def comparable_turns(item, fmt: str) -> list:
+    """What duplicate checks compare for a converted record of any kind, as ``{"role", "content"}`` turns.
+
+    ``item`` is what the format's converter gave (a conversation, a :class:`PreferencePair`
+    or a ``(text, label)`` pair).
+    """
+    kind = format_kind(fmt)
+    if kind == "preference":
+        return item.prompt + [dict(t, role="chosen:" + t["role"]) for t in item.chosen] + \
+            [dict(t, role="rejected:" + t["role"]) for t in item.rejected]
+    if kind == "classification":
+        return [{"role": "text", "content": item[0]}, {"role": "label", "content": str(item[1])}]
+    return item
+
+
+def convert_record(record: dict, fmt: str, columns: Optional[dict] = None, system_prompt: Optional[str] = None):
+    """The converter of ``fmt``'s kind: a conversation, a :class:`PreferencePair` or ``(text, label)``."""
+    kind = format_kind(fmt)
+    if kind == "preference":
+        return to_preference(record, columns, system_prompt)
+    if kind == "classification":
+        return to_labelled(record, columns)
+    return to_conversation(record, fmt, columns, system_prompt)
 
 
 def conversation_issues(turns: list) -> list:

@@ -61,6 +61,7 @@ class PreparedData:
     eval: Optional[list]
     stats: dict
     template: Optional[ChatTemplate] = None  # what generation must use (RunResult.generate renders with it)
+    labels: Optional[list] = None  # classification: the label names, in the order of the head's outputs
 
 
 def data_sources(data: Any, key: str = "data") -> list:
@@ -128,17 +129,32 @@ def prepare_data(config, tokenizer) -> PreparedData:
 
     stats = _stats(built, eval_built, train, held_out, template, config)
     stats["datasets"] = per_source
-    # A long `text` record split into blocks gives several rows (after the held-out split, so
-    # no document has blocks on both sides).
-    train_rows = [row for e in train for row in e.rows()]
-    eval_rows = [row for e in held_out for row in e.rows()] if held_out else None
+    labels = None
+    if _kind(config) == "classification":
+        labels, held_out, unknown = label_set(config, train, held_out)
+        stats["labels"] = list(labels)
+        stats["label_counts"] = dict(Counter(str(e.label) for e in train))
+        if unknown:
+            stats["skipped"] += unknown
+            stats["skipped_reasons"]["unknown_label"] = unknown
+        index = {label: i for i, label in enumerate(labels)}
+        train_rows = [e.to_dict(index) for e in train]
+        eval_rows = [e.to_dict(index) for e in held_out] if held_out else None
+    elif _kind(config) == "preference":
+        train_rows = [e.to_dict() for e in train]
+        eval_rows = [e.to_dict() for e in held_out] if held_out else None
+    else:
+        # A long `text` record split into blocks gives several rows (after the held-out split, so
+        # no document has blocks on both sides).
+        train_rows = [row for e in train for row in e.rows()]
+        eval_rows = [row for e in held_out for row in e.rows()] if held_out else None
     if config.packing:
         train_rows = pack(train_rows, config.max_seq_len)
         eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
     # Only the rows are kept: the rendered texts and raw records would double the memory of a run.
-    return PreparedData(train_rows, eval_rows, stats, template)
+    return PreparedData(train_rows, eval_rows, stats, template, labels)
 
 
 # --------------------------------------------------------------------------- steps
@@ -148,13 +164,67 @@ def _is_source_spec(value: Any) -> bool:
     return isinstance(value, dict) and ("path" in value or "data" in value) and set(value) <= set(DATA_SOURCE_KEYS)
 
 
+def _kind(config) -> str:
+    """The kind of record the run's objective trains on."""
+    from ftmagic.objectives import get_objective_spec
+
+    return get_objective_spec(getattr(config, "objective", "sft")).data
+
+
 def _build(src: Source, config, tokenizer) -> Built:
     data = src.data
     if isinstance(data, str) and (src.split != "train" or src.subset):
         data = load_data(data, strict=True, split=src.split, subset=src.subset)
     return build_examples(data, tokenizer, fmt=src.format or config.format, columns=src.columns or config.columns,
                           template=config.template, system_prompt=config.system_prompt, train_on=config.train_on,
-                          max_seq_len=config.max_seq_len, strict=True, long_text=config.long_text)
+                          max_seq_len=config.max_seq_len, strict=True, kind=_kind(config),
+                          long_text=config.long_text)
+
+
+def sorted_labels(values) -> list:
+    """Distinct labels in a stable order: numbers ascending when all are whole numbers, else as text.
+
+    Example::
+
+        >>> sorted_labels(["pos", "neg", "pos"]), sorted_labels([2, 0, 1])
+        (['neg', 'pos'], [0, 1, 2])
+    """
+    distinct = set(values)
+    if all(isinstance(v, int) for v in distinct):
+        return sorted(distinct)
+    return sorted(distinct, key=str)
+
+
+def label_set(config, train: list, held_out: list) -> tuple:
+    """``(labels, evaluation examples kept, evaluation examples dropped)``: the label names the head
+    predicts, from ``config.labels`` or collected from the training examples.
+
+    A training label outside ``config.labels`` is a one-line error; an evaluation example whose
+    label the head cannot predict is dropped and counted (``unknown_label``).
+    """
+    if config.labels is not None:
+        labels = list(config.labels)
+        named = {str(v): v for v in labels}
+        for e in train:  # labels may be given as names while the data holds numbers, or the other way round
+            if e.label not in labels and str(e.label) in named:
+                e.label = named[str(e.label)]
+        strays = sorted({str(e.label) for e in train if e.label not in labels})
+        if strays:
+            raise DataError(f"labels: the training data holds labels that `labels` does not list ({', '.join(strays[:5])}); "
+                            f"add them or drop those records")
+    else:
+        labels = sorted_labels(e.label for e in train)
+    if len(labels) < 2:
+        raise DataError(f"data: the training records hold a single label ({labels[0]!r}); a classifier needs at least two")
+    known = set(labels)
+    named = {str(v): v for v in labels}
+    kept = []
+    for e in held_out:
+        if e.label not in known and str(e.label) in named:
+            e.label = named[str(e.label)]
+        if e.label in known:
+            kept.append(e)
+    return labels, kept, len(held_out) - len(kept)
 
 
 def _split(examples: list, share: float, rng: random.Random, name: str) -> tuple:
@@ -177,6 +247,14 @@ def _weighted(examples: list, weight: float, rng: random.Random) -> list:
     if extra:
         out.extend(examples[i] for i in sorted(rng.sample(range(len(examples)), extra)))
     return out
+
+
+def _lengths(example) -> list:
+    """Token counts of an example's training sequences (two for a preference pair, one per block
+    of a split `text` record)."""
+    if hasattr(example, "row_lengths"):
+        return example.row_lengths()
+    return getattr(example, "lengths", None) or [len(example.input_ids)]
 
 
 def _stats(built: list, eval_built: list, train: list, held_out: list, template: ChatTemplate, config) -> dict:
@@ -204,8 +282,8 @@ def _stats(built: list, eval_built: list, train: list, held_out: list, template:
         "train_examples": len(train),
         "eval_examples": len(held_out),
         "trained_tokens": sum(e.trained_tokens for e in train),
-        "total_tokens": sum(len(e.input_ids) for e in train),
+        "total_tokens": sum(n for e in train for n in _lengths(e)),
         "packing": bool(config.packing),
-        "padding_share": round(padding_share([n for e in train for n in e.row_lengths()], config.max_seq_len,
+        "padding_share": round(padding_share([n for e in train for n in _lengths(e)], config.max_seq_len,
                                               config.batch_size, packed=bool(config.packing)), 4),
     }

@@ -35,11 +35,13 @@ KINDS = {
     "duplicate": "exact duplicate",
     "near_duplicate": "duplicate after whitespace/case normalisation",
     "label_imbalance": "unbalanced labels",
+    "identical_pair": "chosen and rejected are the same",
+    "unknown_label": "label not among `labels`",
 }
 
 # Kinds that make a record unusable for training (it is skipped and counted).
 SKIPPING_KINDS = ("unparseable", "oversized", "non_utf8", "not_a_record", "missing_field", "empty_field", "bad_type",
-                  "no_assistant", "template_error", "no_trained_tokens")
+                  "no_assistant", "template_error", "no_trained_tokens", "identical_pair", "unknown_label")
 
 
 @dataclass

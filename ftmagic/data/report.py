@@ -36,7 +36,8 @@ from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem
 from ftmagic.data.clean import CleanResult, clean
 from ftmagic.data.encode import encode_conversations
 from ftmagic.data.portable import answer_end_ids
-from ftmagic.data.formats import to_conversation
+from ftmagic.data.formats import comparable_turns, format_kind, to_conversation, to_labelled, to_preference
+from ftmagic.data.pairs import encode_pairs, encode_texts
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
 from ftmagic.data.problems import KINDS, SKIPPING_KINDS, Problem, RecordError
@@ -74,6 +75,8 @@ class RecordView:
     length: int = 0
     blocks: int = 1  # training rows: more than one for a long `text` record split into blocks
     problems: list = field(default_factory=list)
+    pair: Optional[dict] = None  # a preference record: {"chosen": {"text", "tokens"}, "rejected": {...}}
+    label: Any = None  # a classification record's label
 
 
 @dataclass
@@ -137,6 +140,9 @@ class DatasetReport:
             for p in self.problems:
                 ctx["by_location"].setdefault(p.location, []).append(p)
         view = RecordView(index, where, loaded.records[index], problems=list(ctx["by_location"].get(where, [])))
+        kind = format_kind(ctx["detection"].format)
+        if kind != "conversations":
+            return self._record_of_kind(view, kind)
         try:
             conv = to_conversation(loaded.records[index], ctx["detection"].format, ctx["detection"].columns,
                                    ctx["system_prompt"])
@@ -155,6 +161,42 @@ class DatasetReport:
         view.tokens = [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i in stops)
                        for i, label in zip(enc.input_ids, enc.labels)]
         return view
+
+    def _record_of_kind(self, view: RecordView, kind: str) -> RecordView:
+        """A preference record's two sides, or a labelled text, as the pager shows them."""
+        ctx = self._context
+        tok, columns = ctx["tokenizer"], ctx["detection"].columns
+        try:
+            if kind == "classification":
+                text, view.label = to_labelled(view.raw, columns)
+            else:
+                pair = to_preference(view.raw, columns, ctx["system_prompt"])
+        except RecordError:
+            return view
+        if kind == "classification":
+            view.text = text
+            if tok is not None:
+                enc = encode_texts(tok, [text], max_seq_len=self.max_seq_len)[0]
+                view.truncated, view.length = enc.truncated, enc.length
+                view.tokens = self._tokens(enc.input_ids, [IGNORE_INDEX] * len(enc.input_ids))
+            return view
+        if tok is None:
+            view.text = "\n".join(f"[{t['role']}] {t['content']}" for t in pair.conversation("chosen"))
+            return view
+        enc = encode_pairs(tok, [pair], template=ctx["template"], max_seq_len=self.max_seq_len)[0]
+        if isinstance(enc, RecordError):
+            return view
+        view.text, view.truncated, view.length = enc.chosen.text, enc.truncated, enc.length
+        view.pair = {side: {"text": e.text, "tokens": self._tokens(e.input_ids, e.labels), "truncated": e.truncated,
+                            "length": e.length}
+                     for side, e in (("chosen", enc.chosen), ("rejected", enc.rejected))}
+        view.tokens = view.pair["chosen"]["tokens"]
+        return view
+
+    def _tokens(self, ids: list, labels: list) -> list:
+        tok = self._context["tokenizer"]
+        eos_id = getattr(tok, "eos_token_id", None)
+        return [TokenView(i, tok.decode([i]), label != IGNORE_INDEX, i == eos_id) for i, label in zip(ids, labels)]
 
     def index_of(self, location: str) -> Optional[int]:
         """The record shown at ``location`` (e.g. ``train.jsonl:12``), or None (an unparseable line, a dataset note)."""
@@ -197,7 +239,7 @@ class DatasetReport:
 def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
             max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
             system_prompt: Optional[str] = None, batch_size: int = 4, batch: int = 4096,
-            long_text: str = DEFAULT_LONG_TEXT) -> DatasetReport:
+            long_text: str = DEFAULT_LONG_TEXT, objective: Optional[str] = None) -> DatasetReport:
     """Analyse ``data`` exactly as training would see it and return a :class:`DatasetReport`.
 
     ``model``/``tokenizer``: whose tokenizer and chat template to use; by default the
@@ -208,6 +250,10 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
     Loading the tokenizer imports transformers, which imports torch (a few seconds the first
     time in a process); the analysis itself is pure Python.
 
+    ``objective`` (``sft``, ``dpo``, ``orpo``, ``reward``, ``classify``) limits detection to the
+    formats that objective trains on; by default every format is considered, so preference
+    pairs and labelled texts are recognised too.
+
     Example::
 
         report = preview([{"prompt": "2+2=", "completion": "4"}] * 3, model="tiny")
@@ -215,13 +261,14 @@ def preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str 
     """
     report = open_preview(data, model=model, tokenizer=tokenizer, format=format, template=template,
                           max_seq_len=max_seq_len, train_on=train_on, columns=columns, system_prompt=system_prompt,
-                          batch_size=batch_size, long_text=long_text)
+                          batch_size=batch_size, long_text=long_text, objective=objective)
     return analyse(report, batch=batch)
 
 
 def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format: str = "auto", template: Optional[str] = None,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, train_on: str = "completions", columns: Optional[dict] = None,
-                 system_prompt: Optional[str] = None, batch_size: int = 4, long_text: str = DEFAULT_LONG_TEXT) -> DatasetReport:
+                 system_prompt: Optional[str] = None, batch_size: int = 4, long_text: str = DEFAULT_LONG_TEXT,
+                 objective: Optional[str] = None) -> DatasetReport:
     """Read and detect only (seconds even for a million rows): the pager works at once; :func:`analyse` adds the rest.
 
     Example::
@@ -240,8 +287,14 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
             name = name_or_reason
     with gc_paused():
         loaded = load_data(data, strict=False)
-    detection = detect(loaded, format, columns)
-    tpl = resolve_template(tokenizer, template) if tokenizer is not None and detection.format != "text" else None
+    kind = None
+    if objective is not None:
+        from ftmagic.objectives import get_objective_spec
+
+        kind = get_objective_spec(objective).data
+    detection = detect(loaded, format, columns, kind)
+    templated = detection.format not in ("text", "classification")
+    tpl = resolve_template(tokenizer, template) if tokenizer is not None and templated else None
     return DatasetReport(
         source=loaded.name, format=detection.format, format_evidence=detection.evidence,
         template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
@@ -264,6 +317,8 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     ctx = report._context
     loaded, detection, tokenizer, tpl = ctx["loaded"], ctx["detection"], ctx["tokenizer"], ctx["template"]
     max_seq_len, is_text, n = report.max_seq_len, detection.format == "text", len(loaded.records)
+    kind = format_kind(detection.format)
+    labels: Counter = Counter()
     finder = DuplicateFinder(loaded.location)
     answers: Counter = Counter()
     record_problems: list = []
@@ -280,10 +335,12 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
         record_problems.extend(problems)
         if conv is None:
             continue
-        dup = finder.check(conv, i)
+        dup = finder.check(comparable_turns(conv, detection.format), i)
+        if kind == "classification":
+            labels[conv[1]] += 1
         if dup is not None:
             record_problems.append(dup)
-        if not is_text:
+        if kind == "conversations" and not is_text:
             answer = final_answer(conv)
             if answer is not None and conv[-1]["role"] == "assistant":
                 answers[answer] += 1
@@ -301,21 +358,24 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
             untrainable += 1
             continue
         usable += 1
-        usable_lengths.extend(enc.row_lengths())
-        if enc.split:
+        sizes = enc.row_lengths() if hasattr(enc, "row_lengths") else (getattr(enc, "lengths", None)
+                                                                         or [len(enc.input_ids)])
+        usable_lengths.extend(sizes)
+        if getattr(enc, "split", False):
             split += 1
             blocks += enc.blocks
         trained += n_trained
-        total += len(enc.input_ids)
+        total += sum(sizes)
         appended += enc.eos_added
         no_eos_tokenizer |= enc.no_eos
-        if enc.truncated and not enc.no_eos and _last_trained(enc.labels) not in stops:
+        sides = [enc.chosen, enc.rejected] if kind == "preference" else [enc] if kind == "conversations" else []
+        if any(side.truncated and not side.no_eos and _last_trained(side.labels) not in stops for side in sides):
             record_problems.append(Problem("no_eos", where, "truncated inside an answer, so it ends without EOS "
                                                             "(raise max_seq_len or shorten the record)"))
 
     problems = sort_problems(loaded.problems, record_problems)
-    balance = label_balance(answers)
-    imbalance = imbalance_problem(balance, loaded.name)
+    balance = label_balance(labels if kind == "classification" else answers, any_count=kind == "classification")
+    imbalance = imbalance_problem(balance, loaded.name, labelled=kind == "classification")
     dataset_level = [imbalance] if imbalance else []
     if no_eos_tokenizer:
         dataset_level.append(Problem("no_eos", loaded.name, "the tokenizer has no EOS token, so answers cannot end "

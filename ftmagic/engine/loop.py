@@ -366,7 +366,14 @@ def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int 
             _add_to_window(window, loss_sum, metrics, units, objective.tokens(batch) if units else 0)
     model.train(was_training)
     result = window.read(reduce=ranks.sum if ranks is not None else None)
-    return (result["loss"], result["metrics"]) if with_metrics else result["loss"]
+    metrics = _summarize(objective, result["metrics"])
+    return (result["loss"], metrics) if with_metrics else result["loss"]
+
+
+def _summarize(objective, means: dict) -> dict:
+    """The objective's reported metrics from the window's means (objectives without the hook keep them)."""
+    summarize = getattr(objective, "summarize", None)
+    return summarize(means) if summarize is not None and means else means
 
 
 def _add_to_window(window: Window, loss_sum, metrics: dict, units: int, tokens: int) -> None:
@@ -460,7 +467,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                      epoch=round(state.step * ga / batches.per_epoch, 4), grad_norm=read["grad_norm"],
                      tokens=read["tokens"], tokens_per_s=read["tokens"] / read["seconds"] if read["seconds"] else None,
                      elapsed_s=elapsed(), eta_s=(max_steps - state.step) / rate if rate else None,
-                     memory_bytes=peak, metrics=read["metrics"])
+                     memory_bytes=peak, metrics=_summarize(objective, read["metrics"]))
         state.history.append(event.to_dict())
         emit(event)
         if read.get("nonfinite") or (read["loss"] is not None and not math.isfinite(read["loss"])):

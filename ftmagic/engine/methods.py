@@ -131,6 +131,22 @@ def _set_trainable(model, predicate) -> int:
     return count
 
 
+def _task_type(config) -> str:
+    """peft's task type: a classification head (reward, classify) is trained and saved with the adapter."""
+    from ftmagic.objectives import get_objective_spec
+
+    return "SEQ_CLS" if get_objective_spec(getattr(config, "objective", "sft")).classifier_head else "CAUSAL_LM"
+
+
+def head_parameter_ids(model) -> set:
+    """Ids of the parameters of a sequence-classification head (``score`` or ``classifier``), if any."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return {id(p) for p in head.parameters()}
+    return set()
+
+
 def _peft(model, peft_config):
     from peft import get_peft_model
 
@@ -154,7 +170,7 @@ def _lora(model, config, *, method: str = "lora"):
     spec = get_method_spec(method)
     return _peft(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                    target_modules=_targets(model, config, method), use_dora=spec.magnitude,
-                                   task_type="CAUSAL_LM"))
+                                   task_type=_task_type(config)))
 
 
 def _qlora(model, config):
@@ -172,7 +188,7 @@ def _ia3(model, config):
 
     targets = _targets(model, config, "ia3")
     feed_forward = feedforward_targets(get_method_spec("ia3"), targets)
-    return _peft(model, IA3Config(target_modules=targets, feedforward_modules=feed_forward, task_type="CAUSAL_LM"))
+    return _peft(model, IA3Config(target_modules=targets, feedforward_modules=feed_forward, task_type=_task_type(config)))
 
 
 def _prompt_tuning(model, config):
@@ -192,7 +208,10 @@ def _bitfit(model, config):
     if not biases:
         raise ModelError(f"`method: bitfit` trains bias terms, and {type(model).__name__} has none "
                          "(Llama-style models are bias-free); use `method: lora` or a model with biases")
-    _set_trainable(model, lambda name: name.endswith(".bias"))
+    # A new classification head has no trained weights at all: it trains with the biases (as in the BitFit paper).
+    head = head_parameter_ids(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".bias") or id(param) in head)
     return model
 
 
@@ -203,6 +222,7 @@ def _freeze(model, config):
     head = model.get_output_embeddings()
     if head is not None:
         keep |= {id(p) for p in head.parameters()}
+    keep |= head_parameter_ids(model)  # a classification head (trainable_layers: 0 trains only it: feature-based)
     # The final norm sits between the top block and the head; it trains with them.
     for name, module in model.named_modules():
         if name.endswith(("norm", "ln_f", "final_layernorm")) and not any(module is b or _contains(b, module) for b in blocks):

@@ -84,23 +84,52 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def quantization_config(compute_dtype: str, quant_storage: Optional[str] = None):
+# Sequence-classification heads stay in full precision under QLoRA: they are new and trained.
+HEAD_MODULES = ["score", "classifier"]
+
+
+def quantization_config(compute_dtype: str, quant_storage: Optional[str] = None, head: bool = False):
     """The QLoRA 4-bit config: NF4 weights, double quantization, the given compute dtype.
 
     ``quant_storage`` (FSDP) packs the 4-bit weights into that float dtype, which FSDP can shard.
+    With a classification ``head`` that head is kept out of quantization (transformers' own
+    choice, used otherwise, keeps the language-model head out).
     """
     from transformers import BitsAndBytesConfig
 
     extra = {"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), **extra)
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+                              llm_int8_skip_modules=HEAD_MODULES if head else None, **extra)
+
+
+def head_settings(objective: str, labels: Optional[list] = None) -> Optional[dict]:
+    """What :func:`load_model` needs for an objective's head: None for the language-model head,
+    else the number of outputs and, for a classifier, the label names.
+
+    Example::
+
+        head_settings("reward")                    # {'num_labels': 1}
+        head_settings("classify", ["neg", "pos"])  # {'num_labels': 2, 'id2label': {0: 'neg', 1: 'pos'}, ...}
+    """
+    from ftmagic.objectives import get_objective_spec
+
+    spec = get_objective_spec(objective)
+    if not spec.classifier_head:
+        return None
+    if spec.head == "score":
+        return {"num_labels": 1}
+    names = [str(v) for v in labels or []]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
                qlora_compute_dtype: Optional[str] = None, trust_remote_code: bool = False,
-               quant_storage: Optional[str] = None):
+               quant_storage: Optional[str] = None, head: Optional[dict] = None):
     """Load a causal LM onto ``device``; 4-bit NF4 when ``qlora_compute_dtype`` is given.
 
+    ``head`` (see :func:`head_settings`) loads the model with a sequence-classification head
+    instead (``AutoModelForSequenceClassification``: decoders and BERT-style encoders).
     Only safetensors weights or pickles that ``torch.load(weights_only=True)`` accepts are
     read (transformers' default); a pickle that names code is refused in one line, as is a
     repository's own Python code unless ``trust_remote_code`` is true.
@@ -110,21 +139,27 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
     Example::
 
         model = load_model(resolve_model_path("tiny"), device="cpu")
+        scorer = load_model(resolve_model_path("tiny"), device="cpu", head={"num_labels": 1})
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     refuse_custom_code(path, trust_remote_code)
     kwargs = {"dtype": weight_dtype, "trust_remote_code": trust_remote_code}
     if qlora_compute_dtype:
-        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype, quant_storage)
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype, quant_storage, head=head is not None)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
         if quant_storage:  # peft's FSDP-QLoRA guide: the model's dtype is the storage dtype
             kwargs["dtype"] = getattr(torch, quant_storage)
+    auto = AutoModelForCausalLM
+    if head is not None:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(head)
     try:
-        with quiet_progress(), hub_access(path, kind="model", error=ModelError), warnings.catch_warnings():
+        with quiet_progress(), hub_access(path, kind="model", error=ModelError), warnings.catch_warnings(), \
+                _quiet_new_head(head is not None):
             # torch's note about a pickle's protocol is noise: the file is refused or loaded either way.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = auto.from_pretrained(path, **kwargs)
     except (ModelError, ImportError, NotImplementedError, torch.OutOfMemoryError):
         raise  # ImportError/NotImplementedError: the caller's QLoRA fallback decides
     except (OSError, ValueError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as exc:
@@ -154,6 +189,33 @@ def _plain_cpu_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def _quiet_new_head(active: bool):
+    """A new classification head is reported as "newly initialized" weights; that is the point here.
+
+    The message is filtered rather than the logger's level raised: transformers runs extra
+    checks (and prints their findings) when that logger's level is WARNING or above.
+    """
+    if not active:
+        yield
+        return
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    class _NewHead(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "newly initialized" not in record.getMessage()
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    note = _NewHead()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 @contextmanager

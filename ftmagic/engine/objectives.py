@@ -10,9 +10,13 @@ objective for four things:
 * ``context(model)``: what must surround forward and backward (per-example attention);
 * ``loss(model, batch)``: ``(summed loss over the units, {metric: summed tensor})`` on the
   device; the loop divides by the units of the window and reads the values only when it
-  logs, so no step waits for the device.
+  logs, so no step waits for the device;
+* ``summarize(means)``: the metrics to report from those means (a classifier turns its
+  per-class counts into F1 scores here; most objectives return them as they are).
 
-:class:`CausalLM` is supervised fine-tuning's next-token loss. Causal LMs take the fast
+:class:`CausalLM` is supervised fine-tuning's next-token loss; :func:`build_objective`
+makes the objective a config names (DPO and ORPO in :mod:`ftmagic.engine.preference`,
+reward models and classifiers in :mod:`ftmagic.engine.heads`). Causal LMs take the fast
 step of :mod:`ftmagic.engine.fastpath` (unpadded rows, only labelled positions through
 the output layer); prompt learning and unusual heads run the model's own forward on
 padded batches.
@@ -79,3 +83,38 @@ class CausalLM:
         # No KV cache in training: it would only hold memory until the step ends. The model's
         # loss is the mean over its targets; times their count it is the sum the loop expects.
         return model(**batch, use_cache=False).loss * n, {}
+
+    def summarize(self, means: dict) -> dict:
+        return means
+
+
+def build_objective(config, model, *, pad_id: int, plan, shifted: bool = True, reference=None, labels=None):
+    """The objective ``config.objective`` names, for ``model`` on ``plan``'s device.
+
+    ``reference`` is DPO's frozen copy of the starting model (None: the adapter switched
+    off); ``labels`` the classifier's label names, in the order of its outputs.
+
+    Example::
+
+        objective = build_objective(cfg, model, pad_id=tok.pad_token_id, plan=device_plan)
+    """
+    name = getattr(config, "objective", "sft")
+    if name == "sft":
+        return CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
+    if name == "dpo":
+        from ftmagic.engine.preference import DPO
+
+        return DPO(model, pad_id=pad_id, plan=plan, beta=config.beta, loss_type=config.dpo_loss, reference=reference)
+    if name == "orpo":
+        from ftmagic.engine.preference import ORPO
+
+        return ORPO(model, pad_id=pad_id, plan=plan, lam=config.orpo_lambda)
+    if name == "reward":
+        from ftmagic.engine.heads import Reward
+
+        return Reward(model, pad_id=pad_id, plan=plan)
+    if name == "classify":
+        from ftmagic.engine.heads import Classify
+
+        return Classify(model, pad_id=pad_id, plan=plan, labels=list(labels or []))
+    raise ValueError(f"unknown objective {name!r}")

@@ -37,8 +37,11 @@ class RunResult:
     """The outcome of :func:`ftmagic.finetune`; also loadable from its ``output_dir``."""
 
     def __init__(self, *, output_dir: str, metrics: dict, history: list, config, model=None, tokenizer=None,
-                 base_model_path: Optional[str] = None, method: Optional[str] = None, plan: Optional[dict] = None):
+                 base_model_path: Optional[str] = None, method: Optional[str] = None, plan: Optional[dict] = None,
+                 labels: Optional[list] = None):
         self.output_dir = output_dir
+        self.objective = getattr(config, "objective", "sft")
+        self.labels = list(labels) if labels is not None else None  # a classifier's label names, by output
         self.metrics = metrics
         self.history = history
         self.config = config
@@ -94,7 +97,7 @@ class RunResult:
 
             base = resolve_model_path("tiny")
         return cls(output_dir=str(out), metrics=metrics, history=history, config=config, base_model_path=base,
-                   method=info.get("trained_method", config.method), plan=info.get("plan"))
+                   method=info.get("trained_method", config.method), plan=info.get("plan"), labels=info.get("labels"))
 
     @property
     def tokenizer(self):
@@ -134,6 +137,11 @@ class RunResult:
         # The same dtypes as in training, so reloaded generations match the trained model's.
         return base_weight_dtype(plan, adapter=adapter) if plan is not None else torch.float32
 
+    def _head(self):
+        from ftmagic.engine.models import head_settings
+
+        return head_settings(self.objective, self.labels)
+
     def _load_base(self, quantized: bool):
         from ftmagic.engine.models import load_model
 
@@ -141,7 +149,7 @@ class RunResult:
         compute = plan.qlora_compute_dtype if (quantized and plan is not None) else None
         dtype = self._weight_dtype(adapter=quantized or self._is_adapter())
         return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute,
-                          trust_remote_code=self._trust_remote_code())
+                          trust_remote_code=self._trust_remote_code(), head=self._head())
 
     def _trust_remote_code(self) -> bool:
         return bool(getattr(self.config, "trust_remote_code", False))
@@ -163,9 +171,87 @@ class RunResult:
             from ftmagic.engine.models import load_model
 
             model = load_model(str(out), device=self._device(), weight_dtype=self._weight_dtype(adapter=False),
-                               trust_remote_code=self._trust_remote_code())
+                               trust_remote_code=self._trust_remote_code(), head=self._head())
         model.eval()
         return model
+
+    # ------------------------------------------------------------------ heads
+    def score(self, conversations, batch_size: int = 16) -> list:
+        """A reward model's score of each conversation (``objective: reward``); higher is preferred.
+
+        Each conversation is a list of messages (or a ``{"messages": [...]}`` record) rendered
+        with the training template, as the pairs were.
+
+        Example::
+
+            result.score([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]])
+        """
+        self._needs("reward", "score")
+        from ftmagic.data import encode_conversations
+        from ftmagic.data.encode import as_conversation
+        from ftmagic.data.problems import RecordError
+
+        if conversations and isinstance(conversations[0], dict) and "role" in conversations[0]:
+            conversations = [conversations]  # one conversation given as its list of messages
+        convs = [as_conversation(c["messages"] if isinstance(c, dict) and "messages" in c else c) for c in conversations]
+        encoded = encode_conversations(self.tokenizer, convs, template=getattr(self.config, "template", None),
+                                       max_seq_len=getattr(self.config, "max_seq_len", None))
+        rows = []
+        for enc in encoded:
+            if isinstance(enc, RecordError):
+                from ftmagic.errors import DataError
+
+                raise DataError(f"score: {enc.message}")
+            rows.append({"input_ids": enc.input_ids})
+        return [float(v) for v in self._pooled(rows, batch_size)[:, 0]]
+
+    def predict(self, texts, batch_size: int = 32, probabilities: bool = False) -> list:
+        """A classifier's label for each text (``objective: classify``); with ``probabilities``,
+        ``{label: probability}`` for each text instead.
+
+        Example::
+
+            result.predict(["a wonderful film", "dull and slow"])     # ['pos', 'neg']
+        """
+        self._needs("classify", "predict")
+        from ftmagic.data.pairs import encode_texts
+
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [{"input_ids": e.input_ids} for e in encode_texts(self.tokenizer, list(texts),
+                                                                     max_seq_len=getattr(self.config, "max_seq_len", None))]
+        probs = torch.softmax(self._pooled(rows, batch_size).float(), dim=-1)
+        labels = self.labels or [str(i) for i in range(probs.shape[1])]
+        if probabilities:
+            return [{label: float(p) for label, p in zip(labels, row)} for row in probs]
+        return [labels[int(i)] for i in probs.argmax(-1)]
+
+    def _needs(self, objective: str, what: str) -> None:
+        if self.objective != objective:
+            from ftmagic.errors import FtmagicError
+
+            raise FtmagicError(f"`{what}` needs a run with `objective: {objective}`; this one was trained with "
+                               f"`objective: {self.objective}`")
+
+    def _pooled(self, rows: list, batch_size: int):
+        """The head's outputs for encoded rows ``[rows, outputs]`` (the training code path, no gradients)."""
+        from ftmagic.engine.heads import pooled_logits, sequence_batch, supports_pooled_fast_path
+        from ftmagic.engine.fastpath import varlen_attention
+        from contextlib import nullcontext
+
+        model = self.model
+        fast = supports_pooled_fast_path(model)
+        device = next(model.parameters()).device
+        out = []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), (varlen_attention(model) if fast else nullcontext()):
+            for start in range(0, len(rows), batch_size):
+                batch = sequence_batch(rows[start:start + batch_size], fast=fast, pad_id=self.tokenizer.pad_token_id)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                out.append(pooled_logits(model, batch).float().cpu())
+        model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, 1)
 
     # ------------------------------------------------------------------ generation
     def render(self, prompt: str) -> str:
@@ -183,6 +269,7 @@ class RunResult:
 
             result.generate("reverse: hello")   # -> "olleh"
         """
+        self._check_generates()
         return self._generate(self.model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def generate_ids(self, prompt, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list:
@@ -230,12 +317,23 @@ class RunResult:
             for row in result.compare(["reverse: abc"]):
                 print(row)
         """
+        self._check_generates()
         if isinstance(prompts, str):
             prompts = [prompts]
         tuned = [self.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
         with self._base_model() as base:
             base_answers = [self._generate(base, p, max_new_tokens=max_new_tokens) for p in prompts]
         return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_answers, tuned)]
+
+    def _check_generates(self) -> None:
+        from ftmagic.objectives import get_objective_spec
+
+        if not get_objective_spec(self.objective).generates:
+            from ftmagic.errors import FtmagicError
+
+            use = "score(conversations)" if self.objective == "reward" else "predict(texts)"
+            raise FtmagicError(f"a run with `objective: {self.objective}` has a classification head and does not "
+                               f"write text; use `.{use}`")
 
     @contextmanager
     def _base_model(self):

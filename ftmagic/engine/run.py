@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,8 @@ from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import LoopState, plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
-from ftmagic.engine.models import hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.models import head_settings, hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.objectives import build_objective
 from ftmagic.engine.reporting import make_reporters
 from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
@@ -54,6 +56,7 @@ from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
 from ftmagic.methods import get_method_spec
+from ftmagic.objectives import get_objective_spec
 
 # Keys that steer how long or how a run proceeds but not what it trains: changing them
 # keeps the run "the same" for output_dir protection and resume.
@@ -208,7 +211,8 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
               eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out),
-              processes=cfg.processes, distributed=cfg.distributed if ranks is not None else None))
+              processes=cfg.processes, distributed=cfg.distributed if ranks is not None else None,
+              objective=cfg.objective))
     notes.extend(Message(text, "warning") for text in data_warnings(data.stats))
     if data.stats.get("split"):
         notes.append(Message(f"{data.stats['split']} `text` records longer than max_seq_len={cfg.max_seq_len} train as "
@@ -221,7 +225,7 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
             emit(Message(verdict_line))
 
     _seed_everything(cfg.seed)
-    model, plan, method = _load_and_prepare(cfg, plan, model_path, emit, ranks)
+    model, plan, method, reference = _load_and_prepare(cfg, plan, model_path, emit, ranks, labels=data.labels)
     trainable, total = count_parameters(model)
     threads = plan_threads(cfg.threads, params=total, device=plan.device)
     if threads.threads is not None:
@@ -241,11 +245,13 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
+    objective = build_objective(cfg, model, pad_id=tokenizer.pad_token_id, plan=plan, reference=reference,
+                                shifted=not get_method_spec(plan.method).adds_positions, labels=data.labels)
     with run_threads(threads), _stop_on_signals(stop, ranks) as stop:
         outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
-                             pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
-                             checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                             shifted=not get_method_spec(plan.method).adds_positions, ranks=ranks)
+                             max_steps=max_steps, emit=emit, stop=stop, checkpoint_root=out / "checkpoints",
+                             resume_from=resume_from, objective=objective, ranks=ranks)
+    del objective, reference  # DPO's frozen copy is not needed past training
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats,
                           threads=threads.threads)
@@ -256,11 +262,11 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
     state_dict = ranks.full_state_dict() if ranks is not None and ranks.spec.shards else None
     result = RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
                        model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
-                       plan=dataclasses.asdict(plan))
+                       plan=dataclasses.asdict(plan), labels=data.labels)
     if main:
         _write_outputs(out, claims[0], model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method,
                        metrics=metrics, history=outcome.history, model_path=model_path, emit=emit,
-                       fingerprint=fingerprint, state_dict=state_dict)
+                       fingerprint=fingerprint, state_dict=state_dict, labels=data.labels)
         export_after_run(result, emit)  # the config's `export:` and `push_to_hub:` keys, if any
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
     if ranks is not None:
@@ -333,22 +339,27 @@ def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
     return emit_and_report
 
 
-def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable, ranks=None):
-    """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method)``.
+def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, emit: Callable, ranks=None,
+                      labels=None):
+    """Load the base in the plan's dtype (4-bit for QLoRA), apply the method; ``(model, plan, method, reference)``.
 
     QLoRA on a CPU that bitsandbytes cannot serve falls back to LoRA and says so. Under
     FSDP and DeepSpeed the weights stay in host memory until the strategy shards them onto
     the GPU (QLoRA quantizes on the GPU, with its 4-bit weights stored in the compute dtype).
+    The objective's head (reward, classify) is loaded with the model. ``reference`` is DPO's
+    frozen copy of the starting model for methods that change the base weights; adapter
+    methods need none (the base with the adapter switched off is the reference).
     """
     method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
     sharded = ranks is not None and bool(ranks.spec.shards)
     device = "cpu" if sharded and not method.quantized else plan.device
+    head = head_settings(cfg.objective, labels)
     try:
         base = load_model(model_path, device=device, weight_dtype=weight_dtype,
                           qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
                           quant_storage=plan.qlora_compute_dtype if sharded and method.quantized else None,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, head=head)
     except (RuntimeError, ImportError, NotImplementedError) as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
@@ -358,13 +369,16 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
         base = load_model(model_path, device=plan.device, weight_dtype=torch.float32,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, head=head)
+    reference = None
+    if get_objective_spec(cfg.objective).reference and not method.adapter:
+        reference = copy.deepcopy(base).eval().requires_grad_(False)
     model = continue_adapter(base, cfg.adapter, plan.method) if cfg.adapter else method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
-    return model, plan, method
+    return model, plan, method, reference
 
 
 def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: DevicePlan, stats: dict,
@@ -434,10 +448,10 @@ def data_fingerprint(data) -> str:
 
 
 def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history,
-                   model_path, emit, fingerprint: str, state_dict: Optional[dict] = None):
+                   model_path, emit, fingerprint: str, state_dict: Optional[dict] = None, labels=None):
     """Write the result into a staging folder, then move it into ``out`` (never over a user's file).
 
-    ``state_dict``: the weights gathered from sharded processes.
+    ``state_dict``: the weights gathered from sharded processes; ``labels``: a classifier's label names.
     """
     import yaml
 
@@ -464,7 +478,7 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
                                      "into weights)", "warning"))
             else:
                 merge_adapter(staging, model_path, staging / "merged", device=plan.device,
-                              trust_remote_code=cfg.trust_remote_code)
+                              trust_remote_code=cfg.trust_remote_code, head=head_settings(cfg.objective, labels))
                 notes.append(Message(f"merged weights written to {out / 'merged'}"))
         written = publish(staging, out, claim.files)
     except FtmagicError:
@@ -479,21 +493,25 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
     write_record(out, claim, cfg, finished=True, fingerprint=fingerprint, files=claim.files | set(written),
                  reason=metrics.get("reason"),
                  base_model=os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
-                 trained_method=plan.method, adapter=method.adapter, plan=dataclasses.asdict(plan))
+                 trained_method=plan.method, adapter=method.adapter, plan=dataclasses.asdict(plan),
+                 objective=cfg.objective, **({"labels": list(labels)} if labels is not None else {}))
     for note in notes:
         emit(note)
 
 
 def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None,
-                  trust_remote_code: bool = False) -> str:
-    """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
+                  trust_remote_code: bool = False, head: Optional[dict] = None) -> str:
+    """Fold a saved adapter into an unquantized copy of its base and save it to ``target``.
+
+    ``head`` (:func:`~ftmagic.engine.models.head_settings`) for a reward model or classifier.
+    """
     from peft import PeftModel
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
     if dtype is None:
         dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
-    base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code, head=head)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with quiet_progress():

@@ -34,6 +34,7 @@ from ftmagic.memory.architectures import ModelShape, resolve_model
 from ftmagic.memory.estimate import DEVICE_KEYS, MemoryEstimate, analytic_estimate, resolve_loss
 from ftmagic.memory.policy import weight_plan
 from ftmagic.methods import get_method_spec
+from ftmagic.objectives import get_objective_spec
 
 # Methods whose kernels a fake tensor cannot run (bitsandbytes), or whose state lives
 # outside what the tracer sees; these fall back to the analytic estimate.
@@ -76,9 +77,12 @@ def untraceable_reason(method: str, optimizer: str) -> Optional[str]:
     return UNTRACEABLE_METHODS.get(method) or UNTRACEABLE_OPTIMIZERS.get(optimizer)
 
 
-def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
-    """A randomly initialised Hugging Face causal LM of this shape (weights never read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa", head_outputs: int = 0):
+    """A randomly initialised Hugging Face causal LM of this shape (weights never read).
+
+    ``head_outputs`` > 0 builds it with a sequence-classification head of that many outputs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     values = shape.hf_config()
     model_type = values.pop("model_type")
@@ -93,12 +97,17 @@ def build_model(shape: ModelShape, *, dtype, attn_implementation: str = "sdpa"):
     config.use_cache = False
     if model_type in EAGER_ONLY:
         attn_implementation = "eager"
+    if head_outputs:
+        config.num_labels = head_outputs
+        config.pad_token_id = 0
+        return AutoModelForSequenceClassification.from_config(config, dtype=dtype,
+                                                               attn_implementation=attn_implementation)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model
 
 
 def prepare_method(model, *, method: str, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules: Any,
-                   num_virtual_tokens: int, trainable_layers: int):
+                   num_virtual_tokens: int, trainable_layers: int, objective: str = "sft"):
     """Apply ``method`` with the engine's own preparer; return the model to train.
 
     QLoRA's base is already a 4-bit stand-in here (frozen linears in the compute dtype), so it
@@ -110,7 +119,7 @@ def prepare_method(model, *, method: str, lora_r: int, lora_alpha: int, lora_dro
 
     settings = SimpleNamespace(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                target_modules=target_modules, num_virtual_tokens=num_virtual_tokens,
-                               trainable_layers=trainable_layers)
+                               trainable_layers=trainable_layers, objective=objective)
     spec = get_method_spec(method)
     if spec.quantized:
         for p in model.parameters():
@@ -124,11 +133,14 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
                lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: Any = "auto",
                num_virtual_tokens: int = 16, trainable_layers: int = 2, fake: bool = True,
                attn_implementation: str = "sdpa", seed: int = 0, loss: str = "auto",
-               optimizer_impl: str = "foreach") -> TraceResult:
+               optimizer_impl: str = "foreach", objective: str = "sft", num_labels: int = 2) -> TraceResult:
     """Run (``fake=False``) or simulate (``fake=True``) one training step and track its memory.
 
     ``optimizer_impl`` is ``foreach`` (torch's multi-tensor AdamW, what the engine uses on
     CPU: one extra state-sized buffer during the step) or ``fused`` (the engine on CUDA).
+    ``objective`` traces that objective's step as the engine runs it: pairs are two sequences
+    per record, DPO adds its reference forward without gradients (the adapter switched off,
+    or a frozen copy), reward models and classifiers read a small head at the last position.
 
     Example::
 
@@ -142,6 +154,10 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         raise ConfigError(f"exact mode cannot trace `method: {method}`, `optimizer: {optimizer}`: {reason}")
     shape = resolve_model(model)
     plan = weight_plan(method, precision)
+    obj = get_objective_spec(objective)
+    head_outputs = (num_labels if obj.head == "labels" else 1) if obj.classifier_head else 0
+    if obj.data == "preference" and not obj.classifier_head and resolve_loss(loss, shape, method) != "chunked":
+        raise ConfigError(f"exact mode traces `objective: {objective}` with the engine's chunked log-probabilities only")
     dtypes = {2: torch.bfloat16 if precision == "bf16" else torch.float16, 4: torch.float32}
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -149,7 +165,13 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     # buffer into a CPU fake tensor. Building directly under FakeTensorMode breaks peft,
     # whose adapter `.to()` calls cannot swap fake parameters.
     with torch.device("meta") if fake else nullcontext():
-        net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation)
+        net = build_model(shape, dtype=dtypes[plan.base_bytes], attn_implementation=attn_implementation,
+                          head_outputs=head_outputs)
+        reference = None
+        if obj.reference and not get_method_spec(method).adapter:
+            import copy
+
+            reference = copy.deepcopy(net).eval().requires_grad_(False)
         quantized, quant_states = 0, []
         if plan.quantized and not fake and _bnb_available():
             quant_states = _quantize_bnb(net, dtypes[plan.compute_bytes])  # real NF4 weights, CPU kernels
@@ -157,7 +179,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
             quantized = _quantize_stand_in(net, dtypes[plan.compute_bytes])
         net = prepare_method(net, method=method, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=target_modules,
-                             num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+                             num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers,
+                             objective=objective)
     if gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.train()
@@ -170,6 +193,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     if fake:
         fake_mode = FakeTensorMode()
         _fakify(net, fake_mode)
+        if reference is not None:
+            _fakify(reference, fake_mode)
         params = [p for p in net.parameters() if p.requires_grad]
     with fake_mode if fake_mode is not None else nullcontext(), _one_sequence_per_row(fake):
         if optimizer == "sgd":
@@ -177,7 +202,7 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         else:
             impl = {"fused": True} if optimizer_impl == "fused" else {"foreach": True}
             opt = torch.optim.AdamW(params, lr=1e-4, **impl)
-        ids = torch.randint(0, shape.vocab, (batch_size, seq_len))
+        ids = torch.randint(0, shape.vocab, (batch_size * obj.sequences, seq_len))
         labels = ids.clone()
         total = sum(p.numel() for p in net.parameters())
         trainable = sum(p.numel() for p in params)
@@ -187,9 +212,12 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
 
         loss_kind = resolve_loss(loss, shape, method)
         chunked = _chunked_loss() if loss_kind == "chunked" else None
+        objective_step = _objective_step(obj, net, reference, ids, num_labels)
 
         def step():
             with autocast if autocast is not None else nullcontext():
+                if objective_step is not None:
+                    return objective_step()
                 if chunked is None:  # Hugging Face's loss: full batch x seq x vocab logits
                     return net(input_ids=ids, labels=labels).loss
                 # ftmagic's engine: decoder to hidden states, then the chunked loss
@@ -204,7 +232,9 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         tracker = _tracker_class()()
-        tracker.track_external(net, opt, ids, labels, *quant_states)
+        extra = ([reference] if reference is not None else []) + \
+            (objective_step.stages if objective_step is not None else [])
+        tracker.track_external(net, opt, ids, labels, *quant_states, *extra)
         phases = {}
         with tracker:
             loss = step()
@@ -218,6 +248,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
             states = _flat(tracker.get_tracker_snapshot("current")).get("Optstate", 0)
             opt.zero_grad(set_to_none=True)
     frozen = sum(p.numel() * p.element_size() for p in net.parameters() if not p.requires_grad)
+    if reference is not None:
+        frozen += sum(p.numel() * p.element_size() for p in reference.parameters())
     frozen += sum(t.numel() * t.element_size() for t in quant_states)
     if quantized:
         # The stand-in held the 4-bit linears in the compute dtype; count them at NF4 size.
@@ -241,6 +273,74 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     return TraceResult(peak_bytes=max(peaks.values()), phases=peaks, breakdown=breakdown,
                        trainable_params=trainable, total_params=total, fake=fake, held_after_forward=held,
                        seconds=time.perf_counter() - start)
+
+
+class _Stage:
+    """A named stage of a step (DPO's reference forward): the memory tracker sees the model's modules
+    called a second time in one step as part of this stage, not as a second training iteration."""
+
+    def __init__(self):
+        import torch
+
+        class Stage(torch.nn.Module):
+            def forward(self, fn):
+                return fn()
+
+        self.module = Stage()
+
+
+def _objective_step(obj, net, reference, ids, num_labels: int):
+    """The loss of one step of a non-SFT objective as the engine computes it (None for SFT).
+
+    The returned function has ``stages``, modules the tracker must know (:class:`_Stage`).
+    """
+    if obj.name == "sft":
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    stage, policy_stage = _Stage().module, _Stage().module
+
+    from ftmagic.engine.logprobs import token_logprobs
+
+    n = ids.shape[0]
+
+    def decoder_of(model):
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return lm, getattr(lm, lm.base_model_prefix)
+
+    def sums(model):
+        lm, decoder = decoder_of(model)
+        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        values = token_logprobs(rows, head.weight, ids[:, 1:].reshape(-1), bias=head.bias)
+        return values.view(n, -1).sum(1)
+
+    def step():
+        if obj.classifier_head:
+            lm, decoder = decoder_of(net)
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            logits = lm.score(hidden[:, -1]).float()
+            if obj.head == "score":
+                chosen, rejected = logits[:, 0].chunk(2)
+                return -F.logsigmoid(chosen - rejected).mean()
+            return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
+        if obj.name == "orpo":
+            chosen, rejected = sums(net).float().chunk(2)
+            return -chosen.sum() / ids.numel() - F.logsigmoid(chosen - rejected).mean()
+        with torch.no_grad():  # the reference first, as the engine runs it
+            if reference is not None:
+                ref = sums(reference).float()
+            else:
+                with net.disable_adapter():
+                    ref = stage(lambda: sums(net)).float()
+        chosen, rejected = policy_stage(lambda: sums(net)).float().chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        return -F.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+    step.stages = [stage, policy_stage]
+    return step
 
 
 def _chunked_loss():
@@ -472,7 +572,8 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
                 lora_r=settings["lora_r"], lora_dropout=settings["lora_dropout"],
                 target_modules=settings["target_modules"], num_virtual_tokens=settings["num_virtual_tokens"],
                 trainable_layers=settings["trainable_layers"], loss=settings.get("loss", "auto"),
-                optimizer_impl="foreach" if settings.get("device") == "cpu" else "fused")
+                optimizer_impl="foreach" if settings.get("device") == "cpu" else "fused",
+                objective=settings.get("objective", "sft"), num_labels=max(2, settings.get("num_labels") or 2))
         except FtmagicError as exc:
             reason = str(exc)
         except Exception as exc:  # an architecture or op the tracer cannot run: say so, keep the analytic answer

@@ -28,7 +28,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -40,6 +40,7 @@ from ftmagic.methods import LOSSES as ENGINE_LOSSES
 from ftmagic.methods import MethodSpec, get_method_spec, select_targets
 from ftmagic.memory.sharding import device_share
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, get_strategy_spec, resolve_strategy, rows_per_process
+from ftmagic.objectives import get_objective_spec, method_supports
 
 LOSSES = ("auto",) + ENGINE_LOSSES
 GIB = 1024 ** 3
@@ -129,14 +130,34 @@ def _targets(shape: ModelShape, spec: MethodSpec, target_modules: Any) -> list:
 
 
 def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_modules: Any = "auto",
-                 num_virtual_tokens: int = 16, trainable_layers: int = 2) -> dict:
+                 num_virtual_tokens: int = 16, trainable_layers: int = 2, head_outputs: int = 0) -> dict:
     """Parameter counts: ``total`` (base), ``trainable`` and ``added`` (new adapter parameters).
+
+    ``head_outputs`` > 0: the model carries a sequence-classification head of that many
+    outputs instead of its language-model head (reward models, classifiers); the head is
+    new, so it always trains (adapter methods keep a trainable copy beside the original).
 
     Example::
 
         >>> count_params(resolve_model("llama-3.2-1b"), "lora", lora_r=16)["added"]
         11272192
     """
+    if head_outputs:
+        counts = count_params(replace(shape, tied=True), method, lora_r=lora_r, target_modules=target_modules,
+                              num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers)
+        head = shape.hidden * head_outputs
+        spec = get_method_spec(method)
+        total, trainable, added = counts["total"] + head, counts["trainable"], counts["added"]
+        if spec.trains == "all":
+            trainable = total
+        elif spec.trains == "top_layers":  # the score head replaces the (embedding-tied) output layer
+            trainable += head - shape.vocab * shape.hidden
+        else:
+            trainable += head
+        if spec.adapter:  # peft's modules_to_save: the original head and its trainable copy
+            total += head
+            added += head
+        return {"total": total, "trainable": trainable, "added": added}
     spec = get_method_spec(method)
     base = shape.total_params
     linears = {name: (fan_in, fan_out) for name, fan_in, fan_out in shape.linears()}
@@ -185,7 +206,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     lora_dropout: float = 0.05, num_virtual_tokens: int = 16, trainable_layers: int = 2,
                     grad_accum: int = 1, bf16_supported: bool = True,
                     device: str = "cuda", loss: str = "auto", devices: int = 1,
-                    strategy: str = "auto") -> MemoryEstimate:
+                    strategy: str = "auto", objective: str = "sft", num_labels: int = 2) -> MemoryEstimate:
     """Estimate the peak GPU memory of one training step (analytic: no torch, milliseconds).
 
     ``model`` is a built-in name, a local directory, a cached hub id, a config dict or
@@ -194,6 +215,12 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     forward and backward. ``packing`` does not change the peak (rows are ``seq_len`` either way); it is
     accepted so a config's fields pass straight through. ``device="cpu"``
     models what differs on CPU (dropout masks), for comparing with CPU measurements.
+    ``objective`` (``sft``, ``dpo``, ``orpo``, ``reward``, ``classify``; see
+    :mod:`ftmagic.objectives`): preference objectives run two sequences of ``seq_len`` per
+    record (``batch_size`` counts records), DPO adds its reference forward (and, for methods
+    that change the base weights, a frozen copy of them), reward models and classifiers
+    replace the language-model head by a head of 1 or ``num_labels`` outputs (no vocabulary
+    logits at all).
     ``loss``: ``chunked`` is ftmagic's training step (the loss is computed in chunks of
     rows, never holding full logits), ``full`` is Hugging Face's ``model(..., labels=...)``
     (batch x seq x vocab fp32 logits); ``auto`` picks what the engine runs (``full`` for
@@ -233,6 +260,11 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     resolved = resolve_strategy(strategy, method=method, device=device) if devices > 1 else None
     if devices > 1:
         check_batch_split(batch_size, devices)
+    obj = get_objective_spec(objective)
+    if not method_supports(get_method_spec(method), objective):
+        raise ConfigError(f"`objective: {objective}` cannot be trained with `method: {method}`; use lora, qlora or full")
+    if obj.head == "labels":
+        _check_positive("num_labels", num_labels, 2)
     shape = resolve_model(model)
     precision = resolve_precision(precision, bf16_supported, device)
     if get_method_spec(method).quantized and precision == "fp32":
@@ -242,7 +274,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
                     device=device, loss=resolve_loss(loss, shape, method), devices=devices,
-                    strategy=resolved or "auto")
+                    strategy=resolved or "auto", objective=objective, num_labels=num_labels)
     return analytic_estimate(shape, settings)
 
 
@@ -262,15 +294,21 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
     and loss; then the three phases of a step, whose largest is the peak.
     """
     spec, plan = get_method_spec(s["method"]), weight_plan(s["method"], s["precision"])
+    obj = get_objective_spec(s.get("objective", "sft"))
+    head_outputs = {"labels": s.get("num_labels", 2), "score": 1}.get(obj.head, 0)
     counts = count_params(shape, s["method"], lora_r=s["lora_r"], target_modules=s["target_modules"],
-                          num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"])
+                          num_virtual_tokens=s["num_virtual_tokens"], trainable_layers=s["trainable_layers"],
+                          head_outputs=head_outputs)
     trainable = counts["trainable"]
-    frozen, train_w, grads = _weight_bytes(shape, spec, plan, trainable)
+    body = replace(shape, tied=True) if obj.classifier_head else shape  # a classifier has no vocabulary head
+    frozen, train_w, grads = _weight_bytes(body, spec, plan, trainable, total=counts["total"])
+    if obj.reference and not spec.adapter:  # DPO's frozen copy of the starting weights
+        frozen += int(shape.total_params * plan.base_bytes)
     states, transient, paged = _optimizer_bytes(shape, plan, s, trainable)
     devices = s.get("devices", 1)
     gathered = buffers = 0
     grad_share = 1.0
-    rows = s
+    rows_per_device = s["batch_size"]
     if devices > 1:
         # One of several devices: its share of the weights and states, its rows of every micro-batch.
         part = device_share(shape, plan, strategy=s["strategy"], devices=devices, frozen=frozen,
@@ -281,12 +319,18 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
         transient = -(-transient // devices) if "optimizer_states" in get_strategy_spec(s["strategy"]).shards \
             else transient
         gathered, buffers = part.gathered, part.buffers
-        rows = {**s, "batch_size": rows_per_process(s["batch_size"], devices)}
-    acts = _activation_bytes(shape, spec, plan, rows, trainable)
-    logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, rows, acts)
-    phases, breakdown = _phases(shape, spec, plan, s, trainable=trainable, static=frozen + train_w + states,
+        rows_per_device = rows_per_process(s["batch_size"], devices)
+    # Pairs are two sequences of seq_len each: everything that scales with tokens doubles.
+    seq_s = dict(s, batch_size=rows_per_device * obj.sequences)
+    acts = _activation_bytes(body, spec, plan, seq_s, trainable)
+    if obj.classifier_head:  # only the last position of each sequence reaches the small head
+        logits_held = logits_fwd = logits_bwd = seq_s["batch_size"] * (head_outputs * 4 + shape.hidden * 4)
+    else:
+        logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, seq_s, acts)
+    reference = _reference_forward_bytes(shape, plan, seq_s, acts) if obj.reference else 0
+    phases, breakdown = _phases(body, spec, plan, seq_s, trainable=trainable, static=frozen + train_w + states,
                                 grads=grads, transient=transient, acts=acts, logits_fwd=logits_fwd,
-                                logits_bwd=logits_bwd, gathered=gathered, buffers=buffers,
+                                logits_bwd=logits_bwd, reference=reference, gathered=gathered, buffers=buffers,
                                 grad_share=grad_share)
     breakdown.update(frozen_weights=int(frozen), trainable_weights=int(train_w), optimizer_states=int(states))
     peak_phase = max(phases, key=phases.get)
@@ -301,11 +345,14 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
                           shape=shape)
 
 
-def _weight_bytes(shape: ModelShape, spec: MethodSpec, plan, trainable: int) -> tuple:
-    """(frozen weights, trainable weights, their gradients) in bytes."""
+def _weight_bytes(shape: ModelShape, spec: MethodSpec, plan, trainable: int, total: Optional[int] = None) -> tuple:
+    """(frozen weights, trainable weights, their gradients) in bytes.
+
+    ``total`` counts a new head's parameters too (reward models and classifiers).
+    """
     base_trainable = 0 if spec.adapter else trainable
     linear_params = shape.layers * shape.linear_weight_params_per_layer
-    frozen_base = shape.total_params - base_trainable
+    frozen_base = (shape.total_params if total is None or spec.adapter else total) - base_trainable
     if plan.quantized:
         frozen = int(linear_params * NF4_BYTES_PER_PARAM) + (frozen_base - linear_params) * plan.base_bytes
     else:
@@ -407,9 +454,19 @@ def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict)
     return held, held + chunk, backward
 
 
+def _reference_forward_bytes(shape: ModelShape, plan, s: dict, acts: dict) -> int:
+    """DPO's reference forward, run without gradients before the policy's: one block's temporaries
+    and one chunk of log-probabilities at a time, beside the weights and optimizer states only."""
+    tokens = acts["tokens"]
+    mlp_bytes = 4 if plan.quantized else plan.compute_bytes
+    block = tokens * (2 * mlp_bytes * shape.intermediate + 3 * acts["c_res"] * shape.hidden)
+    rows = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // shape.vocab))
+    return block + rows * shape.vocab * 8
+
+
 def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: int, static: int, grads: int,
-            transient: int, acts: dict, logits_fwd: int, logits_bwd: int, gathered: int = 0,
-            buffers: int = 0, grad_share: float = 1.0) -> tuple:
+            transient: int, acts: dict, logits_fwd: int, logits_bwd: int, reference: int = 0,
+            gathered: int = 0, buffers: int = 0, grad_share: float = 1.0) -> tuple:
     """Bytes at the end of forward, the worst moment of backward, and the optimizer step; and the
     breakdown (gradients, activations, logits, transient) at the largest of them.
 
@@ -419,7 +476,7 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     tokens, per_layer, eager = acts["tokens"], acts["per_layer"], acts["eager"]
     act_held, layers_held = acts["act_held"], acts["layers_held"]
     accumulated = grads if s.get("grad_accum", 1) > 1 else 0  # earlier micro-batches' gradients
-    fwd = static + accumulated + act_held + logits_fwd
+    fwd = static + accumulated + max(act_held + logits_fwd, reference)
     bwd_loss = static + accumulated + act_held + logits_bwd
     # Deeper in backward: the gradients of every block above the current one exist, while
     # the current block's activations (recomputed, with checkpointing) and its temporaries are held.
@@ -454,7 +511,10 @@ def _phases(shape: ModelShape, spec: MethodSpec, plan, s: dict, *, trainable: in
     breakdown["communication_buffers"] = int(gathered if peak_phase == "forward" else buffers
                                              if peak_phase == "optimizer_step" else gathered + buffers)
     if peak_phase == "forward":
-        breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
+        if reference > act_held + logits_fwd:
+            breakdown.update(gradients=int(accumulated), logits=int(reference))
+        else:
+            breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_fwd))
     elif peak_phase == "backward":
         if bwd_loss >= bwd_deep:
             breakdown.update(gradients=int(accumulated), activations=int(act_held), logits=int(logits_bwd))

@@ -76,7 +76,8 @@ def with_overheads(estimate: MemoryEstimate) -> MemoryEstimate:
 
 _ESTIMATE_KEYS = ("method", "precision", "batch_size", "seq_len", "gradient_checkpointing", "optimizer", "lora_r",
                   "target_modules", "packing", "lora_dropout", "num_virtual_tokens", "trainable_layers", "grad_accum",
-                  "device", "loss", "devices", "strategy")
+                  "device", "loss", "devices", "strategy", "objective",
+                  "num_labels")
 # More GPUs cost more than a setting, less than changing what trains (the run stays the same run);
 # FSDP, since it shards weights, gradients and optimizer states alike.
 MORE_DEVICES = ((2, 4.5), (4, 4.6), (8, 4.7))
@@ -269,7 +270,8 @@ def settings_from_config(config) -> dict:
                 optimizer=config.optimizer, lora_r=config.lora_r, target_modules=config.target_modules,
                 packing=config.packing, lora_dropout=config.lora_dropout,
                 num_virtual_tokens=config.num_virtual_tokens, trainable_layers=config.trainable_layers,
-                grad_accum=config.grad_accum, devices=config.processes, strategy=config.distributed)
+                grad_accum=config.grad_accum, devices=config.processes, strategy=config.distributed,
+                objective=getattr(config, "objective", "sft"), num_labels=max(2, len(config.labels or [])))
 
 
 def format_measured(measured_peak_bytes: Optional[int], estimate: Optional[MemoryEstimate]) -> str:

@@ -160,8 +160,10 @@ class MemoryCalculator:
 
     def __init__(self, model: str = "tiny", *, method: str = "lora", precision: str = "auto", batch_size: int = 4,
                  seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                 lora_r: int = 16, gpu="T4", devices: int = 1, strategy: str = "auto"):
+                 lora_r: int = 16, gpu="T4", devices: int = 1, strategy: str = "auto", objective: str = "sft"):
         import ipywidgets as w
+
+        from ftmagic.objectives import OBJECTIVE_NAMES
 
         from ftmagic.memory.architectures import builtin_names
 
@@ -182,6 +184,7 @@ class MemoryCalculator:
             "gradient_checkpointing": w.Checkbox(value=gradient_checkpointing, description="gradient checkpointing"),
             "optimizer": w.Dropdown(options=list(OPTIMIZERS), value=optimizer, description="optimizer"),
             "lora_r": w.BoundedIntText(value=lora_r, min=1, max=4096, description="LoRA r"),
+            "objective": w.Dropdown(options=list(OBJECTIVE_NAMES), value=objective, description="objective"),
             "gpu": w.Dropdown(options=options, value=gpu_name, description="GPU"),
             "devices": w.BoundedIntText(value=devices, min=1, max=1024, description="GPUs"),
             "strategy": w.Dropdown(options=list(STRATEGY_NAMES), value=strategy, description="strategy"),
@@ -197,7 +200,8 @@ class MemoryCalculator:
             control.observe(self._changed, names="value")
         c = self.controls
         left = w.VBox([c["model"], c["method"], c["precision"], c["optimizer"], c["lora_r"]])
-        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["gpu"], c["devices"],
+        right = w.VBox([c["batch_size"], c["seq_len"], c["gradient_checkpointing"], c["objective"], c["gpu"],
+                        c["devices"],
                         c["strategy"]])
         # The two columns sit side by side where there is room and stack in a narrow window.
         controls = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap"))
@@ -215,7 +219,7 @@ class MemoryCalculator:
         return dict(method=c["method"].value, precision=c["precision"].value, batch_size=c["batch_size"].value,
                     seq_len=c["seq_len"].value, gradient_checkpointing=c["gradient_checkpointing"].value,
                     optimizer=c["optimizer"].value, lora_r=c["lora_r"].value, devices=c["devices"].value,
-                    strategy=c["strategy"].value)
+                    strategy=c["strategy"].value, objective=c["objective"].value)
 
     def gpu(self):
         name = self.controls["gpu"].value
@@ -279,6 +283,7 @@ class MemoryMagics(Magics):
     @argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     @argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit or sgd")
     @argument("--lora-r", type=int, default=16, help="LoRA rank")
+    @argument("--objective", default="sft", help="sft, dpo, orpo, reward or classify (pairs: two sequences per record)")
     @argument("--gpu", default="T4", help="GPU preset (T4, L4, A10G, RTX 3090, A100 80GB, ...) or size in GiB")
     @argument("--devices", type=int, default=1, help="how many GPUs train the run together (the estimate is per GPU)")
     @argument("--strategy", default="auto", help="with several GPUs: auto, ddp, fsdp, deepspeed_zero2, deepspeed_zero3")
@@ -298,7 +303,7 @@ class MemoryMagics(Magics):
             settings = dict(method=args.method, precision=args.precision, batch_size=args.batch_size,
                             seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
                             optimizer=args.optimizer, lora_r=args.lora_r, devices=args.devices,
-                            strategy=args.strategy)
+                            strategy=args.strategy, objective=args.objective)
             gpu = resolve_gpu(args.gpu) if args.gpu and args.gpu.lower() != "none" else None
             if args.text or args.exact:
                 est = estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True,

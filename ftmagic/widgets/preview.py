@@ -24,6 +24,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ftmagic.config import FORMATS
+from ftmagic.objectives import OBJECTIVE_NAMES
 from ftmagic.usage import as_usage_error
 from ftmagic.widgets.static import StaticTwin
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
@@ -167,6 +168,8 @@ class PreviewMagics(Magics):
     @argument("data", metavar="DATA", help="path, Hugging Face dataset id, or a notebook variable name")
     @argument("--model", default=None, help="whose tokenizer and chat template to use (default: tiny)")
     @argument("--format", default="auto", choices=FORMATS, help="data format (default: detect)")
+    @argument("--objective", default=None, choices=OBJECTIVE_NAMES,
+              help="detect only the formats this objective trains on (default: any format)")
     @argument("--template", default=None, help="named template for base models: chatml, alpaca, llama3, plain")
     @argument("--max-seq-len", type=int, default=512, help="tokens per training example")
     @argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
@@ -189,7 +192,7 @@ class PreviewMagics(Magics):
             report = open_preview(lookup_data(args.data, self.shell.user_ns if self.shell else {}), model=args.model,
                                   format=args.format, template=args.template, max_seq_len=args.max_seq_len,
                                   train_on=args.train_on, columns=parse_columns(args.columns) or None,
-                                  system_prompt=args.system_prompt, batch_size=args.batch_size)
+                                  system_prompt=args.system_prompt, batch_size=args.batch_size, objective=args.objective)
         if args.name:
             self.shell.user_ns[args.name] = report
         if args.text or not _in_notebook(self.shell):

@@ -27,6 +27,8 @@ CELL = "text-align:left;vertical-align:top;padding:1px 8px"  # every th and td: 
 TRAINED = "background:rgba(40,170,80,.30)"
 CONTEXT = "background:rgba(127,127,127,.15);opacity:.75"
 EOS = "outline:2px solid #e53935;font-weight:bold"
+PAIR = "display:flex;flex-wrap:wrap;gap:8px"  # the two sides of a preference pair; stacked when narrow
+SIDE = "flex:1 1 240px;min-width:0"
 PRE = ("white-space:pre-wrap;word-break:break-word;font-family:monospace;background:rgba(127,127,127,.08);"
        "padding:6px;max-height:320px;overflow:auto;margin:2px 0 8px 0;text-align:left;line-height:1.4")
 STYLE = f"""<style>
@@ -34,6 +36,7 @@ STYLE = f"""<style>
 .ftm-prev table {{border-collapse: collapse}}
 .ftm-tok {{font-family: monospace; white-space: pre-wrap; border-radius: 3px; padding: 0 1px; margin: 0 1px 0 0}}
 .ftm-bad {{color: {BAD}}}
+.ftm-pair {{display: flex; flex-wrap: wrap; gap: 8px}} .ftm-pair > div {{flex: 1 1 240px; min-width: 0}}
 </style>"""
 
 
@@ -117,6 +120,12 @@ def record_html(view) -> str:
         parts.append(f'<div class="ftm-bad" style="color:{BAD}">{escape(p.kind)}: {escape(p.message)}</div>')
     raw = json.dumps(view.raw, ensure_ascii=False, indent=1, default=str)
     parts.append(f'<div>raw record</div><div class="ftm-pre" style="{PRE}">{escape(raw)}</div>')
+    if view.pair is not None:
+        parts.append(pair_html(view.pair))
+        parts.append("</div>")
+        return "".join(parts)
+    if view.label is not None:
+        parts.append(f"<div>label <b>{escape(str(view.label))}</b></div>")
     if view.text is not None:
         parts.append(f'<div>rendered text</div><div class="ftm-pre" style="{PRE}">{escape(view.text)}</div>')
     if view.tokens:
@@ -128,6 +137,26 @@ def record_html(view) -> str:
         parts.append(f'<div class="ftm-pre" style="{PRE}">' + "".join(token_html(t) for t in view.tokens) + "</div>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def pair_html(pair: dict) -> str:
+    """A preference record's two sides next to each other, each as its coloured tokens.
+
+    The prompt is context (grey) on both sides; the completion tokens whose log-probabilities
+    the preference loss compares are green.
+    """
+    columns = []
+    for side in ("chosen", "rejected"):
+        data = pair[side]
+        trained = sum(1 for t in data["tokens"] if t.trained)
+        cut = f", cut from {data['length']}" if data["truncated"] else ""
+        columns.append(f'<div style="{SIDE}"><b>{side}</b>: {len(data["tokens"])} tokens{cut}, {trained} compared'
+                       f'<div class="ftm-pre" style="{PRE}">{"".join(token_html(t) for t in data["tokens"])}</div></div>')
+    legend = (f'<div><span class="ftm-tok ftm-trained" style="{TRAINED}">compared (completion)</span> '
+              f'<span class="ftm-tok ftm-context" style="{CONTEXT}">context (prompt)</span> '
+              f'<span class="ftm-tok ftm-eos" style="{EOS}">EOS</span></div>')
+    # Inline styles, as everywhere here: nbconvert's HTML and untrusted views drop the <style> block.
+    return legend + f'<div class="ftm-pair" style="{PAIR}">' + "".join(columns) + "</div>"
 
 
 def _reasons(reasons: dict) -> str:

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ftmagic.textprogress import (RunState, format_bytes, format_count, format_duration, format_loss, format_lr,
-                                  format_plan_line)
+                                  format_metrics, format_plan_line)
 from ftmagic.widgets.summary import as_mimebundle, loss_chart_svg
 
 
@@ -58,6 +58,8 @@ def progress_fields(state: RunState) -> dict[str, str]:
         "rate": f"{format_count(step.tokens_per_s)} tokens/s" if step and step.tokens_per_s is not None else "",
         "eta": f"{format_duration(step.elapsed_s)} elapsed, {format_duration(step.eta_s)} left" if step else "",
         "memory": format_bytes(step.memory_bytes) if step and step.memory_bytes is not None else "",
+        "metrics": format_metrics(step.metrics) if step else "",
+        "eval_metrics": format_metrics(state.eval_metrics),
     }
     return fields
 
@@ -65,9 +67,9 @@ def progress_fields(state: RunState) -> dict[str, str]:
 def status_html(state: RunState) -> str:
     """The status line under the bar: labelled values, empty ones left out."""
     fields = progress_fields(state)
-    labelled = [("", fields["step"]), ("", fields["epoch"]), ("loss", fields["loss"]),
-                ("eval loss", fields["eval_loss"]), ("lr", fields["lr"]), ("", fields["rate"]),
-                ("", fields["eta"]), ("memory", fields["memory"])]
+    labelled = [("", fields["step"]), ("", fields["epoch"]), ("loss", fields["loss"]), ("", fields["metrics"]),
+                ("eval loss", fields["eval_loss"]), ("eval", fields["eval_metrics"]), ("lr", fields["lr"]),
+                ("", fields["rate"]), ("", fields["eta"]), ("memory", fields["memory"])]
     parts = [(f"<b>{label}</b> " if label else "") + html.escape(value) for label, value in labelled if value]
     return '<span style="font-family:monospace">' + " &middot; ".join(parts) + "</span>"
 

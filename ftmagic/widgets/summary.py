@@ -16,7 +16,7 @@ import html
 from typing import Any, Iterable, Optional, Sequence
 
 from ftmagic.textprogress import (RunState, format_bytes, format_count, format_data, format_duration, format_loss,
-                                  format_params)
+                                  format_metrics, format_params)
 
 TRAIN_COLOR = "#1f77b4"
 EVAL_COLOR = "#ff7f0e"
@@ -132,6 +132,11 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     eval_loss = metrics.get("eval_loss", state.eval_points[-1][1] if state.eval_points else None)
     if eval_loss is not None:
         rows.append(("eval loss", format_loss(eval_loss)))
+    eval_metrics = metrics.get("eval_metrics") or state.eval_metrics
+    if eval_metrics:
+        rows.append(("eval metrics", format_metrics(eval_metrics, tuple(eval_metrics))))
+    elif state.last_step and state.last_step.metrics:
+        rows.append(("train metrics (last step)", format_metrics(state.last_step.metrics)))
     if metrics.get("runtime_s") is not None:
         rows.append(("runtime", format_duration(metrics["runtime_s"])))
     if state.last_step and state.last_step.tokens_per_s is not None:
@@ -156,7 +161,9 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     if reason in ("stopped", "interrupted"):
         rows.append(("resume", "run the cell again with `--resume` (or `resume: true`) to continue"))
     if name:
-        rows.append(("result", f"`{name}` (RunResult: .metrics, .history, .generate(prompt))"))
+        objective = state.plan.objective if state.plan is not None else "sft"
+        use = {"reward": ".score(conversations)", "classify": ".predict(texts)"}.get(objective, ".generate(prompt)")
+        rows.append(("result", f"`{name}` (RunResult: .metrics, .history, {use})"))
     return rows
 
 

@@ -1,8 +1,8 @@
-"""colab/08_multi_gpu.ipynb: Kaggle's 2xT4 (or any machine with several GPUs) from one notebook cell."""
+"""colab/09_multi_gpu.ipynb: Kaggle's 2xT4 (or any machine with several GPUs) from one notebook cell."""
 
 from cells import code, colab_badge, colab_install, md
 
-NAME = "08_multi_gpu"
+NAME = "09_multi_gpu"
 KIND = "colab"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 

@@ -1,8 +1,8 @@
-"""notebooks/08_multi_gpu.ipynb: the same cell on one and two processes (CPU processes here), and how to launch on many GPUs."""
+"""notebooks/09_multi_gpu.ipynb: the same cell on one and two processes (CPU processes here), and how to launch on many GPUs."""
 
 from cells import CHECK, code, md
 
-NAME = "08_multi_gpu"
+NAME = "09_multi_gpu"
 KIND = "notebooks"
 
 CELLS = [
