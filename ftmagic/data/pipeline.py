@@ -57,6 +57,7 @@ class PreparedData:
     eval: Optional[list]
     stats: dict
     template: Optional[ChatTemplate] = None  # what generation must use (RunResult.generate renders with it)
+    eval_prompts: Optional[list] = None  # EvalPrompt list for evaluation by generation (when it is on)
 
 
 def data_sources(data: Any, key: str = "data") -> list:
@@ -98,16 +99,27 @@ def prepare_data(config, tokenizer) -> PreparedData:
     sources = data_sources(config.data)
     built = [_build(src, config, tokenizer) for src in sources]
 
-    train, held_out = [], []
-    per_source = []
+    # Per source: its examples, the part held out for validation, and each example's conversation
+    # (evaluation by generation answers the held-out conversations).
+    parts = []
+    conversation_of: dict = {}
     for src, b in zip(sources, built):
         examples = b.examples
         if not examples:
             first = b.problems[0] if b.problems else None
             raise DataError(f"{src.name}: no usable records" + (f"; first problem: {first}" if first else ""))
+        conversation_of.update((id(e), c) for e, c in zip(b.encoded, b.conversations) if e is not None)
         eval_part: list = []
         if config.eval_data is None and config.val_split > 0:
             examples, eval_part = _split(examples, config.val_split, rng, src.name)
+        parts.append([examples, eval_part])
+    prompt_examples = None
+    if _is_count(getattr(config, "eval_prompts", None)):
+        prompt_examples = _hold_out(parts, config.eval_prompts, random.Random(config.seed + 1))
+
+    train, held_out = [], []
+    per_source = []
+    for src, b, (examples, eval_part) in zip(sources, built, parts):
         mixed = _weighted(examples, src.weight, rng)
         train.extend(mixed)
         held_out.extend(eval_part)
@@ -121,6 +133,9 @@ def prepare_data(config, tokenizer) -> PreparedData:
     if config.eval_data is not None:
         eval_built = [_build(src, config, tokenizer) for src in data_sources(config.eval_data, "eval_data")]
         held_out = [e for b in eval_built for e in b.examples]
+        for b in eval_built:
+            conversation_of.update((id(e), c) for e, c in zip(b.encoded, b.conversations) if e is not None)
+    prompts = _eval_prompts(config, prompt_examples, held_out, conversation_of)
 
     stats = _stats(built, eval_built, train, held_out, template, config)
     stats["datasets"] = per_source
@@ -131,8 +146,10 @@ def prepare_data(config, tokenizer) -> PreparedData:
         eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
+    if prompts is not None:
+        stats["eval_prompts"] = len(prompts)
     # Only the rows are kept: the rendered texts and raw records would double the memory of a run.
-    return PreparedData(train_rows, eval_rows, stats, template)
+    return PreparedData(train_rows, eval_rows, stats, template, prompts)
 
 
 # --------------------------------------------------------------------------- steps
@@ -161,6 +178,46 @@ def _split(examples: list, share: float, rng: random.Random, name: str) -> tuple
     train = [e for i, e in enumerate(examples) if i not in chosen]
     held = [e for i, e in enumerate(examples) if i in chosen]
     return train, held
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hold_out(parts: list, n: int, rng: random.Random) -> list:
+    """Take ``n`` examples out of the training parts (at random, across sources) for evaluation by generation."""
+    pool = [(i, k) for i, (examples, _) in enumerate(parts) for k in range(len(examples))]
+    if n >= len(pool):
+        raise DataError(f"`eval_prompts: {n}` holds out more records than `data` has for training ({len(pool)}); "
+                        f"use a smaller number")
+    chosen = sorted(rng.sample(range(len(pool)), n))
+    taken = [pool[c] for c in chosen]
+    held = [parts[i][0][k] for i, k in taken]
+    drop: dict = {}
+    for i, k in taken:
+        drop.setdefault(i, set()).add(k)
+    for i, ks in drop.items():
+        parts[i][0] = [e for k, e in enumerate(parts[i][0]) if k not in ks]
+    return held
+
+
+def _eval_prompts(config, prompt_examples, held_out: list, conversation_of: dict) -> Optional[list]:
+    """The prompts of evaluation by generation: ``eval_prompts`` as given, held out, or the validation split."""
+    from ftmagic.data.eval_prompts import eval_prompts_from, from_conversation
+
+    value = getattr(config, "eval_prompts", None)
+    if not getattr(config, "generation_eval", False):
+        return None
+    if prompt_examples is not None:
+        examples, where = prompt_examples, "eval_prompts"
+    elif value is not None:
+        return eval_prompts_from(value, system_prompt=config.system_prompt)
+    else:
+        examples, where = held_out, "the validation split"
+    if not examples:
+        raise ConfigError("`eval_metrics` needs prompts to answer: set `eval_prompts` (a file, $records or a number "
+                          "of records to hold out), `eval_data` or `val_split`")
+    return [from_conversation(conversation_of[id(e)], f"{where}[{i}]") for i, e in enumerate(examples)]
 
 
 def _weighted(examples: list, weight: float, rng: random.Random) -> list:

@@ -41,7 +41,7 @@ from ftmagic.usage import as_usage_error
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
 # Keys whose value may name a notebook variable (`data: $train_df`).
-_DATA_KEYS = ("data", "eval_data")
+_DATA_KEYS = ("data", "eval_data", "eval_prompts", "eval_metrics")
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
