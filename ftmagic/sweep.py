@@ -280,5 +280,7 @@ def changed_fields(config) -> dict:
     values = config.to_dict()
     for f in dataclasses.fields(config):
         if values[f.name] != getattr(defaults, f.name):
-            out[f.name] = values[f.name]
+            described = isinstance(values[f.name], str) and values[f.name] != getattr(config, f.name)
+            # In-memory data has no spelling in a cell: a `$variable` of the same name stands in.
+            out[f.name] = f"${f.name}" if described else values[f.name]
     return out

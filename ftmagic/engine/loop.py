@@ -22,7 +22,12 @@ The parts, in the order a step uses them:
 * :func:`optimizer_step` - unscale, clip, step, schedule, zero the gradients;
 * :class:`Window` - what is read and reported at logging steps;
 * :class:`LoopState` - everything ``state.json`` stores, so a resume continues exactly;
-* :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping.
+* :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping;
+* ``evaluators`` - what else an evaluation measures (answers generated and scored,
+  :mod:`ftmagic.engine.generation`): each is called after :func:`evaluate` as
+  ``evaluator(model, step) -> (metrics, events)``; its metrics join the ``eval`` event's and
+  can be the ``best_metric`` that early stopping and the kept weights follow. With
+  evaluators, the base model is evaluated once at step 0, before training.
 
 Progress is reported only through ``emit(event)`` with the typed records of :mod:`ftmagic.events`.
 
@@ -48,6 +53,7 @@ from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.device import build_optimizer
 from ftmagic.engine.objectives import CausalLM
 from ftmagic.events import Checkpoint, Eval, Message, Step
+from ftmagic.scoring import greater_is_better
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -130,6 +136,7 @@ class LoopOutcome:
     history: list = field(default_factory=list)
     last_checkpoint: Optional[str] = None
     eval_metrics: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of the best evaluation
 
 
 class Batches:
@@ -160,7 +167,8 @@ class LoopState:
     """Everything a checkpoint's ``state.json`` stores: resuming from it continues the run exactly.
 
     ``history`` holds the logged step and eval events (as dicts); the best-evaluation
-    fields drive early stopping.
+    fields drive early stopping (``best_eval`` is the value of the config's ``best_metric``,
+    ``best_values`` everything that evaluation measured).
     """
 
     step: int = 0
@@ -173,6 +181,7 @@ class LoopState:
     best_step: Optional[int] = None
     bad_evals: int = 0
     history: list = field(default_factory=list)
+    best_values: dict = field(default_factory=dict)
 
     def to_json(self, *, epoch: int, batch_index: int, order_seed: int) -> dict:
         return {**dataclasses.asdict(self), "epoch": epoch, "batch_index": batch_index, "order_seed": order_seed}
@@ -182,11 +191,14 @@ class LoopState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def record_eval(self, step: int, loss: Optional[float], metrics: dict) -> bool:
-        """Note an evaluation; True when it is the best so far (lower loss)."""
+    def record_eval(self, step: int, loss: Optional[float], metrics: dict, *, key: str = "eval_loss",
+                    higher: bool = False) -> bool:
+        """Note an evaluation; True when it is the best so far by ``key`` (lower loss, or higher if ``higher``)."""
         self.eval_loss, self.eval_metrics = loss, dict(metrics)
-        if loss is not None and (self.best_eval is None or loss < self.best_eval):
-            self.best_eval, self.best_step, self.bad_evals = loss, step, 0
+        value = loss if key == "eval_loss" else metrics.get(key)
+        if value is not None and (self.best_eval is None or (value > self.best_eval if higher else value < self.best_eval)):
+            self.best_eval, self.best_step, self.bad_evals = value, step, 0
+            self.best_values = {"eval_loss": loss, **metrics}
             return True
         self.bad_evals += 1
         return False
@@ -293,12 +305,13 @@ def _autocast(plan):
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
                emit: Callable, stop=None, checkpoint_root=None, resume_from=None, objective=None,
-               pad_id: int = 0, shifted: bool = True) -> LoopOutcome:
+               pad_id: int = 0, shifted: bool = True, evaluators=()) -> LoopOutcome:
     """Train ``model`` for ``max_steps`` optimizer steps; see the module docstring.
 
     ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler, scaler,
     RNG states and the data position. ``objective`` defaults to supervised next-token
     loss (:class:`~ftmagic.engine.objectives.CausalLM` with ``pad_id`` and ``shifted``).
+    ``evaluators`` run after each evaluation's loss pass (see the module docstring).
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     batches = Batches(train_rows, config.batch_size, config.seed)
@@ -315,6 +328,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     # at the end (small for adapters; skipped above BEST_COPY_LIMIT elements, e.g. full 7B training).
     keep_best = bool(config.early_stopping_patience) and sum(p.numel() for p in params) <= BEST_COPY_LIMIT
     best_weights = None
+    best_key = getattr(config, "best_metric", "eval_loss") or "eval_loss"
+    higher = greater_is_better(best_key, getattr(evaluators[0], "metrics", None) if evaluators else None)
+    evaluates = bool(eval_rows) or bool(evaluators)
     state = LoopState()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
@@ -349,7 +365,13 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     def run_eval() -> None:
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
                                  with_metrics=True)
-        best = state.record_eval(state.step, loss, metrics)
+        for evaluator in evaluators:
+            scores, events = evaluator(model, state.step)
+            metrics = {**metrics, **scores}
+            for extra in events:
+                state.history.append(extra.to_dict())
+                emit(extra)
+        best = state.record_eval(state.step, loss, metrics, key=best_key, higher=higher)
         if best and keep_best:
             nonlocal best_weights
             best_weights = ckpt.trainable_state(model)
@@ -376,6 +398,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    if evaluators and state.step == 0:
+        run_eval()  # the base model's answers and scores: where the curve starts
     try:
         while state.step < max_steps:
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
@@ -400,7 +424,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             if state.step % log_every == 0 or state.step == max_steps:
                 log()
 
-            if eval_rows and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
+            if evaluates and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
                 log()
                 run_eval()
                 if config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience:
@@ -421,25 +445,35 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         # A stopped run must be resumable; a finished one too, so `resume: true` with a
         # larger max_steps continues from the end instead of the last periodic save.
         save()
-    if reason == "finished" and eval_rows:
+    if reason == "finished" and evaluates:
         run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)
     if reason == "early_stopping" and state.best_step is not None and state.best_step != state.step:
-        _keep_best_weights(model, state, best_weights, emit)
+        _keep_best_weights(model, state, best_weights, emit, best_key)
     return LoopOutcome(reason=reason, step=state.step, train_loss=state.train_loss, eval_loss=state.eval_loss,
-                       best_eval_loss=state.best_eval, trained_tokens=state.trained_tokens, runtime_s=elapsed(),
+                       best_eval_loss=_lowest_eval_loss(state), trained_tokens=state.trained_tokens, runtime_s=elapsed(),
                        peak_memory_bytes=peak, history=state.history, last_checkpoint=last_saved,
-                       eval_metrics=state.eval_metrics)
+                       eval_metrics=state.eval_metrics,
+                       best={"metric": best_key, "value": state.best_eval, "step": state.best_step}
+                       if state.best_step is not None else {})
 
 
-def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable) -> None:
+def _lowest_eval_loss(state: LoopState) -> Optional[float]:
+    losses = [e["eval_loss"] for e in state.history if e.get("event") == "eval" and e.get("eval_loss") is not None]
+    return min(losses) if losses else None
+
+
+def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable,
+                       key: str = "eval_loss") -> None:
     """Early stopping ends with the weights of the best evaluation, not the ones that stopped improving."""
+    label = "eval loss" if key == "eval_loss" else key
     if best_weights is None:
-        emit(Message(f"early stopping: the saved weights are those of step {state.step}; the best eval loss was at "
+        emit(Message(f"early stopping: the saved weights are those of step {state.step}; the best {label} was at "
                      f"step {state.best_step} (its checkpoint, if kept, is in checkpoints/)"))
         return
     current = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in best_weights.items():
             current[name].copy_(tensor.to(current[name].device, current[name].dtype))
-    state.eval_loss = state.best_eval
-    emit(Message(f"early stopping: kept the weights of step {state.best_step} (best eval loss {state.best_eval:.4f})"))
+    state.eval_loss = state.best_values.get("eval_loss", state.best_eval if key == "eval_loss" else None)
+    state.eval_metrics = {k: v for k, v in state.best_values.items() if k != "eval_loss"}
+    emit(Message(f"early stopping: kept the weights of step {state.best_step} (best {label} {state.best_eval:.4f})"))

@@ -31,6 +31,7 @@ from ftmagic.config import FinetuneConfig
 from ftmagic.data import prepare_data
 from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
+from ftmagic.engine.generation import evaluator_for
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.loop import plan_steps, train_loop
@@ -47,7 +48,9 @@ from ftmagic.methods import get_method_spec
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing")
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing",
+                     # what evaluations measure and how a search varies the run, not what one run trains:
+                     "eval_metrics", "eval_max_new_tokens", "best_metric", "sweep")
 # Files a finished or crashed run leaves; only these are replaced when a run starts over.
 _OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
@@ -126,6 +129,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
+    if cfg.sweep is not None:
+        raise ConfigError("`sweep:` searches over many runs: use `ftmagic.sweep(...)`, `ftmagic sweep CONFIG.yaml` "
+                          "or a %%finetune cell; or remove the `sweep:` block to train once")
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
@@ -166,10 +172,12 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     emit(Start(trainable_params=trainable, total_params=total, max_steps=max_steps,
                epochs=max_steps * cfg.grad_accum / per_epoch, resumed_from_step=resumed_step))
 
+    evaluator = evaluator_for(cfg, tokenizer, data.eval_prompts, template=data.template, plan=plan)
     outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
                          pad_id=tokenizer.pad_token_id, max_steps=max_steps, emit=emit, stop=stop,
                          checkpoint_root=out / "checkpoints", resume_from=resume_from,
-                         shifted=not get_method_spec(plan.method).adds_positions)
+                         shifted=not get_method_spec(plan.method).adds_positions,
+                         evaluators=[evaluator] if evaluator is not None else [])
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats)
     model.eval()
@@ -243,6 +251,7 @@ def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: De
             "reason": outcome.reason, "trainable_params": trainable, "total_params": total,
             "method": plan.method, "device": plan.device, "precision": plan.precision,
             **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
+            **({"best": dict(outcome.best)} if outcome.best else {}),
             "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 
