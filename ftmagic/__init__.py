@@ -37,6 +37,8 @@ __version__ = "0.1.0"
 # Public name -> module that defines it; loaded on first use (PEP 562).
 _LAZY = {
     "finetune": "ftmagic.engine.run",
+    "sweep": "ftmagic.engine.sweep",
+    "SweepResult": "ftmagic.engine.sweep",
     "RunResult": "ftmagic.engine.result",
     "estimate_memory": "ftmagic.api",
     "MemoryEstimate": "ftmagic.memory",
@@ -80,5 +82,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ftmagic.demo import demo_dataset
     from ftmagic.engine.result import RunResult
     from ftmagic.engine.run import finetune
+    from ftmagic.engine.sweep import SweepResult, sweep
     from ftmagic.api import estimate_memory
     from ftmagic.memory import MemoryEstimate

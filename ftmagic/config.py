@@ -113,7 +113,7 @@ class FinetuneConfig:
     report_to: Union[str, list] = "none"  # none, tensorboard, wandb, mlflow, trackio, or a list (the fronts always show progress)
 
     # --- hyperparameter search ------------------------------------------------------
-    sweep: Optional[dict] = None  # {config key: search space, n_trials, metric, direction, sampler}; see ftmagic/sweep.py
+    sweep: Optional[dict] = None  # {config key: search space, n_trials, metric, direction, sampler}; see ftmagic/sweep_spec.py
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -232,7 +232,7 @@ class FinetuneConfig:
                 fail("report_to", f"`report_to: {name}` is not accepted; use {', '.join(TRACKERS)} or a list of them"
                      + _suggest(str(name), TRACKERS, quote=False))
         if self.sweep is not None:
-            from ftmagic.sweep import parse_sweep
+            from ftmagic.sweep_spec import parse_sweep
 
             parse_sweep(self.sweep, self, source=source, lines=lines)
 

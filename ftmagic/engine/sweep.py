@@ -43,7 +43,7 @@ from ftmagic.errors import CheckpointError, ConfigError, FtmagicError
 from ftmagic.evalevents import SweepEnd, Trial
 from ftmagic.events import Eval, Message
 from ftmagic.memory import preflight
-from ftmagic.sweep import SweepSpec, best_cell, parse_sweep
+from ftmagic.sweep_spec import SweepSpec, best_cell, parse_sweep
 
 STORAGE_FILE = "sweep.optuna.log"  # Optuna's journal: every trial's params, reports and result
 SUMMARY_FILE = "sweep.json"
@@ -432,7 +432,7 @@ class SweepResult:
         """The best trial as a ready ``%%finetune`` cell: ``values`` (the cell or file as written; default:
         the config's non-default fields) with the sweep block replaced by the best values."""
         if values is None:
-            from ftmagic.sweep import changed_fields
+            from ftmagic.sweep_spec import changed_fields
 
             values = changed_fields(self.config) if self.config is not None else {}
         return best_cell(values, self.best_params, output_dir=str(Path(self.output_dir) / "best"), name=name)
