@@ -403,6 +403,10 @@ class FinetuneMagics(Magics):
             raise UsageError(f"--name {name!r} must be a Python variable name, e.g. `--name ft`")
         with as_usage_error():
             config = build_config(cell, flag_overrides(args), self.shell.user_ns)
+        if config.sweep is not None:
+            values = {**parse_yaml_mapping(cell or "", CELL_SOURCE)[0], **flag_overrides(args)}
+            run_sweep_cell(config, values, name, choose_progress(args.progress, self.shell), self.shell.user_ns)
+            return
         reporter = CellReporter(choose_progress(args.progress, self.shell))
         result = run_with_reporter(config, reporter)
         self.shell.user_ns[name] = result
@@ -457,6 +461,52 @@ class FinetuneMagics(Magics):
                 rows = [{"prompt": p, "tuned": result.generate(p, max_new_tokens=args.max_new_tokens)}
                         for p in prompts]
         display({"text/html": compare_table_html(rows), "text/plain": compare_table_text(rows)}, raw=True)
+
+
+def run_sweep_cell(config: FinetuneConfig, values: dict, name: str, mode: str, namespace: dict):
+    """A ``%%finetune`` cell with a ``sweep:`` block: run the search with a live table of trials,
+    then bind the best run to ``name`` and the whole sweep to ``<name>_sweep``.
+
+    ``values`` is the cell as written (``$variables`` unresolved), the base of the best trial's
+    ready cell.
+    """
+    from ftmagic.engine.sweep import sweep
+    from ftmagic.sweep_spec import parse_sweep
+
+    stop = threading.Event()
+    progress = printer = None
+    if mode == "widget":
+        from ftmagic.widgets.sweep import SweepProgress
+
+        progress = SweepProgress(stop)
+        progress.show()
+    elif mode == "text":
+        from ftmagic.textprogress import TextProgress
+
+        printer = TextProgress()
+    try:
+        with as_usage_error(), quiet_library_progress_bars(mode != "none"):
+            result = sweep(config, on_event=progress or printer, stop=stop)
+    except BaseException:
+        if progress is not None:
+            progress.finish()
+        raise
+    spec = parse_sweep(config.sweep, config)
+    cell = result.best_cell(values, name=name) if result.best_number is not None else None
+    if progress is not None:
+        progress.finish(cell, name, [s.key for s in spec.spaces if s.kind == "log_uniform"])
+    elif printer is not None:
+        printer.close()
+        if cell:
+            print("best configuration, ready to run as a cell:\n" + cell)
+    namespace[f"{name}_sweep"] = result
+    if result.best_number is None:
+        print(f"no trial completed; every trial is in `{name}_sweep` (see `{name}_sweep.trials`)")
+        return result
+    namespace[name] = result.best
+    if mode != "none":
+        print(f"best run (trial {result.best_number}) bound to `{name}`; every trial in `{name}_sweep`")
+    return result
 
 
 def run_with_reporter(config: FinetuneConfig, reporter: CellReporter):
