@@ -12,8 +12,9 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
   ``widgets/``, ``textprogress``, ``usage``, ``demo``: parse, validate, call, display;
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
-* core: ``config``, ``constants``, ``errors``, ``events``, ``methods``, ``units``, ``data/``
-  and ``memory/``: pure Python that never imports the engine or a front.
+* core: ``config``, ``constants``, ``errors``, ``events``, ``evalevents``, ``methods``,
+  ``scoring``, ``sweep_spec``, ``units``, ``data/`` and ``memory/``: pure Python that never
+  imports the engine or a front.
 
 Example::
 

@@ -13,7 +13,7 @@ Where each one writes, unless its own environment variables say otherwise:
 tensorboard   ``<output_dir>/runs`` (event files; ``tensorboard --logdir``)
 wandb         ``<root>/wandb``, project ``WANDB_PROJECT`` or the group name; offline
               with ``WANDB_MODE=offline``
-mlflow        ``MLFLOW_TRACKING_URI``, else the file store ``<root>/mlruns``;
+mlflow        ``MLFLOW_TRACKING_URI``, else a local SQLite store ``<root>/mlflow.db``;
               experiment ``MLFLOW_EXPERIMENT_NAME`` or the group name
 trackio       its local store (``TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``),
               project = the group name
@@ -245,6 +245,18 @@ class WandbSink(_Sink):
         self.run.finish(exit_code=0 if event.reason in ("finished", "early_stopping") else 1)
 
 
+def mlflow_local_uri(root) -> str:
+    """The local store used without ``MLFLOW_TRACKING_URI``: a SQLite file in ``root`` (MLflow's
+    recommended local backend; its plain-folder store no longer accepts new runs by default).
+
+    Example::
+
+        >>> mlflow_local_uri("/runs/a")
+        'sqlite:////runs/a/mlflow.db'
+    """
+    return "sqlite:///" + str(Path(root).resolve() / "mlflow.db")
+
+
 class MlflowSink(_Sink):
     """An MLflow run through ``MlflowClient``: params, metrics by step, tables as JSON artifacts, summary."""
 
@@ -252,7 +264,7 @@ class MlflowSink(_Sink):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.root / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_local_uri(self.root)
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", self.group)
         experiment = self.client.get_experiment_by_name(name)
