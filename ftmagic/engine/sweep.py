@@ -41,7 +41,7 @@ from ftmagic.engine.reporting import tracking_group
 from ftmagic.engine.run import finetune, resolve_config, run_identity
 from ftmagic.errors import CheckpointError, ConfigError, FtmagicError
 from ftmagic.evalevents import SweepEnd, Trial
-from ftmagic.events import Eval, Message
+from ftmagic.events import Eval, Message, Start
 from ftmagic.memory import preflight
 from ftmagic.sweep_spec import SweepSpec, best_cell, parse_sweep
 
@@ -233,6 +233,12 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
     trial = study.ask()
     params = _suggest(trial, spec)
     resume_dir = trial.user_attrs.get("resume_dir")
+    if resume_dir is not None:
+        # The grid sampler knows its points by `grid_id`; the resumed trial stands on its predecessor's.
+        old = study.get_trials(deepcopy=False)[trial.user_attrs["resumes"]]
+        for key in ("grid_id", "search_space"):
+            if key in old.system_attrs:
+                study._storage.set_trial_system_attr(trial._trial_id, key, old.system_attrs[key])
     folder = Path(resume_dir) if resume_dir else out / f"trial-{trial.number:03d}"
     trial.set_user_attr("output_dir", str(folder))
     base = dict(number=trial.number, params=params, metric=spec.metric, output_dir=str(folder), n_trials=spec.n_trials)
@@ -249,15 +255,20 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
     trial_stop = _Stop(stop)
     curve: list = []
 
+    total = {"steps": None}
+
     def on_trial_event(event) -> None:
         emit(event)
+        if isinstance(event, Start):
+            total["steps"] = event.max_steps
         if isinstance(event, Eval):
             value = event.eval_loss if spec.metric == "eval_loss" else event.metrics.get(spec.metric)
             if value is None or event.step == 0:
                 return  # step 0 is the base model: nothing of this trial's settings shows yet
             curve.append((event.step, value))
             trial.report(value, event.step)
-            if trial.should_prune():
+            # The last evaluation ends the trial anyway: its result counts in full, never as pruned.
+            if event.step != total["steps"] and trial.should_prune():
                 trial_stop.pruned = True
 
     started = time.perf_counter()

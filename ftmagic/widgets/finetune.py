@@ -404,7 +404,10 @@ class FinetuneMagics(Magics):
         with as_usage_error():
             config = build_config(cell, flag_overrides(args), self.shell.user_ns)
         if config.sweep is not None:
-            values = {**parse_yaml_mapping(cell or "", CELL_SOURCE)[0], **flag_overrides(args)}
+            # The best cell keeps the cell as written: `$variables` as typed, flags as their typed values.
+            flags = {key: value if key in _DATA_KEYS else getattr(config, key)
+                     for key, value in flag_overrides(args).items()}
+            values = {**parse_yaml_mapping(cell or "", CELL_SOURCE)[0], **flags}
             run_sweep_cell(config, values, name, choose_progress(args.progress, self.shell), self.shell.user_ns)
             return
         reporter = CellReporter(choose_progress(args.progress, self.shell))
