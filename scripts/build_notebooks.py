@@ -43,9 +43,9 @@ SKIP_TAG = "nbval-skip"
 
 # Source modules in the order they are built (and listed in the README).
 MODULES = [
-    "quickstart", "memory_calculator", "dataset_previewer", "qlora", "methods_comparison", "resume_and_merge",
+    "quickstart", "memory_calculator", "dataset_previewer", "qlora", "methods_comparison", "resume_and_merge", "sweep",
     "colab_quickstart", "colab_memory_calculator", "colab_dataset_previewer", "colab_qlora",
-    "colab_methods_comparison", "colab_resume_and_merge",
+    "colab_methods_comparison", "colab_resume_and_merge", "colab_sweep",
 ]
 
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}

@@ -169,3 +169,18 @@ def test_a_missing_tracker_is_one_line_naming_the_extra(name, package, monkeypat
     with pytest.raises(ConfigError, match=rf"^`report_to: {name}` needs the {package} package "
                                           r"\(pip install 'ftmagic\[tracking\]'\)$"):
         make_reporters(["none", name], tmp_path)
+
+
+def test_every_install_hint_names_an_extra_that_holds_its_package():
+    import tomllib
+
+    from ftmagic import scoring
+    from ftmagic.engine import lm_eval_hook, reporting, sweep
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    needs = {scoring.EXTRA_HINT: ("rouge-score", "sacrebleu"), sweep.EXTRA_HINT: ("optuna",),
+             lm_eval_hook.EXTRA_HINT: ("lm-eval",), reporting.EXTRA_HINT: ("tensorboard", "wandb", "mlflow", "trackio")}
+    for hint, packages in needs.items():
+        name = hint.split("[", 1)[1].split("]", 1)[0]
+        assert all(any(req.startswith(p) for req in extras[name]) for p in packages), (name, extras[name])
+        assert f"ftmagic[{name}]" in "".join(extras["test"]) or name in "".join(extras["test"])

@@ -95,7 +95,7 @@ def test_a_trial_behind_the_median_is_pruned(test_model_dir, tmp_path):
                             max_steps=4, eval_steps=2, save_steps=0)
     ended = [e for e in events if e["event"] == "trial" and e["state"] != "running"]
     assert [e["state"] for e in ended] == ["complete", "complete", "pruned", "complete"]
-    assert ended[2]["curve"] == [[2, 0.1]] and ended[2]["message"].startswith("pruned at step 2")
+    assert ended[2]["curve"] == [[0, 0.0], [2, 0.1]] and ended[2]["message"].startswith("pruned at step 2")
     assert json.loads((Path(ended[2]["output_dir"]) / "metrics.json").read_text())["steps"] == 2
     assert result.best_value == 0.7 and result.metric == "scripted" and result.direction == "maximize"
 

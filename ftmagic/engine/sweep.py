@@ -263,9 +263,11 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
             total["steps"] = event.max_steps
         if isinstance(event, Eval):
             value = event.eval_loss if spec.metric == "eval_loss" else event.metrics.get(spec.metric)
-            if value is None or event.step == 0:
-                return  # step 0 is the base model: nothing of this trial's settings shows yet
+            if value is None:
+                return
             curve.append((event.step, value))
+            if event.step == 0:
+                return  # the base model: nothing of this trial's settings shows yet, nothing to judge
             trial.report(value, event.step)
             # The last evaluation ends the trial anyway: its result counts in full, never as pruned.
             if event.step != total["steps"] and trial.should_prune():
