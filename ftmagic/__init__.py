@@ -1,7 +1,7 @@
 """ftmagic: fine-tune language models from a notebook.
 
-``%load_ext ftmagic`` registers ``%%finetune``, ``%ft_memory``, ``%ft_preview`` and
-``%%ft_generate``. The same engine runs from Python and from the ``ftmagic`` CLI.
+``%load_ext ftmagic`` registers ``%%finetune``, ``%ft_memory``, ``%ft_preview``,
+``%%ft_generate`` and ``%ft_export``. The same engine runs from Python and from the ``ftmagic`` CLI.
 
 Importing this package is cheap: torch, transformers and peft load only when a run
 starts, so the memory calculator and the magics answer at once.
@@ -13,8 +13,9 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
 * core: ``config``, ``constants``, ``errors``, ``events``, ``evalevents``, ``methods``,
-  ``scoring``, ``sweep_spec``, ``units``, ``data/`` and ``memory/``: pure Python that never
-  imports the engine or a front.
+  ``scoring``, ``sweep_spec``, ``units``, ``data/``, ``memory/`` and ``export/`` (what exports
+  share: targets, Modelfile, model card, summary): pure Python that never imports the engine
+  or a front.
 
 Example::
 
@@ -31,7 +32,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ftmagic.config import FinetuneConfig
-from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError, ModelError
+from ftmagic.errors import CheckpointError, ConfigError, DataError, ExportError, FtmagicError, MemoryFitError, ModelError
 
 __version__ = "0.1.0"
 
@@ -51,7 +52,7 @@ _LAZY = {
 
 __all__ = [
     "FinetuneConfig", "FtmagicError", "ConfigError", "DataError", "ModelError", "MemoryFitError",
-    "CheckpointError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
+    "CheckpointError", "ExportError", "load_ipython_extension", "unload_ipython_extension", *_LAZY,
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``ftmagic`` command line: ``train``, ``sweep``, ``demo``, ``estimate`` and ``preview``.
+"""The ``ftmagic`` command line: ``train``, ``sweep``, ``export``, ``demo``, ``estimate`` and ``preview``.
 
 Each sub-command lives in its own module under :mod:`ftmagic.commands` with two
 functions, ``add_parser(subparsers)`` and ``run(args) -> int``. Modules are imported
@@ -9,6 +9,7 @@ Every user mistake ends as ``ftmagic: error: <one line>`` on stderr with exit st
 Example::
 
     $ ftmagic train run.yaml --set lr=1e-4 --set epochs=2
+    $ ftmagic export runs/a --to gguf,ollama --quant q8_0
     $ ftmagic estimate llama-3.2-1b --method qlora --json
 """
 
@@ -23,6 +24,7 @@ from ftmagic.errors import FtmagicError
 
 COMMANDS = {
     "train": ("ftmagic.commands.train", "fine-tune a model from a YAML config"),
+    "export": ("ftmagic.commands.export", "take a finished run to merged weights, GGUF, Ollama or the Hub"),
     "demo": ("ftmagic.commands.demo", "offline demo: LoRA on the embedded tiny model, before/after table"),
     "sweep": ("ftmagic.commands.sweep", "hyperparameter search: the `sweep:` block of a YAML config, one run per trial"),
     "estimate": ("ftmagic.commands.estimate", "estimate the GPU memory a run needs and whether it fits"),

@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
@@ -114,6 +114,12 @@ class FinetuneConfig:
 
     # --- hyperparameter search ------------------------------------------------------
     sweep: Optional[dict] = None  # {config key: search space, n_trials, metric, direction, sampler}; see ftmagic/sweep_spec.py
+
+    # --- export when the run ends (the same as `ftmagic export` / `%ft_export` afterwards) ----
+    export: Union[str, list] = field(default_factory=list)  # any of merged, gguf, ollama, hub; none by default
+    gguf_quant: Union[str, list] = "q8_0"  # GGUF types; q8_0 is near-lossless, half of f16, no compiled llama.cpp
+    push_to_hub: Optional[str] = None  # `user/name`: upload the run (and what `export` made) with a model card
+    hub_private: bool = True  # a new Hub repository starts private, so nothing is published by accident
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -231,6 +237,7 @@ class FinetuneConfig:
             if name not in TRACKERS:
                 fail("report_to", f"`report_to: {name}` is not accepted; use {', '.join(TRACKERS)} or a list of them"
                      + _suggest(str(name), TRACKERS, quote=False))
+        self._validate_export(fail)
         if self.sweep is not None:
             from ftmagic.sweep_spec import parse_sweep
 
@@ -256,6 +263,21 @@ class FinetuneConfig:
         if self.best_metric != "eval_loss" and self.best_metric in METRICS and self.best_metric not in names:
             fail("best_metric", f"`best_metric: {self.best_metric}` is not computed; add it to `eval_metrics` "
                                 f"(now: {', '.join(names) or 'none'})")
+
+    def _validate_export(self, fail) -> None:
+        from ftmagic.export.targets import check_quants, check_targets
+
+        for key, check in (("export", check_targets), ("gguf_quant", check_quants)):
+            try:
+                chosen = check(getattr(self, key), key)
+            except ConfigError as exc:
+                fail(key, str(exc))
+        if not chosen:
+            fail("gguf_quant", "`gguf_quant` is empty; give at least one GGUF type, e.g. `gguf_quant: q8_0`")
+        if self.push_to_hub is not None and not _is_repo_id(self.push_to_hub):
+            fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be a Hub repository id like `user/name`")
+        if "hub" in check_targets(self.export) and not self.push_to_hub:
+            fail("export", "`export: hub` needs `push_to_hub: user/name` to know where to upload")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -315,6 +337,11 @@ def parse_yaml_mapping(text: str, source: str = "config") -> tuple[dict, dict]:
             for sub_node, _ in value_node.value:
                 lines[f"{key_node.value}.{sub_node.value}"] = sub_node.start_mark.line + 1
     return values, lines
+
+
+def _is_repo_id(value: str) -> bool:
+    parts = str(value).split("/")
+    return len(parts) == 2 and all(p and not any(c.isspace() for c in p) for p in parts)
 
 
 # Resolved field types (the module uses postponed annotations).

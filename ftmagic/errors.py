@@ -36,3 +36,7 @@ class MemoryFitError(FtmagicError):
 
 class CheckpointError(FtmagicError):
     """An output directory or checkpoint cannot be used as asked."""
+
+
+class ExportError(FtmagicError):
+    """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""

@@ -1,4 +1,4 @@
-"""IPython magics: ``%%finetune``, ``%%ft_generate``, ``%ft_memory`` and ``%ft_preview``.
+"""IPython magics: ``%%finetune``, ``%%ft_generate``, ``%ft_export``, ``%ft_memory`` and ``%ft_preview``.
 
 Each feature keeps its magics beside its widgets; this module only registers them.
 Nothing heavy is imported at registration: torch loads when a run starts.
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 
 def _magic_classes():
+    from ftmagic.widgets.export import ExportMagics
     from ftmagic.widgets.finetune import FinetuneMagics
     from ftmagic.widgets.memory import MemoryMagics
     from ftmagic.widgets.preview import PreviewMagics
 
-    return (FinetuneMagics, MemoryMagics, PreviewMagics)
+    return (FinetuneMagics, ExportMagics, MemoryMagics, PreviewMagics)
 
 
 def load_ipython_extension(ipython) -> None:

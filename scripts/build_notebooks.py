@@ -43,9 +43,10 @@ SKIP_TAG = "nbval-skip"
 
 # Source modules in the order they are built (and listed in the README).
 MODULES = [
-    "quickstart", "memory_calculator", "dataset_previewer", "qlora", "methods_comparison", "resume_and_merge", "sweep",
+    "quickstart", "memory_calculator", "dataset_previewer", "qlora", "methods_comparison", "resume_and_merge",
+    "export_gguf", "sweep",
     "colab_quickstart", "colab_memory_calculator", "colab_dataset_previewer", "colab_qlora",
-    "colab_methods_comparison", "colab_resume_and_merge", "colab_sweep",
+    "colab_methods_comparison", "colab_resume_and_merge", "colab_export_gguf", "colab_sweep",
 ]
 
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}

@@ -9,3 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install torch==2.13.0
 # The package with the test extra (pytest, nbval, the real tracking and export libraries).
 pip install -e '.[test]'
+# llama.cpp's GGUF converter is not on PyPI as a package: ftmagic takes it from the source
+# distribution of the llama-cpp-python it installed (pip's cache usually holds it already)
+# and keeps it in ~/.cache/ftmagic; fetching it here keeps the tests off the network.
+python -m ftmagic.engine.export.llamacpp

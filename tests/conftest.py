@@ -28,3 +28,6 @@ def test_tokenizer():
 def test_model_dir(tmp_path_factory, test_tokenizer):
     """Path of a tiny random Llama checkpoint with the test tokenizer, usable as `model:`."""
     return build_test_model_dir(tmp_path_factory.mktemp("tiny-llama"), test_tokenizer)
+
+
+from export_fixtures import tiny_eos_variant, tiny_lora_run  # noqa: E402,F401 - session fixtures of the export tests

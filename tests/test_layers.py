@@ -4,7 +4,7 @@
             usage, demo            -- may use the engine and the core
     engine  engine/                -- may use the core; never a front, IPython or ipywidgets
     core    config, constants, errors, events, evalevents, methods, scoring, sweep_spec, units, data/,
-            memory/
+            memory/, export/
                                    -- pure Python: never the engine or a front, never torch
 
 The walk reads every ``import`` statement (function-level ones too), so a lazy import
@@ -23,7 +23,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
 CORE = ("ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events", "ftmagic.methods", "ftmagic.units",
-        "ftmagic.data", "ftmagic.memory", "ftmagic.scoring", "ftmagic.evalevents", "ftmagic.sweep_spec")
+        "ftmagic.data", "ftmagic.memory", "ftmagic.export", "ftmagic.scoring", "ftmagic.evalevents",
+        "ftmagic.sweep_spec")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).
 ENGINE_LIBRARIES = ("torch", "peft", "accelerate", "bitsandbytes", "safetensors")

@@ -41,10 +41,12 @@ def _left_padding(tokenizer):
 
 
 def generate_batch(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = GENERATION_BATCH,
-                   do_sample: bool = False, autocast=None, **kwargs) -> list:
+                   do_sample: bool = False, autocast=None, end_ids=None, **kwargs) -> list:
     """Answers to already rendered prompt ``texts`` (template applied), in their order.
 
     The model is put in eval mode for the call and restored; no gradients; greedy by default.
+    An answer ends at any of ``end_ids`` (default: the tokenizer's EOS; the training template's
+    end-of-turn token too, as :meth:`RunResult.end_token_ids` gives).
 
     Example::
 
@@ -67,7 +69,8 @@ def generate_batch(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
                 enc = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=end_ids or tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id,
                                         **kwargs)
                 new = output[:, enc["input_ids"].shape[1]:]
                 for i, row in zip(chunk, new):
@@ -94,7 +97,12 @@ class GenerationEvaluator:
         self.plan = plan
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.texts = [render_prompt(tokenizer, list(p.messages), template=template) for p in self.prompts]
+        from ftmagic.data.portable import answer_end_ids
+        from ftmagic.data.templates import ChatTemplate, resolve_template
+
+        tpl = template if isinstance(template, ChatTemplate) else resolve_template(tokenizer, template)
+        self.texts = [render_prompt(tokenizer, list(p.messages), template=tpl) for p in self.prompts]
+        self.end_ids = answer_end_ids(tokenizer, tpl)  # the same ends as RunResult.generate
         self.last_answers: list = []  # every answer of the latest call (the event carries at most TABLE_ROWS)
 
     def answers(self, model) -> list:
@@ -102,7 +110,7 @@ class GenerationEvaluator:
         if self.plan is not None and getattr(self.plan, "autocast", False):
             autocast = torch.autocast(device_type=self.plan.device, dtype=self.plan.torch_dtype)
         return generate_batch(model, self.tokenizer, self.texts, max_new_tokens=self.max_new_tokens,
-                              batch_size=self.batch_size, autocast=autocast)
+                              batch_size=self.batch_size, autocast=autocast, end_ids=self.end_ids)
 
     def __call__(self, model, step: int) -> tuple:
         started = time.perf_counter()

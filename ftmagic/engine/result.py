@@ -1,8 +1,11 @@
 """What a run gives back: metrics, history, and a model you can talk to.
 
 ``generate`` renders the prompt with the exact template the training data used (the
-data layer's :func:`ftmagic.data.render_prompt`) and stops at the tokenizer's EOS, so
-what you see is what the model learned. ``compare`` answers the same prompts with the
+data layer's :func:`ftmagic.data.render_prompt`) and stops at every token that ends an
+answer (EOS and the template's end-of-turn token, the same list the saved
+``generation_config.json`` holds), so what you see is what the model learned and what
+any other runtime reading the saved folder produces. ``export`` takes the run to merged
+weights, GGUF, Ollama and the Hub (:mod:`ftmagic.engine.export`). ``compare`` answers the same prompts with the
 base model (adapter switched off, or the original weights) and with the tuned one.
 
 Example::
@@ -12,6 +15,7 @@ Example::
     print(result.generate("reverse: hello"))
     for row in result.compare(["reverse: abc", "reverse: xyz"]):
         print(row["prompt"], row["base"], row["tuned"])
+    print(result.export(["gguf", "ollama"]))
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class RunResult:
         self._model = model
         self._tokenizer = tokenizer
         self._base = None  # the original model, loaded on demand for methods without adapters
+        self._end_ids = None  # token ids that end an answer, computed on first generation
+        self.exports = None  # the ExportSummary of the export the config asked for at the end of the run
+        self.export_error: Optional[str] = None  # why that export failed (the run itself is saved)
 
     def __repr__(self) -> str:
         loss = self.metrics.get("train_loss")
@@ -161,7 +168,7 @@ class RunResult:
         return render_prompt(self.tokenizer, prompt, template=template, system_prompt=system)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> str:
-        """Answer ``prompt`` with the tuned model; greedy by default, stops at EOS.
+        """Answer ``prompt`` with the tuned model; greedy by default, stops at the end of the answer.
 
         Example::
 
@@ -227,6 +234,43 @@ class RunResult:
         return run_lm_eval(self.model, self.tokenizer, tasks, include_path=include_path, limit=limit,
                            num_fewshot=num_fewshot, batch_size=batch_size, **kwargs)
 
+    def generate_ids(self, prompt, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list:
+        """The answer's token ids, the end token included (what ``generate`` decodes).
+
+        Example::
+
+            result.generate_ids("reverse: abc")   # e.g. [72, 71, 70, 2]
+        """
+        return self._generate_ids(self.model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+
+    def end_token_ids(self) -> list:
+        """Every token id that ends an answer: EOS and the training template's end-of-turn token."""
+        if self._end_ids is None:
+            from ftmagic.data.portable import answer_end_ids
+            from ftmagic.data.templates import resolve_template
+
+            self._end_ids = answer_end_ids(self.tokenizer, resolve_template(self.tokenizer, self.config.template))
+        return self._end_ids
+
+    def export(self, to, *, quant=None, repo_id: Optional[str] = None, overwrite: bool = False,
+               private: Optional[bool] = None, on_event=None, hub_api=None):
+        """Export the run: ``to`` is any of ``merged``, ``gguf``, ``ollama``, ``hub`` (a list or ``"a,b"``).
+
+        ``quant``: GGUF types such as ``"q8_0"`` or ``["f16", "q4_k_m"]`` (default: ``gguf_quant``);
+        ``repo_id``: ``user/name`` for the Hub (default: ``push_to_hub``). Existing files are
+        never replaced unless ``overwrite=True``. Returns an ``ExportSummary`` (files, sizes,
+        commands); printing it shows them.
+
+        Example::
+
+            print(result.export("gguf", quant=["f16", "q8_0"]))
+            result.export("hub", repo_id="me/reverse-words")
+        """
+        from ftmagic.engine.export import export_run
+
+        return export_run(self, to, quant=quant, repo_id=repo_id, overwrite=overwrite, private=private,
+                          on_event=on_event, hub_api=hub_api)
+
     def compare(self, prompts, max_new_tokens: int = 64) -> list[dict]:
         """Base against tuned: ``[{"prompt", "base", "tuned"}, ...]`` (greedy decoding).
 
@@ -254,7 +298,11 @@ class RunResult:
             self._base.eval()
         yield self._base
 
-    def _generate(self, model, prompt: str, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> str:
+    def _generate(self, model, prompt, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> str:
+        new = self._generate_ids(model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def _generate_ids(self, model, prompt, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> list:
         tok = self.tokenizer
         text = self.render(prompt)
         # The rendered text already holds any BOS the template wants; adding another would
@@ -268,7 +316,6 @@ class RunResult:
             # peft's prompt tuning notes that it ignores position ids; nothing for the user to act on.
             warnings.filterwarnings("ignore", message="Position ids are not supported")
             output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+                                    eos_token_id=self.end_token_ids(), pad_token_id=tok.pad_token_id, **kwargs)
         model.train(was_training)
-        new = output[0, enc["input_ids"].shape[1]:]
-        return tok.decode(new, skip_special_tokens=True).strip()
+        return output[0, enc["input_ids"].shape[1]:].tolist()

@@ -34,6 +34,8 @@ from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.generation import evaluator_for
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
+from ftmagic.engine.export import export_after_run
+from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, enable_gradient_checkpointing, get_method
 from ftmagic.engine.models import load_model, load_tokenizer, quiet_progress, resolve_model_path
@@ -48,14 +50,15 @@ from ftmagic.methods import get_method_spec
 # keeps the run "the same" for output_dir protection and resume.
 _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "max_steps", "epochs", "save_steps",
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
-                     "output_dir", "precision", "optimizer", "gradient_checkpointing",
+                     "output_dir", "precision", "optimizer", "gradient_checkpointing", "export", "gguf_quant",
+                     "push_to_hub", "hub_private",
                      # what evaluations measure and how a search varies the run, not what one run trains:
                      "eval_metrics", "eval_max_new_tokens", "best_metric", "sweep")
 # Files a finished or crashed run leaves; only these are replaced when a run starts over.
 _OUTPUT_NAMES = ("checkpoints", "merged", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "config.json", "generation_config.json", "config.yaml", "metrics.json", "history.json", RUN_FILE,
                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "README.md", "model.safetensors.index.json")
+                 "README.md", "model.safetensors.index.json", "gguf")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
@@ -183,10 +186,12 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop) -> RunResult:
     model.eval()
     _write_outputs(out, model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method, metrics=metrics,
                    history=outcome.history, model_path=model_path, emit=emit)
+    result = RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
+                       model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
+                       plan=dataclasses.asdict(plan))
+    export_after_run(result, emit)  # the config's `export:` and `push_to_hub:` keys, if any
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
-    return RunResult(output_dir=str(out), metrics=metrics, history=outcome.history, config=cfg,
-                     model=model, tokenizer=tokenizer, base_model_path=model_path, method=plan.method,
-                     plan=dataclasses.asdict(plan))
+    return result
 
 
 def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
@@ -326,7 +331,9 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
     # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
     with quiet_progress():
         model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
+    save_tokenizer(out, tokenizer, cfg)
+    write_generation_config(out, tokenizer, cfg, base_dir=model_path)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     (out / "history.json").write_text(json.dumps(history), encoding="utf-8")
@@ -344,19 +351,21 @@ def _write_outputs(out: Path, *, model, tokenizer, cfg, plan: DevicePlan, method
             emit(Message(f"merged weights written to {out / 'merged'}"))
 
 
-def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu") -> str:
+def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``."""
     from peft import PeftModel
 
     from ftmagic.engine.models import load_model, load_tokenizer, quiet_peft
 
-    dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
+    if dtype is None:
+        dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
     base = load_model(base_path, device=device, weight_dtype=dtype)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with quiet_progress():
         merged.save_pretrained(str(target))
     load_tokenizer(str(adapter_dir)).save_pretrained(str(target))
+    copy_generation_config(adapter_dir, target)
     return str(target)
 
 

@@ -47,9 +47,10 @@ def colab_badge(name: str) -> nbformat.NotebookNode:
               '<img src="https://colab.research.google.com/assets/colab-badge.svg" alt="Open In Colab"/></a>')
 
 
-def colab_install() -> nbformat.NotebookNode:
-    """``%pip install`` (tagged nbval-skip: CI tests the checkout it runs in)."""
-    return code(f'%pip install -q "{INSTALL_SPEC}"', SKIP)
+def colab_install(extras: str = "") -> nbformat.NotebookNode:
+    """``%pip install`` (tagged nbval-skip: CI tests the checkout it runs in); ``extras`` e.g. ``"gguf"``."""
+    spec = INSTALL_SPEC.replace("ftmagic @", f"ftmagic[{extras}] @") if extras else INSTALL_SPEC
+    return code(f'%pip install -q "{spec}"', SKIP)
 
 
 def colab_gpu_check() -> list:
@@ -107,6 +108,6 @@ def colab_drive(run_name: str) -> list:
     ]
 
 
-def colab_intro(name: str, title: str, text: str) -> list:
-    """Badge, title and the first paragraph, then install, GPU check."""
-    return [colab_badge(name), md(f"# {title}\n\n" + _text(text)), colab_install(), *colab_gpu_check()]
+def colab_intro(name: str, title: str, text: str, extras: str = "") -> list:
+    """Badge, title and the first paragraph, then install (with ``extras``), GPU check."""
+    return [colab_badge(name), md(f"# {title}\n\n" + _text(text)), colab_install(extras), *colab_gpu_check()]

@@ -18,7 +18,7 @@ CELLS = [
     import ftmagic
 
     GiB = 2**30
-    for method in ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "bitfit", "freeze"]:
+    for method in ["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "freeze"]:
         est = ftmagic.estimate_memory("mistral-7b", method=method, batch_size=2, seq_len=1024,
                                       gradient_checkpointing=True, bf16_supported=False)
         print(f"{method:<14} trainable {est.trainable_params:>15,}   peak {est.total_gib:6.1f} GiB")

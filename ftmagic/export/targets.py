@@ -1,0 +1,88 @@
+"""Where a finished run can go, and the GGUF types it can be written in.
+
+One home for the names that the config (``export:``, ``gguf_quant:``), the CLI
+(``ftmagic export --to ... --quant ...``), ``%ft_export`` and the engine accept.
+
+A GGUF type is made by one of two llama.cpp tools: its Python converter
+(``convert_hf_to_gguf.py``, which writes ``f32``, ``f16``, ``bf16`` and ``q8_0`` itself) or
+its compiled quantizer (``llama_model_quantize``, shipped with llama-cpp-python), which
+turns an ``f16`` file into the k-quants and the other block types.
+
+Example::
+
+    >>> check_targets(["gguf", "hub"])
+    ['gguf', 'hub']
+    >>> check_quants("q4_k_m")
+    ['q4_k_m']
+    >>> GGUF_TYPES["q4_k_m"].tool
+    'quantizer'
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+from ftmagic.errors import ConfigError
+
+# In the order they are produced: a GGUF is converted from the merged model, the Modelfile
+# points at a GGUF, and the Hub upload can carry all of them.
+EXPORT_TARGETS = ("merged", "gguf", "ollama", "hub")
+
+
+@dataclass(frozen=True)
+class GgufType:
+    """How one GGUF type is made: by the ``converter`` or the ``quantizer``, and llama.cpp's file-type name."""
+
+    name: str
+    tool: str  # "converter" or "quantizer"
+    ftype: str  # the LLAMA_FTYPE_* constant of llama.cpp (llama_cpp.<ftype> in llama-cpp-python)
+
+
+def _types(tool: str, names: str) -> dict:
+    out = {}
+    for name in names.split():
+        suffix = name.upper()
+        ftype = "LLAMA_FTYPE_ALL_F32" if name == "f32" else f"LLAMA_FTYPE_MOSTLY_{suffix}"
+        out[name] = GgufType(name, tool, ftype)
+    return out
+
+
+GGUF_TYPES = {
+    **_types("converter", "f16 q8_0 bf16 f32"),
+    **_types("quantizer", "q4_k_m q5_k_m q6_k q4_k_s q5_k_s q3_k_m q3_k_s q3_k_l q2_k q4_0 q4_1 q5_0 q5_1"),
+}
+DEFAULT_QUANT = "q8_0"  # near-lossless, half the size of f16, and needs no compiled llama.cpp
+
+
+def _as_list(value: Union[None, str, Iterable]) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(v).strip() for v in value]
+
+
+def _check(values: list, allowed, key: str) -> list:
+    out = []
+    for value in values:
+        name = value.lower()
+        if name not in allowed:
+            close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}{hint}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_targets(value, key: str = "export") -> list:
+    """Validated export targets, in production order (``"gguf,hub"`` and lists both work)."""
+    chosen = _check(_as_list(value), EXPORT_TARGETS, key)
+    return [t for t in EXPORT_TARGETS if t in chosen]
+
+
+def check_quants(value, key: str = "gguf_quant") -> list:
+    """Validated GGUF types, in the order given (``"f16,q8_0"`` and lists both work)."""
+    return _check(_as_list(value), GGUF_TYPES, key)
