@@ -45,6 +45,7 @@ def test_generate_batch_matches_one_prompt_at_a_time(test_model_dir, tmp_path):
     result, _ = _train(test_model_dir, tmp_path / "out", max_steps=2, eval_steps=0)
     prompts = ["reverse: a", "reverse: hello world python", "reverse: tensor"]
     batched = generate_batch(result.model, result.tokenizer, [result.render(p) for p in prompts], max_new_tokens=6,
+                             end_ids=result.end_token_ids(),
                              batch_size=3)
     assert batched == [result.generate(p, max_new_tokens=6) for p in prompts]
 
