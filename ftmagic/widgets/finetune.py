@@ -390,6 +390,10 @@ class FinetuneMagics(Magics):
         saves a checkpoint, as does the kernel's interrupt; `--resume` continues from the
         newest checkpoint in `output_dir`.
 
+        A `sweep:` block (or `--sweep '{lr: [1.0e-4, 3.0e-4]}'`) runs a hyperparameter search
+        instead: one run per trial, a live table of trials, the best run bound to `--name` and
+        the whole search to `<name>_sweep`.
+
         Example::
 
             %%finetune --max-steps 100 --lora-r 8
