@@ -124,3 +124,20 @@ def test_sweep_widget_fed_with_events_and_its_static_summary():
     assert text.splitlines()[2].split() == ["trial", "lr", "exact_match", "state", "time"]
     assert text.endswith("best configuration:\n%%finetune --name ft\nlr: 0.001")
     progress.close()
+
+
+def test_a_resumed_sweep_shows_the_trials_of_earlier_sessions(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    from ftmagic.widgets.sweep import SweepProgress
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda bundle, raw=False: shown.append(bundle))
+    progress = SweepProgress()  # no trial ran in this session: every trial comes from the sweep's record
+    progress(SweepEnd(metric="exact_match", direction="maximize", best_number=1, best_value=0.9,
+                      best_params={"lr": 0.01, "lora_r": 16}, counts={"complete": 2, "pruned": 1, "skipped": 1}))
+    progress.finish(trials=TRIALS, keys=["lr", "lora_r"])
+    text = shown[0]["text/plain"]
+    assert [line.split()[0] for line in text.splitlines()[3:]] == ["0", "1", "2", "3"]
+    assert shown[0]["text/html"].count("<circle") == 6  # three trials with a value, in two plots

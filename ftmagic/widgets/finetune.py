@@ -501,9 +501,13 @@ def run_sweep_cell(config: FinetuneConfig, values: dict, name: str, mode: str, n
     spec = parse_sweep(config.sweep, config)
     cell = result.best_cell(values, name=name) if result.best_number is not None else None
     if progress is not None:
-        progress.finish(cell, name, [s.key for s in spec.spaces if s.kind == "log_uniform"])
+        progress.finish(cell, name, [s.key for s in spec.spaces if s.kind == "log_uniform"], trials=result.trials,
+                        keys=spec.keys)
     elif printer is not None:
+        from ftmagic.widgets.sweep import trials_table_text
+
         printer.close()
+        print(trials_table_text(result.trials, spec.keys, spec.metric))
         if cell:
             print("best configuration, ready to run as a cell:\n" + cell)
     namespace[f"{name}_sweep"] = result

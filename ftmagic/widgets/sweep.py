@@ -193,6 +193,17 @@ class SweepState:
             self.current.update(event)
         return kind
 
+    def absorb(self, trials: Sequence[dict], keys: Sequence[str] = ()) -> None:
+        """Take the trials from the sweep's own record (``sweep.json``), in place of the events' view."""
+        for key in keys:
+            if key not in self.keys:
+                self.keys.append(key)
+        for t in trials:
+            self.trials[t["number"]] = dict(t)
+            for key in t.get("params", {}):
+                if key not in self.keys:
+                    self.keys.append(key)
+
     @property
     def trial_list(self) -> list:
         return [self.trials[n] for n in sorted(self.trials)]
@@ -274,9 +285,16 @@ class SweepProgress:
 
         self.handle = display(self.widget, display_id=True)
 
-    def finish(self, cell: Optional[str] = None, name: Optional[str] = None, log_keys: Sequence[str] = ()) -> None:
-        """Replace the live widget with the static summary (table, plots, best cell)."""
+    def finish(self, cell: Optional[str] = None, name: Optional[str] = None, log_keys: Sequence[str] = (),
+               trials: Optional[Sequence[dict]] = None, keys: Sequence[str] = ()) -> None:
+        """Replace the live widget with the static summary (table, plots, best cell).
+
+        ``trials`` (the sweep's record, e.g. ``SweepResult.trials``) replace what the events
+        said, so a resumed sweep shows the trials of earlier sessions too.
+        """
         from IPython.display import display
+
+        self.state.absorb(trials or [], keys)
 
         bundle = {"text/html": sweep_summary_html(self.state, cell, name, log_keys),
                   "text/plain": sweep_summary_text(self.state, cell)}

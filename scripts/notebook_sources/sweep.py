@@ -92,8 +92,11 @@ CELLS = [
     ## The key figure
 
     Exact match on the 100 held-out words after 400 steps, the demo's default settings against
-    the best trial of the search. The sweep found PLACEHOLDER_FINDING. CI re-runs this notebook and fails
-    if the best trial scores below PLACEHOLDER_STATED or below the default.
+    the best trial of the search. When this notebook was built, the default reversed 7% of the words exactly
+    and the best trial, `lr: 5.0e-3` with `lora_r: 16`, 65%: at this budget the default
+    learning rate is too low to reach the point where the skill appears (the curves below
+    jump between steps 200 and 300), and `8.0e-3` overshoots. CI re-runs this notebook and
+    fails if the best trial scores below 60% or below the default.
     """),
     code("""
     default = next(t for t in ft_sweep.trials if t["params"] == {"lr": DEMO_CONFIG["lr"], "lora_r": DEMO_CONFIG["lora_r"]})
@@ -101,7 +104,7 @@ CELLS = [
     print(f"default (lr {DEMO_CONFIG['lr']}, r {DEMO_CONFIG['lora_r']}): exact match {default['value']:.0%}")
     print(f"best    ({', '.join(f'{k} {v}' for k, v in ft_sweep.best_params.items())}): exact match {best:.0%}")
     assert best >= default["value"], (best, default)
-    assert best >= 0.0, best   # the figure the text above states
+    assert best >= 0.60, best   # the figure the text above states
     """),
     md("""
     The curves behind it: each trial's exact match at every evaluation (step 0 is the base
