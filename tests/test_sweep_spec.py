@@ -89,3 +89,12 @@ def test_best_cell_keeps_the_cell_as_written():
     assert cfg.lr == 0.003162 and cfg.sweep is None
     cfg = FinetuneConfig(data=[{"text": "a"}], lr=1e-3, sweep={"lr": [1e-3]}, val_split=0.1)
     assert changed_fields(cfg) == {"data": "$data", "lr": 1e-3, "val_split": 0.1, "sweep": {"lr": [1e-3]}}
+
+
+def test_the_sweep_flag_of_the_magic():
+    from ftmagic.widgets.finetune import FinetuneMagics, build_config, flag_overrides, parse_line
+
+    args = parse_line(FinetuneMagics.finetune, "--sweep '{lr: [1.0e-4, 1.0e-3], n_trials: 2}' --val-split 0.1")
+    overrides = flag_overrides(args)
+    assert overrides["sweep"] == {"lr": [1e-4, 1e-3], "n_trials": 2}
+    assert build_config("model: tiny\n", overrides).sweep == {"lr": [1e-4, 1e-3], "n_trials": 2}
