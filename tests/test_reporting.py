@@ -184,3 +184,13 @@ def test_every_install_hint_names_an_extra_that_holds_its_package():
         name = hint.split("[", 1)[1].split("]", 1)[0]
         assert all(any(req.startswith(p) for req in extras[name]) for p in packages), (name, extras[name])
         assert f"ftmagic[{name}]" in "".join(extras["test"]) or name in "".join(extras["test"])
+
+
+def test_a_sweep_groups_its_trials_in_one_project(tmp_path):
+    from ftmagic.engine.reporting import make_reporters, tracking_group
+
+    (alone,) = make_reporters("mlflow", tmp_path / "run")
+    assert (alone.group, alone.root, alone.run_name) == ("ftmagic", tmp_path / "run", "run")
+    with tracking_group(tmp_path / "search", "search"):
+        sinks = make_reporters(["mlflow", "wandb"], tmp_path / "search" / "trial-003")
+    assert {(s.group, s.root, s.run_name) for s in sinks} == {("search", tmp_path / "search", "trial-003")}
