@@ -215,3 +215,17 @@ def test_finetune_cell_with_a_sweep_block_binds_the_best_run(test_model_dir, tmp
         assert f"best run (trial {everything.best_number}) bound to `tuned`; every trial in `tuned_sweep`" in out
     finally:
         shell.run_line_magic("unload_ext", "ftmagic")
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_random_and_tpe_sample_ranges(test_model_dir, tmp_path, sampler):
+    block = {"lr": {"log_uniform": [1e-4, 1e-2]}, "lora_r": {"int": [2, 8], "step": 2}, "n_trials": 2,
+             "sampler": sampler}
+    result, events = _sweep(test_model_dir, tmp_path / "s", block, max_steps=1)
+    ended = [e for e in events if e["event"] == "trial" and e["state"] != "running"]
+    assert [e["state"] for e in ended] == ["complete", "complete"]
+    for e in ended:
+        assert 1e-4 <= e["params"]["lr"] <= 1e-2 and e["params"]["lora_r"] in (2, 4, 6, 8)
+        assert json.loads((Path(e["output_dir"]) / "config.yaml").read_text().split("lora_r: ")[1].split("\n")[0]) \
+            == e["params"]["lora_r"]
+    assert len({e["params"]["lr"] for e in ended}) == 2
