@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import math
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 from ftmagic.textprogress import RunState, format_duration, format_loss
@@ -258,10 +259,19 @@ class SweepProgress:
         self.table = w.HTML(value="")
         self.plots = w.HTML(value="")
         self.widget = w.VBox([w.HBox([self.header, self.button]), self.current, self.table, self.plots])
+        self._side_channel: Any = None  # how a click reaches a busy kernel (liveclicks)
+        self._last_poll = 0.0
 
     def __call__(self, event) -> None:
         from ftmagic.widgets.progress import status_html
 
+        now = time.monotonic()
+        if self._side_channel is not None and not self.stop.is_set() and now - self._last_poll >= 0.1:
+            self._last_poll = now
+            try:
+                self._side_channel.poll()  # let a waiting Stop click in
+            except Exception:  # the click plumbing must never break a sweep; the interrupt still works
+                self._side_channel = None
         kind = self.state.update(event)
         if kind in ("trial", "sweep_end"):
             done = sum(1 for t in self.state.trials.values() if t["state"] != "running")
@@ -284,6 +294,9 @@ class SweepProgress:
         from IPython.display import display
 
         self.handle = display(self.widget, display_id=True)
+        from ftmagic.widgets.liveclicks import open_side_channel
+
+        self._side_channel = open_side_channel(self.button)
 
     def finish(self, cell: Optional[str] = None, name: Optional[str] = None, log_keys: Sequence[str] = (),
                trials: Optional[Sequence[dict]] = None, keys: Sequence[str] = ()) -> None:
@@ -305,6 +318,9 @@ class SweepProgress:
         self.close()
 
     def close(self) -> None:
+        if self._side_channel is not None:
+            self._side_channel.close()
+            self._side_channel = None
         for child in (self.header, self.button, self.current, self.table, self.plots):
             child.close()
         self.widget.close()
