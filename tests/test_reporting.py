@@ -46,7 +46,8 @@ def tracked_run(tmp_path_factory, test_model_dir):
                                         "logs": SQLiteStorage.get_logs("ftmagic", "out"),
                                         "config": SQLiteStorage.get_run_config("ftmagic", "out")}}, default=str))
     """)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=str(tmp))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {line.split("=", 1)[0]: json.loads(line.split("=", 1)[1]) for line in done.stdout.splitlines()
              if line.startswith(("METRICS=", "TRACKIO="))}
@@ -138,6 +139,8 @@ def test_mlflow_local_store(tracked_run):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     chrf = client.get_metric_history(run.info.run_id, "eval/chrf")
     assert [m.step for m in chrf] == [0, 2, 4] and chrf[-1].value == pytest.approx(metrics["eval_metrics"]["chrf"])
+    assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())  # beside the store, not in the cwd
+    assert not (out.parent / "mlruns").exists()
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "generations"} <= files
     local = Path(client.download_artifacts(run.info.run_id, "generations/step_000004.json", str(out / "dl")))

@@ -13,7 +13,8 @@ Where each one writes, unless its own environment variables say otherwise:
 tensorboard   ``<output_dir>/runs`` (event files; ``tensorboard --logdir``)
 wandb         ``<root>/wandb``, project ``WANDB_PROJECT`` or the group name; offline
               with ``WANDB_MODE=offline``
-mlflow        ``MLFLOW_TRACKING_URI``, else a local SQLite store ``<root>/mlflow.db``;
+mlflow        ``MLFLOW_TRACKING_URI``, else a local SQLite store ``<root>/mlflow.db`` (artifacts
+              in ``<root>/mlartifacts``);
               experiment ``MLFLOW_EXPERIMENT_NAME`` or the group name
 trackio       its local store (``TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``),
               project = the group name
@@ -268,7 +269,10 @@ class MlflowSink(_Sink):
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", self.group)
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        # Artifacts beside the store, not in MLflow's default `./mlruns` under whatever folder the process runs in.
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI")
+            else (self.root / "mlartifacts").resolve().as_uri())
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in self.config.items() if v is not None]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
