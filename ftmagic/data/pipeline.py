@@ -1,9 +1,10 @@
 """``prepare_data(config, tokenizer)``: everything the engine trains and evaluates on.
 
 Steps: read each source (strict: a malformed line is a one-line ``DataError``), encode
-every record (:mod:`ftmagic.data.build`), hold out ``val_split`` of each source (unless
-``eval_data`` is given), mix sources by weight, and pack if asked. All random choices
-come from ``config.seed``.
+every record (:mod:`ftmagic.data.build`), hold out ``eval_prompts: N`` records for
+evaluation by generation (:mod:`ftmagic.data.eval_prompts`) and ``val_split`` of each
+source (unless ``eval_data`` is given), mix sources by weight, and pack if asked. All
+random choices come from ``config.seed``.
 
 Several sources: ``data`` is a list of ``{path: ..., weight: ...}`` or ``{data: ..., weight: ...}``
 (optional ``format`` and ``columns`` per source). ``weight`` multiplies a source's share:
@@ -99,27 +100,26 @@ def prepare_data(config, tokenizer) -> PreparedData:
     sources = data_sources(config.data)
     built = [_build(src, config, tokenizer) for src in sources]
 
-    # Per source: its examples, the part held out for validation, and each example's conversation
-    # (evaluation by generation answers the held-out conversations).
-    parts = []
+    # Each example's conversation: evaluation by generation answers the held-out ones.
     conversation_of: dict = {}
+    pools = []
     for src, b in zip(sources, built):
-        examples = b.examples
-        if not examples:
+        if not b.examples:
             first = b.problems[0] if b.problems else None
             raise DataError(f"{src.name}: no usable records" + (f"; first problem: {first}" if first else ""))
         conversation_of.update((id(e), c) for e, c in zip(b.encoded, b.conversations) if e is not None)
-        eval_part: list = []
-        if config.eval_data is None and config.val_split > 0:
-            examples, eval_part = _split(examples, config.val_split, rng, src.name)
-        parts.append([examples, eval_part])
+        pools.append(b.examples)
     prompt_examples = None
     if _is_count(getattr(config, "eval_prompts", None)):
-        prompt_examples = _hold_out(parts, config.eval_prompts, random.Random(config.seed + 1))
+        # Its own random stream, so the validation split and the mixing below are what they are without it.
+        prompt_examples = _hold_out(pools, config.eval_prompts, random.Random(config.seed + 1))
 
     train, held_out = [], []
     per_source = []
-    for src, b, (examples, eval_part) in zip(sources, built, parts):
+    for src, b, examples in zip(sources, built, pools):
+        eval_part: list = []
+        if config.eval_data is None and config.val_split > 0:
+            examples, eval_part = _split(examples, config.val_split, rng, src.name)
         mixed = _weighted(examples, src.weight, rng)
         train.extend(mixed)
         held_out.extend(eval_part)
@@ -184,20 +184,17 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _hold_out(parts: list, n: int, rng: random.Random) -> list:
-    """Take ``n`` examples out of the training parts (at random, across sources) for evaluation by generation."""
-    pool = [(i, k) for i, (examples, _) in enumerate(parts) for k in range(len(examples))]
-    if n >= len(pool):
-        raise DataError(f"`eval_prompts: {n}` holds out more records than `data` has for training ({len(pool)}); "
+def _hold_out(pools: list, n: int, rng: random.Random) -> list:
+    """Take ``n`` examples out of the sources' pools (at random, across sources) for evaluation by generation."""
+    index = [(i, k) for i, examples in enumerate(pools) for k in range(len(examples))]
+    if n >= len(index):
+        raise DataError(f"`eval_prompts: {n}` holds out more records than `data` has for training ({len(index)}); "
                         f"use a smaller number")
-    chosen = sorted(rng.sample(range(len(pool)), n))
-    taken = [pool[c] for c in chosen]
-    held = [parts[i][0][k] for i, k in taken]
-    drop: dict = {}
-    for i, k in taken:
-        drop.setdefault(i, set()).add(k)
-    for i, ks in drop.items():
-        parts[i][0] = [e for k, e in enumerate(parts[i][0]) if k not in ks]
+    taken = [index[c] for c in sorted(rng.sample(range(len(index)), n))]
+    held = [pools[i][k] for i, k in taken]
+    for i in {i for i, _ in taken}:
+        drop = {k for j, k in taken if j == i}
+        pools[i] = [e for k, e in enumerate(pools[i]) if k not in drop]
     return held
 
 
