@@ -13,9 +13,10 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
 * core: ``adapters`` (what a saved adapter folder holds), ``config``, ``constants``,
-  ``errors``, ``events``, ``hub``, ``methods``, ``objectives``, ``strategies``, ``units``, ``data/``, ``memory/``
-  and ``export/`` (what exports share: targets, Modelfile, model card, summary): pure Python
-  that never imports the engine or a front.
+  ``errors``, ``events``, ``evalevents``, ``hub``, ``methods``, ``objectives``, ``scoring``,
+  ``strategies``, ``sweep_spec``, ``units``, ``data/``, ``memory/`` and ``export/`` (what
+  exports share: targets, Modelfile, model card, summary): pure Python that never imports
+  the engine or a front.
 
 Example::
 
@@ -40,6 +41,8 @@ __version__ = "0.1.0"
 # Public name -> module that defines it; loaded on first use (PEP 562).
 _LAZY = {
     "finetune": "ftmagic.engine.run",
+    "sweep": "ftmagic.engine.sweep",
+    "SweepResult": "ftmagic.engine.sweep",
     "RunResult": "ftmagic.engine.result",
     "estimate_memory": "ftmagic.api",
     "MemoryEstimate": "ftmagic.memory",
@@ -83,5 +86,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ftmagic.demo import demo_dataset
     from ftmagic.engine.result import RunResult
     from ftmagic.engine.run import finetune
+    from ftmagic.engine.sweep import SweepResult, sweep
     from ftmagic.api import estimate_memory
     from ftmagic.memory import MemoryEstimate

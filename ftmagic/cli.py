@@ -1,4 +1,4 @@
-"""The ``ftmagic`` command line: ``train``, ``export``, ``demo``, ``estimate`` and ``preview``.
+"""The ``ftmagic`` command line: ``train``, ``sweep``, ``export``, ``demo``, ``estimate`` and ``preview``.
 
 Each sub-command lives in its own module under :mod:`ftmagic.commands` with two
 functions, ``add_parser(subparsers)`` and ``run(args) -> int``. Modules are imported
@@ -27,6 +27,7 @@ COMMANDS = {
     "train": ("ftmagic.commands.train", "fine-tune a model from a YAML config"),
     "export": ("ftmagic.commands.export", "take a finished run to merged weights, GGUF, Ollama or the Hub"),
     "demo": ("ftmagic.commands.demo", "offline demo: LoRA on the embedded tiny model, before/after table"),
+    "sweep": ("ftmagic.commands.sweep", "hyperparameter search: the `sweep:` block of a YAML config, one run per trial"),
     "estimate": ("ftmagic.commands.estimate", "estimate the GPU memory a run needs and whether it fits"),
     "preview": ("ftmagic.commands.preview", "show what a dataset looks like to the model, and its problems"),
 }

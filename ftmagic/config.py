@@ -30,6 +30,9 @@ from ftmagic.methods import METHOD_NAMES, get_method_spec
 from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
 
+# `report_to` trackers (ftmagic/engine/reporting.py has how each is written).
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "preference", "prompt_completion", "classification", "text")
 
 # The accepted values of the choice keys, built from their one home (the method table, the
@@ -137,10 +140,19 @@ class FinetuneConfig:
     eval_steps: int = 50  # 0: evaluate only at the end
     logging_steps: int = 0  # 0: auto (every step on CPU; on CUDA ~200 reads a run, as each read waits for the GPU)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    # Evaluation by generation: answer held-out prompts at every evaluation and score the answers.
+    # Off until one of the two keys is set: generating costs far more than a loss pass.
+    eval_prompts: Any = None  # a file, $records, plain prompt strings, or N records held out of `data`; unset: the validation split
+    eval_metrics: Union[str, list, None] = None  # exact_match, contains, normalized_exact_match, rouge_l, chrf, or $function(prediction, reference)
+    eval_max_new_tokens: int = 64  # per answer; greedy decoding stops earlier at EOS
+    best_metric: str = "eval_loss"  # what "best" means for early stopping and the weights kept, e.g. exact_match
     seed: int = 42
     resume: bool = False  # continue from the newest good checkpoint in output_dir
     merge: bool = False  # also write the adapter merged into the base weights
-    report_to: Union[str, list] = "none"  # "none", "tensorboard", "wandb" (the fronts always show progress)
+    report_to: Union[str, list] = "none"  # none, tensorboard, wandb, mlflow, trackio, or a list (the fronts always show progress)
+
+    # --- hyperparameter search ------------------------------------------------------
+    sweep: Optional[dict] = None  # {config key: search space, n_trials, metric, direction, sampler}; see ftmagic/sweep_spec.py
 
     # --- export when the run ends (the same as `ftmagic export` / `%ft_export` afterwards) ----
     export: Union[str, list] = field(default_factory=list)  # any of merged, gguf, ollama, hub; none by default
@@ -167,6 +179,8 @@ class FinetuneConfig:
         """
         merged = dict(values or {})
         merged.update(overrides)
+        if callable(merged.get("eval_metrics")):
+            merged["eval_metrics"] = [merged["eval_metrics"]]  # one function is a list of one
         if problems is None:
             problems = Problems(source, lines, {key: override_label(key) for key in overrides} if override_label else {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -217,11 +231,15 @@ class FinetuneConfig:
         return cls.from_yaml(text, source=str(path), override_label=override_label, **overrides)
 
     def to_dict(self) -> dict:
-        """The config as plain values (data objects that are not plain become a short description)."""
+        """The config as plain values (data objects that are not plain become a short description,
+        notebook functions their ``$name``, which reads back as the same reference)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("data", "eval_data") and not _is_data_reference(value):
+            if f.name == "eval_metrics" and value is not None:
+                value = [v if isinstance(v, str) else f"${getattr(v, '__name__', 'function')}"
+                         for v in ([value] if isinstance(value, str) or callable(value) else value)]
+            if f.name in ("data", "eval_data", "eval_prompts") and not _is_data_reference(value):
                 value = describe_data(value)
             out[f.name] = value if _is_plain(value) else describe_data(value)
         return out
@@ -278,8 +296,11 @@ class FinetuneConfig:
         if self.packing and self.method in METHOD_NAMES and not get_method_spec(self.method).packable:
             fail("packing", f"`packing: true` cannot be used with `method: {self.method}`: virtual tokens would be shared "
                             "across packed examples; set `packing: false`")
-        if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0):
-            fail("early_stopping_patience", "`early_stopping_patience` needs evaluation data: set `eval_data` or `val_split`")
+        if self.early_stopping_patience and not (self.eval_data is not None or self.val_split > 0
+                                                 or self.generation_eval):
+            fail("early_stopping_patience", "`early_stopping_patience` needs evaluation data: set `eval_data`, "
+                                            "`val_split` or `eval_prompts`")
+        self._validate_evaluation(fail)
         if self.method == "qlora" and self.precision == "fp32":
             fail("precision", "`precision: fp32` does not apply to `method: qlora` (4-bit weights compute in bf16/fp16); "
                               "use `precision: auto`")
@@ -292,10 +313,40 @@ class FinetuneConfig:
                 resolve_strategy(self.distributed, method=self.method, device="cpu")
         except ConfigError as exc:
             fail("batch_size" if "batch_size" in str(exc) else "distributed", str(exc))
-        if isinstance(self.report_to, str) and self.report_to not in ("none", "tensorboard", "wandb"):
-            fail("report_to", f"`report_to: {self.report_to}` must be none, tensorboard or wandb")
+        for name in ([self.report_to] if isinstance(self.report_to, str) else self.report_to):
+            if name not in TRACKERS:
+                fail("report_to", f"`report_to: {name}` is not accepted; use {', '.join(TRACKERS)} or a list of them"
+                     + _suggest(str(name), TRACKERS, quote=False))
         self._validate_objective(fail)
         self._validate_export(fail)
+        if self.sweep is not None:
+            from ftmagic.sweep_spec import parse_sweep
+
+            try:
+                parse_sweep(self.sweep, self, source=problems.source, lines=problems.lines)
+            except ConfigError as exc:  # already located at the line inside the block
+                problems.add("sweep", str(exc), located=True)
+
+    def _validate_evaluation(self, fail) -> None:
+        from ftmagic.scoring import METRICS, check_metric_spec, metric_names
+
+        value = self.eval_prompts
+        if isinstance(value, str) and value.strip().isdigit():
+            value = self.eval_prompts = int(value)  # `--eval-prompts 50` from a flag
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and (value < 1 or value != int(value))):
+            fail("eval_prompts", f"`eval_prompts: {value}` must be a number of records to hold out (at least 1), "
+                                 "a file, or records")
+        if isinstance(value, float):
+            self.eval_prompts = int(value)
+        problem = check_metric_spec(self.eval_metrics)
+        if problem:
+            fail("eval_metrics", problem)
+        if self.eval_max_new_tokens < 1:
+            fail("eval_max_new_tokens", f"`eval_max_new_tokens: {self.eval_max_new_tokens}` must be at least 1")
+        names = metric_names(self.eval_metrics)
+        if self.best_metric != "eval_loss" and self.best_metric in METRICS and self.best_metric not in names:
+            fail("best_metric", f"`best_metric: {self.best_metric}` is not computed; add it to `eval_metrics` "
+                                f"(now: {', '.join(names) or 'none'})")
 
     def _validate_objective(self, fail) -> None:
         """The objective's keys, and what it accepts of the method, data format and packing."""
@@ -348,6 +399,17 @@ class FinetuneConfig:
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size * self.grad_accum
+
+    @property
+    def generation_eval(self) -> bool:
+        """Whether evaluations also generate answers and score them (``eval_prompts`` or ``eval_metrics`` set)."""
+        return self.eval_prompts is not None or bool(metric_names_of(self.eval_metrics))
+
+    @property
+    def metric_names(self) -> list:
+        """The names evaluation by generation reports (``exact_match`` when only prompts are given)."""
+        names = metric_names_of(self.eval_metrics)
+        return names or (["exact_match"] if self.eval_prompts is not None else [])
 
     @property
     def is_adapter_method(self) -> bool:
@@ -496,9 +558,15 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
         return {}, {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
+    import yaml
+
     lines = {}
-    for key_node, _ in getattr(node, "value", []):
+    for key_node, value_node in getattr(node, "value", []):
         lines[key_node.value] = key_node.start_mark.line + first_line
+        if isinstance(value_node, yaml.MappingNode):
+            # One level deeper (`sweep.lr`), so an error inside a block names its own line.
+            for sub_node, _ in value_node.value:
+                lines[f"{key_node.value}.{sub_node.value}"] = sub_node.start_mark.line + first_line
     return values, lines
 
 
@@ -538,12 +606,14 @@ class Problems:
             return f"{self.source}:{self.lines[key]}: "
         return f"{self.source}: " if self.source else ""
 
-    def add(self, key: str, message: str) -> None:
+    def add(self, key: str, message: str, located: bool = False) -> None:
+        """Note ``message`` about ``key``; ``located``: it already names its file and line."""
         if key in self.keys:
             return  # one problem per key: the first one found is the one to fix
         self.keys.add(key)
         line = self.lines.get(key) if key not in self.labels else None
-        self.found.append((line if line is not None else math.inf, len(self.found), self.where(key) + message))
+        self.found.append((line if line is not None else math.inf, len(self.found),
+                           message if located else self.where(key) + message))
 
     def raise_if_any(self) -> None:
         if self.found:
@@ -640,6 +710,12 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def metric_names_of(spec) -> list:
+    from ftmagic.scoring import metric_names
+
+    return metric_names(spec)
+
+
 def _is_plain(value: Any) -> bool:
     if value is None or isinstance(value, (str, int, float, bool)):
         return True
@@ -652,7 +728,7 @@ def _is_plain(value: Any) -> bool:
 
 def _is_data_reference(value: Any) -> bool:
     """True for data given by reference (a path, an id, a list of weighted sources), not records."""
-    if value is None or isinstance(value, str):
+    if value is None or isinstance(value, (str, int)):
         return True
     if isinstance(value, (list, tuple)):
         return all(isinstance(v, str) or (isinstance(v, dict) and set(v) <= set(DATA_SOURCE_KEYS) and _is_plain(v)) for v in value)

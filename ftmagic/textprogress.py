@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, TextIO
 
+from ftmagic.evalevents import Generations, SweepEnd, Trial
 from ftmagic.events import Checkpoint, End, Eval, Event, Message, Plan, Start, Step, as_event
 from ftmagic.units import format_bytes  # noqa: F401  (part of this module's formatters)
 
@@ -228,6 +229,74 @@ def format_step_line(step, width: int = 30) -> str:
     return text
 
 
+def format_eval_line(event) -> str:
+    """One line for an evaluation: its loss and every metric (step 0 is the base model).
+
+    Example::
+
+        >>> format_eval_line({"step": 0, "eval_loss": None, "metrics": {"exact_match": 0.0}})
+        'step 0 (base model): exact_match 0'
+        >>> format_eval_line({"step": 50, "eval_loss": 1.25, "metrics": {"exact_match": 0.5}})
+        'step 50: eval loss 1.25 | exact_match 0.5'
+    """
+    event = as_event(event, "eval")
+    parts = [f"eval loss {format_loss(event.eval_loss)}"] if event.eval_loss is not None else []
+    # Confusion counts (a classifier's tp/fp/fn) feed F1; they are not shown on their own.
+    shown = format_metrics(event.metrics, tuple(k for k in event.metrics if not k.startswith(("tp/", "fp/", "fn/"))))
+    parts += [shown] if shown else []
+    label = f"step {event.step}" + (" (base model)" if event.step == 0 else "")
+    return f"{label}: " + " | ".join(parts)
+
+
+def format_params_dict(params: dict) -> str:
+    """``lr=0.003, lora_r=16`` (numbers in short form).
+
+    Example::
+
+        >>> format_params_dict({"lr": 0.0031622776, "lora_r": 16})
+        'lr=0.003162, lora_r=16'
+    """
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def format_trial_line(event) -> str:
+    """One line per sweep trial as it starts or ends.
+
+    Example::
+
+        >>> format_trial_line({"number": 2, "state": "complete", "params": {"lr": 0.001}, "value": 0.75,
+        ...                    "metric": "exact_match", "n_trials": 6, "runtime_s": 42})
+        'trial 2/6 complete: lr=0.001 -> exact_match 0.75 (00:42)'
+    """
+    event = as_event(event, "trial")
+    head = f"trial {event.number}" + (f"/{event.n_trials}" if event.n_trials else "")
+    text = f"{head} {event.state}: {format_params_dict(event.params)}"
+    if event.value is not None:
+        text += f" -> {event.metric} {format_loss(event.value)}"
+    if event.runtime_s is not None:
+        text += f" ({format_duration(event.runtime_s)})"
+    if event.message and event.state in ("failed", "skipped", "pruned", "stopped"):
+        text += f"; {event.message}"
+    return text
+
+
+def format_sweep_end_line(event) -> str:
+    """The sweep's closing line: the best trial and how many ended in each state.
+
+    Example::
+
+        >>> format_sweep_end_line({"metric": "exact_match", "direction": "maximize", "best_number": 3,
+        ...     "best_value": 0.9, "best_params": {"lr": 0.003}, "counts": {"complete": 5, "pruned": 1}})
+        'sweep finished: best trial 3 (exact_match 0.9): lr=0.003 | 5 complete, 1 pruned'
+    """
+    event = as_event(event, "sweep_end")
+    counts = ", ".join(f"{n} {state}" for state, n in event.counts.items())
+    if event.best_number is None:
+        return f"sweep {event.reason}: no trial completed | {counts}"
+    return (f"sweep {event.reason}: best trial {event.best_number} ({event.metric} {format_loss(event.best_value)}): "
+            f"{format_params_dict(event.best_params)} | {counts}")
+
+
 def format_end_line(end, state: Optional["RunState"] = None) -> str:
     """The closing line: why the run ended, final losses and where the files are.
 
@@ -284,6 +353,8 @@ class RunState:
         self.checkpoints: list[Checkpoint] = []
         self.messages: list[Message] = []
         self.peak_memory_bytes: Optional[int] = None
+        self.metric_points: dict[str, list[tuple[int, float]]] = {}  # eval metric -> [(step, value)]
+        self.generations: list[Generations] = []  # answer tables, step 0 (the base model) first
 
     def update(self, event) -> str:
         """Record ``event`` (an event or its dict form); return its kind (``"step"``, ``"eval"``, ...)."""
@@ -302,6 +373,11 @@ class RunState:
             if event.eval_loss is not None and math.isfinite(event.eval_loss):
                 self.eval_points.append((int(event.step), float(event.eval_loss)))
             self.eval_metrics = dict(event.metrics or {})
+            for name, value in event.metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.metric_points.setdefault(name, []).append((int(event.step), float(value)))
+        elif isinstance(event, Generations):
+            self.generations.append(event)
         elif isinstance(event, Checkpoint):
             self.checkpoints.append(event)
         elif isinstance(event, Message):
@@ -394,8 +470,14 @@ class TextProgress:
         elif isinstance(event, Step):
             self._step(event)
         elif isinstance(event, Eval):
-            shown = format_metrics(event.metrics, tuple(k for k in event.metrics if not k.startswith(("tp/", "fp/", "fn/"))))
-            self._println(f"step {event.step}: eval loss {format_loss(event.eval_loss)}" + (f" | {shown}" if shown else ""))
+            self._println(format_eval_line(event))
+        elif isinstance(event, Trial) and event.state != "running":
+            self._println(format_trial_line(event))
+        elif isinstance(event, Trial):
+            self.state = RunState()  # a new trial: its own progress
+            self._println(format_trial_line(event))
+        elif isinstance(event, SweepEnd):
+            self._println(format_sweep_end_line(event))
         elif isinstance(event, Checkpoint):
             self._println(f"step {event.step}: checkpoint saved to {event.path}")
         elif isinstance(event, Message):

@@ -44,9 +44,10 @@ SKIP_TAG = "nbval-skip"
 # Source modules in the order they are built (and listed in the README).
 MODULES = [
     "quickstart", "memory_calculator", "dataset_previewer", "qlora", "methods_comparison", "resume_and_merge",
-    "export_gguf", "after_sft", "multi_gpu",
+    "export_gguf", "after_sft", "multi_gpu", "sweep",
     "colab_quickstart", "colab_memory_calculator", "colab_dataset_previewer", "colab_qlora",
     "colab_methods_comparison", "colab_resume_and_merge", "colab_export_gguf", "colab_after_sft", "colab_multi_gpu",
+    "colab_sweep",
 ]
 
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}

@@ -319,32 +319,6 @@ def test_tiny_resolves_to_the_embedded_model(tmp_path, monkeypatch):
         models.resolve_model_path("tiny")
 
 
-def test_report_to_tensorboard(test_model_dir, tmp_path, monkeypatch):
-    import sys
-    import types
-
-    written = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            Path(log_dir).mkdir(parents=True, exist_ok=True)  # as the real writer does
-            written.append(("dir", log_dir))
-
-        def add_scalar(self, tag, value, step):
-            written.append((tag, step))
-
-        def close(self):
-            written.append(("closed",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    _train(test_model_dir, tmp_path / "out", report_to="tensorboard", max_steps=2, eval_data=reversal_records(4))
-    assert written[0] == ("dir", str(tmp_path / "out" / "runs"))
-    assert ("train/loss", 1) in written and ("train/lr", 2) in written and ("eval/loss", 2) in written
-    assert written[-1] == ("closed",)
-    # A second run of the same config finds its own folder, not a foreign one.
-    _train(test_model_dir, tmp_path / "out", report_to="tensorboard", max_steps=2, eval_data=reversal_records(4))
-
-
 def test_report_to_without_its_package_fails_early(test_model_dir, tmp_path, monkeypatch):
     import sys
 

@@ -22,7 +22,7 @@ LOCAL = sorted((ROOT / "notebooks").glob("*.ipynb"))
 COLAB = sorted((ROOT / "colab").glob("*.ipynb"))
 ALL = LOCAL + COLAB
 JOURNEYS = ["01_quickstart", "02_memory_calculator", "03_dataset_previewer", "04_qlora", "05_methods_comparison",
-            "06_resume_and_merge", "07_export_gguf", "08_after_sft", "09_multi_gpu"]
+            "06_resume_and_merge", "07_export_gguf", "08_after_sft", "09_multi_gpu", "10_sweep"]
 
 
 def _read(path):

@@ -1,9 +1,10 @@
 """``prepare_data(config, tokenizer)``: everything the engine trains and evaluates on.
 
 Steps: read each source (strict: a malformed line is a one-line ``DataError``), encode
-every record (:mod:`ftmagic.data.build`), hold out ``val_split`` of each source (unless
-``eval_data`` is given), mix sources by weight, and pack if asked. All random choices
-come from ``config.seed``.
+every record (:mod:`ftmagic.data.build`), hold out ``eval_prompts: N`` records for
+evaluation by generation (:mod:`ftmagic.data.eval_prompts`) and ``val_split`` of each
+source (unless ``eval_data`` is given), mix sources by weight, and pack if asked. All
+random choices come from ``config.seed``.
 
 Several sources: ``data`` is a list of ``{path: ..., weight: ...}`` or ``{data: ..., weight: ...}``
 (optional ``format`` and ``columns`` per source). ``weight`` multiplies a source's share:
@@ -62,6 +63,7 @@ class PreparedData:
     stats: dict
     template: Optional[ChatTemplate] = None  # what generation must use (RunResult.generate renders with it)
     labels: Optional[list] = None  # classification: the label names, in the order of the head's outputs
+    eval_prompts: Optional[list] = None  # EvalPrompt list for evaluation by generation (when it is on)
 
 
 def data_sources(data: Any, key: str = "data") -> list:
@@ -103,13 +105,23 @@ def prepare_data(config, tokenizer) -> PreparedData:
     sources = data_sources(config.data)
     built = [_build(src, config, tokenizer) for src in sources]
 
-    train, held_out = [], []
-    per_source = []
+    # Each example's conversation: evaluation by generation answers the held-out ones.
+    conversation_of: dict = {}
+    pools = []
     for src, b in zip(sources, built):
-        examples = b.examples
-        if not examples:
+        if not b.examples:
             first = b.problems[0] if b.problems else None
             raise DataError(f"{src.name}: no usable records" + (f"; first problem: {first}" if first else ""))
+        conversation_of.update((id(e), c) for e, c in zip(b.encoded, b.conversations) if e is not None)
+        pools.append(b.examples)
+    prompt_examples = None
+    if _is_count(getattr(config, "eval_prompts", None)):
+        # Its own random stream, so the validation split and the mixing below are what they are without it.
+        prompt_examples = _hold_out(pools, config.eval_prompts, random.Random(config.seed + 1))
+
+    train, held_out = [], []
+    per_source = []
+    for src, b, examples in zip(sources, built, pools):
         eval_part: list = []
         if config.eval_data is None and config.val_split > 0:
             examples, eval_part = _split(examples, config.val_split, rng, src.name)
@@ -126,6 +138,9 @@ def prepare_data(config, tokenizer) -> PreparedData:
     if config.eval_data is not None:
         eval_built = [_build(src, config, tokenizer) for src in data_sources(config.eval_data, "eval_data")]
         held_out = [e for b in eval_built for e in b.examples]
+        for b in eval_built:
+            conversation_of.update((id(e), c) for e, c in zip(b.encoded, b.conversations) if e is not None)
+    prompts = _eval_prompts(config, prompt_examples, held_out, conversation_of)
 
     stats = _stats(built, eval_built, train, held_out, template, config)
     stats["datasets"] = per_source
@@ -153,8 +168,10 @@ def prepare_data(config, tokenizer) -> PreparedData:
         eval_rows = pack(eval_rows, config.max_seq_len) if eval_rows else eval_rows
     stats["train_rows"] = len(train_rows)
     stats["eval_rows"] = len(eval_rows) if eval_rows else 0
+    if prompts is not None:
+        stats["eval_prompts"] = len(prompts)
     # Only the rows are kept: the rendered texts and raw records would double the memory of a run.
-    return PreparedData(train_rows, eval_rows, stats, template, labels)
+    return PreparedData(train_rows, eval_rows, stats, template, labels, prompts)
 
 
 # --------------------------------------------------------------------------- steps
@@ -237,6 +254,43 @@ def _split(examples: list, share: float, rng: random.Random, name: str) -> tuple
     train = [e for i, e in enumerate(examples) if i not in chosen]
     held = [e for i, e in enumerate(examples) if i in chosen]
     return train, held
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hold_out(pools: list, n: int, rng: random.Random) -> list:
+    """Take ``n`` examples out of the sources' pools (at random, across sources) for evaluation by generation."""
+    index = [(i, k) for i, examples in enumerate(pools) for k in range(len(examples))]
+    if n >= len(index):
+        raise DataError(f"`eval_prompts: {n}` holds out more records than `data` has for training ({len(index)}); "
+                        f"use a smaller number")
+    taken = [index[c] for c in sorted(rng.sample(range(len(index)), n))]
+    held = [pools[i][k] for i, k in taken]
+    for i in {i for i, _ in taken}:
+        drop = {k for j, k in taken if j == i}
+        pools[i] = [e for k, e in enumerate(pools[i]) if k not in drop]
+    return held
+
+
+def _eval_prompts(config, prompt_examples, held_out: list, conversation_of: dict) -> Optional[list]:
+    """The prompts of evaluation by generation: ``eval_prompts`` as given, held out, or the validation split."""
+    from ftmagic.data.eval_prompts import eval_prompts_from, from_conversation
+
+    value = getattr(config, "eval_prompts", None)
+    if not getattr(config, "generation_eval", False):
+        return None
+    if prompt_examples is not None:
+        examples, where = prompt_examples, "eval_prompts"
+    elif value is not None:
+        return eval_prompts_from(value, system_prompt=config.system_prompt)
+    else:
+        examples, where = held_out, "the validation split"
+    if not examples:
+        raise ConfigError("`eval_metrics` needs prompts to answer: set `eval_prompts` (a file, $records or a number "
+                          "of records to hold out), `eval_data` or `val_split`")
+    return [from_conversation(conversation_of[id(e)], f"{where}[{i}]") for i, e in enumerate(examples)]
 
 
 def _weighted(examples: list, weight: float, rng: random.Random) -> list:

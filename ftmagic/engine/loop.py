@@ -24,6 +24,11 @@ The parts, in the order a step uses them:
 * :class:`LoopState` - everything ``state.json`` stores, so a resume continues exactly;
 * :func:`evaluate` and :meth:`LoopState.record_eval` - evaluation and early stopping;
 * :func:`nonfinite_flag` / :func:`step_is_finite` - NaN and infinity (``on_nan``).
+* ``evaluators`` - what else an evaluation measures (answers generated and scored,
+  :mod:`ftmagic.engine.generation`): each is called after :func:`evaluate` as
+  ``evaluator(model, step) -> (metrics, events)``; its metrics join the ``eval`` event's and
+  can be the ``best_metric`` that early stopping and the kept weights follow. With
+  evaluators, the base model is evaluated once at step 0, before training.
 
 A NaN or infinite loss or gradient is caught without a per-step device read: a flag
 accumulates on the device and is read with the loss at logging steps, and the weights are
@@ -57,6 +62,7 @@ from ftmagic.engine.device import build_optimizer
 from ftmagic.engine.objectives import CausalLM
 from ftmagic.errors import TrainingError
 from ftmagic.events import Checkpoint, Eval, Message, Step
+from ftmagic.scoring import greater_is_better
 
 
 def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
@@ -142,6 +148,7 @@ class LoopOutcome:
     last_checkpoint: Optional[str] = None
     eval_metrics: dict = field(default_factory=dict)
     skipped_steps: int = 0  # updates dropped by `on_nan: skip`
+    best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of the best evaluation
 
 
 class Batches:
@@ -172,7 +179,8 @@ class LoopState:
     """Everything a checkpoint's ``state.json`` stores: resuming from it continues the run exactly.
 
     ``history`` holds the logged step and eval events (as dicts); the best-evaluation
-    fields drive early stopping.
+    fields drive early stopping (``best_eval`` is the value of the config's ``best_metric``,
+    ``best_values`` everything that evaluation measured).
     """
 
     step: int = 0
@@ -186,13 +194,15 @@ class LoopState:
     bad_evals: int = 0
     history: list = field(default_factory=list)
     skipped_steps: int = 0
+    best_values: dict = field(default_factory=dict)
 
     # The JSON types each field may have in state.json: a resume reads a checkpoint only when
     # every field is there with its type, so a damaged file is skipped, not half-used.
     JSON_TYPES: ClassVar[dict] = {
         "step": (int,), "trained_tokens": (int,), "elapsed_s": (int, float), "train_loss": (int, float, type(None)),
         "eval_loss": (int, float, type(None)), "eval_metrics": (dict,), "best_eval": (int, float, type(None)),
-        "best_step": (int, type(None)), "bad_evals": (int,), "history": (list,), "skipped_steps": (int,)}
+        "best_step": (int, type(None)), "bad_evals": (int,), "history": (list,), "skipped_steps": (int,),
+        "best_values": (dict,)}
 
     def to_json(self, *, epoch: int, batch_index: int, order_seed: int) -> dict:
         return {**dataclasses.asdict(self), "epoch": epoch, "batch_index": batch_index, "order_seed": order_seed}
@@ -202,11 +212,14 @@ class LoopState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-    def record_eval(self, step: int, loss: Optional[float], metrics: dict) -> bool:
-        """Note an evaluation; True when it is the best so far (lower loss)."""
+    def record_eval(self, step: int, loss: Optional[float], metrics: dict, *, key: str = "eval_loss",
+                    higher: bool = False) -> bool:
+        """Note an evaluation; True when it is the best so far by ``key`` (lower loss, or higher if ``higher``)."""
         self.eval_loss, self.eval_metrics = loss, dict(metrics)
-        if loss is not None and (self.best_eval is None or loss < self.best_eval):
-            self.best_eval, self.best_step, self.bad_evals = loss, step, 0
+        value = loss if key == "eval_loss" else metrics.get(key)
+        if value is not None and (self.best_eval is None or (value > self.best_eval if higher else value < self.best_eval)):
+            self.best_eval, self.best_step, self.bad_evals = value, step, 0
+            self.best_values = {"eval_loss": loss, **metrics}
             return True
         self.bad_evals += 1
         return False
@@ -393,7 +406,7 @@ def _autocast(plan):
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
                emit: Callable, stop=None, checkpoint_root=None, resume_from=None, objective=None,
-               pad_id: int = 0, shifted: bool = True, ranks=None) -> LoopOutcome:
+               pad_id: int = 0, shifted: bool = True, ranks=None, evaluators=()) -> LoopOutcome:
     """Train ``model`` for ``max_steps`` optimizer steps; see the module docstring.
 
     ``resume_from`` (a checkpoint folder) restores weights, optimizer, scheduler, scaler,
@@ -403,6 +416,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     micro-batch across the processes, weighs every loss by the units of the whole step,
     sums what is logged and evaluated, agrees on Stop at logging steps and lets the first
     process write the checkpoints; ``emit`` is then that process's alone.
+    ``evaluators`` run after each evaluation's loss pass (see the module docstring).
     """
     objective = objective or CausalLM(model, pad_id=pad_id, plan=plan, shifted=shifted)
     batches = Batches(train_rows, config.batch_size, config.seed)
@@ -431,6 +445,9 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     small = sum(p.numel() for p in params) <= BEST_COPY_LIMIT
     keep_best = bool(config.early_stopping_patience) and small and (ranks is None or not ranks.spec.shards)
     best_weights = None
+    best_key = getattr(config, "best_metric", "eval_loss") or "eval_loss"
+    higher = greater_is_better(best_key, getattr(evaluators[0], "metrics", None) if evaluators else None)
+    evaluates = bool(eval_rows) or bool(evaluators)
     state = LoopState()
     if resume_from is not None:
         saved = ckpt.load_training_state(resume_from, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -476,7 +493,13 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     def run_eval() -> None:
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
                                  with_metrics=True, ranks=ranks)
-        best = state.record_eval(state.step, loss, metrics)
+        for evaluator in evaluators:
+            scores, events = evaluator(model, state.step)
+            metrics = {**metrics, **scores}
+            for extra in events:
+                state.history.append(extra.to_dict())
+                emit(extra)
+        best = state.record_eval(state.step, loss, metrics, key=best_key, higher=higher)
         if best and keep_best:
             nonlocal best_weights
             best_weights = ckpt.trainable_state(model)
@@ -539,6 +562,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    if evaluators and state.step == 0:
+        run_eval()  # the base model's answers and scores: where the curve starts
     try:
         while state.step < max_steps:
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
@@ -601,7 +626,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             if logged:
                 log()
 
-            if eval_rows and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
+            if evaluates and config.eval_steps and state.step % config.eval_steps == 0 and state.step < max_steps:
                 log()
                 run_eval()
                 if config.early_stopping_patience and state.bad_evals >= config.early_stopping_patience:
@@ -641,25 +666,35 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         except TrainingError as error:
             error.agreed = ranks is not None  # every process read the same summed loss: the run's error
             raise
-    elif reason == "finished" and eval_rows:
+    elif reason == "finished" and evaluates:
         run_eval()  # the end-of-run evaluation (periodic ones skip the last step to avoid doing it twice)
     if reason == "early_stopping" and state.best_step is not None and state.best_step != state.step:
-        _keep_best_weights(model, state, best_weights, emit)
+        _keep_best_weights(model, state, best_weights, emit, best_key)
     return LoopOutcome(reason=reason, step=state.step, train_loss=state.train_loss, eval_loss=state.eval_loss,
-                       best_eval_loss=state.best_eval, trained_tokens=state.trained_tokens, runtime_s=elapsed(),
+                       best_eval_loss=_lowest_eval_loss(state), trained_tokens=state.trained_tokens, runtime_s=elapsed(),
                        peak_memory_bytes=peak, history=state.history, last_checkpoint=last_saved,
-                       eval_metrics=state.eval_metrics, skipped_steps=state.skipped_steps)
+                       eval_metrics=state.eval_metrics, skipped_steps=state.skipped_steps,
+                       best={"metric": best_key, "value": state.best_eval, "step": state.best_step}
+                       if state.best_step is not None else {})
 
 
-def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable) -> None:
+def _lowest_eval_loss(state: LoopState) -> Optional[float]:
+    losses = [e["eval_loss"] for e in state.history if e.get("event") == "eval" and e.get("eval_loss") is not None]
+    return min(losses) if losses else None
+
+
+def _keep_best_weights(model, state: LoopState, best_weights: Optional[dict], emit: Callable,
+                       key: str = "eval_loss") -> None:
     """Early stopping ends with the weights of the best evaluation, not the ones that stopped improving."""
+    label = "eval loss" if key == "eval_loss" else key
     if best_weights is None:
-        emit(Message(f"early stopping: the saved weights are those of step {state.step}; the best eval loss was at "
+        emit(Message(f"early stopping: the saved weights are those of step {state.step}; the best {label} was at "
                      f"step {state.best_step} (its checkpoint, if kept, is in checkpoints/)"))
         return
     current = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in best_weights.items():
             current[name].copy_(tensor.to(current[name].device, current[name].dtype))
-    state.eval_loss = state.best_eval
-    emit(Message(f"early stopping: kept the weights of step {state.best_step} (best eval loss {state.best_eval:.4f})"))
+    state.eval_loss = state.best_values.get("eval_loss", state.best_eval if key == "eval_loss" else None)
+    state.eval_metrics = {k: v for k, v in state.best_values.items() if k != "eval_loss"}
+    emit(Message(f"early stopping: kept the weights of step {state.best_step} (best {label} {state.best_eval:.4f})"))

@@ -272,6 +272,64 @@ class RunResult:
         self._check_generates()
         return self._generate(self.model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
+    def evaluate(self, prompts=None, metrics=None, *, max_new_tokens: Optional[int] = None, base: bool = False) -> dict:
+        """Answer ``prompts`` and score the answers: evaluation by generation after the fact.
+
+        ``prompts`` takes what ``eval_prompts`` takes (a file, records with answers, plain
+        strings); ``None`` uses the run's own ``eval_prompts`` when it named a file or records.
+        ``metrics`` takes what ``eval_metrics`` takes (default: the run's, else exact match).
+        ``base=True`` also answers with the base model. Returns ``{"metrics", "rows"}``
+        (plus ``"base_metrics"``), each row ``{"prompt", "reference", "answer"}`` (and ``"base"``).
+
+        Example::
+
+            report = result.evaluate("test.jsonl", ["exact_match", "chrf"], base=True)
+            report["base_metrics"]["exact_match"], report["metrics"]["exact_match"]   # 0.0, 1.0
+        """
+        from ftmagic.data.eval_prompts import eval_prompts_from
+        from ftmagic.engine.generation import GenerationEvaluator
+        from ftmagic.errors import ConfigError
+        from ftmagic.scoring import resolve_metrics
+
+        config = self.config
+        if prompts is None:
+            prompts = getattr(config, "eval_prompts", None)
+            if prompts is None or isinstance(prompts, int) or (isinstance(prompts, str) and prompts.startswith("<")):
+                raise ConfigError("evaluate: give the prompts (a file, records with answers, or a list of strings)")
+        chosen = metrics if metrics is not None else (getattr(config, "eval_metrics", None) or ["exact_match"])
+        evaluator = GenerationEvaluator(
+            self.tokenizer, eval_prompts_from(prompts, system_prompt=getattr(config, "system_prompt", None),
+                                              key="prompts"),
+            resolve_metrics(chosen), template=getattr(config, "template", None),
+            max_new_tokens=max_new_tokens or getattr(config, "eval_max_new_tokens", 64))
+        scores, _ = evaluator(self.model, self.metrics.get("steps", 0))
+        rows = [{"prompt": p.text, "reference": p.reference, "answer": a}
+                for p, a in zip(evaluator.prompts, evaluator.last_answers)]
+        report = {"metrics": scores, "rows": rows}
+        if base:
+            with self._base_model() as model:
+                base_scores, _ = evaluator(model, 0)
+            for row, answer in zip(rows, evaluator.last_answers):
+                row["base"] = answer
+            report["base_metrics"] = base_scores
+        return report
+
+    def lm_eval(self, tasks, *, include_path: Optional[str] = None, limit: Optional[int] = None,
+                num_fewshot: Optional[int] = None, batch_size: int = 8, **kwargs: Any) -> dict:
+        """Run lm-evaluation-harness tasks on the tuned model; lm_eval's ``results`` per task.
+
+        ``include_path`` is a folder of your own task YAML files (lm_eval's custom tasks), so
+        tasks whose data is on this machine run without a hub. Needs ``pip install 'ftmagic[lm-eval]'``.
+
+        Example::
+
+            result.lm_eval(["my_task"], include_path="tasks/", limit=100)   # {'my_task': {'exact_match,none': 0.9, ...}}
+        """
+        from ftmagic.engine.lm_eval_hook import run_lm_eval
+
+        return run_lm_eval(self.model, self.tokenizer, tasks, include_path=include_path, limit=limit,
+                           num_fewshot=num_fewshot, batch_size=batch_size, **kwargs)
+
     def generate_ids(self, prompt, max_new_tokens: int = 64, do_sample: bool = False, **kwargs: Any) -> list:
         """The answer's token ids, the end token included (what ``generate`` decodes).
 

@@ -39,6 +39,7 @@ from ftmagic.config import FinetuneConfig
 from ftmagic.data import prepare_data
 from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
+from ftmagic.engine.generation import evaluator_for
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable)
 from ftmagic.engine.distributed import LaunchInfo, Ranks, launch_info, plan_distributed
@@ -64,7 +65,9 @@ _RUN_CONTROL_KEYS = ("overwrite", "resume", "skip_memory_check", "report_to", "m
                      "save_total_limit", "eval_steps", "logging_steps", "early_stopping_patience", "merge", "device",
                      "output_dir", "precision", "optimizer", "gradient_checkpointing", "export", "gguf_quant",
                      "push_to_hub", "hub_private", "on_nan", "trust_remote_code",
-                     "threads", "processes", "distributed")
+                     "threads", "processes", "distributed",
+                     # what evaluations measure and how a search varies the run, not what one run trains:
+                     "eval_metrics", "eval_max_new_tokens", "best_metric", "sweep")
 
 
 def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=None, **overrides: Any) -> RunResult:
@@ -155,6 +158,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list, info: LaunchInfo = LaunchInfo()) -> RunResult:
+    if cfg.sweep is not None:
+        raise ConfigError("`sweep:` searches over many runs: use `ftmagic.sweep(...)`, `ftmagic sweep CONFIG.yaml` "
+                          "or a %%finetune cell; or remove the `sweep:` block to train once")
     if cfg.data is None:
         raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
@@ -247,10 +253,12 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
 
     objective = build_objective(cfg, model, pad_id=tokenizer.pad_token_id, plan=plan, reference=reference,
                                 shifted=not get_method_spec(plan.method).adds_positions, labels=data.labels)
+    evaluator = evaluator_for(cfg, tokenizer, data.eval_prompts, template=data.template, plan=plan)
     with run_threads(threads), _stop_on_signals(stop, ranks) as stop:
         outcome = train_loop(model, data.train, data.eval, config=cfg, plan=plan, optimizer_plan=opt_plan,
                              max_steps=max_steps, emit=emit, stop=stop, checkpoint_root=out / "checkpoints",
-                             resume_from=resume_from, objective=objective, ranks=ranks)
+                             resume_from=resume_from, objective=objective, ranks=ranks,
+                             evaluators=[evaluator] if evaluator is not None else [])
     del objective, reference  # DPO's frozen copy is not needed past training
 
     metrics = run_metrics(outcome, max_steps=max_steps, trainable=trainable, total=total, plan=plan, stats=data.stats,
@@ -393,6 +401,7 @@ def run_metrics(outcome, *, max_steps: int, trainable: int, total: int, plan: De
             "method": plan.method, "device": plan.device, "precision": plan.precision, "threads": threads,
             **({"eval_metrics": dict(outcome.eval_metrics)} if outcome.eval_metrics else {}),
             **({"skipped_steps": outcome.skipped_steps} if outcome.skipped_steps else {}),
+            **({"best": dict(outcome.best)} if outcome.best else {}),
             "data": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 

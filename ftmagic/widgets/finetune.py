@@ -41,7 +41,7 @@ from ftmagic.usage import as_usage_error
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
 # Keys whose value may name a notebook variable (`data: $train_df`).
-_DATA_KEYS = ("data", "eval_data")
+_DATA_KEYS = ("data", "eval_data", "eval_prompts", "eval_metrics")
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
@@ -388,6 +388,10 @@ class FinetuneMagics(Magics):
         saves a checkpoint, as does the kernel's interrupt; `--resume` continues from the
         newest checkpoint in `output_dir`.
 
+        A `sweep:` block (or `--sweep '{lr: [1.0e-4, 3.0e-4]}'`) runs a hyperparameter search
+        instead: one run per trial, a live table of trials, the best run bound to `--name` and
+        the whole search to `<name>_sweep`.
+
         Example::
 
             %%finetune --max-steps 100 --lora-r 8
@@ -401,6 +405,13 @@ class FinetuneMagics(Magics):
             raise UsageError(f"--name {name!r} must be a Python variable name, e.g. `--name ft`")
         with as_usage_error():
             config = build_config(cell, flag_overrides(args), self.shell.user_ns)
+        if config.sweep is not None:
+            # The best cell keeps the cell as written: `$variables` as typed, flags as their typed values.
+            flags = {key: value if key in _DATA_KEYS else getattr(config, key)
+                     for key, value in flag_overrides(args).items()}
+            values = {**parse_yaml_mapping(cell or "", CELL_SOURCE)[0], **flags}
+            run_sweep_cell(config, values, name, choose_progress(args.progress, self.shell), self.shell.user_ns)
+            return
         reporter = CellReporter(choose_progress(args.progress, self.shell))
         result = run_with_reporter(config, reporter)
         self.shell.user_ns[name] = result
@@ -455,6 +466,56 @@ class FinetuneMagics(Magics):
                 rows = [{"prompt": p, "tuned": result.generate(p, max_new_tokens=args.max_new_tokens)}
                         for p in prompts]
         display({"text/html": compare_table_html(rows), "text/plain": compare_table_text(rows)}, raw=True)
+
+
+def run_sweep_cell(config: FinetuneConfig, values: dict, name: str, mode: str, namespace: dict):
+    """A ``%%finetune`` cell with a ``sweep:`` block: run the search with a live table of trials,
+    then bind the best run to ``name`` and the whole sweep to ``<name>_sweep``.
+
+    ``values`` is the cell as written (``$variables`` unresolved), the base of the best trial's
+    ready cell.
+    """
+    from ftmagic.engine.sweep import sweep
+    from ftmagic.sweep_spec import parse_sweep
+
+    stop = threading.Event()
+    progress = printer = None
+    if mode == "widget":
+        from ftmagic.widgets.sweep import SweepProgress
+
+        progress = SweepProgress(stop)
+        progress.show()
+    elif mode == "text":
+        from ftmagic.textprogress import TextProgress
+
+        printer = TextProgress()
+    try:
+        with as_usage_error(), quiet_library_progress_bars(mode != "none"):
+            result = sweep(config, on_event=progress or printer, stop=stop)
+    except BaseException:
+        if progress is not None:
+            progress.finish()
+        raise
+    spec = parse_sweep(config.sweep, config)
+    cell = result.best_cell(values, name=name) if result.best_number is not None else None
+    if progress is not None:
+        progress.finish(cell, name, [s.key for s in spec.spaces if s.kind == "log_uniform"], trials=result.trials,
+                        keys=spec.keys)
+    elif printer is not None:
+        from ftmagic.widgets.sweep import trials_table_text
+
+        printer.close()
+        print(trials_table_text(result.trials, spec.keys, spec.metric))
+        if cell:
+            print("best configuration, ready to run as a cell:\n" + cell)
+    namespace[f"{name}_sweep"] = result
+    if result.best_number is None:
+        print(f"no trial completed; every trial is in `{name}_sweep` (see `{name}_sweep.trials`)")
+        return result
+    namespace[name] = result.best
+    if mode != "none":
+        print(f"best run (trial {result.best_number}) bound to `{name}`; every trial in `{name}_sweep`")
+    return result
 
 
 def run_with_reporter(config: FinetuneConfig, reporter: CellReporter):

@@ -137,9 +137,10 @@ class TrainingProgress:
         self.button.on_click(self._on_stop_click)
         self.status = w.HTML(value="")
         self.chart = w.HTML(value="")
+        self.evaluation = w.HTML(value="")  # metric curves and the answers table (evaluation by generation)
         self.log = w.HTML(value="")
         self._row = w.HBox([self.bar, self.button])
-        self.widget = w.VBox([self.header, self._row, self.status, self.chart, self.log])
+        self.widget = w.VBox([self.header, self._row, self.status, self.chart, self.evaluation, self.log])
 
     # ------------------------------------------------------------------ events
     def __call__(self, event) -> None:
@@ -159,6 +160,7 @@ class TrainingProgress:
         elif kind == "eval":
             self._redraw_texts()
             self._redraw_chart()
+            self._redraw_evaluation()
         elif kind in ("message", "checkpoint"):
             self._render_log()
         elif kind == "end":
@@ -187,9 +189,15 @@ class TrainingProgress:
         self.chart_redraws += 1
         self.chart.value = loss_chart_svg(self.state.train_points, self.state.eval_points)
 
+    def _redraw_evaluation(self) -> None:
+        from ftmagic.widgets.evaluation import evaluation_html
+
+        self.evaluation.value = evaluation_html(self.state)
+
     def _on_end(self, event) -> None:
         self._redraw_texts()
         self._redraw_chart()
+        self._redraw_evaluation()
         self._hint = ""
         self._render_log()
         reason = event.reason
@@ -259,7 +267,7 @@ class TrainingProgress:
         if self._side_channel is not None:
             self._side_channel.close()
             self._side_channel = None
-        for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.log):
+        for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.evaluation, self.log):
             child.close()
         self.widget.close()
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable, Optional, Sequence
 
-from ftmagic.textprogress import (RunState, format_bytes, format_count, format_data, format_duration, format_loss,
-                                  format_metrics, format_params)
+from ftmagic.textprogress import (METRIC_LABELS, RunState, format_bytes, format_count, format_data, format_duration,
+                                  format_loss, format_metrics, format_params)
 
 TRAIN_COLOR = "#1f77b4"
 EVAL_COLOR = "#ff7f0e"
@@ -132,11 +132,21 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
     eval_loss = metrics.get("eval_loss", state.eval_points[-1][1] if state.eval_points else None)
     if eval_loss is not None:
         rows.append(("eval loss", format_loss(eval_loss)))
+    # The objective's own metrics (reward margin, accuracy, F1) in one row; a metric of
+    # evaluation by generation gets a row of its own, with the base model's value before it.
     eval_metrics = metrics.get("eval_metrics") or state.eval_metrics
-    if eval_metrics:
-        rows.append(("eval metrics", format_metrics(eval_metrics, tuple(eval_metrics))))
+    objective_keys = tuple(k for k in eval_metrics or {} if k in METRIC_LABELS or k.startswith("f1/"))
+    if objective_keys:
+        rows.append(("eval metrics", format_metrics(eval_metrics, objective_keys)))
     elif state.last_step and state.last_step.metrics:
         rows.append(("train metrics (last step)", format_metrics(state.last_step.metrics)))
+    for metric, points in state.metric_points.items():
+        if metric in METRIC_LABELS or metric.startswith(("f1/", "tp/", "fp/", "fn/")):
+            continue
+        first, last = points[0], points[-1]
+        shown = format_loss(last[1]) if first[0] != 0 or len(points) == 1 else \
+            f"{format_loss(first[1])} (base) -> {format_loss(last[1])}"
+        rows.append((metric, shown))
     if metrics.get("runtime_s") is not None:
         rows.append(("runtime", format_duration(metrics["runtime_s"])))
     if state.last_step and state.last_step.tokens_per_s is not None:
@@ -170,7 +180,11 @@ def summary_rows(state: RunState, metrics: Optional[dict] = None, output_dir: Op
 def summary_text(state: RunState, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
                  name: Optional[str] = None) -> str:
     """The summary as plain text (the ``text/plain`` twin of :func:`summary_html`)."""
-    return "\n".join(f"{label}: {value}" for label, value in summary_rows(state, metrics, output_dir, name))
+    from ftmagic.widgets.evaluation import answers_table_text
+
+    text = "\n".join(f"{label}: {value}" for label, value in summary_rows(state, metrics, output_dir, name))
+    table = answers_table_text(state.generations)
+    return text + ("\n\n" + table if table else "")
 
 
 def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Optional[str] = None,
@@ -190,6 +204,9 @@ def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         for label, value in summary_rows(state, metrics, output_dir, name)
     )
     chart = loss_chart_svg(state.train_points, state.eval_points)
+    from ftmagic.widgets.evaluation import evaluation_html
+
+    evaluation = evaluation_html(state)
     messages = "".join(
         f'<div class="ftmagic-message">{"&#9888; " if m.level == "warning" else ""}'
         f'{html.escape(m.text)}</div>'
@@ -200,7 +217,7 @@ def summary_html(state: RunState, metrics: Optional[dict] = None, output_dir: Op
         f'<div style="font-weight:bold;margin-bottom:4px">{html.escape(title)}</div>'
         '<div style="display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start">'
         f'<table style="border-collapse:collapse">{rows}</table>'
-        f'<div style="flex:0 1 480px;min-width:280px">{chart}</div></div>{messages}</div>'
+        f'<div style="flex:0 1 480px;min-width:280px">{chart}</div></div>{evaluation}{messages}</div>'
     )
 
 

@@ -1,0 +1,91 @@
+"""Prompts with reference answers for evaluation by generation (``eval_prompts``).
+
+A record of any training format becomes an :class:`EvalPrompt`: the conversation up to its
+last assistant turn is the prompt, that turn is the reference. ``eval_prompts`` may be a
+file or dataset (read like ``data``), records from the notebook (``$name``), plain prompt
+strings (shown in the table, not scored), or a number N of records held out from ``data``
+(:func:`ftmagic.data.prepare_data` does that); unset, the validation split is used.
+
+Example::
+
+    >>> from ftmagic.data.eval_prompts import eval_prompts_from
+    >>> p = eval_prompts_from([{"prompt": "reverse: ab", "completion": "ba"}])[0]
+    >>> p.text, p.reference
+    ('reverse: ab', 'ba')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ftmagic.errors import DataError
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A conversation to answer (``messages``: role and content) and the answer expected (or None)."""
+
+    messages: tuple
+    reference: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        """The last user message: what a table shows as the prompt."""
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.text, "reference": self.reference}
+
+
+def from_conversation(conversation: list, where: str = "record") -> EvalPrompt:
+    """The prompt (turns before the last assistant turn) and its reference (that turn).
+
+    Example::
+
+        >>> from_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]).reference
+        'hello'
+    """
+    turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
+    if any(t["role"] == "text" for t in turns):
+        raise DataError(f"{where}: plain `text` records have no answer to compare with; eval_prompts need "
+                        "prompt/answer records (messages, alpaca, prompt/completion)")
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        return EvalPrompt(tuple(turns), None)
+    if last == 0:
+        raise DataError(f"{where}: the conversation starts with the answer; there is no prompt to generate from")
+    return EvalPrompt(tuple(turns[:last]), turns[last]["content"])
+
+
+def eval_prompts_from(value: Any, *, fmt: str = "auto", columns: Optional[dict] = None,
+                      system_prompt: Optional[str] = None, key: str = "eval_prompts") -> list:
+    """:class:`EvalPrompt` list from a path, a dataset, records, or plain strings.
+
+    Raises a one-line DataError naming the record that cannot be used.
+    """
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        prompts = []
+        for text in value:
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+                [{"role": "user", "content": text}]
+            prompts.append(EvalPrompt(tuple(messages), None))
+        return prompts
+    from ftmagic.data.formats import detect_format, to_conversation
+    from ftmagic.data.load import load_data
+    from ftmagic.data.problems import RecordError
+
+    loaded = load_data(value, strict=True)
+    if not loaded.records:
+        raise DataError(f"`{key}`: {loaded.name} holds no records")
+    detection = detect_format(loaded.records, fmt, columns, source=loaded.name)
+    prompts = []
+    for i, record in enumerate(loaded.records):
+        where = loaded.location(i) if loaded.name != "data" else f"{key}[{i}]"
+        try:
+            conversation = to_conversation(record, detection.format, detection.columns, system_prompt)
+        except RecordError as exc:
+            raise DataError(f"{where}: {exc.message}") from None
+        prompts.append(from_conversation(conversation, where))
+    return prompts
