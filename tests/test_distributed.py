@@ -293,13 +293,17 @@ def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(te
     ipykernel = pytest.importorskip("ipykernel")
     if int(ipykernel.__version__.split(".")[0]) < 7:
         pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
-    from test_magics_engine import Kernel, _training_started, body
+    from test_magics_engine import Kernel, _training_started, body, bound_to_ft
 
     kernel = Kernel(tmp_path)
     button = {}
+    widget_texts = []  # what the live widget showed (its header names the processes)
 
     def click_once_training_started(msg):
         content = msg["content"]
+        shown = content.get("data", {}).get("state", {}).get("value") if msg["msg_type"] == "comm_msg" else None
+        if isinstance(shown, str):
+            widget_texts.append(shown)
         if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
             button["id"] = content["comm_id"]
         if _training_started(msg) and "id" in button and "sent" not in button:
@@ -315,8 +319,9 @@ def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(te
         cell = "%%finetune --processes 2 --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "b")
         out = kernel.execute(cell, on_message=click_once_training_started)
         assert button.get("sent"), out
-        assert "x 2 processes (ddp)" in out and "Launching training" not in out
-        assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
+        assert any("x 2 processes (ddp)" in text for text in widget_texts), widget_texts[:3]
+        assert "Launching training" not in out
+        assert bound_to_ft(out) and "run the cell again with `--resume`" in out, out
         report = kernel.execute("print(ft.metrics['reason'], ft.metrics['processes'], ft.metrics['steps'])").split()
         assert report[:2] == ["stopped", "2"] and int(report[2]) < 5000
     finally:

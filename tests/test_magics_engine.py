@@ -5,8 +5,10 @@ Every run is a handful of steps on a 2-layer model, so each test takes seconds o
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,9 @@ class Kernel:
                 continue
             if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
                 out.append(msg["content"]["text"])
+            if msg["msg_type"] in ("display_data", "update_display_data") and "text/html" in msg["content"]["data"]:
+                # A widget-mode run ends in a static summary, which says what the cell printed before.
+                out.append(html.unescape(re.sub(r"<[^>]+>", " ", msg["content"]["data"]["text/html"])))
             if msg["msg_type"] == "error":
                 out.append("\n".join(msg["content"]["traceback"]))
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
@@ -225,8 +230,30 @@ class Kernel:
         self.km.shutdown_kernel(now=True)
 
 
+def bound_to_ft(out: str) -> bool:
+    """The cell said its result is `ft`: printed (text progress) or in the static summary (widget)."""
+    return "result bound to `ft`" in out or "`ft` (RunResult" in out
+
+
+def _first_step_done(msg) -> bool:
+    """A training step has been reported (the loop is running), as text or in the widget."""
+    if msg["msg_type"] == "stream":
+        return "loss" in msg["content"].get("text", "")
+    if msg["msg_type"] == "comm_msg":
+        value = msg["content"].get("data", {}).get("state", {}).get("value")
+        return isinstance(value, str) and "loss</b>" in value
+    return False
+
+
 def _training_started(msg) -> bool:
-    return msg["msg_type"] == "stream" and "parameters trainable" in msg["content"].get("text", "")
+    """The run has started training: its parameter line is printed (text progress) or shown
+    in the live widget's header (widget progress, where it is not printed as well)."""
+    if msg["msg_type"] == "stream":
+        return "parameters trainable" in msg["content"].get("text", "")
+    if msg["msg_type"] == "comm_msg":
+        value = msg["content"].get("data", {}).get("state", {}).get("value")
+        return isinstance(value, str) and "parameters trainable" in value
+    return False
 
 
 @pytest.mark.slow
@@ -253,7 +280,7 @@ def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tm
         cell = "%%finetune --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "clicked")
         out = kernel.execute(cell, on_message=click_once_training_started)
         assert button.get("sent"), out
-        assert "result bound to `ft`; to continue, run the cell again with `--resume`" in out
+        assert bound_to_ft(out) and "run the cell again with `--resume`" in out, out
         report = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
         assert report[0] == "stopped" and int(report[1]) < 5000
     finally:
@@ -267,7 +294,7 @@ def test_kernel_interrupt_then_restart_then_resume(test_model_dir, tmp_path):
     sent = {}
 
     def interrupt_once_training_started(msg):
-        if _training_started(msg) and not sent:
+        if _first_step_done(msg) and not sent:
             kernel.km.interrupt_kernel()
             sent["yes"] = True
 
@@ -276,7 +303,7 @@ def test_kernel_interrupt_then_restart_then_resume(test_model_dir, tmp_path):
         kernel.setup()
         cell = "%%finetune --max-steps 5000 --save-steps 0\n" + body(test_model_dir, out_dir)
         out = kernel.execute(cell, on_message=interrupt_once_training_started)
-        assert sent and "result bound to `ft`; to continue, run the cell again with `--resume`" in out, out
+        assert sent and bound_to_ft(out) and "run the cell again with `--resume`" in out, out
         reason, steps = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
         assert reason == "interrupted" and 0 < int(steps) < 5000
         assert any((out_dir / "checkpoints").iterdir())
@@ -286,7 +313,7 @@ def test_kernel_interrupt_then_restart_then_resume(test_model_dir, tmp_path):
         kernel.setup()
         target = int(steps) + 2
         out = kernel.execute(f"%%finetune --resume --max-steps {target}\n" + body(test_model_dir, out_dir))
-        assert "result bound to `ft`" in out and "--resume" not in out, out
+        assert bound_to_ft(out) and "--resume" not in out, out
         reason, final = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
         assert reason == "finished" and int(final) == target
     finally:
