@@ -337,7 +337,7 @@ def run_ftmagic(spec: RunSpec, model_dir: str, texts: list, out: str, precision:
             stamps.append((event.step, time.perf_counter(), event.tokens))
 
     result = finetune(on_event=on_event, model=model_dir, method=spec.method, precision=precision, data=[{"text": t} for t in texts],
-                      format="text", train_on="all", max_seq_len=spec.seq_len, packing=False,
+                      format="text", train_on="all", max_seq_len=spec.seq_len, long_text="truncate", packing=False,
                       batch_size=spec.batch_size, grad_accum=1, max_steps=spec.steps, lr=LR, warmup=0,
                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=TARGETS, gradient_checkpointing=spec.gradient_checkpointing,

@@ -350,8 +350,10 @@ class FinetuneConfig:
 
     def _validate_objective(self, fail) -> None:
         """The objective's keys, and what it accepts of the method, data format and packing."""
+        if self.objective not in OBJECTIVE_NAMES:
+            return  # reported with the other choice keys; nothing below can be judged without it
         spec = get_objective_spec(self.objective)
-        if not method_supports(get_method_spec(self.method), self.objective):
+        if self.method in METHOD_NAMES and not method_supports(get_method_spec(self.method), self.objective):
             fail("objective", f"`objective: {self.objective}` cannot be trained with `method: {self.method}` "
                               "(virtual tokens live inside peft's own forward); use lora, qlora, dora, ia3 or full")
         if not self.beta > 0:

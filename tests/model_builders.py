@@ -168,6 +168,7 @@ def build_family_model_dir(path, family: str) -> str:
     model = build_family_model(family, tokenizer)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+    return str(path)
 
 
 def build_test_encoder_dir(path):

@@ -46,11 +46,11 @@ def _train(model_dir, out, hook=None, **extra):
     real = run._load_and_prepare
 
     def with_hook(*args, **kwargs):
-        model, plan, method = real(*args, **kwargs)
+        model, *rest = real(*args, **kwargs)
         if hook is not None:
             layers = [m for name, m in model.named_modules() if name.endswith("layers.0")]
             layers[0].register_forward_hook(hook)
-        return model, plan, method
+        return (model, *rest)
 
     run._load_and_prepare = with_hook
     try:

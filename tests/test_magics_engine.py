@@ -174,13 +174,14 @@ def test_notebook_runs_end_to_end_and_keeps_a_static_summary(test_model_dir, tmp
 
     run_cell = nb.cells[2]
     streams = "".join(o.get("text", "") for o in run_cell.outputs if o.output_type == "stream" and o.name == "stdout")
-    assert streams.startswith(f"ftmagic: {test_model_dir} | lora | cpu fp32 | data: 16 train records")
-    assert "result bound to `ft`" in streams
+    # Widget mode prints nothing: the plan is the live widget's header and the result is named in the summary.
+    assert streams == "", streams
     data_outputs = [o for o in run_cell.outputs if o.output_type == "display_data"]
     # The live widget's output was replaced in place by the static summary.
     widgets_left = [o.data["text/plain"] for o in data_outputs if "application/vnd.jupyter.widget-view+json" in o.data]
     assert widgets_left == []  # not ours, and not the libraries' own loading bars either
     assert data_outputs[0].data["text/plain"].startswith("status: finished")
+    assert "result: `ft` (RunResult" in data_outputs[0].data["text/plain"]
     summaries = [o.data["text/html"] for o in data_outputs if "ftmagic-summary" in o.data.get("text/html", "")]
     assert len(summaries) == 1
     assert "<svg" in summaries[0] and "finished" in summaries[0] and "<script" not in summaries[0]

@@ -36,7 +36,7 @@ def test_a_pair_shows_side_by_side_with_the_compared_tokens_coloured(test_tokeni
     assert chosen == "hello there<|im_end|>" and rejected == "go away<|im_end|>"
     assert not any(t.trained for t in view.pair["chosen"]["tokens"] if "hi" == t.text)
     html = record_html(view)
-    assert html.count('<div><b>chosen</b>') == 1 and html.count('<div><b>rejected</b>') == 1
+    assert html.count('<b>chosen</b>') == 1 and html.count('<b>rejected</b>') == 1
     assert 'class="ftm-pair"' in html and "ftm-trained" in html
 
 

@@ -330,7 +330,7 @@ def _stats(built: list, eval_built: list, train: list, held_out: list, template:
         "problem_count": len(problems),
         "truncated": sum(b.truncated for b in built + eval_built),
         "split": sum(b.split for b in built + eval_built),
-        "blocks": sum(e.blocks for b in built + eval_built for e in b.examples if e.split),
+        "blocks": sum(e.blocks for b in built + eval_built for e in b.examples if getattr(e, "split", False)),
         "no_trained_tokens": skipped.get("no_trained_tokens", 0),
         "eos_added": sum(1 for b in built for e in b.examples if e.eos_added),
         "train_examples": len(train),

@@ -324,7 +324,7 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     record_problems: list = []
     lengths, usable_lengths = [], []
     trained = total = truncated = untrainable = appended = usable = split = blocks = 0
-    stops = set(answer_end_ids(tokenizer, tpl)) if tokenizer is not None and not is_text else \
+    stops = set(answer_end_ids(tokenizer, tpl)) if tokenizer is not None and tpl is not None else \
         {getattr(tokenizer, "eos_token_id", None)}
     no_eos_tokenizer = False
     for i, conv, enc, problems in iter_encoded(loaded, detection, tokenizer, template=tpl, system_prompt=ctx["system_prompt"],

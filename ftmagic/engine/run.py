@@ -551,7 +551,9 @@ def _oom_message(cfg: FinetuneConfig, caps=None) -> str:
     try:
         caps = caps or detect_caps()
         verdict = preflight(cfg, caps.total_memory, bf16_supported=caps.bf16_supported)
-        tips = [s.label for s in (getattr(verdict, "suggestions", None) or [])[:2] if getattr(s, "label", None)]
+        # Changes to this run on this GPU: the error happened here, more GPUs are another question.
+        tips = [s.label for s in (getattr(verdict, "suggestions", None) or [])
+                if getattr(s, "label", None) and "devices" not in (getattr(s, "changes", None) or {})][:2]
     except Exception:  # the calculator only adds hints; the message stands without it
         tips = []
     if not tips:
