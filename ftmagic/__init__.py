@@ -13,7 +13,7 @@ Layers (imports only point downwards; ``tests/test_layers.py`` walks every impor
 * engine: ``engine/``, the only layer that imports torch, transformers, peft and
   accelerate; it reports through typed events (``ftmagic.events``) and never imports a front;
 * core: ``adapters`` (what a saved adapter folder holds), ``config``, ``constants``,
-  ``errors``, ``events``, ``evalevents``, ``hub``, ``methods``, ``objectives``, ``scoring``,
+  ``errors``, ``events``, ``evalevents``, ``flops``, ``hub``, ``methods``, ``objectives``, ``scoring``,
   ``strategies``, ``sweep_spec``, ``units``, ``data/``, ``memory/`` and ``export/`` (what
   exports share: targets, Modelfile, model card, summary): pure Python that never imports
   the engine or a front.

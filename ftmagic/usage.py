@@ -25,3 +25,28 @@ def as_usage_error():
         yield
     except FtmagicError as exc:
         raise UsageError(str(exc)) from None
+
+
+def magic_argv(line: str) -> list[str]:
+    """Split a magic's line like a shell; quotes around a value are removed.
+
+    IPython's own splitting (non-POSIX, so Windows paths keep their backslashes) leaves the
+    quotes on, and ``--gpu "A100 40GB"`` must mean the GPU, not a name with quotes in it.
+
+    Example::
+
+        >>> magic_argv('llama-3.1-8b --gpu "A100 40GB" --method="qlora"')
+        ['llama-3.1-8b', '--gpu', 'A100 40GB', '--method=qlora']
+    """
+    from IPython.utils.process import arg_split
+
+    return [_unquote(token) for token in arg_split(line)]
+
+
+def _unquote(token: str) -> str:
+    if "=" in token and token.startswith("--"):
+        flag, value = token.split("=", 1)
+        return flag + "=" + _unquote(value)
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "'\"":
+        return token[1:-1]
+    return token

@@ -3,7 +3,7 @@
     front   ftmagic (the package), api, cli, commands/, magics, widgets/, textprogress,
             usage, demo            -- may use the engine and the core
     engine  engine/                -- may use the core; never a front, IPython or ipywidgets
-    core    adapters, config, constants, errors, events, evalevents, hub, methods, objectives, scoring,
+    core    adapters, config, constants, errors, events, evalevents, flops, hub, methods, objectives, scoring,
             strategies, sweep_spec, units, data/, memory/, export/
                                    -- pure Python: never the engine or a front, never torch
 
@@ -23,7 +23,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ftmagic"
 
 CORE = ("ftmagic.adapters", "ftmagic.config", "ftmagic.constants", "ftmagic.errors", "ftmagic.events",
-        "ftmagic.evalevents", "ftmagic.hub", "ftmagic.methods", "ftmagic.objectives", "ftmagic.scoring",
+        "ftmagic.evalevents", "ftmagic.flops", "ftmagic.hub", "ftmagic.methods", "ftmagic.objectives", "ftmagic.scoring",
         "ftmagic.strategies", "ftmagic.sweep_spec", "ftmagic.units", "ftmagic.data", "ftmagic.memory", "ftmagic.export")
 ENGINE = ("ftmagic.engine",)
 # Libraries that only the engine may import (the core stays importable without them).

@@ -86,6 +86,12 @@ def test_magic_text_report(shell, capsys):
     assert "frozen weights" in out
 
 
+def test_a_quoted_gpu_name_with_a_space_is_that_gpu(shell, capsys):
+    shell.run_line_magic("ft_memory", 'llama-3.2-1b --method qlora --gpu "A100 40GB" --text')
+    out = capsys.readouterr().out
+    assert out.startswith("fits A100 40GB"), out
+
+
 def test_magic_widget_and_usage_errors(shell):
     from IPython.core.error import UsageError
 

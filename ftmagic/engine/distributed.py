@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ftmagic.engine.loop import optimizer_step
 from ftmagic.errors import ConfigError, DistributedError, FtmagicError
 from ftmagic.strategies import (LABELS, check_batch_split, deepspeed_config, fsdp_settings, get_strategy_spec,
                                 resolve_strategy, rows_per_process, shard_rows)
@@ -334,21 +335,8 @@ class Ranks:
             scheduler.step()
             norm = self.wrapped.get_global_grad_norm()
             return torch.as_tensor(float(norm)) if norm is not None else None
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-        if self.spec.engine == "fsdp":
-            grad_norm = self.wrapped.clip_grad_norm_(limit)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else None
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        clip = self.wrapped.clip_grad_norm_ if self.spec.engine == "fsdp" else None
+        return optimizer_step(optimizer, scheduler, params, scaler=scaler, max_grad_norm=max_grad_norm, clip=clip)
 
     # ------------------------------------------------------------------ collectives
     def sum(self, values: list) -> list:

@@ -327,15 +327,20 @@ class _NonFinite(Exception):
     """Raised inside the loop when a NaN or infinity is seen; ends it with reason ``nonfinite``."""
 
 
-def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: float = 1.0):
+def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: float = 1.0,
+                   clip: Optional[Callable] = None):
     """Unscale (fp16), clip, step, advance the schedule and zero the gradients.
 
     Returns the gradient norm before clipping as a device tensor (read later, with the loss).
+    ``clip(limit)`` replaces the clipping of ``params`` (FSDP clips across its shards).
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else None
+    if clip is not None:
+        grad_norm = clip(limit)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

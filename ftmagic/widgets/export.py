@@ -13,7 +13,6 @@ Example (in a notebook)::
 
 from __future__ import annotations
 
-from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
@@ -45,21 +44,10 @@ class ExportMagics(Magics):
         from IPython.display import display
 
         from ftmagic.export.summary import summary_html
-        from ftmagic.widgets.finetune import parse_line
+        from ftmagic.widgets.finetune import parse_line, run_result
 
         args = parse_line(self.ft_export, line)
-        if args.run is not None:
-            from ftmagic.engine.result import RunResult
-
-            with as_usage_error():
-                result = RunResult.load(args.run)
-        else:
-            result = self.shell.user_ns.get(args.name)
-            if result is None:
-                raise UsageError(f"there is no `{args.name}` in the notebook: run a %%finetune cell first, pass "
-                                 "`--name` of the variable that holds its result, or `--run OUTPUT_DIR`")
-            if not hasattr(result, "export"):
-                raise UsageError(f"`{args.name}` is a {type(result).__name__}, not a RunResult from %%finetune")
+        result = run_result(self.shell.user_ns, args.name, args.run)
         with as_usage_error():
             summary = result.export(args.to, quant=args.quant, repo_id=args.repo, overwrite=args.overwrite,
                                     private=False if args.public else None, on_event=_print_progress)

@@ -36,7 +36,7 @@ from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
 from ftmagic.errors import ConfigError
-from ftmagic.usage import as_usage_error
+from ftmagic.usage import as_usage_error, magic_argv
 
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
@@ -131,10 +131,7 @@ def flag_overrides(args) -> dict:
 def _split_line(line: str) -> list[str]:
     """Split the magic's line like a shell and expand ``{var}`` / ``$var`` everywhere except
     in ``--data`` / ``--eval-data``, whose ``$name`` names the variable itself, not its text."""
-    from IPython.utils.process import arg_split
-
-    # Non-POSIX splitting keeps Windows paths' backslashes; the quotes it keeps are removed below.
-    argv = [_unquote(token) for token in arg_split(line)]
+    argv = magic_argv(line)
     data_flags = {flag_name(k) for k in _DATA_KEYS}
     out, keep_next = [], False
     for token in argv:
@@ -142,15 +139,6 @@ def _split_line(line: str) -> list[str]:
         keep_next = token in data_flags
         out.append(token if literal else _expand(token))
     return out
-
-
-def _unquote(token: str) -> str:
-    if "=" in token and token.startswith("--"):
-        flag, value = token.split("=", 1)
-        return flag + "=" + _unquote(value)
-    if len(token) >= 2 and token[0] == token[-1] and token[0] in "'\"":
-        return token[1:-1]
-    return token
 
 
 def _expand(token: str) -> str:
@@ -445,18 +433,7 @@ class FinetuneMagics(Magics):
         prompts = split_prompts(cell)
         if not prompts:
             raise UsageError("%%ft_generate: write a prompt in the cell body (one per line)")
-        if args.run is not None:
-            from ftmagic.engine.result import RunResult
-
-            with as_usage_error():
-                result = RunResult.load(args.run)
-        else:
-            result = self.shell.user_ns.get(args.name)
-        if result is None:
-            raise UsageError(f"there is no `{args.name}` in the notebook: run a %%finetune cell first "
-                             f"(or pass `--name` of the variable that holds its result)")
-        if not hasattr(result, "generate"):
-            raise UsageError(f"`{args.name}` is a {type(result).__name__}, not a RunResult from %%finetune")
+        result = run_result(self.shell.user_ns, args.name, args.run)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
         with as_usage_error():
@@ -466,6 +443,28 @@ class FinetuneMagics(Magics):
                 rows = [{"prompt": p, "tuned": result.generate(p, max_new_tokens=args.max_new_tokens)}
                         for p in prompts]
         display({"text/html": compare_table_html(rows), "text/plain": compare_table_text(rows)}, raw=True)
+
+
+def run_result(namespace: dict, name: str, run: Optional[str] = None):
+    """The RunResult a magic works on: the run folder ``run`` (``--run``), else the notebook's ``name``.
+
+    Example::
+
+        result = run_result(shell.user_ns, "ft")            # the result of a %%finetune cell
+        result = run_result(shell.user_ns, "ft", "runs/a")  # a saved run, reloaded
+    """
+    if run is not None:
+        from ftmagic.engine.result import RunResult
+
+        with as_usage_error():
+            return RunResult.load(run)
+    result = namespace.get(name)
+    if result is None:
+        raise UsageError(f"there is no `{name}` in the notebook: run a %%finetune cell first, pass "
+                         "`--name` of the variable that holds its result, or `--run OUTPUT_DIR`")
+    if not hasattr(result, "generate"):
+        raise UsageError(f"`{name}` is a {type(result).__name__}, not a RunResult from %%finetune")
+    return result
 
 
 def run_sweep_cell(config: FinetuneConfig, values: dict, name: str, mode: str, namespace: dict):

@@ -19,7 +19,7 @@ import time
 from typing import Optional
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ftmagic.constants import OPTIMIZERS
 from ftmagic.api import estimate_memory
@@ -29,7 +29,7 @@ from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.strategies import LABELS as STRATEGY_LABELS
 from ftmagic.strategies import STRATEGY_NAMES
-from ftmagic.usage import as_usage_error
+from ftmagic.usage import as_usage_error, magic_argv
 from ftmagic.widgets.static import StaticTwin
 
 COLORS = {
@@ -298,7 +298,7 @@ class MemoryMagics(Magics):
             %ft_memory llama-3.1-8b --method qlora --batch-size 2 --seq-len 2048 --gpu T4
             %ft_memory llama-3.1-8b --method full --batch-size 8 --gpu A100 --devices 4 --strategy fsdp
         """
-        args = parse_argstring(self.ft_memory, line)
+        args = self.ft_memory.parser.parse_args(magic_argv(line))
         with as_usage_error():
             settings = dict(method=args.method, precision=args.precision, batch_size=args.batch_size,
                             seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,

@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ftmagic.config import FORMATS
 from ftmagic.objectives import OBJECTIVE_NAMES
-from ftmagic.usage import as_usage_error
+from ftmagic.usage import as_usage_error, magic_argv
 from ftmagic.widgets.static import StaticTwin
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
@@ -184,7 +184,7 @@ class PreviewMagics(Magics):
 
         Example: ``%ft_preview train.jsonl --model tiny --max-seq-len 256``
         """
-        args = parse_argstring(self.ft_preview, line)
+        args = self.ft_preview.parser.parse_args(magic_argv(line))
         with as_usage_error():
             from ftmagic.commands.preview import parse_columns
             from ftmagic.data.report import analyse, open_preview
