@@ -9,6 +9,9 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
 # The CPU build of torch first: a bare `torch` requirement resolves to a multi-GB CUDA build.
 pip install torch==2.13.0
+# llama-cpp-python (in the test extra, for GGUF k-quants and the llama.cpp runtime) compiles
+# llama.cpp when pip has no wheel of it cached: on every core, not one.
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # The package with the test extra (pytest, nbval, the real tracking and export libraries,
 # JupyterLab, Notebook 7 and Playwright for the browser tests).
 pip install -e '.[test]'

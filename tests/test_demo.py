@@ -68,24 +68,6 @@ def test_demo_config_is_a_valid_lora_config():
     assert cfg.model == "tiny" and cfg.method == "lora" and cfg.max_steps == DEMO_CONFIG["max_steps"]
 
 
-@pytest.mark.slow
-def test_lora_teaches_the_tiny_model_to_reverse(tmp_path):
-    """Held-out exact match: none before, at least DEMO_EXACT_MATCH (what the README and quickstart state) after.
-
-    The time it takes (at most 3 minutes on 2 cores) is measured by `ftmagic demo`, which
-    prints it, not asserted here: a busy CI machine must not fail a correct run.
-    """
-    from ftmagic.demo import run_demo
-
-    from ftmagic.demo import DEMO_EXACT_MATCH
-
-    report = run_demo(str(tmp_path / "demo"))
-    assert report["base_exact_match"] <= 0.05
-    assert report["tuned_exact_match"] >= DEMO_EXACT_MATCH
-    assert (tmp_path / "demo" / "adapter_config.json").exists()
-    assert sum(r["tuned"] == r["expected"] for r in report["rows"]) >= 3
-
-
 def test_cli_demo_smoke(tmp_path, capsys):
     from ftmagic.cli import main
 

@@ -3,7 +3,9 @@
 The quickstart's key figure (held-out exact match after the demo's LoRA run) is
 ``ftmagic.demo.DEMO_EXACT_MATCH``. Its text states it, its check cell asserts it (so the
 notebook run in CI by nbval fails when a fresh run falls short), the committed output
-reaches it, and the README says the same; ``tests/test_demo.py`` holds ``ftmagic demo`` to it.
+reaches it, and the README says the same. ``ftmagic demo`` trains with the same settings
+(``DEMO_CONFIG``, checked below) on the same data, so the quickstart's run in CI holds it to
+the figure too, without training the same model a second time.
 """
 
 from __future__ import annotations
