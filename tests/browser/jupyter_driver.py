@@ -172,7 +172,11 @@ _JS_DONE = f"""() => {{
 
 # Errors the front ends log on their own, with no ftmagic output on the page (seen opening an
 # empty notebook): Notebook 7.6's keyboard-shortcut settings on start-up.
-FRONT_END_ERRORS = ("Cannot read properties of undefined (reading 'schema')",)
+FRONT_END_ERRORS = (
+    "Cannot read properties of undefined (reading 'schema')",
+    # Notebook 7's notebook page has no file browser; its own start-up sometimes asks for one.
+    "Command 'filebrowser:open-path' not registered",
+)
 
 
 class NotebookPage:
