@@ -115,7 +115,7 @@ def preference_accuracy(model, tokenizer, pairs: list) -> float:
     return wins / len(pairs)
 
 
-def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int):
+def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0):
     import datasets
     import torch
     from peft import LoraConfig
@@ -137,8 +137,10 @@ def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int):
     return trainer.model, trainer.state.global_step
 
 
-def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int):
+def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0):
     from ftmagic.engine.run import finetune
+
+    # `threads: auto` would choose for itself: held to --threads like the other system.
 
     result = finetune(model=model_dir, data=pairs, objective="dpo", beta=HPARAMS["beta"], dpo_loss="sigmoid",
                       format="preference", max_seq_len=MAX_LEN, max_steps=steps, batch_size=size["batch_size"],
@@ -146,7 +148,7 @@ def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int):
                       warmup=HPARAMS["warmup"], max_grad_norm=HPARAMS["max_grad_norm"], lora_r=LORA["r"],
                       lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                       target_modules=list(LORA["target_modules"]), output_dir=out, overwrite=True, logging_steps=10,
-                      save_steps=0, eval_steps=0, seed=HPARAMS["seed"])
+                      save_steps=0, eval_steps=0, seed=HPARAMS["seed"], threads=threads or "auto")
     return result.model, int(result.metrics["steps"])
 
 
@@ -179,7 +181,7 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, threads
     if threads:
         torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model, done = (run_trl if system == "trl" else run_ftmagic)(model_dir, pairs, size, out, steps)
+    model, done = (run_trl if system == "trl" else run_ftmagic)(model_dir, pairs, size, out, steps, threads)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     peak = _peak_bytes()
