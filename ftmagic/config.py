@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, closest
 from ftmagic.methods import METHOD_NAMES, get_method_spec
 from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
@@ -635,10 +634,10 @@ def _decode_config(raw: bytes, source: str) -> str:
 
 
 def _suggest(word: str, options, quote: bool = True) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
-    if not close:
+    close = closest(word, options)
+    if close is None:
         return ""
-    return f"; did you mean `{close[0]}`?" if quote else f" (did you mean {close[0]}?)"
+    return f"; did you mean `{close}`?" if quote else f" (did you mean {close}?)"
 
 
 def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:

@@ -10,7 +10,8 @@ escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from typing import Sequence
+import difflib
+from typing import Iterable, Optional, Sequence
 
 
 def one_line(message: object) -> str:
@@ -77,3 +78,28 @@ class TrainingError(FtmagicError):
 
 class ExportError(FtmagicError):
     """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""
+
+
+def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[str]:
+    """The option most like ``word``, or None: the "did you mean" of every one-line error.
+
+    Example::
+
+        >>> closest("lroa", ["full", "lora", "qlora"])
+        'lora'
+    """
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def not_accepted(key: str, value: object, options: Sequence[str]) -> "ConfigError":
+    """The error for a value that is not one of a table's names (method, objective, strategy).
+
+    Example::
+
+        >>> str(not_accepted("method", "lroa", ["full", "lora"]))
+        '`method: lroa` is not accepted; use one of full, lora (did you mean lora?)'
+    """
+    close = closest(value, options)
+    hint = f" (did you mean {close}?)" if close else ""
+    return ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(options)}{hint}")

@@ -31,11 +31,10 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, not_accepted
 
 # What part of the model a method trains (the calculator counts parameters from this).
 TRAINS = ("all", "adapters", "virtual_tokens", "biases", "top_layers")
@@ -139,9 +138,7 @@ def get_method_spec(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(METHODS), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"`method: {name}` is not accepted; use one of {', '.join(METHODS)}{hint}") from None
+        raise not_accepted("method", name, list(METHODS)) from None
 
 
 def select_targets(spec: MethodSpec, linear_names: Sequence[str], target_modules: Any = "auto") -> list:

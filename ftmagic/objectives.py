@@ -30,10 +30,9 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import not_accepted
 
 DATA_KINDS = ("conversations", "preference", "classification")
 HEADS = ("lm", "score", "labels")
@@ -100,9 +99,7 @@ def get_objective_spec(name: str) -> ObjectiveSpec:
     try:
         return OBJECTIVES[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(OBJECTIVES), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"`objective: {name}` is not accepted; use one of {', '.join(OBJECTIVES)}{hint}") from None
+        raise not_accepted("objective", name, list(OBJECTIVES)) from None
 
 
 def method_supports(method_spec, objective: str) -> bool:

@@ -24,7 +24,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, closest
 
 EXTRA_HINT = "pip install 'ftmagic[eval]'"
 
@@ -139,10 +139,8 @@ def check_metric_spec(spec) -> Optional[str]:
             names.append(item[1:])
             continue
         if ALIASES.get(item, item) not in METRICS:
-            import difflib
-
-            close = difflib.get_close_matches(item, list(METRICS) + list(ALIASES), n=1, cutoff=0.5)
-            hint = f" (did you mean {ALIASES.get(close[0], close[0])}?)" if close else ""
+            close = closest(item, list(METRICS) + list(ALIASES), cutoff=0.5)
+            hint = f" (did you mean {ALIASES.get(close, close)}?)" if close else ""
             return (f"`eval_metrics: {item}` is not a metric; use {', '.join(METRICS)} or a Python function "
                     f"f(prediction, reference){hint}")
         names.append(ALIASES.get(item, item))

@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.methods import get_method_spec
 
 STRATEGY_NAMES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -81,7 +81,7 @@ def get_strategy_spec(name: str) -> StrategySpec:
     """The spec of a resolved strategy (``auto`` is resolved by :func:`resolve_strategy` first)."""
     spec = STRATEGIES.get(name)
     if spec is None:
-        raise ConfigError(f"`distributed: {name}` is not accepted; use one of {', '.join(STRATEGY_NAMES)}")
+        raise not_accepted("distributed", name, STRATEGY_NAMES)
     return spec
 
 

@@ -31,12 +31,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, closest
 
 CONTROL_KEYS = ("n_trials", "metric", "direction", "sampler", "pruner")
 SAMPLERS = ("grid", "random", "tpe")
@@ -122,9 +121,9 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
         if key in CONTROL_KEYS:
             continue
         if not isinstance(key, str) or key not in fields:
-            close = difflib.get_close_matches(str(key), fields + list(CONTROL_KEYS), n=1, cutoff=0.6)
+            close = closest(key, fields + list(CONTROL_KEYS))
             fail(str(key), f"`sweep.{key}` is not a config key or a sweep setting"
-                 + (f"; did you mean `{close[0]}`?" if close else f" ({', '.join(CONTROL_KEYS)})"))
+                 + (f"; did you mean `{close}`?" if close else f" ({', '.join(CONTROL_KEYS)})"))
         if key in NOT_SEARCHABLE:
             fail(key, f"`sweep.{key}` cannot be searched: it says where data or outputs are, not how to train; "
                       "set it outside the `sweep:` block")

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ftmagic.data.encode import Encoded, label_step, render_step, tokenize_step
-from ftmagic.data.formats import PreferencePair
 from ftmagic.data.problems import RecordError
 
 SIDES = ("chosen", "rejected")

@@ -20,11 +20,10 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, closest
 
 # In the order they are produced: a GGUF is converted from the merged model, the Modelfile
 # points at a GGUF, and the Hub upload can carry all of them.
@@ -69,8 +68,8 @@ def _check(values: list, allowed, key: str) -> list:
     for value in values:
         name = value.lower()
         if name not in allowed:
-            close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
+            close = closest(name, allowed)
+            hint = f"; did you mean `{close}`?" if close else ""
             raise ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}{hint}")
         if name not in out:
             out.append(name)

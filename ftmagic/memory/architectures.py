@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ftmagic.adapters import is_adapter_folder, read_adapter
-from ftmagic.errors import ModelError
+from ftmagic.errors import ModelError, closest
 
 
 # How each layout names the linear layers of a block and what each one does. The group
@@ -321,10 +321,8 @@ def resolve_model(model: Any) -> ModelShape:
 
 
 def _close_builtin(key: str) -> Optional[str]:
-    import difflib
-
-    match = difflib.get_close_matches(key, list(_LOOKUP), n=1, cutoff=0.75)
-    return _LOOKUP[match[0]] if match else None
+    match = closest(key, _LOOKUP, cutoff=0.75)
+    return _LOOKUP[match] if match else None
 
 
 def _cached_hub_config(repo_id: str) -> Optional[str]:

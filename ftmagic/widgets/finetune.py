@@ -21,7 +21,6 @@ Example (in a notebook)::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import sys
 import threading
@@ -35,7 +34,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, closest
 from ftmagic.usage import as_usage_error, magic_argv
 
 CELL_SOURCE = "%%finetune cell"
@@ -167,9 +166,7 @@ def parse_line(magic_func: Callable, line: str):
             known = [opt for action in parser._actions for opt in action.option_strings]
             extra = message.split(":", 1)[1].split()
             unknown = [token.split("=")[0] for token in extra if token.startswith("-")]
-            hints = [f"`{bad}`: did you mean `{close[0]}`?"
-                     for bad in unknown
-                     for close in [difflib.get_close_matches(bad, known, n=1, cutoff=0.6)] if close]
+            hints = [f"`{bad}`: did you mean `{close}`?" for bad in unknown for close in [closest(bad, known)] if close]
             if unknown:
                 message = f"unknown flag(s): {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
             else:
