@@ -293,23 +293,10 @@ def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(te
     ipykernel = pytest.importorskip("ipykernel")
     if int(ipykernel.__version__.split(".")[0]) < 7:
         pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
-    from test_magics_engine import Kernel, _training_started, body, bound_to_ft
+    from test_magics_engine import Kernel, StopClicker, body, bound_to_ft
 
     kernel = Kernel(tmp_path)
-    button = {}
-    widget_texts = []  # what the live widget showed (its header names the processes)
-
-    def click_once_training_started(msg):
-        content = msg["content"]
-        shown = content.get("data", {}).get("state", {}).get("value") if msg["msg_type"] == "comm_msg" else None
-        if isinstance(shown, str):
-            widget_texts.append(shown)
-        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
-            button["id"] = content["comm_id"]
-        if _training_started(msg) and "id" in button and "sent" not in button:
-            click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
-            kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", click))
-            button["sent"] = True
+    clicker = StopClicker(kernel)  # also keeps what the widget showed (its header names the processes)
 
     try:
         kernel.setup()
@@ -317,9 +304,9 @@ def test_a_kernel_forks_two_processes_and_a_front_end_stop_click_reaches_them(te
         out = kernel.execute("%%finetune --max-steps 1 --progress none --name first\n" + body(test_model_dir, tmp_path / "a"))
         assert "Error" not in out, out
         cell = "%%finetune --processes 2 --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "b")
-        out = kernel.execute(cell, on_message=click_once_training_started)
-        assert button.get("sent"), out
-        assert any("x 2 processes (ddp)" in text for text in widget_texts), widget_texts[:3]
+        out = kernel.execute(cell, on_message=clicker)
+        assert clicker.sent, out
+        assert any("x 2 processes (ddp)" in text for text in clicker.widget_texts), clicker.widget_texts[:3]
         assert "Launching training" not in out
         assert bound_to_ft(out) and "run the cell again with `--resume`" in out, out
         report = kernel.execute("print(ft.metrics['reason'], ft.metrics['processes'], ft.metrics['steps'])").split()

@@ -236,25 +236,42 @@ def bound_to_ft(out: str) -> bool:
     return "result bound to `ft`" in out or "`ft` (RunResult" in out
 
 
+def _shown(msg) -> str:
+    """What a message puts on screen: printed text, or a widget's new text value."""
+    if msg["msg_type"] == "stream":
+        return msg["content"].get("text", "")
+    value = msg["content"].get("data", {}).get("state", {}).get("value") if msg["msg_type"] == "comm_msg" else None
+    return value if isinstance(value, str) else ""
+
+
 def _first_step_done(msg) -> bool:
     """A training step has been reported (the loop is running), as text or in the widget."""
-    if msg["msg_type"] == "stream":
-        return "loss" in msg["content"].get("text", "")
-    if msg["msg_type"] == "comm_msg":
-        value = msg["content"].get("data", {}).get("state", {}).get("value")
-        return isinstance(value, str) and "loss</b>" in value
-    return False
+    return "loss" in _shown(msg)
 
 
 def _training_started(msg) -> bool:
     """The run has started training: its parameter line is printed (text progress) or shown
     in the live widget's header (widget progress, where it is not printed as well)."""
-    if msg["msg_type"] == "stream":
-        return "parameters trainable" in msg["content"].get("text", "")
-    if msg["msg_type"] == "comm_msg":
-        value = msg["content"].get("data", {}).get("state", {}).get("value")
-        return isinstance(value, str) and "parameters trainable" in value
-    return False
+    return "parameters trainable" in _shown(msg)
+
+
+class StopClicker:
+    """An ``on_message`` that clicks the widget's Stop button once training has started,
+    exactly as ipywidgets' front end does, and keeps what the widget showed."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.button, self.sent, self.widget_texts = kernel, None, False, []
+
+    def __call__(self, msg) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "comm_msg" and _shown(msg):
+            self.widget_texts.append(_shown(msg))
+        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
+            self.button = content["comm_id"]
+        if _training_started(msg) and self.button and not self.sent:
+            click = {"comm_id": self.button, "data": {"method": "custom", "content": {"event": "click"}}}
+            self.kernel.kc.shell_channel.send(self.kernel.kc.session.msg("comm_msg", click))
+            self.sent = True
 
 
 @pytest.mark.slow
@@ -264,23 +281,13 @@ def test_stop_click_from_the_front_end_reaches_a_running_cell(test_model_dir, tm
     if int(ipykernel.__version__.split(".")[0]) < 7:
         pytest.skip("routing widget messages during a running cell needs ipykernel 7 subshells")
     kernel = Kernel(tmp_path)
-    button = {}
-
-    def click_once_training_started(msg):
-        content = msg["content"]
-        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("_model_name") == "ButtonModel":
-            button["id"] = content["comm_id"]
-        if _training_started(msg) and "id" in button and "sent" not in button:
-            # Exactly what ipywidgets' front end sends when the button is clicked.
-            click = {"comm_id": button["id"], "data": {"method": "custom", "content": {"event": "click"}}}
-            kernel.kc.shell_channel.send(kernel.kc.session.msg("comm_msg", click))
-            button["sent"] = True
+    clicker = StopClicker(kernel)
 
     try:
         kernel.setup()
         cell = "%%finetune --max-steps 5000 --progress widget\n" + body(test_model_dir, tmp_path / "clicked")
-        out = kernel.execute(cell, on_message=click_once_training_started)
-        assert button.get("sent"), out
+        out = kernel.execute(cell, on_message=clicker)
+        assert clicker.sent, out
         assert bound_to_ft(out) and "run the cell again with `--resume`" in out, out
         report = kernel.execute("print(ft.metrics['reason'], ft.metrics['steps'])").split()
         assert report[0] == "stopped" and int(report[1]) < 5000
