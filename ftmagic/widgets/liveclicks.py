@@ -159,3 +159,68 @@ def open_side_channel(widget: Any, timeout: float = 5.0):
         return _subshell_route(kernel, widget, timeout) or _queue_pump(kernel)
     except Exception:  # a private kernel API changed: fall back to the kernel's interrupt
         return None
+
+
+class LiveDisplay:
+    """What the live training and sweep displays share: shown in the running cell with a Stop
+    button that works while the cell is busy, replaced by static output when they end.
+
+    A subclass builds ``widget`` (holding ``button``) and calls :meth:`show`; during the run
+    :meth:`let_clicks_in` every ``poll_interval`` seconds at most; at the end
+    :meth:`replace_with` a mime bundle that stays in the saved notebook.
+
+    Example::
+
+        class Progress(LiveDisplay):
+            def __init__(self):
+                self.button = ipywidgets.Button(description="Stop")
+                self.widget = ipywidgets.VBox([self.button])
+    """
+
+    widget: Any = None
+    button: Any = None
+    handle: Any = None  # the display the static output replaces
+    _side_channel: Any = None  # how a click reaches a busy kernel
+    _last_poll: Optional[float] = None
+    poll_interval = 0.1
+
+    def show(self) -> None:
+        """Display the widget in the current cell and open the way for its clicks."""
+        from IPython.display import display
+
+        self.handle = display(self.widget, display_id=True)
+        self._side_channel = open_side_channel(self.button)
+
+    def let_clicks_in(self, now: float) -> None:
+        """Let a waiting Stop click in (kernels where clicks queue up behind the cell)."""
+        if self._side_channel is None or (self._last_poll is not None and now - self._last_poll < self.poll_interval):
+            return
+        self._last_poll = now
+        try:
+            self._side_channel.poll()
+        except Exception:
+            # The click plumbing must never break a run; the kernel's interrupt still works.
+            self._side_channel = None
+
+    def replace_with(self, bundle: dict) -> None:
+        """Put ``bundle`` where the widget was (or below, when it was never shown), then close it."""
+        from IPython.display import display
+
+        if self.handle is not None:
+            self.handle.update(bundle, raw=True)
+        else:
+            display(bundle, raw=True)
+        self.close()
+
+    def close(self) -> None:
+        """Close the widget and everything in it (frees their comms in the kernel)."""
+        if self._side_channel is not None:
+            self._side_channel.close()
+            self._side_channel = None
+        _close_tree(self.widget)
+
+
+def _close_tree(widget) -> None:
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from ftmagic.textprogress import (RunState, format_bytes, format_count, format_duration, format_loss, format_lr,
                                   format_metrics, format_plan_line)
+from ftmagic.widgets.liveclicks import LiveDisplay
 from ftmagic.widgets.summary import as_mimebundle, loss_chart_svg
 
 
@@ -96,7 +97,7 @@ def log_html(state: RunState, limit: int = 5) -> str:
     return "<br>".join(lines)
 
 
-class TrainingProgress:
+class TrainingProgress(LiveDisplay):
     """An ``on_event`` callback that drives an ipywidgets progress display.
 
     ``stop`` is the event handed to the engine; the Stop button sets it. Redraws are
@@ -123,10 +124,6 @@ class TrainingProgress:
         self._last_redraw: Optional[float] = None
         self._last_chart: Optional[float] = None
         self.chart_redraws = 0  # how many times the SVG was rebuilt (tests check the throttle)
-        self.handle = None
-        self._side_channel: Any = None  # how a click reaches a busy kernel (liveclicks)
-        self._last_poll: Optional[float] = None
-        self.poll_interval = 0.1
         self._hint = ""  # a standing note under the chart (e.g. how to stop in this kernel)
 
         self.header = w.HTML(value=header_html(self.state))
@@ -167,17 +164,8 @@ class TrainingProgress:
             self._on_end(self.state.end)
 
     def _poll_clicks(self) -> None:
-        """Let a waiting Stop click in (kernels where clicks queue up behind the cell)."""
-        if self._side_channel is None or self.state.end is not None:
-            return
-        now = self.clock()
-        if self._last_poll is None or now - self._last_poll >= self.poll_interval:
-            self._last_poll = now
-            try:
-                self._side_channel.poll()
-            except Exception:
-                # Never let the click plumbing break a training run; the interrupt still works.
-                self._side_channel = None
+        if self.state.end is None:
+            self.let_clicks_in(self.clock())
 
     def _redraw_texts(self) -> None:
         fraction = self.state.fraction
@@ -223,12 +211,7 @@ class TrainingProgress:
     # ------------------------------------------------------------------ display
     def show(self) -> None:
         """Display the widget in the current cell (remembered so :meth:`finish` can replace it)."""
-        from IPython.display import display
-
-        self.handle = display(self.widget, display_id=True)
-        from ftmagic.widgets.liveclicks import open_side_channel
-
-        self._side_channel = open_side_channel(self.button)
+        super().show()
         if self._side_channel is None and _kernel() is not None:
             # This kernel delivers the click only after the cell ends; its interrupt works now.
             self.button.tooltip = NO_LIVE_CLICK_HINT
@@ -253,21 +236,5 @@ class TrainingProgress:
         The summary is plain HTML with an inline SVG, so a saved notebook shows it on
         GitHub and in nbconvert without a kernel.
         """
-        from IPython.display import display
-
-        bundle = self.summary_bundle(metrics, output_dir, name)
-        if self.handle is not None:
-            self.handle.update(bundle, raw=True)
-        else:
-            display(bundle, raw=True)
-        self.close()
-
-    def close(self) -> None:
-        """Close the widget and its children (frees their comms in the kernel)."""
-        if self._side_channel is not None:
-            self._side_channel.close()
-            self._side_channel = None
-        for child in (self.header, self.bar, self.button, self._row, self.status, self.chart, self.evaluation, self.log):
-            child.close()
-        self.widget.close()
+        self.replace_with(self.summary_bundle(metrics, output_dir, name))
 

@@ -22,6 +22,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from ftmagic.textprogress import RunState, format_duration, format_loss
+from ftmagic.widgets.liveclicks import LiveDisplay
 
 STATE_COLORS = {"complete": "#2ca02c", "pruned": "#ff7f0e", "failed": "#d62728", "skipped": "#7f7f7f",
                 "running": "#1f77b4", "stopped": "#d62728", "interrupted": "#d62728"}
@@ -242,7 +243,7 @@ def sweep_summary_text(state: SweepState, cell: Optional[str] = None) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-class SweepProgress:
+class SweepProgress(LiveDisplay):
     """An ``on_event`` callback that drives the live sweep display; Stop ends the running trial and the sweep."""
 
     def __init__(self, stop: Optional[threading.Event] = None) -> None:
@@ -250,7 +251,6 @@ class SweepProgress:
 
         self.stop = stop if stop is not None else threading.Event()
         self.state = SweepState()
-        self.handle = None
         self.header = w.HTML(value="<b>ftmagic sweep</b>: starting&hellip;")
         self.button = w.Button(description="Stop", icon="stop", button_style="danger",
                                tooltip="End the running trial (resumable) and the sweep")
@@ -259,19 +259,12 @@ class SweepProgress:
         self.table = w.HTML(value="")
         self.plots = w.HTML(value="")
         self.widget = w.VBox([w.HBox([self.header, self.button]), self.current, self.table, self.plots])
-        self._side_channel: Any = None  # how a click reaches a busy kernel (liveclicks)
-        self._last_poll = 0.0
 
     def __call__(self, event) -> None:
         from ftmagic.widgets.progress import status_html
 
-        now = time.monotonic()
-        if self._side_channel is not None and not self.stop.is_set() and now - self._last_poll >= 0.1:
-            self._last_poll = now
-            try:
-                self._side_channel.poll()  # let a waiting Stop click in
-            except Exception:  # the click plumbing must never break a sweep; the interrupt still works
-                self._side_channel = None
+        if not self.stop.is_set():
+            self.let_clicks_in(time.monotonic())
         kind = self.state.update(event)
         if kind in ("trial", "sweep_end"):
             done = sum(1 for t in self.state.trials.values() if t["state"] != "running")
@@ -290,14 +283,6 @@ class SweepProgress:
         self.button.disabled = True
         self.button.description = "Stopping..."
 
-    def show(self) -> None:
-        from IPython.display import display
-
-        self.handle = display(self.widget, display_id=True)
-        from ftmagic.widgets.liveclicks import open_side_channel
-
-        self._side_channel = open_side_channel(self.button)
-
     def finish(self, cell: Optional[str] = None, name: Optional[str] = None, log_keys: Sequence[str] = (),
                trials: Optional[Sequence[dict]] = None, keys: Sequence[str] = ()) -> None:
         """Replace the live widget with the static summary (table, plots, best cell).
@@ -305,22 +290,6 @@ class SweepProgress:
         ``trials`` (the sweep's record, e.g. ``SweepResult.trials``) replace what the events
         said, so a resumed sweep shows the trials of earlier sessions too.
         """
-        from IPython.display import display
-
         self.state.absorb(trials or [], keys)
-
-        bundle = {"text/html": sweep_summary_html(self.state, cell, name, log_keys),
-                  "text/plain": sweep_summary_text(self.state, cell)}
-        if self.handle is not None:
-            self.handle.update(bundle, raw=True)
-        else:
-            display(bundle, raw=True)
-        self.close()
-
-    def close(self) -> None:
-        if self._side_channel is not None:
-            self._side_channel.close()
-            self._side_channel = None
-        for child in (self.header, self.button, self.current, self.table, self.plots):
-            child.close()
-        self.widget.close()
+        self.replace_with({"text/html": sweep_summary_html(self.state, cell, name, log_keys),
+                           "text/plain": sweep_summary_text(self.state, cell)})
