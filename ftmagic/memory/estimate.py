@@ -324,9 +324,9 @@ def analytic_estimate(shape: ModelShape, s: dict) -> MemoryEstimate:
     seq_s = dict(s, batch_size=rows_per_device * obj.sequences)
     acts = _activation_bytes(body, spec, plan, seq_s, trainable)
     if obj.classifier_head:  # only the last position of each sequence reaches the small head
-        logits_held = logits_fwd = logits_bwd = seq_s["batch_size"] * (head_outputs * 4 + shape.hidden * 4)
+        logits_fwd = logits_bwd = seq_s["batch_size"] * (head_outputs * 4 + shape.hidden * 4)
     else:
-        logits_held, logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, seq_s, acts)
+        logits_fwd, logits_bwd = _logit_bytes(shape, spec, plan, seq_s, acts)
     reference = _reference_forward_bytes(shape, plan, seq_s, acts) if obj.reference else 0
     phases, breakdown = _phases(body, spec, plan, seq_s, trainable=trainable, static=frozen + train_w + states,
                                 grads=grads, transient=transient, acts=acts, logits_fwd=logits_fwd,
@@ -428,12 +428,12 @@ def acts_dtype_bytes(plan) -> int:
 
 
 def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict) -> tuple:
-    """(held through the step, at the end of forward, at the start of backward) for the logits and loss."""
+    """(at the end of forward, at the start of backward) for the logits and loss."""
     tokens, c_res, c_logit, v = acts["tokens"], acts["c_res"], acts["c_logit"], shape.vocab
     softcap = c_logit if shape.final_logit_softcap else 0  # the tanh of soft-capping saves its output
     if s.get("loss", "full") == "full":
         held = (4 + softcap) * tokens * v  # log-softmax output (fp32), kept for backward
-        return held, held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v, held + 8 * tokens * v
+        return held + (c_logit + (4 if c_logit != 4 else 0)) * tokens * v, held + 8 * tokens * v
     # Chunked loss: gradients w.r.t. the hidden states (and an fp32 head gradient when the
     # head trains) are computed during forward and kept; one chunk of logits exists at a time.
     head_w = 4 if plan.quantized else (plan.trainable_bytes if not spec.adapter else plan.base_bytes)
@@ -451,7 +451,7 @@ def _logit_bytes(shape: ModelShape, spec: MethodSpec, plan, s: dict, acts: dict)
         chunk = max(chunk, v * shape.hidden * plan.compute_bytes + rows * v * (c_logit + (4 if multi else 0)))
     chunk += tokens * shape.hidden * c_res
     backward = held + tokens * shape.hidden * c_res + (v * shape.hidden * head_w if head_trains else 0)
-    return held, held + chunk, backward
+    return held + chunk, backward
 
 
 def _reference_forward_bytes(shape: ModelShape, plan, s: dict, acts: dict) -> int:
