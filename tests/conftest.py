@@ -33,3 +33,14 @@ def test_model_dir(tmp_path_factory, test_tokenizer):
 
 
 from export_fixtures import tiny_eos_variant, tiny_lora_run  # noqa: E402,F401 - session fixtures of the export tests
+
+
+@pytest.fixture
+def shell():
+    """An IPython shell with the extension loaded (unloaded afterwards), as in a notebook."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ftmagic")
+    yield ip
+    ip.run_line_magic("unload_ext", "ftmagic")

@@ -31,16 +31,6 @@ def run_dir(tiny_lora_run, tmp_path):
     return copy_run(tiny_lora_run.output_dir, tmp_path / "reverse")
 
 
-@pytest.fixture
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "ftmagic")
-    yield ip
-    ip.run_line_magic("unload_ext", "ftmagic")
-
-
 def test_cli_export_merged_prints_sizes_and_commands(run_dir, capsys):
     assert main(["export", run_dir, "--to", "merged", "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -20,14 +20,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 @pytest.fixture
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "ftmagic")
-    ip.user_ns["records"] = reversal_records(16)
-    yield ip
-    ip.run_line_magic("unload_ext", "ftmagic")
+def shell(shell):
+    shell.user_ns["records"] = reversal_records(16)
+    return shell
 
 
 def body(model_dir, output_dir, **extra):

@@ -70,16 +70,6 @@ class FakeEngine:
 
 
 @pytest.fixture
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "ftmagic")
-    yield ip
-    ip.run_line_magic("unload_ext", "ftmagic")
-
-
-@pytest.fixture
 def engine(monkeypatch):
     fake = FakeEngine()
     monkeypatch.setattr("ftmagic.widgets.finetune._engine_finetune", lambda: fake)

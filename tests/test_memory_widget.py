@@ -69,16 +69,6 @@ def test_pure_html_pieces():
     assert text.splitlines()[0] == verdict.message and "peak (" in text
 
 
-@pytest.fixture()
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "ftmagic")
-    yield ip
-    ip.run_line_magic("unload_ext", "ftmagic")
-
-
 def test_magic_text_report(shell, capsys):
     shell.run_line_magic("ft_memory", "llama-3.2-1b --method qlora --batch-size 2 --seq-len 1024 --gpu T4 --text")
     out = capsys.readouterr().out
