@@ -1,7 +1,11 @@
 """The same run on two CPU processes (gloo), started by accelerate's notebook_launcher.
 
-Each test forks the test process (``finetune(..., processes=2)``), so the processes share
-what pytest already imported and start in well under a second. FSDP and DeepSpeed run
+A run of several processes forks the process that starts it, as notebook_launcher forks a
+kernel. These tests fork from one clean interpreter (``clean``: spawned once for the module,
+no thread but its own) rather than from the test process: a pytest-xdist worker has an I/O
+thread, and a fork taken while it held a lock once left both forked processes waiting on it
+forever. The forked processes still share what that interpreter imported and start in well
+under a second. FSDP and DeepSpeed run
 through accelerate on GPUs only (its FSDP plugin refuses a machine without an
 accelerator, and its CPU processes always use DDP); their settings are tested in
 test_strategies.py, their runs in test_engine_gpu.py where CUDA is present.
@@ -10,9 +14,11 @@ test_strategies.py, their runs in test_engine_gpu.py where CUDA is present.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -35,22 +41,36 @@ def _run(test_model_dir, output_dir, **overrides):
     return result, events
 
 
+def _launch(test_model_dir, output_dir, **overrides):
+    """``_run`` in the clean interpreter: the run's metrics and events (what pickles back)."""
+    result, events = _run(test_model_dir, output_dir, **overrides)
+    return result.metrics, events
+
+
+@pytest.fixture(scope="module")
+def clean():
+    """``clean(function, *args)`` calls a module-level function of this file in a spawned interpreter."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    yield lambda function, *args, **kwargs: pool.submit(function, *args, **kwargs).result(timeout=600)
+    pool.shutdown(cancel_futures=True)
+
+
 def _eval_losses(events) -> dict:
     return {e["step"]: e["eval_loss"] for e in events if e["event"] == "eval"}
 
 
-def test_two_processes_of_batch_4_end_with_the_losses_of_one_process_of_batch_8(test_model_dir, tmp_path):
+def test_two_processes_of_batch_4_end_with_the_losses_of_one_process_of_batch_8(test_model_dir, tmp_path, clean):
     one, one_events = _run(test_model_dir, tmp_path / "one")
-    two, two_events = _run(test_model_dir, tmp_path / "two", processes=2)
+    two_metrics, two_events = clean(_launch, test_model_dir, tmp_path / "two", processes=2)
 
-    assert two.metrics["processes"] == 2 and two.metrics["distributed"] == "ddp"
+    assert two_metrics["processes"] == 2 and two_metrics["distributed"] == "ddp"
     single, double = step_losses(one_events), step_losses(two_events)
     assert sorted(double) == [1, 2, 3, 4]
     for step in single:
         assert double[step] == pytest.approx(single[step], abs=1e-4)
     # evaluation is split across the processes and summed back
     assert _eval_losses(two_events) == pytest.approx(_eval_losses(one_events), abs=1e-4)
-    assert two.metrics["trained_tokens"] == one.metrics["trained_tokens"]
+    assert two_metrics["trained_tokens"] == one.metrics["trained_tokens"]
     # one process wrote the outputs, the adapter the single process would have written
     from safetensors.torch import load_file
 
@@ -64,26 +84,26 @@ def test_two_processes_of_batch_4_end_with_the_losses_of_one_process_of_batch_8(
     assert plan["processes"] == 2 and plan["distributed"] == "ddp"
 
 
-def test_a_checkpoint_resumes_on_another_number_of_processes(test_model_dir, tmp_path):
+def test_a_checkpoint_resumes_on_another_number_of_processes(test_model_dir, tmp_path, clean):
     settings = dict(save_steps=2, save_total_limit=0, eval_steps=0, val_split=0.0)
     _, reference = _run(test_model_dir, tmp_path / "reference", **settings)
     reference = step_losses(reference)
 
     for first, then in ((2, 1), (1, 2)):
         out = tmp_path / f"from-{first}-to-{then}"
-        _run(test_model_dir, out, processes=first, **settings)
+        clean(_launch, test_model_dir, out, processes=first, **settings)
         # as if the run had stopped after step 2: its later checkpoint is gone
         shutil.rmtree(out / "checkpoints" / "step-00000004")
         assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
-        result, events = _run(test_model_dir, out, processes=then, resume=True, **settings)
+        metrics, events = clean(_launch, test_model_dir, out, processes=then, resume=True, **settings)
         resumed = step_losses(events)
         assert sorted(resumed) == [3, 4], (first, then)
         for step in resumed:
             assert resumed[step] == pytest.approx(reference[step], abs=1e-4), (first, then, step)
-        assert result.metrics["steps"] == 4
+        assert metrics["steps"] == 4
 
 
-def test_stop_reaches_every_process_and_they_save_the_same_step(test_model_dir, tmp_path):
+def _stopped_at_step_2(test_model_dir, output_dir):
     stop = threading.Event()
 
     def on_event(event):
@@ -91,16 +111,20 @@ def test_stop_reaches_every_process_and_they_save_the_same_step(test_model_dir, 
             stop.set()  # the widget's Stop button sets this event in the notebook's process
 
     settings = {**SETTINGS, "model": test_model_dir, "data": reversal_records(30), "max_steps": 40, "eval_steps": 0}
-    result = ftmagic.finetune(output_dir=str(tmp_path / "out"), processes=2, stop=stop, on_event=on_event, **settings)
-    assert result.metrics["stopped"] and result.metrics["reason"] == "stopped"
-    assert 2 <= result.metrics["steps"] < 40
+    return ftmagic.finetune(output_dir=str(output_dir), processes=2, stop=stop, on_event=on_event, **settings).metrics
+
+
+def test_stop_reaches_every_process_and_they_save_the_same_step(test_model_dir, tmp_path, clean):
+    metrics = clean(_stopped_at_step_2, test_model_dir, tmp_path / "out")
+    assert metrics["stopped"] and metrics["reason"] == "stopped"
+    assert 2 <= metrics["steps"] < 40
     newest = list_checkpoints(tmp_path / "out" / "checkpoints")[-1]
-    assert json.loads((newest / "state.json").read_text())["step"] == result.metrics["steps"]
+    assert json.loads((newest / "state.json").read_text())["step"] == metrics["steps"]
     # every process's random state travels with the checkpoint
     assert len(read_checkpoint(newest).states["rank_rngs"]) == 2
 
 
-def test_a_process_that_raises_ends_the_run_with_one_line_naming_it(test_model_dir, tmp_path, monkeypatch):
+def _rank_1_fails_at_its_second_step(test_model_dir, output_dir):
     real = distributed.Ranks.optimizer_step
     calls = {"n": 0}
 
@@ -110,26 +134,31 @@ def test_a_process_that_raises_ends_the_run_with_one_line_naming_it(test_model_d
             raise ValueError("rank one broke on purpose")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(distributed.Ranks, "optimizer_step", fail_on_rank_1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed.Ranks, "optimizer_step", fail_on_rank_1)
+        _run(test_model_dir, output_dir, processes=2, max_steps=40, eval_steps=0)
+
+
+def test_a_process_that_raises_ends_the_run_with_one_line_naming_it(test_model_dir, tmp_path, clean):
     started = time.monotonic()
     with pytest.raises(DistributedError) as info:
-        _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0)
+        clean(_rank_1_fails_at_its_second_step, test_model_dir, tmp_path / "out")
     assert str(info.value) == "rank 1 of 2 failed: ValueError: rank one broke on purpose"
     assert "\n" not in str(info.value)
     assert "fail_on_rank_1" in info.value.details  # the failing process's traceback travels with the error
     assert time.monotonic() - started < 60  # the other process did not wait for it
 
 
-def test_the_same_mistake_on_every_process_is_the_mistake(test_model_dir, tmp_path):
+def test_the_same_mistake_on_every_process_is_the_mistake(test_model_dir, tmp_path, clean):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="is not empty and was not written by ftmagic"):
-        _run(test_model_dir, busy, processes=2)
+        clean(_launch, test_model_dir, busy, processes=2)
     assert (busy / "notes.txt").read_text() == "mine"
 
 
-def test_a_nan_loss_on_one_process_stops_every_process(test_model_dir, tmp_path, monkeypatch):
+def _rank_1_loss_nan_from_its_fifth_batch(test_model_dir, output_dir):
     real = distributed.Ranks.forward
     calls = {"n": 0}
 
@@ -138,26 +167,31 @@ def test_a_nan_loss_on_one_process_stops_every_process(test_model_dir, tmp_path,
         calls["n"] += 1
         return (loss * float("nan") if self.rank == 1 and calls["n"] >= 5 else loss), metrics
 
-    monkeypatch.setattr(distributed.Ranks, "forward", nan_on_rank_1)
-    result, _ = _run(test_model_dir, tmp_path / "out", processes=2, max_steps=40, eval_steps=0, save_steps=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed.Ranks, "forward", nan_on_rank_1)
+        return _launch(test_model_dir, output_dir, processes=2, max_steps=40, eval_steps=0, save_steps=2)[0]
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(test_model_dir, tmp_path, clean):
+    metrics = clean(_rank_1_loss_nan_from_its_fifth_batch, test_model_dir, tmp_path / "out")
     # every process stopped at the NaN step and kept the weights of the last finite checkpoint
-    assert (result.metrics["reason"], result.metrics["steps"]) == ("nonfinite", 2)
+    assert (metrics["reason"], metrics["steps"]) == ("nonfinite", 2)
     # the NaN step was not saved over the last good checkpoint
     assert [p.name for p in list_checkpoints(tmp_path / "out" / "checkpoints")] == ["step-00000002"]
 
 
-def test_early_stopping_is_decided_together(test_model_dir, tmp_path):
+def test_early_stopping_is_decided_together(test_model_dir, tmp_path, clean):
     settings = dict(eval_steps=1, early_stopping_patience=1, lr=0.5, max_steps=12)  # a large lr soon stops improving
     one, _ = _run(test_model_dir, tmp_path / "one", **settings)
-    two, _ = _run(test_model_dir, tmp_path / "two", processes=2, **settings)
+    two, _ = clean(_launch, test_model_dir, tmp_path / "two", processes=2, **settings)
     assert one.metrics["reason"] == "early_stopping"
-    assert (two.metrics["reason"], two.metrics["steps"]) == (one.metrics["reason"], one.metrics["steps"])
-    assert two.metrics["best_eval_loss"] == pytest.approx(one.metrics["best_eval_loss"], abs=1e-4)
+    assert (two["reason"], two["steps"]) == (one.metrics["reason"], one.metrics["steps"])
+    assert two["best_eval_loss"] == pytest.approx(one.metrics["best_eval_loss"], abs=1e-4)
 
 
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
     with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
-        _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)
+        _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)  # refused before anything forks
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -258,16 +292,15 @@ def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
 # ----------------------------------------------------------------------------- %%finetune --processes N
 
 
-def test_finetune_cell_on_two_processes_feeds_one_widget_and_its_stop_reaches_every_process(test_model_dir, tmp_path):
+def _cell_stopped_from_its_widget(test_model_dir, output_dir):
+    """A ``%%finetune --processes 2`` cell's run whose widget's Stop button is clicked at step 2."""
     from test_magics_engine import body
 
     from ftmagic.widgets.finetune import CellReporter, build_config, flag_overrides, parse_line, run_with_reporter
     from ftmagic.widgets.finetune import FinetuneMagics
 
     args = parse_line(FinetuneMagics.finetune, "--processes 2 --max-steps 40")
-    config = build_config(body(test_model_dir, tmp_path / "cell"), flag_overrides(args),
-                          {"records": reversal_records(16)})
-    assert config.processes == 2
+    config = build_config(body(test_model_dir, output_dir), flag_overrides(args), {"records": reversal_records(16)})
     holder = {}
 
     def click_stop_at_step_2(event):
@@ -278,13 +311,25 @@ def test_finetune_cell_on_two_processes_feeds_one_widget_and_its_stop_reaches_ev
     holder["reporter"] = reporter
     result = run_with_reporter(config, reporter)
     reporter.finish(result, "ft")
-    assert reporter.stop.is_set()
-    assert result.metrics["reason"] == "stopped" and result.metrics["processes"] == 2
-    assert reporter.state.last_step.step == result.metrics["steps"] >= 2
-    assert reporter.state.plan.processes == 2
-    html = reporter.widget.summary_bundle(result.metrics)["text/html"]
-    assert "stopped" in html and "--resume" in html
-    assert result.generate("reverse: abc", max_new_tokens=2) is not None  # the result is read back from output_dir
+    return dict(processes=config.processes, stop_set=reporter.stop.is_set(), metrics=result.metrics,
+                last_step=reporter.state.last_step.step, plan_processes=reporter.state.plan.processes,
+                html=reporter.widget.summary_bundle(result.metrics)["text/html"])
+
+
+def test_finetune_cell_on_two_processes_feeds_one_widget_and_its_stop_reaches_every_process(test_model_dir, tmp_path,
+                                                                                             clean):
+    from ftmagic.engine.result import RunResult
+
+    cell = clean(_cell_stopped_from_its_widget, test_model_dir, tmp_path / "cell")
+    assert cell["processes"] == 2
+    assert cell["stop_set"]
+    metrics = cell["metrics"]
+    assert metrics["reason"] == "stopped" and metrics["processes"] == 2
+    assert cell["last_step"] == metrics["steps"] >= 2
+    assert cell["plan_processes"] == 2
+    assert "stopped" in cell["html"] and "--resume" in cell["html"]
+    result = RunResult.load(str(tmp_path / "cell"))  # the result is read back from output_dir
+    assert result.generate("reverse: abc", max_new_tokens=2) is not None
 
 
 @pytest.mark.slow
