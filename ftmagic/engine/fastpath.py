@@ -106,9 +106,11 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, dropout
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    parts = [_segment_attention(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout, scaling,
-                                window, softcap)
-             for a, b in zip(bounds[:-1], bounds[1:])]
+    # split, not slices: backward joins the pieces' gradients in one pass, where each slice's
+    # gradient would be a zero-filled tensor of the whole row added into the others.
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [_segment_attention(module, q, k, v, dropout, scaling, window, softcap)
+             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
