@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -187,6 +188,43 @@ def test_early_stopping_is_decided_together(test_model_dir, tmp_path, clean):
     assert one.metrics["reason"] == "early_stopping"
     assert (two["reason"], two["steps"]) == (one.metrics["reason"], one.metrics["steps"])
     assert two["best_eval_loss"] == pytest.approx(one.metrics["best_eval_loss"], abs=1e-4)
+
+
+def _answering_prompts(test_model_dir, output_dir, prompts, log):
+    """A two-process run that evaluates by generation; each process logs how many prompts it answers."""
+    from ftmagic.engine import generation
+
+    real = generation.generate_batch
+
+    def counting(model, tokenizer, texts, **kwargs):
+        with open(log, "a") as f:  # one line per call, from whichever process makes it
+            f.write(f"{os.getpid()} {len(texts)}\n")
+        return real(model, tokenizer, texts, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "generate_batch", counting)
+        return _launch(test_model_dir, output_dir, processes=2, eval_prompts=prompts, eval_steps=2,
+                       eval_max_new_tokens=4)
+
+
+def test_evaluation_by_generation_is_split_between_the_processes(test_model_dir, tmp_path, clean):
+    from ftmagic.engine.result import RunResult
+
+    prompts = reversal_records(7, seed=5)
+    log = tmp_path / "answered.txt"
+    metrics, events = clean(_answering_prompts, test_model_dir, tmp_path / "out", prompts, log)
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for pid, _ in calls}) == 2
+    # each evaluation (steps 0, 2 and 4): one process answered 4 prompts, the other 3
+    assert sorted(int(n) for _, n in calls) == [3, 3, 3, 4, 4, 4]
+    tables = [e for e in events if e["event"] == "generations"]
+    assert [t["step"] for t in tables] == [0, 2, 4] and all(t["total"] == 7 for t in tables)
+    # gathered back in the prompts' order: the last table is what the saved run answers
+    assert [r["prompt"] for r in tables[-1]["rows"]] == [p["prompt"] for p in prompts[:len(tables[-1]["rows"])]]
+    result = RunResult.load(str(tmp_path / "out"))
+    rows = result.compare([r["prompt"] for r in tables[-1]["rows"]], max_new_tokens=4)
+    assert [r["answer"] for r in tables[-1]["rows"]] == [r["tuned"] for r in rows]
+    assert metrics["eval_metrics"]["exact_match"] == tables[-1]["metrics"]["exact_match"]
 
 
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):

@@ -105,16 +105,31 @@ class GenerationEvaluator:
         self.end_ids = answer_end_ids(tokenizer, tpl)  # the same ends as RunResult.generate
         self.last_answers: list = []  # every answer of the latest call (the event carries at most TABLE_ROWS)
 
-    def answers(self, model) -> list:
+    def answers(self, model, ranks=None) -> list:
+        """Every prompt's answer, in the prompts' order.
+
+        Under several processes that each hold the whole model (DDP), each process answers
+        every ``world``-th prompt and the answers are gathered, so the work is split. Where the
+        weights are sharded (FSDP, ZeRO-3) every forward pass is collective, so every process
+        answers every prompt, in step with the others.
+        """
         autocast = None
         if self.plan is not None and getattr(self.plan, "autocast", False):
             autocast = torch.autocast(device_type=self.plan.device, dtype=self.plan.torch_dtype)
-        return generate_batch(model, self.tokenizer, self.texts, max_new_tokens=self.max_new_tokens,
+        split = ranks is not None and ranks.world > 1 and not ranks.spec.shards
+        texts = self.texts[ranks.rank::ranks.world] if split else self.texts
+        mine = generate_batch(model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
                               batch_size=self.batch_size, autocast=autocast, end_ids=self.end_ids)
+        if not split:
+            return mine
+        answers: list = [None] * len(self.texts)
+        for rank, part in enumerate(ranks.gather(mine)):
+            answers[rank::ranks.world] = part
+        return answers
 
-    def __call__(self, model, step: int) -> tuple:
+    def __call__(self, model, step: int, ranks=None) -> tuple:
         started = time.perf_counter()
-        answers = self.last_answers = self.answers(model)
+        answers = self.last_answers = self.answers(model, ranks)
         scores = score_answers(answers, [p.reference for p in self.prompts], self.metrics)
         rows = [{"prompt": p.text, "reference": p.reference, "answer": a}
                 for p, a in zip(self.prompts[:TABLE_ROWS], answers)]

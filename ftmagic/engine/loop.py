@@ -26,7 +26,9 @@ The parts, in the order a step uses them:
 * :func:`nonfinite_flag` / :func:`step_is_finite` - NaN and infinity (``on_nan``).
 * ``evaluators`` - what else an evaluation measures (answers generated and scored,
   :mod:`ftmagic.engine.generation`): each is called after :func:`evaluate` as
-  ``evaluator(model, step) -> (metrics, events)``; its metrics join the ``eval`` event's and
+  ``evaluator(model, step, ranks=ranks) -> (metrics, events)`` (``ranks`` None in one process;
+  under several, every process calls it and gets the same metrics, which it may split the work
+  for); its metrics join the ``eval`` event's and
   can be the ``best_metric`` that early stopping and the kept weights follow. With
   evaluators, the base model is evaluated once at step 0, before training.
 
@@ -499,7 +501,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
         loss, metrics = evaluate(model, eval_rows, batch_size=config.batch_size, plan=plan, objective=objective,
                                  with_metrics=True, ranks=ranks)
         for evaluator in evaluators:
-            scores, events = evaluator(model, state.step)
+            scores, events = evaluator(model, state.step, ranks=ranks)
             metrics = {**metrics, **scores}
             for extra in events:
                 state.history.append(extra.to_dict())
