@@ -101,6 +101,42 @@ def test_fast_loss_and_gradients_equal_per_example_forward(wrap, monkeypatch):
         torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_a_row_rounded_up_to_a_multiple_trains_exactly_as_the_unrounded_row():
+    model = _lora(_model())
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = _packed_rows(_examples())
+    results = []
+    for multiple in (1, 16):
+        batch = flatten_batch(rows, multiple=multiple, pad_id=3)
+        with varlen_attention(model):
+            loss = fast_loss(model, batch, reduction="sum")
+            loss.backward()
+        results.append((batch, loss.detach(), [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (plain, loss, grads), (rounded, rounded_loss, rounded_grads) = results
+    assert plain["input_ids"].shape == (1, 34) and rounded["input_ids"].shape == (1, 48)
+    # the tail is one segment of pad tokens with no label: the trained positions are the same
+    assert rounded["seq_bounds"] == plain["seq_bounds"] + (48,)
+    assert rounded["input_ids"][0, 34:].tolist() == [3] * 14 and rounded["labels"][0, 34:].tolist() == [-100] * 14
+    assert torch.equal(rounded["label_index"], plain["label_index"])
+    torch.testing.assert_close(rounded_loss, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(rounded_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # a row already at a multiple is left as it is
+    assert flatten_batch(rows, multiple=17)["seq_bounds"] == plain["seq_bounds"]
+
+
+def test_rows_are_rounded_only_where_onednn_builds_a_kernel_per_shape():
+    from ftmagic.engine.device import ONEDNN_ROW_MULTIPLE, DeviceCaps, choose_device
+
+    bf16_cpu = DeviceCaps(cpu_flags=frozenset({"avx512_bf16", "amx_bf16"}))
+    assert choose_device(bf16_cpu, precision="bf16").row_multiple == ONEDNN_ROW_MULTIPLE
+    assert choose_device(bf16_cpu, precision="fp32").row_multiple == 1  # MKL's fp32 matmuls
+    a100 = DeviceCaps(cuda_available=True, name="A100", compute_capability=(8, 0), total_memory=40 << 30,
+                      bf16_supported=True)
+    assert choose_device(a100, precision="bf16").row_multiple == 1
+
+
 def test_without_varlen_attention_examples_would_see_each_other():
     model = _model()
     examples = _examples()

@@ -48,6 +48,43 @@ def test_value_and_gradients_match_full_logits(chunk_rows, reduction):
     assert torch.count_nonzero(ours[0].grad[:, -1]) == 0
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunks_rounded_up_to_a_multiple_change_no_value_and_no_gradient(softcap):
+    from ftmagic.engine.losses import labelled_cross_entropy_sum
+
+    hidden, weight, bias, labels = _inputs()
+    rows, targets = hidden.reshape(-1, hidden.shape[-1])[:40], labels.reshape(-1)[:40].clamp(min=0)
+    results = []
+    for multiple in (1, 16):  # 40 rows in chunks of 16: the last chunk of 8 is padded to 16
+        leaves = [x.clone().requires_grad_() for x in (rows, weight, bias)]
+        loss = labelled_cross_entropy_sum(leaves[0], leaves[1], targets, bias=leaves[2], chunk_rows=16,
+                                          softcap=softcap, multiple=multiple)
+        (loss * 2.0).backward()
+        results.append((loss.detach(), [leaf.grad for leaf in leaves]))
+    (plain, plain_grads), (padded, padded_grads) = results
+    torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(padded_grads, plain_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_rounded_chunk_runs_the_output_layer_on_a_multiple_of_rows(monkeypatch):
+    from ftmagic.engine.losses import labelled_cross_entropy_sum
+
+    seen = []
+    real = losses._logits_block
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.shape[0])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "_logits_block", spy)
+    hidden, weight, _, labels = _inputs()
+    labelled_cross_entropy_sum(hidden.reshape(-1, 12)[:45], weight, labels.reshape(-1)[:45].clamp(min=0),
+                               chunk_rows=20, multiple=8)
+    assert seen == [16, 16, 16]  # chunks of 20 become 16 (a multiple of 8); 45 = 16 + 16 + 13 padded to 16
+
+
 def test_frozen_head_gets_no_gradient_and_fp32_matches_closely():
     hidden, weight, _, labels = _inputs(seed=1, dtype=torch.float32)
     h1 = hidden.clone().requires_grad_()

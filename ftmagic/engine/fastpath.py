@@ -55,7 +55,7 @@ def _segments(row: dict) -> list[int]:
     return [len(row["input_ids"])]
 
 
-def flatten_batch(rows: list) -> dict:
+def flatten_batch(rows: list, *, multiple: int = 1, pad_id: int = 0) -> dict:
     """One unpadded row from ``rows``: ``input_ids``, ``labels``, ``position_ids`` ``[1, T]`` and ``seq_bounds``.
 
     ``seq_bounds`` is the tuple of example boundaries ``(0, len_0, len_0 + len_1, ..., T)``. The first
@@ -64,12 +64,24 @@ def flatten_batch(rows: list) -> dict:
     those tokens, found here on the CPU: selecting them on a GPU with a boolean mask would
     make every step wait for the device.
 
+    ``multiple`` > 1 rounds ``T`` up to a multiple of it with one last segment of ``pad_id``
+    tokens that attends only to itself and carries no label (the loss and its gradients are
+    unchanged), and :func:`fast_loss` rounds the output layer's chunks of labelled rows
+    alike (``row_multiple``): where each new matrix shape costs a kernel (see
+    :attr:`ftmagic.engine.device.DevicePlan.row_multiple`), rows of a few lengths reuse them.
+
     Example::
 
         >>> b = flatten_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
         >>> b["position_ids"].tolist(), b["labels"].tolist(), b["seq_bounds"]
         ([[0, 1, 2, 0, 1]], [[-100, 6, 7, -100, 9]], (0, 3, 5))
+        >>> flatten_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}], multiple=4)["seq_bounds"]
+        (0, 3, 4)
     """
+    length = sum(len(row["input_ids"]) for row in rows)
+    if multiple > 1 and length % multiple:
+        pad = multiple - length % multiple
+        rows = [*rows, {"input_ids": [pad_id] * pad, "labels": [IGNORE_INDEX] * pad}]
     ids, labels, positions, bounds = [], [], [], [0]
     for row in rows:
         start = 0
@@ -83,10 +95,13 @@ def flatten_batch(rows: list) -> dict:
             bounds.append(bounds[-1] + n)
             start += n
     index = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
-    return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds),
-            "label_index": torch.tensor(index, dtype=torch.long),
-            "label_targets": torch.tensor([labels[t + 1] for t in index], dtype=torch.long)}
+    batch = {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+             "position_ids": torch.tensor([positions], dtype=torch.long), "seq_bounds": tuple(bounds),
+             "label_index": torch.tensor(index, dtype=torch.long),
+             "label_targets": torch.tensor([labels[t + 1] for t in index], dtype=torch.long)}
+    if multiple > 1:
+        batch["row_multiple"] = multiple  # the output layer's chunks are rounded alike (fast_loss)
+    return batch
 
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -244,7 +259,8 @@ def fast_loss(model, batch: dict, *, reduction: str = "sum") -> torch.Tensor:
     if "label_index" in batch:  # a flattened row: the trained positions are already known
         rows = hidden[0].index_select(0, batch["label_index"].to(hidden.device))
         targets = batch["label_targets"].to(hidden.device)
-        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias, softcap=softcap)
+        total = labelled_cross_entropy_sum(rows, head.weight, targets, bias=head.bias, softcap=softcap,
+                                           multiple=batch.get("row_multiple", 1))
         return total if reduction == "sum" else total / max(1, targets.shape[0])
     return causal_lm_loss(hidden, head.weight, batch["labels"].to(hidden.device), bias=head.bias,
                           reduction=reduction, softcap=softcap)

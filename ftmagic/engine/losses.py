@@ -62,7 +62,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked over rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap=None):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap=None, multiple=1):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         acc = _acc_dtype(weight.dtype)
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -72,21 +72,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
+            n, pad = h.shape[0], -h.shape[0] % multiple
+            if pad:  # zero rows up to a multiple: their loss is not counted and their gradient is zeroed
+                h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
             # One fused pass for log-softmax (a separate logsumexp, subtract and exp measured ~30% slower).
             logits = _logits_block(h, weight, bias, softcap)
             logp = torch.log_softmax(logits, dim=-1)
             if not softcap:  # only the cap's gradient needs the logits again
                 del logits
-            total -= logp.gather(1, t[:, None]).sum()
+            total -= logp[:n].gather(1, t[:, None]).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum CE)/d(logits) = softmax - onehot, computed in place over the chunk's log-probabilities.
             grad_logits = logp.exp_()
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_logits[torch.arange(n, device=t.device), t] -= 1.0
+            if pad:
+                grad_logits[n:] = 0.0
             if softcap:  # through the cap: d(cap * tanh(z / cap))/dz = 1 - (capped / cap)**2
                 grad_logits.mul_(1.0 - (logits / softcap).square_())
             if need_h:
-                grad_h[start:start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[start:start + n] = (grad_logits.to(weight.dtype) @ weight)[:n].to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(grad_logits.t(), h.to(acc))
             if need_b:
@@ -102,20 +107,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def labelled_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                bias: torch.Tensor | None = None, chunk_rows: int | None = None,
-                               softcap: float | None = None) -> torch.Tensor:
+                               softcap: float | None = None, multiple: int = 1) -> torch.Tensor:
     """Summed cross-entropy of rows ``hidden`` ``[N, H]`` that all carry a target ``[N]``, chunked.
 
     The core of :func:`linear_cross_entropy`, without its masking of unlabelled positions
     (the memory tracer calls it on fake tensors, whose masked size cannot be known).
-    ``softcap`` soft-caps the logits (``cap * tanh(logits / cap)``, Gemma 2).
+    ``softcap`` soft-caps the logits (``cap * tanh(logits / cap)``, Gemma 2). ``multiple``
+    > 1 runs the output layer on chunks of a multiple of that many rows (the last one
+    padded with rows that count for nothing), for kernels built per shape
+    (:attr:`ftmagic.engine.device.DevicePlan.row_multiple`).
     """
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows, softcap)
+    if multiple > 1:
+        rows = max(multiple, rows - rows % multiple)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows, softcap, multiple)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -60,7 +60,9 @@ class CausalLM:
 
     def batch(self, rows: list) -> dict:
         # One unpadded row for the fast path, else a padded batch (block-diagonal masks when packed).
-        return flatten_batch(rows) if self.fast else collate(rows, self.pad_id, self.plan.torch_dtype)
+        if self.fast:
+            return flatten_batch(rows, multiple=self.plan.row_multiple, pad_id=self.pad_id)
+        return collate(rows, self.pad_id, self.plan.torch_dtype)
 
     def units(self, batch: dict) -> int:
         return count_targets(batch["labels"], self.shifted)
