@@ -28,7 +28,7 @@ class FtmagicError(ValueError):
 
 
 class ConfigError(FtmagicError):
-    """A configuration key, value or combination is not accepted.
+    r"""A configuration key, value or combination is not accepted.
 
     When a config has several mistakes they are all reported at once, one line per
     problem (``problems=[...]``), so a user fixes a cell in one go; ``.problems`` lists

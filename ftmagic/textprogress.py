@@ -130,7 +130,8 @@ def format_data(plan) -> str:
 
     Example::
 
-        >>> format_data({"train_records": 200, "eval_records": 20, "format": "messages"})
+        >>> format_data({"model": "tiny", "method": "lora", "device": "cpu", "precision": "fp32",
+        ...              "train_records": 200, "eval_records": 20, "format": "messages"})
         '200 train + 20 eval records (messages)'
     """
     plan = as_event(plan, "plan")

@@ -64,7 +64,7 @@ def static_bundle(html: str, text: str, twin_id: str) -> dict:
     Example::
 
         >>> static_bundle("<b>7 GiB</b>", "7 GiB", "abc")["text/html"].count('data-ftmagic-static="abc"')
-        3
+        2
     """
     return {"text/html": f'{static_style(twin_id)}<div class="ftmagic-static" {STATIC_ATTRIBUTE}="{twin_id}">'
                          f"{html}</div>",
