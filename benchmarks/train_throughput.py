@@ -391,7 +391,7 @@ def _apply_ftmagic_variant(variant: str) -> None:
         # SDPA sees the packed position_ids and builds a [T, T] block-diagonal mask itself.
         fastpath.varlen_attention = lambda model: contextlib.nullcontext()
         flatten = objectives.flatten_batch
-        objectives.flatten_batch = lambda rows: {k: v for k, v in flatten(rows).items() if k != "seq_bounds"}
+        objectives.flatten_batch = lambda rows, **kw: {k: v for k, v in flatten(rows, **kw).items() if k != "seq_bounds"}
     elif variant == "no_fused_lora":
         fastpath.fused_lora = lambda model: contextlib.nullcontext()
     elif variant != "full":

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,8 +26,16 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darw
                                 reason="fault injection forks the test process (Linux only)")
 
 
-def in_child(fn) -> int:
-    """Run ``fn()`` in a forked child; its exit status (0 when it returned)."""
+CHILD_TIMEOUT_S = 300
+
+
+def in_child(fn, timeout_s: float = CHILD_TIMEOUT_S) -> int:
+    """Run ``fn()`` in a forked child; its exit status (0 when it returned).
+
+    A child that has not ended after ``timeout_s`` is killed and the test fails: a fork from a
+    process with other threads (a pytest-xdist worker) can inherit a lock nobody will release,
+    and that must fail the test, not hang the suite.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -37,8 +47,16 @@ def in_child(fn) -> int:
             code = 1
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child did not end within {timeout_s:.0f} s and was killed")
+        time.sleep(0.02)
 
 
 class _Ops:

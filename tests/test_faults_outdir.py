@@ -6,6 +6,7 @@ that is refused or fails before it starts leaves the folder as it found it.
 
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -73,6 +74,12 @@ def test_a_run_in_another_process_holds_the_folder_until_it_dies(test_model_dir,
         finally:
             os._exit(0)
     os.close(write)
+    # the forked holder says when it holds the lock; one that hangs fails the test instead of the suite
+    ready, _, _ = select.select([read], [], [], 120)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked lock holder did not take the lock within 120 s")
     assert os.read(read, 6) == b"locked"
     os.close(read)
     try:

@@ -132,3 +132,38 @@ def test_lm_eval_runs_a_local_custom_task_on_the_tuned_model(test_model_dir, tmp
 
     with pytest.raises(ConfigError, match=r"^lm_eval: unknown task `nope` \(not in lm_eval's registry or in "):
         result.lm_eval(["nope"], include_path=str(tasks))
+
+
+@pytest.mark.parametrize("shards,split", [(frozenset(), True), (frozenset({"gradients", "optimizer_states"}), True),
+                                          (frozenset({"weights", "gradients", "optimizer_states"}), False)])
+def test_answers_are_split_between_processes_and_gathered_in_the_prompts_order(monkeypatch, shards, split):
+    from types import SimpleNamespace
+
+    from ftmagic.engine import generation
+
+    texts = [f"prompt {i}" for i in range(7)]
+    answered = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        answered.append(list(prompts))
+        return [f"answer to {p}" for p in prompts]
+
+    monkeypatch.setattr(generation, "generate_batch", fake_generate)
+    evaluator = object.__new__(generation.GenerationEvaluator)  # only what answers() reads
+    evaluator.texts, evaluator.tokenizer, evaluator.plan = texts, None, None
+    evaluator.max_new_tokens, evaluator.batch_size, evaluator.end_ids = 4, 32, None
+    shares = [[f"answer to {p}" for p in texts[rank::2]] for rank in range(2)]  # what each process answers
+    for rank in range(2):
+        gathered = []
+
+        def gather(mine):
+            gathered.append(mine)
+            return shares
+
+        ranks = SimpleNamespace(rank=rank, world=2, spec=SimpleNamespace(shards=shards), gather=gather)
+        answered.clear()
+        assert evaluator.answers(model=None, ranks=ranks) == [f"answer to {p}" for p in texts]
+        if split:  # this process answered its share only, and that is what it sent
+            assert answered == [texts[rank::2]] and gathered == [shares[rank]]
+        else:  # sharded weights: every process answers everything, nothing is gathered
+            assert answered == [texts] and gathered == []

@@ -25,7 +25,7 @@ from ftmagic.errors import ConfigError
 from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 
 # Flattened rows are rounded up to a multiple of this where oneDNN builds a kernel per shape
-# (DevicePlan.row_multiple); 64 and 128 measured alike, 64 pads less.
+# (DevicePlan.row_multiple): a row pads at most 63 tokens.
 ONEDNN_ROW_MULTIPLE = 64
 
 @dataclass(frozen=True)
@@ -68,12 +68,10 @@ class DevicePlan:
         """What the fast step rounds a flattened row's length up to (1: not rounded).
 
         On a CPU, bf16 and fp16 matrix multiplies run through oneDNN, which builds a kernel
-        for every new shape (about 1 ms more for the first 1000 x 512 x 512 multiply of a
-        shape) and keeps up to 1,024 of them, with their memory. Unrounded, a flattened row
-        has a new length every micro-batch, so every micro-batch builds its kernels again
-        and the cache grows for the whole run. Rounded to 64, the throughput benchmark's full
-        bf16 run took 167-172 s against 171-185 s and peaked at 2,493-2,599 MB against
-        2,695-2,711 MB (benchmarks/README.md). fp32 (MKL) and CUDA gain nothing from it.
+        for every new shape and keeps up to 1,024 of them, with their memory. Unrounded, a
+        flattened row has a new length every micro-batch, so every micro-batch builds its
+        kernels again and the cache grows for the whole run (measured in benchmarks/README.md,
+        under the bf16 table). fp32 (MKL) and CUDA gain nothing from it.
 
         Example::
 

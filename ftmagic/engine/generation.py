@@ -108,15 +108,15 @@ class GenerationEvaluator:
     def answers(self, model, ranks=None) -> list:
         """Every prompt's answer, in the prompts' order.
 
-        Under several processes that each hold the whole model (DDP), each process answers
-        every ``world``-th prompt and the answers are gathered, so the work is split. Where the
-        weights are sharded (FSDP, ZeRO-3) every forward pass is collective, so every process
-        answers every prompt, in step with the others.
+        Under several processes that each hold the whole model (DDP, ZeRO-2), each process
+        answers every ``world``-th prompt and the answers are gathered, so the work is split.
+        Where the weights are sharded (FSDP, ZeRO-3) every forward pass is collective, so every
+        process answers every prompt, in step with the others.
         """
         autocast = None
         if self.plan is not None and getattr(self.plan, "autocast", False):
             autocast = torch.autocast(device_type=self.plan.device, dtype=self.plan.torch_dtype)
-        split = ranks is not None and ranks.world > 1 and not ranks.spec.shards
+        split = ranks is not None and ranks.world > 1 and "weights" not in ranks.spec.shards
         texts = self.texts[ranks.rank::ranks.world] if split else self.texts
         mine = generate_batch(model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
                               batch_size=self.batch_size, autocast=autocast, end_ids=self.end_ids)

@@ -123,8 +123,9 @@ def labelled_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targe
     (:attr:`ftmagic.engine.device.DevicePlan.row_multiple`).
     """
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    if multiple > 1:
-        rows = max(multiple, rows - rows % multiple)
+    # Chunks of a multiple of rows, never more rows than asked (the logits' memory per chunk).
+    multiple = min(multiple, rows)
+    rows -= rows % multiple
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows, softcap, multiple)
 
 
