@@ -140,6 +140,8 @@ def run_processes(cfg, *, on_event: Optional[Callable] = None, stop=None):
     # waiting for garbage collection; a forked copy that collected it would wait forever for a
     # thread it does not have. So garbage is collected here, and what remains is frozen: the
     # forked processes' collector never looks at objects they inherited (Python's gc.freeze).
+    # What the launch itself creates after this point is frozen again in each forked process
+    # (_rank_main).
     gc.collect()
     gc.freeze()
     context = multiprocessing.get_context("fork")
@@ -203,6 +205,10 @@ def _rank_main(cfg, channel, shared_stop) -> None:
     from ftmagic.engine.distributed import launch_info
     from ftmagic.engine.run import finetune
 
+    # Everything inherited, including what the launcher thread built after run_processes froze
+    # the collector (the elastic agent, its store), is frozen here too: collecting it in this
+    # copy once left a process waiting forever in a destructor for a thread it does not have.
+    gc.freeze()
     _quiet_process()
     info = launch_info()
 
