@@ -266,6 +266,36 @@ def test_evaluation_by_generation_is_split_between_the_processes(test_model_dir,
     assert metrics["eval_metrics"]["exact_match"] == tables[-1]["metrics"]["exact_match"]
 
 
+def _what_a_forked_process_can_collect(test_model_dir, output_dir, log):
+    """A two-process launch whose processes, instead of training, list what their collector sees."""
+    import gc
+
+    import ftmagic.engine.run as run
+
+    def probe(cfg, on_event=None, stop=None):
+        names = sorted({type(o).__name__ for o in gc.get_objects() if "elastic" in type(o).__module__})
+        with open(log, "a") as f:
+            f.write(" ".join(names or ["nothing"]) + "\n")
+        raise ftmagic.DataError("probed")
+
+    from ftmagic.engine.launch import run_processes
+
+    cfg = run.resolve_config(None, {**SETTINGS, "model": test_model_dir, "data": reversal_records(30),
+                                    "output_dir": str(output_dir), "processes": 2})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "finetune", probe)  # what each forked process calls (launch._rank_main)
+        with pytest.raises(DistributedError, match="probed"):
+            run_processes(cfg)
+
+
+def test_a_forked_process_never_collects_what_the_launch_built_before_the_fork(test_model_dir, tmp_path, clean):
+    # The launcher thread builds torch.elastic's agent and store after run_processes froze the
+    # collector; a forked process that collected them once waited forever in a destructor.
+    log = tmp_path / "collectable.txt"
+    clean(_what_a_forked_process_can_collect, test_model_dir, tmp_path / "out", log)
+    assert log.read_text().splitlines() == ["nothing", "nothing"]
+
+
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
     with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
         _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)  # refused before anything forks
