@@ -28,6 +28,7 @@ from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 # (DevicePlan.row_multiple): a row pads at most 63 tokens.
 ONEDNN_ROW_MULTIPLE = 64
 
+
 @dataclass(frozen=True)
 class DeviceCaps:
     """What the machine can do; build one by hand to test a GPU rule without a GPU."""

@@ -65,11 +65,12 @@ def flatten_batch(rows: list, *, multiple: int = 1, pad_id: int = 0) -> dict:
     make every step wait for the device.
 
     ``multiple`` > 1 rounds ``T`` up to a multiple of it with one last segment of ``pad_id``
-    tokens that attends only to itself and carries no label (without dropout the loss and its
-    gradients are unchanged; with LoRA dropout the pad tokens take their share of the random
-    draws, so the masks that follow differ, with the same distribution), and :func:`fast_loss` rounds the output layer's chunks of labelled rows
-    alike (``row_multiple``): where each new matrix shape costs a kernel (see
-    :attr:`ftmagic.engine.device.DevicePlan.row_multiple`), rows of a few lengths reuse them.
+    tokens that attends only to itself and carries no label, and :func:`fast_loss` rounds the
+    output layer's chunks of labelled rows alike (``row_multiple``): where each new matrix
+    shape costs a kernel (:attr:`ftmagic.engine.device.DevicePlan.row_multiple`), rows of a
+    few lengths reuse them. Without dropout the loss and its gradients are unchanged; with
+    LoRA dropout the pad tokens take their share of the random draws, so the masks that
+    follow differ (with the same distribution).
 
     Example::
 
