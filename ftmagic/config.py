@@ -396,6 +396,23 @@ class FinetuneConfig:
             fail("export", f"`export: {runtimes[0]}` takes a text-generating model; `objective: {self.objective}` "
                            "trains a classification head (keep `export` to merged or hub)")
 
+    def check_trainable(self) -> None:
+        """Refuse, in one line, a valid config that cannot train one run as it stands.
+
+        Checked before any process starts, so a run of several processes says it once.
+
+        Example::
+
+            >>> FinetuneConfig(model="tiny").check_trainable()
+            Traceback (most recent call last):
+            ftmagic.errors.ConfigError: `data` is not set: give a file path, a Hugging Face dataset id or a list of records
+        """
+        if self.sweep is not None:
+            raise ConfigError("`sweep:` searches over many runs: use `ftmagic.sweep(...)`, `ftmagic sweep CONFIG.yaml` "
+                              "or a %%finetune cell; or remove the `sweep:` block to train once")
+        if self.data is None:
+            raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
+
     # ------------------------------------------------------------------ helpers
     @property
     def effective_batch_size(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import threading
@@ -313,8 +314,9 @@ def _cli_config(tmp_path, model_dir, body=""):
     return path
 
 
-def _cli(args, env_path=None, cwd=None):
-    """`ftmagic ...` in a fresh interpreter (a launch starts its processes as new interpreters too)."""
+def _cli(args, env_path=None, cwd=None, script=None):
+    """`ftmagic ...` in a fresh interpreter (a launch starts its processes as new interpreters too);
+    ``script``, a file that calls ``ftmagic.cli.main``, runs instead of ``python -m ftmagic.cli``."""
     import os
     import subprocess
     import sys
@@ -323,7 +325,8 @@ def _cli(args, env_path=None, cwd=None):
     root = str(Path(__file__).resolve().parent.parent)
     paths = [p for p in (env_path, root, os.environ.get("PYTHONPATH")) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "ftmagic.cli", *args], capture_output=True, text=True, env=env,
+    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "ftmagic.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 
 
@@ -394,6 +397,49 @@ def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
     done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
     assert done.returncode == 2
     assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"
+
+
+def test_cli_processes_without_data_says_so_once_before_any_process_starts(test_model_dir, tmp_path, capsys):
+    from ftmagic.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {test_model_dir}\nmethod: lora\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["train", str(path), "--processes", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("ftmagic: error: `data` is not set: give a file path, a Hugging Face "
+                                               "dataset id or a list of records")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_processes_2_from_a_folder_holding_a_folder_named_ftmagic(test_model_dir, tmp_path):
+    # `python -m` would put this folder first on the launched processes' sys.path, where this
+    # `ftmagic` shadows the real one (as a clone of the repository does an editable install).
+    (tmp_path / "ftmagic").mkdir()
+    (tmp_path / "ftmagic" / "__init__.py").write_text("raise ImportError('the wrong ftmagic')\n")
+    starter = tmp_path / "bin" / "start.py"  # the parent itself runs as a console script does: not from here
+    starter.parent.mkdir()
+    starter.write_text("import sys\nfrom ftmagic.cli import main\nsys.exit(main())\n")
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"], cwd=tmp_path, script=starter)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_cli_a_process_that_cannot_import_ftmagic_names_the_import_error(test_model_dir, tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('RANK'):  # the launched processes only\n"
+        "    sys.modules['ftmagic.cli'] = None\n")
+    path = _cli_config(tmp_path, test_model_dir)
+    done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"ftmagic: error: rank [01] of 2 failed: ModuleNotFoundError: import of ftmagic.cli halted; "
+                        r"None in sys.modules", last), done.stderr[-3000:]
+    assert done.stderr.count("Traceback (most recent call last)") == 1  # the failing process's, once
 
 
 # ----------------------------------------------------------------------------- %%finetune --processes N

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.processes < 2:
             raise ConfigError("--print-accelerate-config: set `--processes N` (N > 1) or `processes: N` in the config")
         return print_accelerate_config(cfg, args.print_config, args)
+    cfg.check_trainable()
     from ftmagic.engine.distributed import launch_info
 
     info = launch_info()

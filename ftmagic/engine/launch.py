@@ -290,6 +290,27 @@ def _quiet_launcher(cuda: bool):
 # ----------------------------------------------------------------------------- accelerate launch (CLI)
 
 
+# What each launched process runs. A script, not ``python -m ftmagic.cli``: ``-m`` puts the current
+# folder first on sys.path, and a folder there named ``ftmagic`` (a clone of the repository, say)
+# shadows an editable install, so every process failed at its first import. A script puts its own
+# folder first instead (the launch's temporary folder, which holds nothing else importable), as the
+# ``ftmagic`` console script does. If ftmagic cannot be imported at all, the process still leaves
+# the launcher its error in torch.elastic's error file, so the one line names it.
+PROCESS_SCRIPT_NAME = "ftmagic_launched_process.py"
+PROCESS_SCRIPT = '''"""One process of `ftmagic train --processes N` (written by ftmagic.engine.launch)."""
+import sys
+
+try:
+    from ftmagic.cli import main
+except BaseException as exc:
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+    sys.exit(1)
+sys.exit(main())
+'''
+
+
 def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, processes: int) -> None:
     """``ftmagic train CONFIG --processes N``: accelerate's launcher runs ``ftmagic train`` N times.
 
@@ -302,8 +323,10 @@ def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, 
     with tempfile.TemporaryDirectory(prefix="ftmagic-launch-") as folder:
         config_file = Path(folder) / "accelerate_config.yaml"
         config_file.write_text(accelerate_yaml, encoding="utf-8")
+        script = Path(folder) / PROCESS_SCRIPT_NAME
+        script.write_text(PROCESS_SCRIPT, encoding="utf-8")
         argv = ["--config_file", str(config_file), "--num_processes", str(processes),
-                "--main_process_port", str(get_free_port()), "-m", "ftmagic.cli", "train", config_path, *child_args]
+                "--main_process_port", str(get_free_port()), str(script), "train", config_path, *child_args]
         args = launch_command_parser().parse_args(argv)
         os.environ[LAUNCHED_ENV] = "1"
         elastic = logging.getLogger("torch.distributed.elastic")
@@ -341,7 +364,9 @@ def _cli_failure(exc: Exception, world: int) -> FtmagicError:
                             "message": f"exit code {getattr(failure, 'exitcode', '?')}"})
             continue
         kind, _, rest = text.partition(": ")
-        records.append({"rank": rank, "world": world, "type": kind, "peer": False, "details": "",
+        extra = message.get("extraInfo") or {}
+        records.append({"rank": rank, "world": world, "type": kind, "peer": False,
+                        "details": str(extra.get("py_callstack") or "") if isinstance(extra, dict) else "",
                         "message": rest if hasattr(errors, kind) and rest else text})
     return failure_error(records, world)
 
@@ -370,5 +395,5 @@ def record_cli_failure(exc: BaseException) -> None:
         json.dump(data, handle)
 
 
-__all__ = ["LAUNCHED_ENV", "check_fork_safe", "failure_error", "failure_record", "one_line", "record_cli_failure",
-           "run_cli_processes", "run_processes"]
+__all__ = ["LAUNCHED_ENV", "PROCESS_SCRIPT", "PROCESS_SCRIPT_NAME", "check_fork_safe", "failure_error",
+           "failure_record", "one_line", "record_cli_failure", "run_cli_processes", "run_processes"]

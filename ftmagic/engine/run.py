@@ -91,6 +91,7 @@ def finetune(config: Any = None, *, on_event: Optional[Callable] = None, stop=No
         result = finetune(model="tiny", data=records, processes=2)    # two processes, one result
     """
     cfg = resolve_config(config, overrides)
+    cfg.check_trainable()
     info = launch_info()
     if info.world == 1 and cfg.processes > 1:
         from ftmagic.engine.launch import run_processes
@@ -158,11 +159,6 @@ def _seed_everything(seed: int) -> None:
 
 
 def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list, info: LaunchInfo = LaunchInfo()) -> RunResult:
-    if cfg.sweep is not None:
-        raise ConfigError("`sweep:` searches over many runs: use `ftmagic.sweep(...)`, `ftmagic sweep CONFIG.yaml` "
-                          "or a %%finetune cell; or remove the `sweep:` block to train once")
-    if cfg.data is None:
-        raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
     cfg, continuing = plan_continuation(cfg)  # `model:` or `adapter:` at an earlier run's adapter: keep training it
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
