@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import not_accepted
 from ftmagic.memory.estimate import MemoryEstimate
 from ftmagic.memory.estimate import estimate_memory as analytic_memory
 
@@ -36,7 +36,7 @@ def estimate_memory(model: Any = "tiny", *, mode: str = "analytic", **settings: 
         print(f"{est.total_gib:.1f} GiB", est.breakdown)
     """
     if mode not in MODES:
-        raise ConfigError(f"`mode: {mode}` is not accepted; use analytic or exact")
+        raise not_accepted("mode", mode, MODES)
     estimate = analytic_memory(model, **settings)  # validates and resolves the settings either way
     if mode == "analytic":
         return estimate

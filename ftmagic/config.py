@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
 from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
-from ftmagic.errors import ConfigError, closest
+from ftmagic.errors import ConfigError, did_you_mean, not_accepted
 from ftmagic.methods import METHOD_NAMES, get_method_spec
 from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
@@ -186,7 +186,7 @@ class FinetuneConfig:
         coerced = {}
         for key, value in merged.items():
             if key not in known:
-                problems.add(key, f"unknown key `{key}`" + _suggest(key, known))
+                problems.add(key, f"unknown key `{key}`" + did_you_mean(key, known))
                 continue
             try:
                 coerced[key] = _coerce(key, value, _FIELD_TYPES[key], "")
@@ -267,7 +267,7 @@ class FinetuneConfig:
             allowed = typing.get_args(_FIELD_TYPES[key])
             value = getattr(self, key)
             if value not in allowed:
-                fail(key, f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}" + _suggest(str(value), allowed, quote=False))
+                fail(key, str(not_accepted(key, value, allowed)))
         if not isinstance(self.model, str) or not self.model.strip():
             fail("model", "`model` must be a Hugging Face id, a local directory or `tiny`")
         for key, (low, high) in NUMBER_RANGES.items():
@@ -314,8 +314,7 @@ class FinetuneConfig:
             fail("batch_size" if "batch_size" in str(exc) else "distributed", str(exc))
         for name in ([self.report_to] if isinstance(self.report_to, str) else self.report_to):
             if name not in TRACKERS:
-                fail("report_to", f"`report_to: {name}` is not accepted; use {', '.join(TRACKERS)} or a list of them"
-                     + _suggest(str(name), TRACKERS, quote=False))
+                fail("report_to", str(not_accepted("report_to", name, TRACKERS, also="or a list of them")))
         self._validate_objective(fail)
         self._validate_export(fail)
         if self.sweep is not None:
@@ -648,13 +647,6 @@ def _decode_config(raw: bytes, source: str) -> str:
         line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(f"{source}:{line}: bytes that are not UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
 
-
-
-def _suggest(word: str, options, quote: bool = True) -> str:
-    close = closest(word, options)
-    if close is None:
-        return ""
-    return f"; did you mean `{close}`?" if quote else f" (did you mean {close}?)"
 
 
 def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:

@@ -11,7 +11,7 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 
 def one_line(message: object) -> str:
@@ -81,7 +81,7 @@ class ExportError(FtmagicError):
 
 
 def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[str]:
-    """The option most like ``word``, or None: the "did you mean" of every one-line error.
+    """The option most like ``word``, or None (what :func:`did_you_mean` suggests).
 
     Example::
 
@@ -92,14 +92,29 @@ def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[st
     return match[0] if match else None
 
 
-def not_accepted(key: str, value: object, options: Sequence[str]) -> "ConfigError":
-    """The error for a value that is not one of a table's names (method, objective, strategy).
+def did_you_mean(word: object, options: Iterable, cutoff: float = 0.6, rename: Mapping = {}) -> str:
+    """The hint that ends every one-line error about a name: ``; did you mean `NAME`?``, or ``""``.
+
+    ``rename`` maps an option to the name to suggest (an alias to what it stands for).
+
+    Example::
+
+        >>> did_you_mean("lroa", ["full", "lora", "qlora"]), did_you_mean("xyz", ["full"])
+        ('; did you mean `lora`?', '')
+    """
+    close = closest(word, options, cutoff)
+    return f"; did you mean `{rename.get(close, close)}`?" if close is not None else ""
+
+
+def not_accepted(key: str, value: object, options: Sequence[str], also: str = "") -> "ConfigError":
+    """The error for a value that is not one of a key's names (method, objective, device, sampler, ...);
+    ``also`` names what else is accepted.
 
     Example::
 
         >>> str(not_accepted("method", "lroa", ["full", "lora"]))
-        '`method: lroa` is not accepted; use one of full, lora (did you mean lora?)'
+        '`method: lroa` is not accepted; use one of full, lora; did you mean `lora`?'
     """
-    close = closest(value, options)
-    hint = f" (did you mean {close}?)" if close else ""
-    return ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(options)}{hint}")
+    hint = did_you_mean(value, options)
+    return ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(options)}{' ' + also if also else ''}"
+                       f"{hint}")

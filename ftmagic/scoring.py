@@ -24,7 +24,7 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from ftmagic.errors import ConfigError, closest
+from ftmagic.errors import ConfigError, did_you_mean
 
 EXTRA_HINT = "pip install 'ftmagic[eval]'"
 
@@ -126,7 +126,7 @@ def check_metric_spec(spec) -> Optional[str]:
     Example::
 
         >>> check_metric_spec(["exact_match", "rouge_x"])
-        '`eval_metrics: rouge_x` is not a metric; use exact_match, contains, normalized_exact_match, rouge_l, chrf or a Python function f(prediction, reference) (did you mean rouge_l?)'
+        '`eval_metrics: rouge_x` is not a metric; use exact_match, contains, normalized_exact_match, rouge_l, chrf or a Python function f(prediction, reference); did you mean `rouge_l`?'
     """
     names = []
     for item in _as_list(spec):
@@ -139,8 +139,7 @@ def check_metric_spec(spec) -> Optional[str]:
             names.append(item[1:])
             continue
         if ALIASES.get(item, item) not in METRICS:
-            close = closest(item, list(METRICS) + list(ALIASES), cutoff=0.5)
-            hint = f" (did you mean {ALIASES.get(close, close)}?)" if close else ""
+            hint = did_you_mean(item, list(METRICS) + list(ALIASES), cutoff=0.5, rename=ALIASES)
             return (f"`eval_metrics: {item}` is not a metric; use {', '.join(METRICS)} or a Python function "
                     f"f(prediction, reference){hint}")
         names.append(ALIASES.get(item, item))

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError, closest
+from ftmagic.errors import ConfigError, did_you_mean, not_accepted
 
 CONTROL_KEYS = ("n_trials", "metric", "direction", "sampler", "pruner")
 SAMPLERS = ("grid", "random", "tpe")
@@ -121,9 +121,9 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
         if key in CONTROL_KEYS:
             continue
         if not isinstance(key, str) or key not in fields:
-            close = closest(key, fields + list(CONTROL_KEYS))
+            hint = did_you_mean(key, fields + list(CONTROL_KEYS))
             fail(str(key), f"`sweep.{key}` is not a config key or a sweep setting"
-                 + (f"; did you mean `{close}`?" if close else f" ({', '.join(CONTROL_KEYS)})"))
+                 + (hint or f" ({', '.join(CONTROL_KEYS)})"))
         if key in NOT_SEARCHABLE:
             fail(key, f"`sweep.{key}` cannot be searched: it says where data or outputs are, not how to train; "
                       "set it outside the `sweep:` block")
@@ -136,7 +136,7 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
     if sampler is None:
         sampler = "grid" if all_choices else "tpe"
     if sampler not in SAMPLERS:
-        fail("sampler", f"`sweep.sampler: {sampler}` is not accepted; use {', '.join(SAMPLERS)}")
+        fail("sampler", str(not_accepted("sweep.sampler", sampler, SAMPLERS)))
     if sampler == "grid" and not all_choices:
         ranged = next(s for s in spaces if s.kind != "choices")
         fail(ranged.key, f"`sweep.{ranged.key}` is a {ranged.kind} range, which a grid cannot enumerate; give a list "
@@ -169,12 +169,12 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
                   else greater_is_better(metric))
         direction = "maximize" if higher else "minimize"
     if direction not in DIRECTIONS:
-        fail("direction", f"`sweep.direction: {direction}` is not accepted; use minimize or maximize")
+        fail("direction", str(not_accepted("sweep.direction", direction, ("minimize", "maximize"))))
     pruner = block.get("pruner", "median")
     if pruner is False or pruner is None:
         pruner = "none"
     if pruner not in PRUNERS:
-        fail("pruner", f"`sweep.pruner: {pruner}` is not accepted; use {' or '.join(PRUNERS)}")
+        fail("pruner", str(not_accepted("sweep.pruner", pruner, PRUNERS)))
     return SweepSpec(tuple(spaces), n_trials, metric, DIRECTIONS[direction], sampler, pruner)
 
 

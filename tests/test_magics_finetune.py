@@ -196,7 +196,7 @@ def test_resume_flag_reaches_the_engine(shell, engine, capsys):
     ("", "model: tiny\nlora_r: [1,\n", "%%finetune cell:3: invalid YAML"),
     ("", "model: tiny\nlora_rank: 8\n", "%%finetune cell:3: unknown key `lora_rank`; did you mean `lora_r`?"),
     ("", "method: lorra\n", "%%finetune cell:2: `method: lorra` is not accepted"),
-    ("--lora-rank 8", "", "unknown flag(s): --lora-rank; `--lora-rank`: did you mean `--lora-r`?"),
+    ("--lora-rank 8", "", "unknown flag `--lora-rank`; did you mean `--lora-r`?"),
     ("--epoch 2", "", "did you mean `--epochs`?"),
     ("--lr fast", "", "--lr: `lr: 'fast'` must be a number"),
     ("", "model: tiny\ndata: $nowhere\n",

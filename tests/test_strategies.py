@@ -50,7 +50,7 @@ def test_gpu_only_strategies_are_refused_on_cpu_processes_in_one_line(strategy):
 
 
 def test_config_keys_are_validated_with_the_file_and_line():
-    with pytest.raises(ConfigError, match=r"run.yaml:1: `distributed: fsdpp` is not accepted.*did you mean fsdp"):
+    with pytest.raises(ConfigError, match=r"run.yaml:1: `distributed: fsdpp` is not accepted.*; did you mean `fsdp`"):
         FinetuneConfig.from_yaml("distributed: fsdpp\n", source="run.yaml")
     with pytest.raises(ConfigError, match=r"run.yaml:1: `processes: 0` must be at least 1"):
         FinetuneConfig.from_yaml("processes: 0\n", source="run.yaml")

@@ -188,7 +188,7 @@ def test_cli_sweep(test_model_dir, tmp_path, capsys):
                       "  sampler: bayes\n")
     assert main(["sweep", str(config)]) == 2
     assert capsys.readouterr().err == (f"ftmagic: error: {config}:6: `sweep.sampler: bayes` is not accepted; "
-                                       "use grid, random, tpe\n")
+                                       "use one of grid, random, tpe\n")
     config.write_text(f"model: {test_model_dir}\ndata: {data}\n")
     assert main(["sweep", str(config)]) == 2
     assert "there is no `sweep:` block" in capsys.readouterr().err

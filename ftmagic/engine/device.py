@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from ftmagic.errors import ConfigError
+from ftmagic.constants import DEVICES, OPTIMIZERS
+from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 
 # Flattened rows are rounded up to a multiple of this where oneDNN builds a kernel per shape
@@ -169,8 +170,8 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
         raise ConfigError("`device: cuda` was asked for but no CUDA GPU is visible; use `device: auto` or `device: cpu`")
     if requested == "mps" and not caps.mps_available:
         raise ConfigError("`device: mps` was asked for but Apple MPS is not available; use `device: auto` or `device: cpu`")
-    if requested not in ("auto", "cuda", "mps", "cpu"):
-        raise ConfigError(f"`device: {requested}` is not accepted; use auto, cuda, mps or cpu")
+    if requested not in DEVICES:
+        raise not_accepted("device", requested, DEVICES)
 
     if requested == "auto":
         device = "cuda" if caps.cuda_available else "mps" if caps.mps_available else "cpu"
@@ -298,7 +299,7 @@ def choose_optimizer(requested: str, device: str, bnb_available: bool) -> Optimi
     if requested == "sgd":
         return OptimizerPlan("sgd", "foreach" if device != "mps" else "plain")
     if requested != "adamw":
-        raise ConfigError(f"`optimizer: {requested}` is not accepted; use adamw, adamw_8bit, paged_adamw_8bit or sgd")
+        raise not_accepted("optimizer", requested, OPTIMIZERS)
     return OptimizerPlan("adamw", "fused" if device == "cuda" else "foreach" if device == "cpu" else "plain")
 
 

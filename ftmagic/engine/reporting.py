@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ftmagic.config import TRACKERS
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.evalevents import Generations
 from ftmagic.events import End, Eval, Plan, Start, Step
 
@@ -78,7 +78,7 @@ def make_reporters(report_to, output_dir, config: Optional[dict] = None) -> list
     sinks = []
     for name in tracker_names(report_to):
         if name not in TRACKERS:
-            raise ConfigError(f"`report_to: {name}` is not accepted; use {', '.join(TRACKERS)} or a list of them")
+            raise not_accepted("report_to", name, TRACKERS, also="or a list of them")
         module = _require(name)
         cls = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSink, "trackio": TrackioSink}[name]
         sinks.append(cls(module, out=out, root=root, group=group, config=dict(config or {})))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from ftmagic.errors import ConfigError, closest
+from ftmagic.errors import not_accepted
 
 # In the order they are produced: a GGUF is converted from the merged model, the Modelfile
 # points at a GGUF, and the Hub upload can carry all of them.
@@ -68,9 +68,7 @@ def _check(values: list, allowed, key: str) -> list:
     for value in values:
         name = value.lower()
         if name not in allowed:
-            close = closest(name, allowed)
-            hint = f"; did you mean `{close}`?" if close else ""
-            raise ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(allowed)}{hint}")
+            raise not_accepted(key, value, list(allowed))
         if name not in out:
             out.append(name)
     return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ftmagic.adapters import is_adapter_folder, read_adapter
-from ftmagic.errors import ModelError, closest
+from ftmagic.errors import ModelError, did_you_mean
 
 
 # How each layout names the linear layers of a block and what each one does. The group
@@ -314,15 +314,9 @@ def resolve_model(model: Any) -> ModelShape:
     cached = _cached_hub_config(text)
     if cached:
         return _shape_from_file(cached, text)
-    close = _close_builtin(key)
-    hint = f"; did you mean `{close}`?" if close else ""
+    hint = did_you_mean(key, _LOOKUP, cutoff=0.75, rename=_LOOKUP)
     raise ModelError(f"`model: {text}` is not known here (offline, not in the local Hugging Face cache){hint} "
                      f"Accepted: {ACCEPTED}")
-
-
-def _close_builtin(key: str) -> Optional[str]:
-    match = closest(key, _LOOKUP, cutoff=0.75)
-    return _LOOKUP[match] if match else None
 
 
 def _cached_hub_config(repo_id: str) -> Optional[str]:

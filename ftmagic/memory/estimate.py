@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Optional
 
-from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS
-from ftmagic.errors import ConfigError, ModelError
+from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS, PRECISIONS
+from ftmagic.errors import ConfigError, ModelError, not_accepted
 from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, resolve_model
 from ftmagic.memory.policy import resolve_precision, weight_plan
 from ftmagic.methods import LOSSES as ENGINE_LOSSES
@@ -241,9 +241,9 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     """
     get_method_spec(method)
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"`optimizer: {optimizer}` is not accepted; use one of {', '.join(OPTIMIZERS)}")
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"`precision: {precision}` is not accepted; use one of auto, bf16, fp16, fp32")
+        raise not_accepted("optimizer", optimizer, OPTIMIZERS)
+    if precision not in PRECISIONS:
+        raise not_accepted("precision", precision, PRECISIONS)
     _check_positive("batch_size", batch_size)
     _check_positive("seq_len", seq_len, 8)
     _check_positive("lora_r", lora_r)
@@ -253,10 +253,10 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     if device not in DROPOUT_MASK_BYTES:
         raise ConfigError(f"`device: {device}` is not accepted here; use cuda or cpu")
     if loss not in LOSSES:
-        raise ConfigError(f"`loss: {loss}` is not accepted; use one of {', '.join(LOSSES)}")
+        raise not_accepted("loss", loss, LOSSES)
     _check_positive("devices", devices)
     if strategy not in STRATEGY_NAMES:
-        raise ConfigError(f"`strategy: {strategy}` is not accepted; use one of {', '.join(STRATEGY_NAMES)}")
+        raise not_accepted("strategy", strategy, STRATEGY_NAMES)
     resolved = resolve_strategy(strategy, method=method, device=device) if devices > 1 else None
     if devices > 1:
         check_batch_split(batch_size, devices)

@@ -34,7 +34,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
-from ftmagic.errors import ConfigError, closest
+from ftmagic.errors import ConfigError, did_you_mean
 from ftmagic.usage import as_usage_error, magic_argv
 
 CELL_SOURCE = "%%finetune cell"
@@ -166,9 +166,8 @@ def parse_line(magic_func: Callable, line: str):
             known = [opt for action in parser._actions for opt in action.option_strings]
             extra = message.split(":", 1)[1].split()
             unknown = [token.split("=")[0] for token in extra if token.startswith("-")]
-            hints = [f"`{bad}`: did you mean `{close}`?" for bad in unknown for close in [closest(bad, known)] if close]
             if unknown:
-                message = f"unknown flag(s): {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
+                message = "; ".join(f"unknown flag `{bad}`" + did_you_mean(bad, known) for bad in unknown)
             else:
                 message = f"unexpected value(s) {' '.join(extra)}: every value follows a flag, e.g. `--lora-r 8`"
             message += f"; see `%%{parser.prog}?` for every flag"
