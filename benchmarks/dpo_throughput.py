@@ -29,6 +29,7 @@ Usage::
 
     python benchmarks/dpo_throughput.py --quick --threads 1    # a few minutes on 2 CPU cores
     python benchmarks/dpo_throughput.py --quick --repeats 3 --json
+    python benchmarks/dpo_throughput.py --quick --threads 1 --precision bf16 --systems ftmagic
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: trl). Nothing is downloaded.
 """
@@ -115,7 +116,8 @@ def preference_accuracy(model, tokenizer, pairs: list) -> float:
     return wins / len(pairs)
 
 
-def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0):
+def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0,
+            precision: str = "fp32"):
     import datasets
     import torch
     from peft import LoraConfig
@@ -128,16 +130,19 @@ def run_trl(model_dir: str, pairs: list, size: dict, out: str, steps: int, threa
                        lr_scheduler_type=HPARAMS["scheduler"], warmup_steps=HPARAMS["warmup"], beta=HPARAMS["beta"],
                        max_grad_norm=HPARAMS["max_grad_norm"], seed=HPARAMS["seed"], logging_steps=10,
                        save_strategy="no", report_to="none", disable_tqdm=True, max_length=MAX_LEN,
-                       use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
+                       use_cpu=not torch.cuda.is_available(), bf16=precision == "bf16", dataloader_num_workers=0,
                        loss_type=["sigmoid"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # bf16: a bf16 base in bf16 autocast, as train_throughput.py runs Trainer + peft.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if precision == "bf16"
+                                                 else torch.float32)
     trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
     trainer.train()
     return trainer.model, trainer.state.global_step
 
 
-def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0):
+def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int, threads: int = 0,
+                precision: str = "fp32"):
     from ftmagic.engine.run import finetune
 
     # `threads: auto` would choose for itself: held to --threads like the other system.
@@ -148,11 +153,13 @@ def run_ftmagic(model_dir: str, pairs: list, size: dict, out: str, steps: int, t
                       warmup=HPARAMS["warmup"], max_grad_norm=HPARAMS["max_grad_norm"], lora_r=LORA["r"],
                       lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                       target_modules=list(LORA["target_modules"]), output_dir=out, overwrite=True, logging_steps=10,
-                      save_steps=0, eval_steps=0, seed=HPARAMS["seed"], threads=threads or "auto")
+                      save_steps=0, eval_steps=0, seed=HPARAMS["seed"], threads=threads or "auto",
+                      precision=precision)
     return result.model, int(result.metrics["steps"])
 
 
-def child(system: str, workdir: Path, size_name: str, result_path: Path, threads: int) -> None:
+def child(system: str, workdir: Path, size_name: str, result_path: Path, threads: int,
+          precision: str = "fp32") -> None:
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import torch
@@ -181,7 +188,8 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, threads
     if threads:
         torch.set_num_threads(threads)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model, done = (run_trl if system == "trl" else run_ftmagic)(model_dir, pairs, size, out, steps, threads)
+    model, done = (run_trl if system == "trl" else run_ftmagic)(model_dir, pairs, size, out, steps, threads,
+                                                                 precision)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     peak = _peak_bytes()
@@ -195,7 +203,8 @@ def run_system(system: str, args, workdir: Path) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--workdir", str(workdir),
-           "--size", "quick" if args.quick else "full", "--result", str(result_path), "--threads", str(args.threads)]
+           "--size", "quick" if args.quick else "full", "--result", str(result_path), "--threads", str(args.threads),
+           "--precision", args.precision]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + f"\n{system} failed with exit status {proc.returncode}\n")
@@ -208,13 +217,15 @@ def median_of(runs: list) -> dict:
 
 
 def format_table(results: dict, runs: int) -> str:
-    ref = results["ftmagic"]
+    ref = results.get("ftmagic")
     head = f"{'system':<10}{'wall s':>9}{'CPU s':>9}{'tokens/s':>10}{'peak mem':>11}{'pref. acc':>11}"
     lines = [f"median of {runs} interleaved run(s) each", head, "-" * len(head)]
     for name, r in results.items():
         lines.append(f"{name:<10}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{r['tokens_per_s']:>10,.0f}"
                      f"{r['peak_bytes'] / 2**20:>8,.0f} MB{100 * r['accuracy']:>10.1f}%")
-    trl = results["trl"]
+    trl = results.get("trl")
+    if trl is None or ref is None:  # one system (--systems): nothing to compare with
+        return "\n".join(lines)
     lines.append("")
     lines.append(f"ftmagic vs trl: {ref['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s "
                  f"({trl['cpu_s'] / ref['cpu_s']:.2f}x less CPU time), {ref['peak_bytes'] / trl['peak_bytes']:.2f}x peak "
@@ -230,18 +241,25 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all cores)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ftmagic-bench"),
                         help="where the model and data are built once and reused (shared with train_throughput.py)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="what both systems compute in (bf16: on a GPU or CPU that has it)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     if args.child:
-        child(args.child, workdir, args.size, Path(args.result), args.threads)
+        child(args.child, workdir, args.size, Path(args.result), args.threads, args.precision)
         return 0
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = [name for name in systems if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system {unknown[0]!r}; choose from {', '.join(SYSTEMS)}")
     build_workdir(workdir)
-    runs = {name: [] for name in SYSTEMS}
+    runs = {name: [] for name in systems}
     for _ in range(args.repeats):
-        for name in SYSTEMS:
+        for name in systems:
             runs[name].append(run_system(name, args, workdir))
             print(f"{name}: {json.dumps(runs[name][-1])}", file=sys.stderr, flush=True)
     results = {name: median_of(r) for name, r in runs.items()}

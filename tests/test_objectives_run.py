@@ -233,3 +233,35 @@ def test_dpo_with_gradient_checkpointing_and_qlora_train(test_model_dir, tmp_pat
         result = _run(test_model_dir, tmp_path, f"dpo-{name}", objective="dpo", data=PAIRS, **settings)
         steps = [e for e in result.history if e["event"] == "step"]
         assert steps[-1]["metrics"]["reward_margin"] > 0, name
+
+
+def test_a_classifier_batch_rounded_for_onednn_gives_the_same_loss(test_model_dir):
+    """Where a CPU computes bf16 (oneDNN, a kernel per shape) the flattened row is rounded up to
+    a multiple of 64 tokens; the pooled outputs read the same last positions."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ftmagic.data import prepare_data
+    from ftmagic.engine.device import DevicePlan
+    from ftmagic.engine.fastpath import varlen_attention
+    from ftmagic.engine.heads import Classify, Reward
+    from ftmagic.engine.models import load_tokenizer
+
+    tok = load_tokenizer(test_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(test_model_dir, num_labels=2).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    rows = prepare_data(FinetuneConfig(data=LABELLED, objective="classify"), tok).train[:5]
+    pairs = [{"chosen": rows[i], "rejected": rows[i + 1]} for i in range(4)]
+    losses = {}
+    for precision in ("fp32", "bf16"):  # the plan only decides the rounding here: no autocast in this test
+        plan = DevicePlan(device="cpu", precision=precision, use_grad_scaler=False, qlora_compute_dtype=None,
+                          method="full", reason="test")
+        classify = Classify(model, pad_id=tok.pad_token_id, plan=plan, labels=["neg", "pos"])
+        reward = Reward(model, pad_id=tok.pad_token_id, plan=plan)
+        assert classify.fast and reward.fast
+        batch, pair_batch = classify.batch(rows), reward.batch(pairs)
+        multiple = plan.row_multiple
+        assert batch["input_ids"].shape[1] % multiple == 0 and pair_batch["input_ids"].shape[1] % multiple == 0
+        with torch.no_grad(), varlen_attention(model):
+            losses[precision] = (float(classify.loss(model, batch)[0]), float(reward.loss(model, pair_batch)[0]))
+    assert sum(len(r["input_ids"]) for r in rows) % 64  # the bf16 plan did pad
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-5)

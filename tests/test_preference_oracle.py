@@ -104,6 +104,55 @@ def test_token_logprobs_match_full_log_softmax_values_and_gradients():
         assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+def test_token_logprobs_in_chunks_rounded_to_a_multiple_change_no_value_and_no_gradient(monkeypatch):
+    import ftmagic.engine.logprobs as logprobs
+
+    seen, real = [], logprobs._logits_block
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.shape[0])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "_logits_block", spy)
+    torch.manual_seed(0)
+    inputs = [torch.randn(37, 16), torch.randn(50, 16), torch.randn(50)]
+    targets, scale = torch.randint(0, 50, (37,)), torch.randn(37)
+    results = []
+    for multiple in (1, 8):  # chunks of 10 become 8; 37 = 4 x 8 + 5 padded to 8
+        leaves = [x.clone().requires_grad_() for x in inputs]  # the trained head: backward recomputes it
+        values = token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], chunk_rows=10, multiple=multiple)
+        (values * scale).sum().backward()
+        results.append((values.detach(), [leaf.grad for leaf in leaves]))
+    assert seen[-10:] == [8] * 10  # forward and backward of the rounded run: every chunk 8 rows
+    (plain, plain_grads), (rounded, rounded_grads) = results
+    torch.testing.assert_close(rounded, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(rounded_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pair_batch_rounded_to_a_multiple_gives_the_same_log_probs_and_gradients(test_tokenizer, test_model_dir):
+    rows, pad = _rows(test_tokenizer), test_tokenizer.pad_token_id
+    model = _peft_model(test_model_dir)
+    results = []
+    for multiple in (1, 16):
+        batch = pair_batch(rows, fast=True, pad_id=pad, multiple=multiple)
+        with varlen_attention(model):
+            values = sequence_logprobs(model, batch)
+            (values * torch.arange(1.0, 9.0)).sum().backward()
+        results.append((batch, values.detach(), _grads(model)))
+        model.zero_grad(set_to_none=True)
+    (plain, values, grads), (rounded, rounded_values, rounded_grads) = results
+    length = plain["input_ids"].shape[1]
+    assert length % 16 and rounded["input_ids"].shape[1] == length + (-length % 16)
+    assert rounded["seq_bounds"][:-1] == plain["seq_bounds"]  # one more segment: the padding
+    for key in ("last_index", "label_sequence", "label_index"):
+        assert torch.equal(rounded[key], plain[key]), key
+    torch.testing.assert_close(rounded_values, values, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == rounded_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(rounded_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_summed_log_probs_cover_exactly_the_completion_tokens(test_tokenizer, test_model_dir):
     rows = _rows(test_tokenizer)
     tok = test_tokenizer

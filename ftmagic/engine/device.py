@@ -67,7 +67,8 @@ class DevicePlan:
 
     @property
     def row_multiple(self) -> int:
-        """What the fast step rounds a flattened row's length up to (1: not rounded).
+        """What a flattened row's length is rounded up to (1: not rounded), for every objective:
+        the SFT loss, DPO/ORPO log-probabilities and the classifier and reward heads.
 
         On a CPU, bf16 and fp16 matrix multiplies run through oneDNN, which builds a kernel
         for every new shape and keeps up to 1,024 of them, with their memory. Unrounded, a

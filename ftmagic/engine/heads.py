@@ -55,9 +55,10 @@ def supports_pooled_fast_path(model) -> bool:
     return getattr(config, "_attn_implementation", None) in _REPLACEABLE + (VARLEN,)
 
 
-def sequence_batch(sequences: list, *, fast: bool, pad_id: int = 0) -> dict:
+def sequence_batch(sequences: list, *, fast: bool, pad_id: int = 0, multiple: int = 1) -> dict:
     """``sequences`` (``{"input_ids"}`` each) as one flattened row with the last position of each,
-    or as a padded batch with an attention mask.
+    or as a padded batch with an attention mask. ``multiple`` rounds the flattened row up as
+    :func:`~ftmagic.engine.fastpath.flatten_batch` does.
 
     Example::
 
@@ -67,10 +68,11 @@ def sequence_batch(sequences: list, *, fast: bool, pad_id: int = 0) -> dict:
     """
     if fast:
         rows = [{"input_ids": s["input_ids"], "labels": [-100] * len(s["input_ids"])} for s in sequences]
-        batch = flatten_batch(rows)
-        for key in ("labels", "label_index", "label_targets"):
-            batch.pop(key)
-        batch["last_index"] = torch.tensor([b - 1 for b in batch["seq_bounds"][1:]], dtype=torch.long)
+        batch = flatten_batch(rows, multiple=multiple, pad_id=pad_id)
+        for key in ("labels", "label_index", "label_targets", "row_multiple"):
+            batch.pop(key, None)
+        ends = batch["seq_bounds"][1:len(sequences) + 1]  # without the padding's segment, if any
+        batch["last_index"] = torch.tensor([b - 1 for b in ends], dtype=torch.long)
         return batch
     length = max(len(s["input_ids"]) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -105,7 +107,7 @@ class Reward(_Pairs):
 
     def batch(self, rows: list) -> dict:
         sequences = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
-        batch = sequence_batch(sequences, fast=self.fast, pad_id=self.pad_id)
+        batch = sequence_batch(sequences, fast=self.fast, pad_id=self.pad_id, multiple=self.plan.row_multiple)
         batch["counts"] = torch.tensor([len(s["input_ids"]) for s in sequences], dtype=torch.long)
         batch["pairs"] = len(rows)
         return batch
@@ -131,7 +133,7 @@ class Classify:
         self.pad_id, self.plan, self.labels = pad_id, plan, [str(v) for v in labels]
 
     def batch(self, rows: list) -> dict:
-        batch = sequence_batch(rows, fast=self.fast, pad_id=self.pad_id)
+        batch = sequence_batch(rows, fast=self.fast, pad_id=self.pad_id, multiple=self.plan.row_multiple)
         batch["targets"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
         batch["n_tokens"] = sum(len(row["input_ids"]) for row in rows)
         return batch

@@ -58,6 +58,25 @@ def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits
 
 
+def rounded_chunk_rows(rows: int, multiple: int) -> tuple[int, int]:
+    """``(chunk rows, multiple)`` for chunks of a multiple of rows, never more rows than asked
+    (the logits' memory per chunk).
+
+    Example::
+
+        >>> rounded_chunk_rows(262, 64), rounded_chunk_rows(16, 64)
+        ((256, 64), (16, 16))
+    """
+    multiple = min(multiple, rows)
+    return rows - rows % multiple, multiple
+
+
+def padded_rows(h: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
+    """``h`` with zero rows added up to a multiple of ``multiple`` rows, and how many it had."""
+    n, pad = h.shape[0], -h.shape[0] % multiple
+    return (torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h), n
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked over rows."""
 
@@ -72,9 +91,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
-            n, pad = h.shape[0], -h.shape[0] % multiple
-            if pad:  # zero rows up to a multiple: their loss is not counted and their gradient is zeroed
-                h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+            # Zero rows up to a multiple: their loss is not counted and their gradient is zeroed.
+            h, n = padded_rows(h, multiple)
+            pad = h.shape[0] - n
             # One fused pass for log-softmax (a separate logsumexp, subtract and exp measured ~30% slower).
             logits = _logits_block(h, weight, bias, softcap)
             logp = torch.log_softmax(logits, dim=-1)
@@ -122,10 +141,7 @@ def labelled_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targe
     padded with rows that count for nothing), for kernels built per shape
     (:attr:`ftmagic.engine.device.DevicePlan.row_multiple`).
     """
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    # Chunks of a multiple of rows, never more rows than asked (the logits' memory per chunk).
-    multiple = min(multiple, rows)
-    rows -= rows % multiple
+    rows, multiple = rounded_chunk_rows(chunk_rows or default_chunk_rows(weight.shape[0]), multiple)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, rows, softcap, multiple)
 
 

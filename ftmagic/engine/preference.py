@@ -57,13 +57,15 @@ def pair_sequences(rows: list) -> list:
     return [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
 
 
-def pair_batch(rows: list, *, fast: bool, pad_id: int = 0, dtype=torch.float32) -> dict:
+def pair_batch(rows: list, *, fast: bool, pad_id: int = 0, dtype=torch.float32, multiple: int = 1) -> dict:
     """A batch of preference rows: one flattened row (``fast``) or a padded batch, chosen first.
 
     Beside the model inputs it holds, computed on the CPU: ``pairs``; ``counts``, the
     labelled (completion) tokens of each sequence; ``last_index``, the last position of each
     sequence in the flattened row; and, flattened, ``label_sequence``, the sequence of each
     labelled position. ``rows`` is kept so reference log-probabilities can be stored with them.
+    ``multiple`` rounds the flattened row and the output layer's chunks as
+    :func:`~ftmagic.engine.fastpath.flatten_batch` does for SFT.
 
     Example::
 
@@ -76,8 +78,8 @@ def pair_batch(rows: list, *, fast: bool, pad_id: int = 0, dtype=torch.float32) 
     sequences = pair_sequences(rows)
     counts = [sum(1 for t in s["labels"][1:] if t != IGNORE_INDEX) for s in sequences]
     if fast:
-        batch = flatten_batch(sequences)
-        bounds = batch["seq_bounds"]
+        batch = flatten_batch(sequences, multiple=multiple, pad_id=pad_id)
+        bounds = batch["seq_bounds"][:len(sequences) + 1]  # without the padding's segment, if any
         batch["label_sequence"] = torch.tensor([bisect_right(bounds, t) - 1 for t in batch["label_index"].tolist()],
                                                dtype=torch.long)
         batch["last_index"] = torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.long)
@@ -105,7 +107,8 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
         hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                          seq_bounds=batch["seq_bounds"], use_cache=False).last_hidden_state
         rows = hidden[0].index_select(0, batch["label_index"])
-        values = token_logprobs(rows, head.weight, batch["label_targets"], bias=head.bias)
+        values = token_logprobs(rows, head.weight, batch["label_targets"], bias=head.bias,
+                                multiple=batch.get("row_multiple", 1))
         return sequence_sums(values, batch["label_sequence"], n)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
@@ -132,7 +135,8 @@ class _Pairs:
         self.pad_id, self.plan = pad_id, plan
 
     def batch(self, rows: list) -> dict:
-        return pair_batch(rows, fast=self.fast, pad_id=self.pad_id, dtype=self.plan.torch_dtype)
+        return pair_batch(rows, fast=self.fast, pad_id=self.pad_id, dtype=self.plan.torch_dtype,
+                          multiple=self.plan.row_multiple)
 
     def units(self, batch: dict) -> int:
         """Pairs whose two sides both have completion tokens (the data layer drops the others)."""
