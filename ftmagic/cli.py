@@ -21,7 +21,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from ftmagic.errors import FtmagicError
+from ftmagic.errors import FtmagicError, choice_error
 
 COMMANDS = {
     "train": ("ftmagic.commands.train", "fine-tune a model from a YAML config"),
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line error format."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"ftmagic: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"ftmagic: error: {choice_error(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

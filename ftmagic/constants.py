@@ -47,6 +47,13 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 # Precisions a run can ask for; `auto` is resolved per device.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# What users write for a name these keys accept, and which name they mean: the "did you mean"
+# of a refused value suggests it where spelling alone would not (`gpu` looks most like `cpu`).
+SYNONYMS = {
+    "device": {"gpu": "cuda", "cuda:0": "cuda", "nvidia": "cuda", "metal": "mps", "apple": "mps"},
+    "precision": {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"},
+    "optimizer": {"adam": "adamw", "adam8bit": "adamw_8bit", "adamw8bit": "adamw_8bit"},
+}
 
 
 def smoke_mode() -> bool:

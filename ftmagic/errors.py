@@ -11,6 +11,7 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 
@@ -103,18 +104,50 @@ def did_you_mean(word: object, options: Iterable, cutoff: float = 0.6, rename: M
         ('; did you mean `lora`?', '')
     """
     close = closest(word, options, cutoff)
-    return f"; did you mean `{rename.get(close, close)}`?" if close is not None else ""
+    return _hint(rename.get(close, close)) if close is not None else ""
 
 
-def not_accepted(key: str, value: object, options: Sequence[str], also: str = "") -> "ConfigError":
+def _hint(name: object) -> str:
+    return f"; did you mean `{name}`?"
+
+
+def not_accepted(key: str, value: object, options: Sequence[str], also: str = "", flag: bool = False) -> "ConfigError":
     """The error for a value that is not one of a key's names (method, objective, device, sampler, ...);
-    ``also`` names what else is accepted.
+    ``also`` names what else is accepted; ``flag`` names a command-line flag (``--method x``).
+
+    A value users write for one of the options (``SYNONYMS`` in :mod:`ftmagic.constants`,
+    ``device: gpu``) is answered with that option rather than the closest spelling.
 
     Example::
 
         >>> str(not_accepted("method", "lroa", ["full", "lora"]))
         '`method: lroa` is not accepted; use one of full, lora; did you mean `lora`?'
+        >>> str(not_accepted("--device", "gpu", ["auto", "cuda", "mps", "cpu"], flag=True))
+        '`--device gpu` is not accepted; use one of auto, cuda, mps, cpu; did you mean `cuda`?'
     """
-    hint = did_you_mean(value, options)
-    return ConfigError(f"`{key}: {value}` is not accepted; use one of {', '.join(options)}{' ' + also if also else ''}"
-                       f"{hint}")
+    from ftmagic.constants import SYNONYMS
+
+    name = key.lstrip("-").replace("-", "_").rsplit(".", 1)[-1]  # `sweep.sampler`, `--device`: the key itself
+    meant = SYNONYMS.get(name, {}).get(str(value).strip().lower())
+    hint = _hint(meant) if meant in options else did_you_mean(value, options)
+    return ConfigError(f"`{key}{' ' if flag else ': '}{value}` is not accepted; use one of {', '.join(options)}"
+                       f"{' ' + also if also else ''}{hint}")
+
+
+def choice_error(message: str) -> str:
+    """argparse's "invalid choice" message in the words of every other refused value, with its
+    "did you mean"; any other message unchanged (the CLI's and the magics' flag parsers).
+
+    Example::
+
+        >>> choice_error("argument --method: invalid choice: 'qlra' (choose from 'full', 'lora', 'qlora')")
+        '`--method qlra` is not accepted; use one of full, lora, qlora; did you mean `qlora`?'
+    """
+    match = re.fullmatch(r"argument (\S+?): invalid choice: '(.*)' \(choose from (.*)\)", message.strip())
+    if match is None:
+        return message
+    flag, value, listed = match.groups()
+    options = [option.strip().strip("'") for option in listed.split(",")]
+    if not flag.startswith("-"):  # a positional argument: COMMAND
+        return str(not_accepted(flag.lower(), value, options))
+    return str(not_accepted(flag.split("/")[-1], value, options, flag=True))  # `-m/--method`: the long form

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ftmagic.errors import FtmagicError
+from ftmagic.errors import FtmagicError, choice_error, did_you_mean
 
 
 @contextmanager
@@ -50,3 +50,33 @@ def _unquote(token: str) -> str:
     if len(token) >= 2 and token[0] == token[-1] and token[0] in "'\"":
         return token[1:-1]
     return token
+
+
+def parse_magic_args(parser, argv: list[str]):
+    """``parser.parse_args(argv)`` for a magic's ``magic_arguments`` parser, its mistakes as one
+    line each: an unknown flag or a refused choice with its "did you mean", a stray value
+    with what it should follow. Flags are never abbreviated (`--epoch 2` is not `--epochs 2`).
+
+    Example::
+
+        args = parse_magic_args(self.ft_memory.parser, magic_argv(line))
+    """
+    from IPython.core.error import UsageError
+
+    parser.allow_abbrev = False
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        message = str(exc)
+        if "unrecognized arguments" in message:
+            known = [opt for action in parser._actions for opt in action.option_strings]
+            extra = message.split(":", 1)[1].split()
+            unknown = [token.split("=")[0] for token in extra if token.startswith("-")]
+            if unknown:
+                message = "; ".join(f"unknown flag `{bad}`" + did_you_mean(bad, known) for bad in unknown)
+            else:
+                message = f"unexpected value(s) {' '.join(extra)}: every value follows a flag, e.g. `--lora-r 8`"
+            message += f"; see `%%{parser.prog}?` for every flag"
+        else:
+            message = choice_error(message)
+        raise UsageError(message) from None

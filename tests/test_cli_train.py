@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 
 from ftmagic.cli import main
 
@@ -94,3 +95,29 @@ def test_every_mistake_in_the_file_and_the_command_line_at_once(test_model_dir, 
         f"ftmagic: error: {path}:10: `warmup: -1.0` must not be negative",
         "ftmagic: error: --set: `lr: 0.0` must be greater than 0 (typical: 2e-4 for LoRA, 1e-5 for full)",
     ]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["estimate", "llama-3.2-1b", "--method", "qlra"],
+     "`--method qlra` is not accepted; use one of full, lora, qlora, dora, ia3, prompt_tuning, prefix_tuning, "
+     "bitfit, freeze; did you mean `qlora`? (see `ftmagic estimate --help`)"),
+    (["estimate", "llama-3.2-1b", "--precision", "float16"],  # a synonym, not the closest spelling
+     "`--precision float16` is not accepted; use one of auto, bf16, fp16, fp32; did you mean `fp16`? "
+     "(see `ftmagic estimate --help`)"),
+    (["trian", "run.yaml"], "`command: trian` is not accepted; use one of train, export, demo, sweep, estimate, "
+                            "preview; did you mean `train`? (see `ftmagic --help`)"),
+])
+def test_a_refused_choice_reads_like_every_other_refused_value(argv, line, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"ftmagic: error: {line}\n"
+
+
+def test_a_value_users_write_for_an_option_is_answered_with_that_option(test_model_dir, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {test_model_dir}\ndata: x.jsonl\ndevice: gpu\n")
+    assert main(["train", str(path)]) == 2
+    # `gpu` is spelled most like `cpu`; what it means is `cuda`
+    assert _error_line(capsys) == (f"ftmagic: error: {path}:3: `device: gpu` is not accepted; use one of auto, cuda, "
+                                   "mps, cpu; did you mean `cuda`?")

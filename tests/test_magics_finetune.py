@@ -203,7 +203,9 @@ def test_resume_flag_reaches_the_engine(shell, engine, capsys):
      "%%finetune cell:3: `data: $nowhere`: there is no variable `nowhere` in the notebook"),
     ("--data $nowhere", "", "--data: `data: $nowhere`: there is no variable `nowhere`"),
     ("--name 2x", "", "--name '2x' must be a Python variable name"),
-    ("--progress fancy", "", "argument --progress: invalid choice: 'fancy'"),
+    ("--progress fancy", "", "`--progress fancy` is not accepted; use one of auto, widget, text, none"),
+    ("--progress widgte", "", "`--progress widgte` is not accepted; use one of auto, widget, text, none; "
+                              "did you mean `widget`?"),
 ])
 def test_user_mistakes_are_one_line_usage_errors(shell, engine, line, body, expected):
     with pytest.raises(UsageError) as info:

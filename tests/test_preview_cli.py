@@ -85,4 +85,4 @@ def test_unknown_format_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["preview", "x.jsonl", "--format", "nope"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("ftmagic: error: argument --format: invalid choice: 'nope'")
+    assert capsys.readouterr().err.startswith("ftmagic: error: `--format nope` is not accepted; use one of auto, ")

@@ -34,8 +34,8 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
-from ftmagic.errors import ConfigError, did_you_mean
-from ftmagic.usage import as_usage_error, magic_argv
+from ftmagic.errors import ConfigError
+from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
 
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
@@ -155,23 +155,8 @@ def _expand(token: str) -> str:
 
 
 def parse_line(magic_func: Callable, line: str):
-    """Parse a magic's line with its ``magic_arguments`` parser; unknown flags get a suggestion."""
-    parser = magic_func.parser
-    parser.allow_abbrev = False  # `--epoch 2` must not silently mean `--epochs 2`
-    try:
-        return parser.parse_args(_split_line(line))
-    except UsageError as exc:
-        message = str(exc)
-        if "unrecognized arguments" in message:
-            known = [opt for action in parser._actions for opt in action.option_strings]
-            extra = message.split(":", 1)[1].split()
-            unknown = [token.split("=")[0] for token in extra if token.startswith("-")]
-            if unknown:
-                message = "; ".join(f"unknown flag `{bad}`" + did_you_mean(bad, known) for bad in unknown)
-            else:
-                message = f"unexpected value(s) {' '.join(extra)}: every value follows a flag, e.g. `--lora-r 8`"
-            message += f"; see `%%{parser.prog}?` for every flag"
-        raise UsageError(message) from None
+    """Parse a magic's line with its ``magic_arguments`` parser (one-line errors: :func:`parse_magic_args`)."""
+    return parse_magic_args(magic_func.parser, _split_line(line))
 
 
 # --------------------------------------------------------------------------- config from a cell

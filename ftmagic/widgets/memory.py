@@ -29,7 +29,7 @@ from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.strategies import LABELS as STRATEGY_LABELS
 from ftmagic.strategies import STRATEGY_NAMES
-from ftmagic.usage import as_usage_error, magic_argv
+from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
 from ftmagic.widgets.static import StaticTwin
 
 COLORS = {
@@ -298,7 +298,7 @@ class MemoryMagics(Magics):
             %ft_memory llama-3.1-8b --method qlora --batch-size 2 --seq-len 2048 --gpu T4
             %ft_memory llama-3.1-8b --method full --batch-size 8 --gpu A100 --devices 4 --strategy fsdp
         """
-        args = self.ft_memory.parser.parse_args(magic_argv(line))
+        args = parse_magic_args(self.ft_memory.parser, magic_argv(line))
         with as_usage_error():
             settings = dict(method=args.method, precision=args.precision, batch_size=args.batch_size,
                             seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,

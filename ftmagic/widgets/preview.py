@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from ftmagic.config import FORMATS
 from ftmagic.objectives import OBJECTIVE_NAMES
-from ftmagic.usage import as_usage_error, magic_argv
+from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
 from ftmagic.widgets.static import StaticTwin
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
@@ -184,7 +184,7 @@ class PreviewMagics(Magics):
 
         Example: ``%ft_preview train.jsonl --model tiny --max-seq-len 256``
         """
-        args = self.ft_preview.parser.parse_args(magic_argv(line))
+        args = parse_magic_args(self.ft_preview.parser, magic_argv(line))
         with as_usage_error():
             from ftmagic.commands.preview import parse_columns
             from ftmagic.data.report import analyse, open_preview
