@@ -297,6 +297,40 @@ def test_a_forked_process_never_collects_what_the_launch_built_before_the_fork(t
     assert log.read_text().splitlines() == ["nothing", "nothing"]
 
 
+def _close_then_free_the_model(port: int, cycles: int) -> None:
+    """Two forked processes end a DDP run as ftmagic's does (a collective, the last barrier, the
+    group destroyed), then free the wrapped model at once: ``cycles`` times over."""
+    import torch.multiprocessing as torch_mp
+
+    torch_mp.start_processes(_close_cycles, args=(port, cycles), nprocs=2, start_method="fork")
+
+
+def _close_cycles(rank: int, port: int, cycles: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    for cycle in range(cycles):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + cycle}", rank=rank, world_size=2)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
+        model(torch.randn(4, 8)).sum().backward()
+        ranks = distributed.Ranks.__new__(distributed.Ranks)  # only its barrier and close run here
+        ranks._last_barrier = None
+        dist.all_reduce(torch.ones(1))  # the collective before the barrier, on a tensor Python owns
+        ranks.barrier()
+        ranks.close()
+        del model  # the DDP reducer held the group: it is freed here, on this thread
+        del ranks
+
+
+def test_the_group_can_be_freed_right_after_close(clean):
+    # Without the last barrier's handle kept past close(), the first or second cycle waited for ever:
+    # this thread freeing the group (holding the GIL) and gloo's thread freeing the barrier (wanting it).
+    from accelerate.utils.other import get_free_port
+
+    clean(_close_then_free_the_model, int(get_free_port()), 6)
+
+
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
     with pytest.raises(ftmagic.ConfigError, match=r"`batch_size: 1` is split across 2 processes"):
         _run(test_model_dir, tmp_path / "out", processes=2, batch_size=1)  # refused before anything forks

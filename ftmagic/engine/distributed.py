@@ -222,6 +222,7 @@ class Ranks:
         self.rank, self.world, self.is_main = plan.rank, plan.world, plan.is_main
         self.spec = get_strategy_spec(plan.strategy)
         self.wrapped = None  # LossForward as DDP / FSDP / DeepSpeed wrapped it
+        self._last_barrier = None  # kept until the process group is gone (close)
         self.model = None  # the unwrapped model
         self.trainable_names: list = []
         self.grad_accum = 1
@@ -357,7 +358,10 @@ class Ranks:
         return self.max(1.0 if flag else 0.0) > 0
 
     def barrier(self) -> None:
-        torch.distributed.barrier()
+        """Wait for every process. The handle of the last barrier is kept (see :meth:`close`)."""
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        self._last_barrier = work
 
     def main_decides(self, decide: Callable):
         """Run ``decide()`` on the first process and give its result, or its one-line error, to every process."""
@@ -420,7 +424,17 @@ class Ranks:
         optimizer.load_state_dict(state)
 
     def close(self) -> None:
-        """Leave the process group (every process, at the end of the run)."""
+        """Leave the process group (every process, at the end of the run).
+
+        Why the last barrier's handle outlives the group: a gloo collective is freed by whichever
+        thread lets go of it last, and a barrier also frees the collectives before it, whose
+        tensors Python owns, so freeing it takes the GIL. The group itself is freed later, with
+        the wrapped model (its DDP reducer holds it), on this thread and holding the GIL, and
+        it waits for gloo's threads to end. When the worker thread that ran the barrier was
+        still freeing it, each waited for the other for ever (every few runs of two processes,
+        and at once when the model was freed straight after this call). With the handle kept
+        here, that thread only lets go of a reference and the barrier is freed on this thread.
+        """
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
