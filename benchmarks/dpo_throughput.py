@@ -216,10 +216,10 @@ def median_of(runs: list) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def format_table(results: dict, runs: int) -> str:
+def format_table(results: dict, runs: int, precision: str = "fp32") -> str:
     ref = results.get("ftmagic")
     head = f"{'system':<10}{'wall s':>9}{'CPU s':>9}{'tokens/s':>10}{'peak mem':>11}{'pref. acc':>11}"
-    lines = [f"median of {runs} interleaved run(s) each", head, "-" * len(head)]
+    lines = [f"median of {runs} interleaved run(s) each, every system in {precision}", head, "-" * len(head)]
     for name, r in results.items():
         lines.append(f"{name:<10}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{r['tokens_per_s']:>10,.0f}"
                      f"{r['peak_bytes'] / 2**20:>8,.0f} MB{100 * r['accuracy']:>10.1f}%")
@@ -262,8 +262,8 @@ def main(argv=None) -> int:
         for name in systems:
             runs[name].append(run_system(name, args, workdir))
             print(f"{name}: {json.dumps(runs[name][-1])}", file=sys.stderr, flush=True)
-    results = {name: median_of(r) for name, r in runs.items()}
-    print(json.dumps(results, indent=1) if args.json else format_table(results, args.repeats))
+    results = {name: dict(median_of(r), precision=args.precision) for name, r in runs.items()}
+    print(json.dumps(results, indent=1) if args.json else format_table(results, args.repeats, args.precision))
     return 0
 
 

@@ -58,13 +58,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``ftmagic`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
-    try:
+    try:  # importing a command's module is inside: a launched process records that failure too
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except FtmagicError as exc:
         return _report(exc, 2)

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
-from ftmagic.constants import DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
+from ftmagic.constants import DATA_ACCEPTED, DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError, did_you_mean, not_accepted
 from ftmagic.methods import METHOD_NAMES, get_method_spec
 from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
@@ -410,7 +410,7 @@ class FinetuneConfig:
             raise ConfigError("`sweep:` searches over many runs: use `ftmagic.sweep(...)`, `ftmagic sweep CONFIG.yaml` "
                               "or a %%finetune cell; or remove the `sweep:` block to train once")
         if self.data is None:
-            raise ConfigError("`data` is not set: give a file path, a Hugging Face dataset id or a list of records")
+            raise ConfigError(f"`data` is not set: give {DATA_ACCEPTED}")
 
     # ------------------------------------------------------------------ helpers
     @property

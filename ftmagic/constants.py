@@ -47,6 +47,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 # Precisions a run can ask for; `auto` is resolved per device.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# What `data:` (and `eval_data:`) accept, for the line that says it is missing.
+DATA_ACCEPTED = "a file path, a Hugging Face dataset id or a list of records"
 # What users write for a name these keys accept, and which name they mean: the "did you mean"
 # of a refused value suggests it where spelling alone would not (`gpu` looks most like `cpu`).
 SYNONYMS = {

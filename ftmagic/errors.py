@@ -82,15 +82,18 @@ class ExportError(FtmagicError):
 
 
 def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[str]:
-    """The option most like ``word``, or None (what :func:`did_you_mean` suggests).
+    """The option most like ``word``, whatever the case of either, or None (what :func:`did_you_mean` suggests).
 
     Example::
 
-        >>> closest("lroa", ["full", "lora", "qlora"])
-        'lora'
+        >>> closest("lroa", ["full", "lora", "qlora"]), closest("GGUFF", ["gguf", "hub"])
+        ('lora', 'gguf')
     """
-    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=cutoff)
-    return match[0] if match else None
+    by_lower = {}
+    for option in options:
+        by_lower.setdefault(str(option).lower(), str(option))
+    match = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[match[0]] if match else None
 
 
 def did_you_mean(word: object, options: Iterable, cutoff: float = 0.6, rename: Mapping = {}) -> str:
@@ -111,9 +114,11 @@ def _hint(name: object) -> str:
     return f"; did you mean `{name}`?"
 
 
-def not_accepted(key: str, value: object, options: Sequence[str], also: str = "", flag: bool = False) -> "ConfigError":
+def not_accepted(key: str, value: object, options: Sequence[str], also: str = "", flag: bool = False,
+                 error: type = None) -> "FtmagicError":
     """The error for a value that is not one of a key's names (method, objective, device, sampler, ...);
-    ``also`` names what else is accepted; ``flag`` names a command-line flag (``--method x``).
+    ``also`` names what else is accepted; ``flag`` names a command-line flag (``--method x``);
+    ``error`` is the class to raise (:class:`ConfigError` unless given).
 
     A value users write for one of the options (``SYNONYMS`` in :mod:`ftmagic.constants`,
     ``device: gpu``) is answered with that option rather than the closest spelling.
@@ -130,8 +135,8 @@ def not_accepted(key: str, value: object, options: Sequence[str], also: str = ""
     name = key.lstrip("-").replace("-", "_").rsplit(".", 1)[-1]  # `sweep.sampler`, `--device`: the key itself
     meant = SYNONYMS.get(name, {}).get(str(value).strip().lower())
     hint = _hint(meant) if meant in options else did_you_mean(value, options)
-    return ConfigError(f"`{key}{' ' if flag else ': '}{value}` is not accepted; use one of {', '.join(options)}"
-                       f"{' ' + also if also else ''}{hint}")
+    return (error or ConfigError)(f"`{key}{' ' if flag else ': '}{value}` is not accepted; use one of "
+                                  f"{', '.join(options)}{' ' + also if also else ''}{hint}")
 
 
 def choice_error(message: str) -> str:

@@ -41,6 +41,7 @@ CONTROL_KEYS = ("n_trials", "metric", "direction", "sampler", "pruner")
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "none")
 DIRECTIONS = {"minimize": "minimize", "min": "minimize", "maximize": "maximize", "max": "maximize"}
+DIRECTION_NAMES = ("minimize", "maximize")
 RANGE_KINDS = ("uniform", "log_uniform", "int")
 DEFAULT_TRIALS = 10  # without a grid to exhaust: enough for TPE to start modelling after its random start
 # Keys that say where data and outputs are, or steer the search itself: not hyperparameters.
@@ -169,7 +170,7 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
                   else greater_is_better(metric))
         direction = "maximize" if higher else "minimize"
     if direction not in DIRECTIONS:
-        fail("direction", str(not_accepted("sweep.direction", direction, ("minimize", "maximize"))))
+        fail("direction", str(not_accepted("sweep.direction", direction, DIRECTION_NAMES)))
     pruner = block.get("pruner", "median")
     if pruner is False or pruner is None:
         pruner = "none"

@@ -1,6 +1,6 @@
-"""The throughput benchmarks compare like with like: ftmagic computes in the precision the
-benchmark's ``--precision`` names, never in what ``precision: auto`` would pick on the machine
-(bf16 on a CPU that has it, while the other system runs in fp32)."""
+"""The throughput benchmarks compare like with like: each system computes in the precision the
+benchmark's ``--precision`` names, never ftmagic in what ``precision: auto`` would pick on the
+machine (bf16 on a CPU that has it) while the other system runs in fp32."""
 
 from __future__ import annotations
 
@@ -38,6 +38,28 @@ def test_dpo_benchmark_holds_ftmagic_to_the_asked_precision(captured_finetune, p
     with pytest.raises(stop):
         dpo_throughput.run_ftmagic("model", [], size, "out", 1, threads=1, precision=precision)
     assert calls[0]["precision"] == precision
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dpo_benchmark_holds_trl_to_the_asked_precision(captured_finetune, precision, monkeypatch, test_model_dir):
+    trl = pytest.importorskip("trl")
+    import torch
+
+    import dpo_throughput
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_config(**settings):
+        seen.update(settings)
+        raise Stop
+
+    monkeypatch.setattr(trl, "DPOConfig", fake_config)
+    with pytest.raises(Stop):
+        dpo_throughput.run_trl(test_model_dir, [], dpo_throughput.SIZES["quick"], "out", 1, precision=precision)
+    assert seen["bf16"] is (precision == "bf16") and seen["use_cpu"] is not torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

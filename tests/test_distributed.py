@@ -444,6 +444,19 @@ def test_cli_processes_without_data_says_so_once_before_any_process_starts(test_
     assert not (tmp_path / "out").exists()
 
 
+def test_launched_processes_import_the_launchers_ftmagic_unless_every_interpreter_has_it(tmp_path):
+    import site
+
+    from ftmagic.engine.launch import process_script
+
+    clone = tmp_path / "clone"
+    assert f"for folder in [{str(clone)!r}]:" in process_script(str(clone))
+    assert "for folder in []:" in process_script(site.getsitepackages()[0])
+    # the default is the folder this ftmagic was imported from
+    assert f"for folder in [{os.path.realpath(os.path.dirname(os.path.dirname(ftmagic.__file__)))!r}]:" in (
+        process_script())
+
+
 @pytest.mark.slow
 def test_cli_processes_2_from_a_folder_holding_a_folder_named_ftmagic(test_model_dir, tmp_path):
     # `python -m` would put this folder first on the launched processes' sys.path, where this

@@ -201,3 +201,14 @@ def test_soft_capped_chunked_loss_equals_capped_logits():
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(got[0], hidden.grad)
     torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_sequence_ends_skip_the_padding_and_refuse_a_split_sequence():
+    from ftmagic.engine.fastpath import sequence_ends
+
+    seqs = [{"input_ids": [5, 6, 7], "labels": [-100] * 3}, {"input_ids": [8, 9], "labels": [-100] * 2}]
+    batch = flatten_batch(seqs, multiple=4)
+    assert batch["seq_bounds"] == (0, 3, 5, 8) and sequence_ends(batch, seqs) == (3, 5)
+    packed = [{"input_ids": [5, 6, 7, 8], "labels": [-100] * 4, "seq_lens": [2, 2]}, seqs[1]]
+    with pytest.raises(ValueError, match="one segment per sequence"):
+        sequence_ends(flatten_batch(packed), packed)

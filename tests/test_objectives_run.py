@@ -263,5 +263,6 @@ def test_a_classifier_batch_rounded_for_onednn_gives_the_same_loss(test_model_di
         assert batch["input_ids"].shape[1] % multiple == 0 and pair_batch["input_ids"].shape[1] % multiple == 0
         with torch.no_grad(), varlen_attention(model):
             losses[precision] = (float(classify.loss(model, batch)[0]), float(reward.loss(model, pair_batch)[0]))
-    assert sum(len(r["input_ids"]) for r in rows) % 64  # the bf16 plan did pad
+    assert sum(len(r["input_ids"]) for r in rows) % 64  # the bf16 plans did pad, the classifier's rows
+    assert sum(len(p[side]["input_ids"]) for p in pairs for side in ("chosen", "rejected")) % 64  # and the pairs
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-5)

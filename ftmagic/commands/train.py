@@ -79,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig.from_file(
         args.config, **sets,
         override_label=lambda key: "--processes" if key == "processes" and args.processes is not None else "--set")
+    cfg.check_trainable()  # before printing a launch command for it, or launching
     if args.print_config is not None:
         if cfg.processes < 2:
             raise ConfigError("--print-accelerate-config: set `--processes N` (N > 1) or `processes: N` in the config")
         return print_accelerate_config(cfg, args.print_config, args)
-    cfg.check_trainable()
     from ftmagic.engine.distributed import launch_info
 
     info = launch_info()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ftmagic.data.problems import RecordError
-from ftmagic.errors import DataError
+from ftmagic.errors import DataError, did_you_mean, not_accepted
 
 # Required and optional canonical fields of each format, in detection priority order.
 FIELDS = {
@@ -111,7 +111,8 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     unknown = [k for k in columns if k not in _ALL_FIELDS and k not in ("role", "content")]
     if unknown:
         raise DataError(f"columns: `{unknown[0]}` is not a field ftmagic reads; map one of "
-                        f"{', '.join(sorted(_ALL_FIELDS))} to your column names")
+                        f"{', '.join(sorted(_ALL_FIELDS))} to your column names"
+                        + did_you_mean(unknown[0], sorted(_ALL_FIELDS)))
     sample = list(records[:SAMPLE])
     if not sample:
         raise DataError(f"{source}: the dataset has no records")
@@ -122,7 +123,7 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
         present[name] = sum(all(_get(r, columns.get(f, f)) is not None for f in required) for r in sample)
     if fmt != "auto":
         if fmt not in FIELDS:
-            raise DataError(f"format: `{fmt}` is not known; use one of auto, {', '.join(FORMAT_NAMES)}")
+            raise not_accepted("format", fmt, ("auto", *FORMAT_NAMES), error=DataError)
         if kind is not None and FORMAT_KINDS[fmt] != kind:
             raise DataError(f"{source}: `format: {fmt}` holds {FORMAT_KINDS[fmt]} records; this objective trains on "
                             f"{kind} records ({', '.join(names)})")
@@ -187,7 +188,7 @@ def to_conversation(record: dict, fmt: str, columns: Optional[dict] = None,
         name = col(fmt if fmt == "messages" else "conversations", "messages" if fmt == "messages" else "conversations")
         turns = _message_list(record, name, columns)
     else:
-        raise DataError(f"format: `{fmt}` is not known; use one of {', '.join(FORMAT_NAMES)}")
+        raise not_accepted("format", fmt, FORMAT_NAMES, error=DataError)
     if system and not (turns and turns[0]["role"] == "system"):
         turns.insert(0, _turn("system", system))
     if system_prompt and not (turns and turns[0]["role"] == "system"):

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftmagic.constants import DATA_SOURCE_KEYS
+from ftmagic.constants import DATA_ACCEPTED, DATA_SOURCE_KEYS
 from ftmagic.data.build import Built, build_examples
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import pack, padding_share
@@ -75,7 +75,7 @@ def data_sources(data: Any, key: str = "data") -> list:
         # [Source(data='a.jsonl', weight=2.0, ...), Source(data='b.jsonl', weight=1.0, ...)]
     """
     if data is None:
-        raise ConfigError(f"`{key}` is not set; give a file path, a Hugging Face dataset id or a list of records")
+        raise ConfigError(f"`{key}` is not set: give {DATA_ACCEPTED}")
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, str) for d in data):
         return [Source(d, name=d) for d in data]
     if isinstance(data, (list, tuple)) and data and all(_is_source_spec(d) for d in data):

@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import not_accepted
 
 _ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
@@ -83,8 +83,7 @@ def resolve_template(tokenizer, template: Optional[str] = None) -> ChatTemplate:
             return ChatTemplate(template, NAMED_TEMPLATES[template], f"`template: {template}`", named_vars)
         if "{{" in template or "{%" in template:
             return ChatTemplate("custom", template, "a Jinja template given in `template`")
-        raise ConfigError(f"`template: {template}` is not known; use one of {', '.join(NAMED_TEMPLATES)} "
-                          "or a Jinja chat template")
+        raise not_accepted("template", template, list(NAMED_TEMPLATES), also="or a Jinja chat template")
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one is what chat models use
         own = own.get("default")

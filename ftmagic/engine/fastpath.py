@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 
 import torch
@@ -104,6 +105,23 @@ def flatten_batch(rows: list, *, multiple: int = 1, pad_id: int = 0) -> dict:
     if multiple > 1:
         batch["row_multiple"] = multiple  # the output layer's chunks are rounded alike (fast_loss)
     return batch
+
+
+def sequence_ends(batch: dict, sequences: list) -> tuple:
+    """Where each of ``sequences`` ends in ``batch``, their :func:`flatten_batch` row, without the
+    padding's segment; refused if a sequence was split or dropped (the ends would be misread).
+
+    Example::
+
+        >>> seqs = [{"input_ids": [5, 6, 7], "labels": [-100] * 3}, {"input_ids": [8, 9], "labels": [-100] * 2}]
+        >>> sequence_ends(flatten_batch(seqs, multiple=8), seqs)
+        (3, 5)
+    """
+    ends = tuple(itertools.accumulate(len(s["input_ids"]) for s in sequences))
+    if batch["seq_bounds"][1:len(ends) + 1] != ends:
+        raise ValueError(f"a row of {len(sequences)} sequences must keep one segment per sequence; "
+                         f"its bounds are {batch['seq_bounds']}")
+    return ends
 
 
 def _varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

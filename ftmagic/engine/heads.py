@@ -6,8 +6,10 @@ token, or an encoder (BERT-style) whose ``classifier`` reads its pooled output.
 
 For decoders the fast path runs the decoder once on the micro-batch flattened into one
 unpadded row (per-example attention, as SFT) and applies ``score`` to the last position of
-each sequence only, known on the CPU; nothing is computed on padding and no position
-is guessed from pad ids. Encoders run their own forward on a padded batch.
+each sequence only, known on the CPU; no position is guessed from pad ids. The row is
+padded only where a CPU builds a kernel per matrix shape (bf16/fp16: up to 63 tokens, see
+:attr:`~ftmagic.engine.device.DevicePlan.row_multiple`). Encoders run their own forward on
+a padded batch.
 
 * :class:`Reward` (``objective: reward``): one output; each pair's loss is
   ``-log sigmoid(r_chosen - r_rejected)`` (Bradley-Terry, as TRL's ``RewardTrainer``).
@@ -29,7 +31,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ftmagic.engine.fastpath import _REPLACEABLE, VARLEN, _causal_lm, flatten_batch, varlen_attention
+from ftmagic.engine.fastpath import _REPLACEABLE, VARLEN, _causal_lm, flatten_batch, sequence_ends, varlen_attention
 from ftmagic.engine.preference import _Pairs, reward_metrics, to_device
 
 
@@ -71,8 +73,7 @@ def sequence_batch(sequences: list, *, fast: bool, pad_id: int = 0, multiple: in
         batch = flatten_batch(rows, multiple=multiple, pad_id=pad_id)
         for key in ("labels", "label_index", "label_targets", "row_multiple"):
             batch.pop(key, None)
-        ends = batch["seq_bounds"][1:len(sequences) + 1]  # without the padding's segment, if any
-        batch["last_index"] = torch.tensor([b - 1 for b in ends], dtype=torch.long)
+        batch["last_index"] = torch.tensor([b - 1 for b in sequence_ends(batch, sequences)], dtype=torch.long)
         return batch
     length = max(len(s["input_ids"]) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)

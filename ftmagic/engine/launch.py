@@ -293,22 +293,45 @@ def _quiet_launcher(cuda: bool):
 # What each launched process runs. A script, not ``python -m ftmagic.cli``: ``-m`` puts the current
 # folder first on sys.path, and a folder there named ``ftmagic`` (a clone of the repository, say)
 # shadows an editable install, so every process failed at its first import. A script puts its own
-# folder first instead (the launch's temporary folder, which holds nothing else importable), as the
-# ``ftmagic`` console script does. If ftmagic cannot be imported at all, the process still leaves
-# the launcher its error in torch.elastic's error file, so the one line names it.
+# folder first instead (the launch's temporary folder, which holds nothing else importable), then
+# the folder this process imported ftmagic from (unless that is a site-packages folder, which every
+# interpreter has), so every process runs the same ftmagic as the launcher. If ftmagic cannot be
+# imported at all, the process still leaves the launcher its error in torch.elastic's error file,
+# so the one line names it.
 PROCESS_SCRIPT_NAME = "ftmagic_launched_process.py"
-PROCESS_SCRIPT = '''"""One process of `ftmagic train --processes N` (written by ftmagic.engine.launch)."""
+_PROCESS_SCRIPT = '''"""One process of `ftmagic train --processes N` (written by ftmagic.engine.launch)."""
+import os
 import sys
 
+for folder in {folders!r}:
+    sys.path.insert(1, folder)
 try:
     from ftmagic.cli import main
 except BaseException as exc:
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        raise
     ErrorHandler().record_exception(exc)
     sys.exit(1)
 sys.exit(main())
 '''
+
+
+def process_script(package_folder: Optional[str] = None) -> str:
+    """The script each launched process runs (see ``PROCESS_SCRIPT_NAME``); it imports ftmagic from
+    ``package_folder`` (default: where this process has it) unless that is a site-packages folder.
+
+    Example::
+
+        >>> "for folder in ['/src/ftmagic-clone']:" in process_script("/src/ftmagic-clone")
+        True
+    """
+    import site
+
+    folder = os.path.realpath(package_folder or str(Path(__file__).resolve().parents[2]))
+    sites = {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return _PROCESS_SCRIPT.format(folders=[] if folder in sites else [folder])
 
 
 def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, processes: int) -> None:
@@ -324,7 +347,7 @@ def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, 
         config_file = Path(folder) / "accelerate_config.yaml"
         config_file.write_text(accelerate_yaml, encoding="utf-8")
         script = Path(folder) / PROCESS_SCRIPT_NAME
-        script.write_text(PROCESS_SCRIPT, encoding="utf-8")
+        script.write_text(process_script(), encoding="utf-8")
         argv = ["--config_file", str(config_file), "--num_processes", str(processes),
                 "--main_process_port", str(get_free_port()), str(script), "train", config_path, *child_args]
         args = launch_command_parser().parse_args(argv)
@@ -358,7 +381,9 @@ def _cli_failure(exc: Exception, world: int) -> FtmagicError:
             records.append(data["ftmagic"])  # written by record_cli_failure
             continue
         message = (data.get("message") or {}) if isinstance(data, dict) else {}
-        text = message.get("message") if isinstance(message, dict) else None
+        # torch writes {"message": {"message": ..., "extraInfo": ...}}, or the message as a string
+        # ("<NONE>" when nothing was recorded).
+        text = message.get("message") if isinstance(message, dict) else (message if message != "<NONE>" else None)
         if not text:  # no record: ended by the launcher or by a broken connection, not its own fault
             records.append({"rank": rank, "world": world, "type": "", "peer": True, "details": "",
                             "message": f"exit code {getattr(failure, 'exitcode', '?')}"})
@@ -395,5 +420,5 @@ def record_cli_failure(exc: BaseException) -> None:
         json.dump(data, handle)
 
 
-__all__ = ["LAUNCHED_ENV", "PROCESS_SCRIPT", "PROCESS_SCRIPT_NAME", "check_fork_safe", "failure_error",
+__all__ = ["LAUNCHED_ENV", "PROCESS_SCRIPT_NAME", "check_fork_safe", "failure_error",
            "failure_record", "one_line", "record_cli_failure", "run_cli_processes", "run_processes"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, did_you_mean
 
 EXTRA_HINT = "pip install 'ftmagic[lm-eval]'"
 
@@ -42,7 +42,8 @@ def run_lm_eval(model, tokenizer, tasks, *, include_path: Optional[str] = None, 
     missing = [n for n in names if n not in manager.all_tasks]
     if missing:
         where = f" or in {include_path}" if include_path else "; pass include_path= for your own task files"
-        raise ConfigError(f"lm_eval: unknown task `{missing[0]}` (not in lm_eval's registry{where})")
+        raise ConfigError(f"lm_eval: unknown task `{missing[0]}` (not in lm_eval's registry{where})"
+                          + did_you_mean(missing[0], manager.all_tasks))
     was_training = model.training
     model.eval()
     try:

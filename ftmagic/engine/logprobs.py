@@ -73,7 +73,8 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
                 coeff = torch.softmax(_logits_block(h, weight, bias), dim=-1).neg_()
                 coeff[torch.arange(n, device=t.device), t] += 1.0
                 coeff[:n] *= g[:, None]
-                coeff[n:] = 0.0  # padding rows add nothing to the layer's gradient
+                if n < h.shape[0]:
+                    coeff[n:] = 0.0  # padding rows add nothing to the layer's gradient
                 if gw is not None:
                     gw.addmm_(coeff.t(), h.to(acc))
                 if gb is not None:

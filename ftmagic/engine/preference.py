@@ -1,6 +1,7 @@
 """Preference objectives on pairs of sequences: DPO (sigmoid and IPO losses) and ORPO.
 
-A micro-batch of pairs is one unpadded row (:func:`pair_batch`): the chosen sequences, then
+A micro-batch of pairs is one row (:func:`pair_batch`; padded only where a CPU builds a kernel
+per matrix shape, by up to 63 tokens): the chosen sequences, then
 the rejected ones, each attending only to itself (the SFT fast path's per-example
 attention). The policy's log-probability of each completion is the sum over its labelled
 tokens, computed without full logits (:func:`ftmagic.engine.logprobs.token_logprobs`);
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from ftmagic.constants import IGNORE_INDEX
 from ftmagic.engine.collate import collate
-from ftmagic.engine.fastpath import _causal_lm, flatten_batch, supports_fast_path, varlen_attention
+from ftmagic.engine.fastpath import _causal_lm, flatten_batch, sequence_ends, supports_fast_path, varlen_attention
 from ftmagic.engine.logprobs import sequence_sums, token_logprobs
 
 
@@ -79,7 +80,7 @@ def pair_batch(rows: list, *, fast: bool, pad_id: int = 0, dtype=torch.float32, 
     counts = [sum(1 for t in s["labels"][1:] if t != IGNORE_INDEX) for s in sequences]
     if fast:
         batch = flatten_batch(sequences, multiple=multiple, pad_id=pad_id)
-        bounds = batch["seq_bounds"][:len(sequences) + 1]  # without the padding's segment, if any
+        bounds = (0, *sequence_ends(batch, sequences))  # without the padding's segment, if any
         batch["label_sequence"] = torch.tensor([bisect_right(bounds, t) - 1 for t in batch["label_index"].tolist()],
                                                dtype=torch.long)
         batch["last_index"] = torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.long)

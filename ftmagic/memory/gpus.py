@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.units import format_bytes  # noqa: F401  (sizes in verdicts and suggestions)
 
 GIB = 1024 ** 3
@@ -100,8 +100,7 @@ def resolve_gpu(gpu: Union[str, GPU, int, float, None]) -> Optional[GPU]:
     try:
         size = float(norm.removesuffix("gib").removesuffix("gb"))
     except ValueError:
-        raise ConfigError(f"`gpu: {key}` is not a known GPU; use one of {', '.join(GPU_PRESETS)} "
-                          "or a size in GiB such as 24") from None
+        raise not_accepted("gpu", key, list(GPU_PRESETS), also="or a size in GiB such as 24") from None
     return resolve_gpu(size)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.methods import get_method_spec
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -50,7 +50,7 @@ class WeightPlan:
 def weight_plan(method: str, precision: str) -> WeightPlan:
     """The dtype table above for one (method, precision); precision must already be resolved."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"`precision: {precision}` is not accepted here; use one of {', '.join(PRECISIONS)}")
+        raise not_accepted("precision", precision, PRECISIONS)
     spec = get_method_spec(method)
     half = DTYPE_BYTES[precision]
     if precision == "fp32":
