@@ -348,6 +348,14 @@ def _cli_config(tmp_path, model_dir, body=""):
     return path
 
 
+def _sitecustomize(tmp_path, code: str) -> str:
+    """A folder whose ``sitecustomize.py`` (``code``) every interpreter started with it on PYTHONPATH runs."""
+    folder = tmp_path / "inject"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return str(folder)
+
+
 def _cli(args, env_path=None, cwd=None, script=None):
     """`ftmagic ...` in a fresh interpreter (a launch starts its processes as new interpreters too);
     ``script``, a file that calls ``ftmagic.cli.main``, runs instead of ``python -m ftmagic.cli``."""
@@ -416,10 +424,9 @@ def test_cli_processes_2_trains_like_one_process(test_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    # Every launched interpreter imports sitecustomize: the process of rank 1 fails at its first step.
-    (inject / "sitecustomize.py").write_text(
+    # The process of rank 1 fails at its first step.
+    inject = _sitecustomize(
+        tmp_path,
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import ftmagic.engine.distributed as d\n"
@@ -428,7 +435,7 @@ def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
         "    import ftmagic.errors\n"
         "    d.Ranks.optimizer_step = broken\n")
     path = _cli_config(tmp_path, test_model_dir)
-    done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
+    done = _cli(["train", str(path), "--processes", "2"], env_path=inject)
     assert done.returncode == 2
     assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"
 
@@ -474,14 +481,13 @@ def test_cli_processes_2_from_a_folder_holding_a_folder_named_ftmagic(test_model
 
 @pytest.mark.slow
 def test_cli_a_process_that_cannot_import_ftmagic_names_the_import_error(test_model_dir, tmp_path):
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
+    inject = _sitecustomize(
+        tmp_path,
         "import os, sys\n"
         "if os.environ.get('RANK'):  # the launched processes only\n"
         "    sys.modules['ftmagic.cli'] = None\n")
     path = _cli_config(tmp_path, test_model_dir)
-    done = _cli(["train", str(path), "--processes", "2"], env_path=str(inject))
+    done = _cli(["train", str(path), "--processes", "2"], env_path=inject)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"ftmagic: error: rank [01] of 2 failed: ModuleNotFoundError: import of ftmagic.cli halted; "
