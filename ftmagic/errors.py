@@ -84,16 +84,23 @@ class ExportError(FtmagicError):
 def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[str]:
     """The option most like ``word``, whatever the case of either, or None (what :func:`did_you_mean` suggests).
 
+    A word with digits is only matched to an option with the same digits: ``rtx 4080`` is not
+    an ``RTX 4090`` and ``llama2`` not ``llama3``, however alike they are spelled.
+
     Example::
 
-        >>> closest("lroa", ["full", "lora", "qlora"]), closest("GGUFF", ["gguf", "hub"])
-        ('lora', 'gguf')
+        >>> closest("lroa", ["full", "lora", "qlora"]), closest("GGUFF", ["gguf", "hub"]), closest("llama2", ["llama3"])
+        ('lora', 'gguf', None)
     """
     by_lower = {}
     for option in options:
         by_lower.setdefault(str(option).lower(), str(option))
-    match = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=cutoff)
-    return by_lower[match[0]] if match else None
+    word = str(word).lower()
+    digits = re.sub(r"\D", "", word)
+    for match in difflib.get_close_matches(word, list(by_lower), n=5, cutoff=cutoff):
+        if not digits or re.sub(r"\D", "", match) == digits:
+            return by_lower[match]
+    return None
 
 
 def did_you_mean(word: object, options: Iterable, cutoff: float = 0.6, rename: Mapping = {}) -> str:
@@ -115,10 +122,11 @@ def _hint(name: object) -> str:
 
 
 def not_accepted(key: str, value: object, options: Sequence[str], also: str = "", flag: bool = False,
-                 error: type = None) -> "FtmagicError":
+                 error: type = None, by: str = "") -> "FtmagicError":
     """The error for a value that is not one of a key's names (method, objective, device, sampler, ...);
     ``also`` names what else is accepted; ``flag`` names a command-line flag (``--method x``);
-    ``error`` is the class to raise (:class:`ConfigError` unless given).
+    ``error`` is the class to raise (:class:`ConfigError` unless given); ``by`` names the part that
+    refuses a value other parts accept (``by="the memory estimate"``).
 
     A value users write for one of the options (``SYNONYMS`` in :mod:`ftmagic.constants`,
     ``device: gpu``) is answered with that option rather than the closest spelling.
@@ -135,8 +143,8 @@ def not_accepted(key: str, value: object, options: Sequence[str], also: str = ""
     name = key.lstrip("-").replace("-", "_").rsplit(".", 1)[-1]  # `sweep.sampler`, `--device`: the key itself
     meant = SYNONYMS.get(name, {}).get(str(value).strip().lower())
     hint = _hint(meant) if meant in options else did_you_mean(value, options)
-    return (error or ConfigError)(f"`{key}{' ' if flag else ': '}{value}` is not accepted; use one of "
-                                  f"{', '.join(options)}{' ' + also if also else ''}{hint}")
+    return (error or ConfigError)(f"`{key}{' ' if flag else ': '}{value}` is not accepted{' by ' + by if by else ''};"
+                                  f" use one of {', '.join(options)}{' ' + also if also else ''}{hint}")
 
 
 def choice_error(message: str) -> str:

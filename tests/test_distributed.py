@@ -297,38 +297,44 @@ def test_a_forked_process_never_collects_what_the_launch_built_before_the_fork(t
     assert log.read_text().splitlines() == ["nothing", "nothing"]
 
 
-def _close_then_free_the_model(port: int, cycles: int) -> None:
-    """Two forked processes end a DDP run as ftmagic's does (a collective, the last barrier, the
-    group destroyed), then free the wrapped model at once: ``cycles`` times over."""
+def _close_then_free_the_model(folder: str, cycles: int) -> None:
+    """Two forked processes end a DDP run as ftmagic's does (a collective, the last barrier,
+    ``Ranks.close``), then let go of their ``Ranks``: ``cycles`` times over."""
     import torch.multiprocessing as torch_mp
 
-    torch_mp.start_processes(_close_cycles, args=(port, cycles), nprocs=2, start_method="fork")
+    torch_mp.start_processes(_close_cycles, args=(folder, cycles), nprocs=2, start_method="fork")
 
 
-def _close_cycles(rank: int, port: int, cycles: int) -> None:
+def _close_cycles(rank: int, folder: str, cycles: int) -> None:
+    from types import SimpleNamespace
+
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    os.sched_setaffinity(0, {rank % os.cpu_count()})  # one core each: the race is lost every time
     for cycle in range(cycles):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + cycle}", rank=rank, world_size=2)
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
-        model(torch.randn(4, 8)).sum().backward()
-        ranks = distributed.Ranks.__new__(distributed.Ranks)  # only its barrier and close run here
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store-{cycle}", rank=rank, world_size=2)
+        ranks = distributed.Ranks.__new__(distributed.Ranks)  # only what barrier and close touch
+        # Attributes set in the order that frees the handle before the model when the object goes.
         ranks._last_barrier = None
+        ranks.accelerator = SimpleNamespace(free_memory=lambda: None)
+        ranks.wrapped = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
+        ranks.wrapped(torch.randn(4, 8)).sum().backward()
         dist.all_reduce(torch.ones(1))  # the collective before the barrier, on a tensor Python owns
         ranks.barrier()
+        assert ranks._last_barrier.is_completed()
         ranks.close()
-        del model  # the DDP reducer held the group: it is freed here, on this thread
-        del ranks
+        del ranks  # the model (whose DDP reducer held the group) went in close(); the handle goes now
 
 
-def test_the_group_can_be_freed_right_after_close(clean):
-    # Without the last barrier's handle kept past close(), the first or second cycle waited for ever:
-    # this thread freeing the group (holding the GIL) and gloo's thread freeing the barrier (wanting it).
-    from accelerate.utils.other import get_free_port
-
-    clean(_close_then_free_the_model, int(get_free_port()), 6)
+def test_the_group_is_freed_while_the_last_barrier_is_held(clean, tmp_path):
+    # A gloo thread frees a finished barrier if it holds the last reference, and freeing it takes
+    # the GIL; the group's destructor, run on this thread holding the GIL, waits for that thread.
+    # With neither the handle kept by Ranks.barrier nor the model freed in close(), this hung in
+    # the first cycles (both processes waiting for ever); with the handle kept but the model freed
+    # after it (the attribute order here), too.
+    clean(_close_then_free_the_model, str(tmp_path), 20)
 
 
 def test_batch_smaller_than_the_process_count_is_refused(test_model_dir, tmp_path):
@@ -452,16 +458,25 @@ def test_cli_processes_without_data_says_so_once_before_any_process_starts(test_
 
 
 def test_launched_processes_import_the_launchers_ftmagic_unless_every_interpreter_has_it(tmp_path):
-    import site
-
     from ftmagic.engine.launch import process_script
 
-    clone = tmp_path / "clone"
-    assert f"for folder in [{str(clone)!r}]:" in process_script(str(clone))
-    assert "for folder in []:" in process_script(site.getsitepackages()[0])
-    # the default is the folder this ftmagic was imported from
-    assert f"for folder in [{os.path.realpath(os.path.dirname(os.path.dirname(ftmagic.__file__)))!r}]:" in (
-        process_script())
+    clone, site_packages = str(tmp_path / "clone"), str(tmp_path / "site-packages")
+    assert f"for folder in [{clone!r}]:" in process_script(clone, [site_packages])
+    assert "for folder in []:" in process_script(site_packages, [site_packages])  # found there anyway
+    # by default: the folder this ftmagic came from, against this process's own path
+    assert process_script() == process_script(os.path.dirname(os.path.dirname(ftmagic.__file__)))
+
+
+def test_an_error_file_in_torchs_string_form_still_names_the_process():
+    from types import SimpleNamespace
+
+    from ftmagic.engine.launch import _cli_failure
+
+    failures = {1: SimpleNamespace(error_file_data={"message": "RuntimeError: boom", "timestamp": 1}, exitcode=1,
+                                   timestamp=1),
+                0: SimpleNamespace(error_file_data={"message": "<NONE>"}, exitcode=-15, timestamp=2)}
+    error = _cli_failure(SimpleNamespace(failures=failures), 2)
+    assert str(error) == "rank 1 of 2 failed: RuntimeError: boom"
 
 
 @pytest.mark.slow

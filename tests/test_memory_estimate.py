@@ -181,6 +181,14 @@ def test_gpu_presets_and_sizes():
     assert resolve_gpu("12").total_bytes == 12 * GIB
     with pytest.raises(ConfigError, match="Z80"):
         resolve_gpu("Z80")
+    # a model number is not a size, and a card is not suggested for another with other digits
+    with pytest.raises(ConfigError, match=r"^`gpu: 4080` must be a size in GiB above 0 and at most 1024 "):
+        resolve_gpu("4080")
+    with pytest.raises(ConfigError) as info:
+        resolve_gpu("rtx 4080")
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"; did you mean `RTX 4090`\?$"):
+        resolve_gpu("rtx 4090 ti")
 
 
 def test_verdict_adds_context_and_headroom():

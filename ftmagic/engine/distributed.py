@@ -434,7 +434,11 @@ class Ranks:
         still freeing it, each waited for the other for ever (every few runs of two processes,
         and at once when the model was freed straight after this call). With the handle kept
         here, that thread only lets go of a reference and the barrier is freed on this thread.
+        The wrapped model is let go of here too, so the group is freed now, while the handle
+        is still held, whatever order this object's attributes are freed in later.
         """
+        self.wrapped = None
+        self.accelerator.free_memory()  # accelerate keeps the wrapped model too
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

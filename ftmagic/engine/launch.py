@@ -294,8 +294,8 @@ def _quiet_launcher(cuda: bool):
 # folder first on sys.path, and a folder there named ``ftmagic`` (a clone of the repository, say)
 # shadows an editable install, so every process failed at its first import. A script puts its own
 # folder first instead (the launch's temporary folder, which holds nothing else importable), then
-# the folder this process imported ftmagic from (unless that is a site-packages folder, which every
-# interpreter has), so every process runs the same ftmagic as the launcher. If ftmagic cannot be
+# the folder this process imported ftmagic from (unless every interpreter finds it anyway), so
+# every process runs the same ftmagic as the launcher. If ftmagic cannot be
 # imported at all, the process still leaves the launcher its error in torch.elastic's error file,
 # so the one line names it.
 PROCESS_SCRIPT_NAME = "ftmagic_launched_process.py"
@@ -303,7 +303,7 @@ _PROCESS_SCRIPT = '''"""One process of `ftmagic train --processes N` (written by
 import os
 import sys
 
-for folder in {folders!r}:
+for folder in FOLDERS:
     sys.path.insert(1, folder)
 try:
     from ftmagic.cli import main
@@ -318,20 +318,20 @@ sys.exit(main())
 '''
 
 
-def process_script(package_folder: Optional[str] = None) -> str:
-    """The script each launched process runs (see ``PROCESS_SCRIPT_NAME``); it imports ftmagic from
-    ``package_folder`` (default: where this process has it) unless that is a site-packages folder.
+def process_script(package_folder: Optional[str] = None, search_path: Optional[list] = None) -> str:
+    """The script each launched process runs (see ``PROCESS_SCRIPT_NAME``): it imports ftmagic from
+    ``package_folder`` (default: where this process has it). That folder is added to its path
+    unless it is on ``search_path`` already (default: this process's path after its first entry,
+    the script's or current folder: site-packages, PYTHONPATH), which a launched process has too.
 
     Example::
 
-        >>> "for folder in ['/src/ftmagic-clone']:" in process_script("/src/ftmagic-clone")
+        >>> "for folder in ['/src/ftmagic-clone']:" in process_script("/src/ftmagic-clone", [])
         True
     """
-    import site
-
     folder = os.path.realpath(package_folder or str(Path(__file__).resolve().parents[2]))
-    sites = {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
-    return _PROCESS_SCRIPT.format(folders=[] if folder in sites else [folder])
+    known = {os.path.realpath(p) for p in (sys.path[1:] if search_path is None else search_path) if p}
+    return _PROCESS_SCRIPT.replace("FOLDERS", repr([] if folder in known else [folder]))
 
 
 def run_cli_processes(config_path: str, child_args: list, accelerate_yaml: str, processes: int) -> None:
@@ -389,7 +389,7 @@ def _cli_failure(exc: Exception, world: int) -> FtmagicError:
                             "message": f"exit code {getattr(failure, 'exitcode', '?')}"})
             continue
         kind, _, rest = text.partition(": ")
-        extra = message.get("extraInfo") or {}
+        extra = (message.get("extraInfo") or {}) if isinstance(message, dict) else {}
         records.append({"rank": rank, "world": world, "type": kind, "peer": False,
                         "details": str(extra.get("py_callstack") or "") if isinstance(extra, dict) else "",
                         "message": rest if hasattr(errors, kind) and rest else text})

@@ -251,7 +251,7 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     if not 0 <= float(lora_dropout) < 1:
         raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
     if device not in DROPOUT_MASK_BYTES:
-        raise not_accepted("device", device, tuple(DROPOUT_MASK_BYTES))
+        raise not_accepted("device", device, tuple(DROPOUT_MASK_BYTES), by="the memory estimate")
     if loss not in LOSSES:
         raise not_accepted("loss", loss, LOSSES)
     _check_positive("devices", devices)

@@ -60,6 +60,8 @@ def _gpu(name: str, gib: float, bf16: bool) -> GPU:
 
 
 # Memory as torch.cuda.get_device_properties reports it (a little under the label).
+# The largest GPU memory a size may name: `gpu: 4080` is a card's model number, not 4080 GiB.
+MAX_GPU_GIB = 1024
 GPU_PRESETS = {g.name: g for g in [
     _gpu("T4", 14.75, False),
     _gpu("L4", 22.03, True),
@@ -87,8 +89,9 @@ def resolve_gpu(gpu: Union[str, GPU, int, float, None]) -> Optional[GPU]:
     if gpu is None or isinstance(gpu, GPU):
         return gpu
     if isinstance(gpu, (int, float)) and not isinstance(gpu, bool):
-        if gpu <= 0:
-            raise ConfigError(f"`gpu: {gpu}` must be a positive size in GiB or one of {', '.join(GPU_PRESETS)}")
+        if not 0 < gpu <= MAX_GPU_GIB:
+            raise ConfigError(f"`gpu: {gpu:g}` must be a size in GiB above 0 and at most {MAX_GPU_GIB} "
+                              f"(a card's memory, not its model number), or one of {', '.join(GPU_PRESETS)}")
         return _gpu(f"{gpu:g} GiB GPU", gpu, True)
     key = str(gpu).strip()
     norm = key.lower().replace(" ", "-").replace("_", "-")

@@ -50,7 +50,7 @@ class WeightPlan:
 def weight_plan(method: str, precision: str) -> WeightPlan:
     """The dtype table above for one (method, precision); precision must already be resolved."""
     if precision not in PRECISIONS:
-        raise not_accepted("precision", precision, PRECISIONS)
+        raise not_accepted("precision", precision, PRECISIONS, by="the weight plan (resolve `auto` first)")
     spec = get_method_spec(method)
     half = DTYPE_BYTES[precision]
     if precision == "fp32":
