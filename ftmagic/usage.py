@@ -52,10 +52,11 @@ def _unquote(token: str) -> str:
     return token
 
 
-def parse_magic_args(parser, argv: list[str]):
+def parse_magic_args(parser, argv: list[str], prefix: str = "%"):
     """``parser.parse_args(argv)`` for a magic's ``magic_arguments`` parser, its mistakes as one
     line each: an unknown flag or a refused choice with its "did you mean", a stray value
     with what it should follow. Flags are never abbreviated (`--epoch 2` is not `--epochs 2`).
+    ``prefix`` is how the magic is called (``%%`` for a cell magic), for the help it points to.
 
     Example::
 
@@ -76,7 +77,7 @@ def parse_magic_args(parser, argv: list[str]):
                 message = "; ".join(f"unknown flag `{bad}`" + did_you_mean(bad, known) for bad in unknown)
             else:
                 message = f"unexpected value(s) {' '.join(extra)}: every value follows a flag, e.g. `--lora-r 8`"
-            message += f"; see `%%{parser.prog}?` for every flag"
+            message += f"; see `{prefix}{parser.prog}?` for every flag"
         else:
             message = choice_error(message)
         raise UsageError(message) from None

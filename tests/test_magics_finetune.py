@@ -354,3 +354,17 @@ def test_generate_table_html_escapes_and_splits_prompts():
     html = compare_table_html([{"prompt": "<a>", "base": "x", "tuned": "y"}])
     assert "&lt;a&gt;" in html and "<th" in html and html.count("<tr>") == 2
     assert split_prompts("a\n---\nb\nc\n---\n") == ["a", "b\nc"]
+
+
+@pytest.mark.parametrize("kind, name, line, hint", [
+    ("line", "ft_memory", "tiny --batchsize 2", "unknown flag `--batchsize`; did you mean `--batch-size`?; "
+                                                "see `%ft_memory?` for every flag"),
+    ("line", "ft_preview", "x.jsonl --max-seq 64", "see `%ft_preview?` for every flag"),
+    ("cell", "finetune", "--lora-rank 8", "see `%%finetune?` for every flag"),
+    ("cell", "ft_generate", "--max-tokens 3", "unknown flag `--max-tokens`; did you mean `--max-new-tokens`?; "
+                                              "see `%%ft_generate?` for every flag"),
+])
+def test_an_unknown_flag_points_to_the_help_of_the_magic_as_it_is_called(shell, kind, name, line, hint):
+    with pytest.raises(UsageError) as info:
+        shell.run_line_magic(name, line) if kind == "line" else shell.run_cell_magic(name, line, "model: tiny\n")
+    assert str(info.value).endswith(hint)

@@ -156,7 +156,8 @@ def _expand(token: str) -> str:
 
 def parse_line(magic_func: Callable, line: str):
     """Parse a magic's line with its ``magic_arguments`` parser (one-line errors: :func:`parse_magic_args`)."""
-    return parse_magic_args(magic_func.parser, _split_line(line))
+    cells = getattr(type(getattr(magic_func, "__self__", None)), "magics", {}).get("cell", {})
+    return parse_magic_args(magic_func.parser, _split_line(line), prefix="%%" if magic_func.__name__ in cells else "%")
 
 
 # --------------------------------------------------------------------------- config from a cell
