@@ -14,6 +14,8 @@ import difflib
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
+from ftmagic.constants import SYNONYMS
+
 
 def one_line(message: object) -> str:
     """``message`` with its line breaks turned into spaces."""
@@ -138,8 +140,6 @@ def not_accepted(key: str, value: object, options: Sequence[str], also: str = ""
         >>> str(not_accepted("--device", "gpu", ["auto", "cuda", "mps", "cpu"], flag=True))
         '`--device gpu` is not accepted; use one of auto, cuda, mps, cpu; did you mean `cuda`?'
     """
-    from ftmagic.constants import SYNONYMS
-
     name = key.lstrip("-").replace("-", "_").rsplit(".", 1)[-1]  # `sweep.sampler`, `--device`: the key itself
     meant = SYNONYMS.get(name, {}).get(str(value).strip().lower())
     hint = _hint(meant) if meant in options else did_you_mean(value, options)

@@ -354,12 +354,13 @@ def _cli_config(tmp_path, model_dir, body=""):
     return path
 
 
-def _sitecustomize(tmp_path, code: str) -> str:
-    """A folder whose ``sitecustomize.py`` (``code``) every interpreter started with it on PYTHONPATH runs."""
+def _cli_two_processes_with(tmp_path, model_dir, sitecustomize: str):
+    """`ftmagic train --processes 2` where every interpreter first runs ``sitecustomize`` (the
+    launched ones too: they find it on PYTHONPATH)."""
     folder = tmp_path / "inject"
     folder.mkdir()
-    (folder / "sitecustomize.py").write_text(code)
-    return str(folder)
+    (folder / "sitecustomize.py").write_text(sitecustomize)
+    return _cli(["train", str(_cli_config(tmp_path, model_dir)), "--processes", "2"], env_path=str(folder))
 
 
 def _cli(args, env_path=None, cwd=None, script=None):
@@ -431,8 +432,8 @@ def test_cli_processes_2_trains_like_one_process(test_model_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
     # The process of rank 1 fails at its first step.
-    inject = _sitecustomize(
-        tmp_path,
+    done = _cli_two_processes_with(
+        tmp_path, test_model_dir,
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import ftmagic.engine.distributed as d\n"
@@ -440,8 +441,6 @@ def test_cli_a_failing_process_is_one_line_naming_it(test_model_dir, tmp_path):
         "        raise ftmagic.errors.DataError('row 7 of rank 1 is broken')\n"
         "    import ftmagic.errors\n"
         "    d.Ranks.optimizer_step = broken\n")
-    path = _cli_config(tmp_path, test_model_dir)
-    done = _cli(["train", str(path), "--processes", "2"], env_path=inject)
     assert done.returncode == 2
     assert done.stderr.strip() == "ftmagic: error: rank 1 of 2 failed: row 7 of rank 1 is broken"
 
@@ -496,13 +495,11 @@ def test_cli_processes_2_from_a_folder_holding_a_folder_named_ftmagic(test_model
 
 @pytest.mark.slow
 def test_cli_a_process_that_cannot_import_ftmagic_names_the_import_error(test_model_dir, tmp_path):
-    inject = _sitecustomize(
-        tmp_path,
+    done = _cli_two_processes_with(
+        tmp_path, test_model_dir,
         "import os, sys\n"
         "if os.environ.get('RANK'):  # the launched processes only\n"
         "    sys.modules['ftmagic.cli'] = None\n")
-    path = _cli_config(tmp_path, test_model_dir)
-    done = _cli(["train", str(path), "--processes", "2"], env_path=inject)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"ftmagic: error: rank [01] of 2 failed: ModuleNotFoundError: import of ftmagic.cli halted; "
