@@ -116,7 +116,7 @@ def test_dpo_resume_gives_the_losses_of_an_uninterrupted_run(test_model_dir, tmp
     assert resumed and all(abs(resumed[s] - full[s]) < 1e-5 for s in resumed)
 
 
-def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path):
+def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path, monkeypatch):
     orpo = _run(test_model_dir, tmp_path, "orpo", objective="orpo", data=PAIRS)
     assert {"nll", "reward_margin"} <= set(orpo.history[-1]["metrics"])
     assert isinstance(orpo.generate("reverse: abc", max_new_tokens=4), str)
@@ -132,6 +132,18 @@ def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path):
         reloaded.generate("hi")
     with pytest.raises(FtmagicError, match="objective: classify"):
         reloaded.predict(["x"])
+
+    # A run planned in bf16 on a CPU (oneDNN: a kernel per shape) is scored on rows rounded as in
+    # training, and the scores read the same last positions.
+    import ftmagic.engine.heads as heads
+
+    lengths = []
+    unrounded = heads.sequence_batch
+    monkeypatch.setattr(heads, "sequence_batch",
+                        lambda *a, **kw: (lambda b: (lengths.append(b["input_ids"].shape[1]), b)[1])(unrounded(*a, **kw)))
+    assert reward.score(conversations) == scores and lengths[-1] % 64 != 0  # fp32: not rounded
+    reward.plan = {**reward.plan, "precision": "bf16"}
+    assert reward.score(conversations) == pytest.approx(scores, abs=1e-5) and lengths[-1] % 64 == 0
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "freeze"])

@@ -242,12 +242,15 @@ class RunResult:
         model = self.model
         fast = supports_pooled_fast_path(model)
         device = next(model.parameters()).device
+        plan = self._device_plan()
+        multiple = plan.row_multiple if plan is not None else 1  # rounded as in training (oneDNN's kernels)
         out = []
         was_training = model.training
         model.eval()
         with torch.no_grad(), (varlen_attention(model) if fast else nullcontext()):
             for start in range(0, len(rows), batch_size):
-                batch = sequence_batch(rows[start:start + batch_size], fast=fast, pad_id=self.tokenizer.pad_token_id)
+                batch = sequence_batch(rows[start:start + batch_size], fast=fast, pad_id=self.tokenizer.pad_token_id,
+                                       multiple=multiple)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 out.append(pooled_logits(model, batch).float().cpu())
         model.train(was_training)
