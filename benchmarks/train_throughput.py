@@ -487,6 +487,12 @@ def child(system: str, workdir: Path, size_name: str, result_path: Path, trl_mod
         torch.set_num_threads(threads)
         if system == "ftmagic":
             ftmagic_extra = {"threads": threads, **ftmagic_extra}
+    if system == "ftmagic":
+        # What finetune() does first: oneDNN reads its cache size at the first kernel it builds,
+        # which would otherwise be the peak's multiply below, before finetune() could set it.
+        from ftmagic.engine.device import choose_device, detect_caps, limit_onednn_cache
+
+        limit_onednn_cache(choose_device(detect_caps(), precision=precision))
     # The limit: the matmul peak in the dtype the run computes in, with its threads, before and after it.
     peaks = [matmul_peak(precision, device=_device())]
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -212,3 +212,17 @@ def test_the_memory_calculator_resolves_cpu_precision_by_the_same_rule():
         est = estimate_memory("smollm2-135m", device="cpu", batch_size=1, seq_len=64,
                               bf16_supported=cpu_bf16_pays(flags, hidden))
         assert est.settings["precision"] == plan.precision
+
+
+def test_onednn_kernel_cache_capped_only_for_runs_it_computes():
+    from ftmagic.engine.device import ONEDNN_CACHE_CAPACITY, limit_onednn_cache
+
+    env = {}
+    assert limit_onednn_cache(choose_device(CPU, precision="bf16"), env)
+    assert env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_CACHE_CAPACITY)}
+    for plan in (choose_device(CPU, precision="fp32"), choose_device(A100), choose_device(T4)):
+        env = {}
+        assert not limit_onednn_cache(plan, env) and env == {}, plan.reason  # MKL's fp32, CUDA's own kernels
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):  # the user's value is kept
+        env = {name: "1024"}
+        assert not limit_onednn_cache(choose_device(CPU, precision="bf16"), env) and env == {name: "1024"}

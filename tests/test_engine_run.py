@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -291,12 +292,15 @@ def test_load_refuses_unfinished_run(tmp_path):
         RunResult.load(tmp_path)
 
 
-def test_bf16_autocast_on_cpu_with_packing(test_model_dir, tmp_path):
+def test_bf16_autocast_on_cpu_with_packing(test_model_dir, tmp_path, monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
     result, events = _train(test_model_dir, tmp_path / "out", precision="bf16", packing=True, max_seq_len=64,
                             eval_data=reversal_records(4, seed=2), eval_steps=2)
     assert events[0]["precision"] == "bf16" and result.metrics["precision"] == "bf16"
     assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
     assert isinstance(result.metrics["eval_loss"], float) and result.metrics["eval_loss"] > 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"  # set before the run built its first kernel
 
 
 def test_upcast_trainable_keeps_frozen_half_weights():

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,11 @@ from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
 # Flattened rows are rounded up to a multiple of this where oneDNN builds a kernel per shape
 # (DevicePlan.row_multiple): a row pads at most 63 tokens.
 ONEDNN_ROW_MULTIPLE = 64
+# How many kernels oneDNN keeps for such a run (its own default is 1,024, with their memory):
+# measured no slower, and 555 MB less peak RSS on a 2,000-example bf16 run (benchmarks/README.md).
+ONEDNN_CACHE_CAPACITY = 64
+# oneDNN reads the first of these that is set once, when the process builds its first kernel.
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 
 
 @dataclass(frozen=True)
@@ -66,22 +72,46 @@ class DevicePlan:
         return self.precision != "fp32"
 
     @property
+    def onednn(self) -> bool:
+        """Whether oneDNN computes the run's matrix multiplies (bf16 and fp16 on a CPU), building a
+        kernel for every new shape and keeping up to 1,024 of them, with their memory; fp32 goes
+        to MKL, which keeps nothing, and CUDA has its own kernels."""
+        return self.device == "cpu" and self.precision != "fp32"
+
+    @property
     def row_multiple(self) -> int:
         """What a flattened row's length is rounded up to (1: not rounded), for every objective:
         the SFT loss, DPO/ORPO log-probabilities and the classifier and reward heads.
 
-        On a CPU, bf16 and fp16 matrix multiplies run through oneDNN, which builds a kernel
-        for every new shape and keeps up to 1,024 of them, with their memory. Unrounded, a
-        flattened row has a new length every micro-batch, so every micro-batch builds its
-        kernels again and the cache grows for the whole run (measured in benchmarks/README.md,
-        under the bf16 table). fp32 (MKL) and CUDA gain nothing from it.
+        Where :attr:`onednn` holds, an unrounded flattened row has a new length every
+        micro-batch, so every micro-batch builds its kernels again and the cache grows for the
+        whole run (measured in benchmarks/README.md, under the bf16 table).
 
         Example::
 
             >>> choose_device(DeviceCaps(cpu_flags=frozenset({"avx512_bf16"})), precision="bf16").row_multiple
             64
         """
-        return ONEDNN_ROW_MULTIPLE if self.device == "cpu" and self.precision != "fp32" else 1
+        return ONEDNN_ROW_MULTIPLE if self.onednn else 1
+
+
+def limit_onednn_cache(plan: DevicePlan, environ=os.environ) -> bool:
+    """Cap oneDNN's kernel cache at :data:`ONEDNN_CACHE_CAPACITY` for a run it computes, unless
+    the user set the capacity; True when it was set here.
+
+    Called before the model loads: oneDNN reads the variable once, at the first kernel the
+    process builds, so a bf16 multiply run earlier in the same process keeps its default.
+
+    Example::
+
+        >>> env = {}
+        >>> limit_onednn_cache(choose_device(DeviceCaps(), precision="bf16"), env), env
+        (True, {'ONEDNN_PRIMITIVE_CACHE_CAPACITY': '64'})
+    """
+    if not plan.onednn or any(name in environ for name in ONEDNN_CACHE_VARIABLES):
+        return False
+    environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
+    return True
 
 
 def detect_caps() -> DeviceCaps:

@@ -111,6 +111,11 @@ class RunResult:
     def model(self):
         """The tuned model (loaded from ``output_dir`` on first use after :meth:`load`)."""
         if self._model is None:
+            plan = self._device_plan()
+            if plan is not None:
+                from ftmagic.engine.device import limit_onednn_cache
+
+                limit_onednn_cache(plan)  # bf16 weights on a CPU: as in training
             self._model = self._load_tuned()
         return self._model
 

@@ -41,7 +41,7 @@ from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.generation import evaluator_for
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
-                                   keeps_fp32_trainable)
+                                   keeps_fp32_trainable, limit_onednn_cache)
 from ftmagic.engine.distributed import LaunchInfo, Ranks, launch_info, plan_distributed
 from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
@@ -163,6 +163,7 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list, info: LaunchIn
     caps = detect_caps()  # the machine is read once; every decision below is a pure function of it
     model_path = resolve_model_path(cfg.model)
     plan = choose_device(caps, cfg.device, cfg.precision, cfg.method, hidden_size=hidden_size_of(model_path))
+    limit_onednn_cache(plan)  # before the first kernel is built
     ranks = None
     if info.world > 1:
         dplan = plan_distributed(cfg, plan.device, info, precision=plan.precision)
