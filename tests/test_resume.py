@@ -1,8 +1,13 @@
 """Exact resume: a run stopped and resumed ends with the same losses as one that never stopped."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
+import torch
 
 from ftmagic.engine.run import finetune
 
@@ -83,6 +88,48 @@ def test_interrupt_saves_a_checkpoint_and_resumes_exactly(test_model_dir, tmp_pa
     assert sorted(after) == [5, 6, 7, 8]
     for step in after:
         assert after[step] == pytest.approx(reference[step], abs=1e-5)
+
+
+def test_an_interrupt_in_the_middle_of_a_step_resumes_exactly(test_model_dir, tmp_path, straight, monkeypatch):
+    """Ctrl-C during step 5's forward, after its dropout masks were drawn: the checkpoint of
+    step 4 keeps the random states step 5 started from, so the resumed run draws them again."""
+    import torch.nn.functional as F
+
+    reference = step_losses(straight[1])
+    attention, calls = F.scaled_dot_product_attention, []
+
+    def interrupted_attention(*args, **kwargs):
+        if calls and torch.is_grad_enabled():  # training, not the evaluation at step 4
+            calls.append(1)
+            if len(calls) > 3:  # a few attention calls (and their layers' dropout draws) into step 5
+                raise KeyboardInterrupt
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", interrupted_attention)
+    result = finetune(model=test_model_dir, data=reversal_records(20), eval_data=reversal_records(5, seed=3),
+                      output_dir=str(tmp_path / "out"), **SETTINGS,
+                      on_event=lambda event: calls.append(1) if event.kind == "step" and event.step == 4 else None)
+    assert result.metrics["reason"] == "interrupted" and result.metrics["steps"] == 4 and len(calls) == 4
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    _, second = _run(test_model_dir, tmp_path / "out", resume=True)
+    after = step_losses(second)
+    assert sorted(after) == [5, 6, 7, 8]
+    for step in after:
+        assert after[step] == pytest.approx(reference[step], abs=1e-5)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread only")
+def test_an_interrupt_during_the_update_waits_for_it_to_end():
+    from ftmagic.engine.loop import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is handled here, and waits
+            done.append("the whole update")
+    assert done == ["the whole update"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
 
 
 def test_resume_without_checkpoint_starts_over(test_model_dir, tmp_path):

@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from pathlib import Path
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
@@ -353,6 +355,36 @@ def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: 
     return grad_norm
 
 
+@contextmanager
+def interrupts_deferred():
+    """Within the block a Ctrl-C (or a notebook's interrupt) waits, and is raised as it ends.
+
+    The update of a step (optimizer, schedule, step count) runs inside, so an interrupted run
+    saves the weights of a whole step, never of half an update. Only the main thread receives
+    signals; elsewhere the block runs as it is.
+
+    Example::
+
+        with interrupts_deferred():
+            optimizer.step(); scheduler.step(); step += 1
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
+
+
 def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int = 0, shifted: bool = True,
              with_metrics: bool = False, ranks=None):
     """Mean loss per unit over ``rows`` (no dropout, no gradients, RNG untouched).
@@ -571,8 +603,10 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     model.train()
     if evaluators and state.step == 0:
         run_eval()  # the base model's answers and scores: where the curve starts
+    step_rng = None  # the RNG states at the start of an unfinished step (an interrupt puts them back)
     try:
         while state.step < max_steps:
+            step_rng = ckpt.rng_state()  # dropout draws from here on belong to this step
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
             rows = [batches.get(k) for k in range(state.step * ga, state.step * ga + ga)]
             if ranks is None:
@@ -611,10 +645,12 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                     bad = ranks.any(bad)  # every process skips the same steps
                 if bad:
                     # `on_nan: skip`: no update from this step; the data and the schedule move on.
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    state.step += 1
-                    state.skipped_steps += 1
+                    with interrupts_deferred():
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        state.step += 1
+                        state.skipped_steps += 1
+                        step_rng = None
                     skipped_in_a_row += 1
                     emit(Message(f"step {state.step}: the loss or gradients are NaN or infinite; its update was "
                                  f"skipped ({state.skipped_steps} so far)", "warning"))
@@ -622,13 +658,15 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                         raise _NonFinite()
                     continue
             skipped_in_a_row = 0
-            for part in parts:
-                _add_to_window(window, *part)
             step_fn = optimizer_step if ranks is None else ranks.optimizer_step
-            grad_norm = step_fn(optimizer, scheduler, params, scaler=scaler, max_grad_norm=config.max_grad_norm)
-            flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler) if parts and not check_every_step else None
-            state.step += 1
-            window.add_step(grad_norm, lr, flag)
+            with interrupts_deferred():  # the weights, the schedule, the count and the logged losses move together
+                for part in parts:
+                    _add_to_window(window, *part)
+                grad_norm = step_fn(optimizer, scheduler, params, scaler=scaler, max_grad_norm=config.max_grad_norm)
+                state.step += 1
+                step_rng = None
+                flag = nonfinite_flag([p[0] for p in parts], grad_norm, scaler) if parts and not check_every_step else None
+                window.add_step(grad_norm, lr, flag)
             logged = state.step % log_every == 0 or state.step == max_steps
             if logged:
                 log()
@@ -654,6 +692,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             raise  # one process alone cannot stop the others mid-step; its launcher ends them all
         reason = "interrupted"
         optimizer.zero_grad(set_to_none=True)
+        if step_rng is not None:  # interrupted mid-step: a resume redraws this step's dropout from the same states
+            ckpt.set_rng_state(step_rng)
     except _NonFinite:
         reason = "nonfinite"
 
