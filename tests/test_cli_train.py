@@ -121,3 +121,25 @@ def test_a_value_users_write_for_an_option_is_answered_with_that_option(test_mod
     # `gpu` is spelled most like `cpu`; what it means is `cuda`
     assert _error_line(capsys) == (f"ftmagic: error: {path}:3: `device: gpu` is not accepted; use one of auto, cuda, "
                                    "mps, cpu; did you mean `cuda`?")
+
+
+def test_an_interrupted_run_exits_with_130_so_a_script_stops(test_model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a step: the run saves a resumable checkpoint and says so, but the command
+    does not report success (`ftmagic train run.yaml && ftmagic export ...` must stop there)."""
+    import torch
+    import torch.nn.functional as F
+
+    attention, calls = F.scaled_dot_product_attention, []
+
+    def interrupted_attention(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 12:  # in the middle of a later step
+                raise KeyboardInterrupt
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", interrupted_attention)
+    path = _config(tmp_path, test_model_dir, "save_steps: 1\n")
+    assert main(["train", str(path), "--set", "max_steps=50", "--quiet"]) == 130
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("interrupted: ") and not line.startswith("interrupted: 0 steps"), line

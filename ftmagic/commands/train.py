@@ -3,7 +3,8 @@
 ``--set`` values are read as YAML scalars, so ``--set lr=1e-4``, ``--set packing=true``
 and ``--set target_modules=[q_proj,v_proj]`` mean what they would in the file. Progress
 is printed as text; every user mistake ends as one ``ftmagic: error:`` line (exit 2); a run stopped by
-a NaN or infinite loss exits with 1 (its outputs hold the last finite weights).
+a NaN or infinite loss exits with 1 (its outputs hold the last finite weights), one interrupted
+by Ctrl-C with 130 (its checkpoint resumes with ``--set resume=true``).
 
 Several processes: ``--processes N`` (the config key ``processes``) starts N processes
 through accelerate's launcher; the same command runs unchanged as one of the processes
@@ -26,6 +27,8 @@ import json
 import os
 
 from ftmagic.errors import ConfigError
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for a program ended by Ctrl-C
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -116,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _status(result) -> int:
-    """0, or 1 when the loss became NaN: the saved weights are an earlier step's, and a script should notice."""
-    return 1 if result.metrics.get("reason") == "nonfinite" else 0
+    """0; 1 when the loss became NaN (the saved weights are an earlier step's); 130, as for any
+    program ended by Ctrl-C, when the run was interrupted (saved, resumable, not finished):
+    ``ftmagic train run.yaml && ftmagic export ...`` must not go on with half a run."""
+    reason = result.metrics.get("reason")
+    return 1 if reason == "nonfinite" else INTERRUPTED_STATUS if reason == "interrupted" else 0
 
 
 
