@@ -594,6 +594,24 @@ def _is_repo_id(value: str) -> bool:
 
 # Resolved field types (the module uses postponed annotations).
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
+# Typical values of the number keys whose default (0) means "off", for error messages.
+_NUMBER_EXAMPLES_WHEN_OFF = {"val_split": 0.1, "weight_decay": 0.01}
+
+
+def _number_example(key: str) -> str:
+    """A value to show for ``key`` when a number was expected: its default, or a typical one
+    where the default turns it off.
+
+    Example::
+
+        >>> _number_example("lr"), _number_example("epochs"), _number_example("weight_decay")
+        ('0.0002', '1', '0.01')
+    """
+    field = next((f for f in dataclasses.fields(FinetuneConfig) if f.name == key), None)
+    default = field.default if field is not None else None
+    if not isinstance(default, (int, float)) or isinstance(default, bool) or not default:
+        default = _NUMBER_EXAMPLES_WHEN_OFF.get(key)
+    return f"{default:g}" if default is not None else ""
 
 
 class Problems:
@@ -704,7 +722,8 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a number, e.g. 2e-4")
+        example = _number_example(key)
+        raise ConfigError(f"{where}`{key}: {_shown(value)}` must be a number" + (f", e.g. {example}" if example else ""))
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -132,7 +132,15 @@ def test_a_single_problem_reads_as_before():
 def test_a_value_that_cannot_be_read_is_judged_once_and_the_rest_still_checked():
     with pytest.raises(ConfigError) as info:
         FinetuneConfig.from_dict({"lr": "fast", "lora_r": 0})
-    assert str(info.value).splitlines() == ["`lr: 'fast'` must be a number, e.g. 2e-4", "`lora_r: 0` must be at least 1"]
+    assert str(info.value).splitlines() == ["`lr: 'fast'` must be a number, e.g. 0.0002", "`lora_r: 0` must be at least 1"]
+
+
+@pytest.mark.parametrize("key, example", [("epochs", "1"), ("warmup", "0.03"), ("beta", "0.1"), ("weight_decay", "0.01"),
+                                          ("val_split", "0.1"), ("lora_dropout", "0.05")])
+def test_a_number_key_given_text_shows_a_value_for_that_key(key, example):
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml(f"{key}: two\n", source="run.yaml")
+    assert str(info.value) == f"run.yaml:1: `{key}: 'two'` must be a number, e.g. {example}"
 
 
 def test_overrides_are_blamed_on_where_they_came_from_and_come_after_the_file():
