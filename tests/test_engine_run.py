@@ -60,7 +60,8 @@ def test_event_sequence_and_fields(test_model_dir, tmp_path):
 def test_output_dir_of_another_run_is_protected(test_model_dir, tmp_path):
     out = tmp_path / "out"
     _train(test_model_dir, out)
-    with pytest.raises(CheckpointError, match=r"already holds a different run \(method lora"):
+    with pytest.raises(CheckpointError, match=r"already holds a different run \(`method: dora`, where it trained with "
+                                              r"`method: lora`\); set `overwrite: true`"):
         _train(test_model_dir, out, method="dora")
     result, events = _train(test_model_dir, out, method="dora", overwrite=True)
     assert result.metrics["method"] == "dora"
@@ -88,8 +89,20 @@ def test_foreign_files_are_never_overwritten(test_model_dir, tmp_path):
 
 def test_resume_refuses_another_runs_checkpoints(test_model_dir, tmp_path):
     _train(test_model_dir, tmp_path / "out")
-    with pytest.raises(CheckpointError, match="holds a different run"):
+    with pytest.raises(CheckpointError, match=r"holds a different run \(`lora_r: 8`, where it trained with `lora_r: \d+`\)"):
         _train(test_model_dir, tmp_path / "out", resume=True, lora_r=8)
+
+
+def test_a_refusal_names_what_differs_and_reads_records_that_did_not_keep_it():
+    from ftmagic.engine.outdir import what_differs
+
+    before = {"method": "lora", "model": "tiny", "settings": {"lr": 0.0002, "lora_r": 16, "seed": 1, "beta": 0.1}}
+    now = {"lr": 0.001, "lora_r": 8, "seed": 2, "beta": 0.1, "template": "chatml"}
+    assert what_differs(before, now) == ("`lora_r: 8`, `lr: 0.001`, `seed: 2` and 1 more, where it trained with "
+                                         "`lora_r: 16`, `lr: 0.0002`, `seed: 1`")
+    assert what_differs({"method": "lora", "model": "tiny"}, now) == "method lora, model tiny"  # an older record
+    long = {"settings": {"data": "x" * 100}}
+    assert what_differs(long, {"data": "y" * 100}) == f"`data: {'y' * 37}...`, where it trained with `data: {'x' * 37}...`"
 
 
 def test_gradient_accumulation_equals_one_big_batch(test_model_dir, tmp_path):

@@ -220,7 +220,7 @@ def test_a_run_that_fails_before_it_starts_leaves_nothing_behind(test_model_dir,
 @pytest.mark.parametrize("change, message", [
     ({"optimizer": "sgd"}, "was trained with `optimizer: adamw`; its checkpoints hold that optimizer's state, so "
                            "resume with `optimizer: adamw`"),
-    ({"method": "dora"}, "holds a different run (method lora, model "),
+    ({"method": "dora"}, "holds a different run (`method: dora`, where it trained with `method: lora`)"),
     ({"data": reversal_records(12, seed=9)}, "the training data changed since the checkpoints in "),
 ])
 def test_a_refused_resume_leaves_the_run_record_as_it_was(test_model_dir, tmp_path, change, message):

@@ -65,6 +65,7 @@ class Claim:
     created: bool = False  # the folder did not exist before
     started: bool = False
     files: set = field(default_factory=set)  # the manifest: top-level names this run (and the one it resumes) wrote
+    settings: Optional[dict] = None  # what the run trains (``run_settings``), kept in the record
 
     def release(self) -> None:
         """Drop the lock; a folder this claim created and nothing was written to is removed again."""
@@ -100,10 +101,11 @@ def owned_names(record: Optional[dict], entries: set) -> set:
 
 
 def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
-                     note: Callable[[str, str], None]) -> Claim:
+                     note: Callable[[str, str], None], settings: Optional[dict] = None) -> Claim:
     """Check that this run may use ``out`` and lock it; nothing is written or removed yet.
 
-    ``note(level, text)`` receives the lines the user should see.
+    ``note(level, text)`` receives the lines the user should see. ``settings`` (what the run
+    trains) go into the record, so a later run of another config is told what differs.
     """
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
@@ -113,7 +115,7 @@ def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
     except OSError as exc:
         raise CheckpointError(f"`output_dir: {out}` cannot be written ({exc.strerror or exc})") from None
     try:
-        claim = _decide(out, cfg, identity, optimizer, note)
+        claim = _decide(out, cfg, identity, optimizer, note, settings)
     except BaseException:
         lock.release()
         if created:
@@ -126,14 +128,41 @@ def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
     return claim
 
 
-def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
+def what_differs(previous: dict, settings: Optional[dict], most: int = 3) -> str:
+    """The settings in which this run differs from the recorded one, for a refusal; the recorded
+    run's method and model where its record predates kept settings.
+
+    Example::
+
+        >>> what_differs({"settings": {"lr": 0.0002, "lora_r": 16}}, {"lr": 0.001, "lora_r": 16})
+        '`lr: 0.001`, where it trained with `lr: 0.0002`'
+    """
+    before = previous.get("settings")
+    if not isinstance(before, dict) or settings is None:
+        return f"method {previous.get('method')}, model {previous.get('model')}"
+    keys = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if not keys:  # the same settings under an older identity
+        return f"method {previous.get('method')}, model {previous.get('model')}"
+    shown = ", ".join(f"`{k}: {_short(settings.get(k))}`" for k in keys[:most])
+    was = ", ".join(f"`{k}: {_short(before.get(k))}`" for k in keys[:most])
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return f"{shown}{more}, where it trained with {was}"
+
+
+def _short(value, width: int = 40) -> str:
+    text = "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _decide(out: Path, cfg, identity: str, optimizer: str, note, settings: Optional[dict] = None) -> Claim:
     previous = read_record(out)
     entries = {item.name for item in out.iterdir()
                if item.name not in _BOOKKEEPING and not item.name.startswith((STAGING_PREFIX, LOCK_NAME))}
     owned = owned_names(previous, entries)
     foreign = sorted(entries - owned)
     same = bool(previous) and previous.get("identity") == identity
-    claim = Claim(out=out, lock=None, identity=identity, optimizer=optimizer, previous=previous, resume=False)
+    claim = Claim(out=out, lock=None, identity=identity, optimizer=optimizer, previous=previous, resume=False,
+                  settings=settings)
 
     if cfg.resume and not (cfg.overwrite and previous and not same):
         if previous is None:
@@ -142,8 +171,8 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
             note("warning", f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
             return claim
         if not same:
-            raise CheckpointError(f"`output_dir: {out}` holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); resume with the same config or set `overwrite: true`")
+            raise CheckpointError(f"`output_dir: {out}` holds a different run ({what_differs(previous, settings)}); "
+                                  "resume with the same config or set `overwrite: true`")
         recorded = previous.get("optimizer")
         if isinstance(recorded, str) and recorded != optimizer:
             raise CheckpointError(f"`output_dir: {out}` was trained with `optimizer: {recorded}`; its checkpoints hold "
@@ -155,8 +184,8 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note) -> Claim:
 
     if previous is not None and not cfg.overwrite:
         if not same:
-            raise CheckpointError(f"`output_dir: {out}` already holds a different run (method {previous.get('method')}, "
-                                  f"model {previous.get('model')}); set `overwrite: true`, `resume: true`, "
+            raise CheckpointError(f"`output_dir: {out}` already holds a different run "
+                                  f"({what_differs(previous, settings)}); set `overwrite: true`, `resume: true`, "
                                   "or choose another `output_dir`")
         if not previous.get("finished") or previous.get("reason") in ("stopped", "interrupted"):
             where = _checkpoint_hint(out)
@@ -221,6 +250,8 @@ def write_record(out: Path, claim: Claim, cfg, *, finished: bool, fingerprint: s
     info = {"version": RECORD_VERSION, "identity": claim.identity, "model": cfg.model, "method": cfg.method,
             "optimizer": claim.optimizer, "data_fingerprint": fingerprint, "finished": finished,
             "files": sorted(set(files)), "updated": time.time(), **extra}
+    if claim.settings is not None:
+        info["settings"] = claim.settings
     atomic_write_text(out / RUN_FILE, strict_json(info))
 
 

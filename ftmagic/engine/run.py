@@ -123,10 +123,16 @@ def resolve_config(config: Any, overrides: dict) -> FinetuneConfig:
     raise ConfigError(f"config must be a FinetuneConfig, a dict or a YAML path, not {type(config).__name__}")
 
 
+def run_settings(cfg: FinetuneConfig) -> dict:
+    """What a run trains (not how long, nor where it reports), as JSON values: the run record keeps
+    them, so a refused re-run can name the settings that changed."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_CONTROL_KEYS}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
 def run_identity(cfg: FinetuneConfig) -> str:
     """A short hash of what a run trains (not how long): equal for a re-run or a resume."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_CONTROL_KEYS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(run_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def data_warnings(stats: dict) -> list[str]:
@@ -197,7 +203,7 @@ def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: C
     def claim_dir() -> bool:
         # Checks and locks output_dir; nothing there is written or removed until the run starts.
         claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
-                                 note=lambda level, text: notes.append(Message(text, level)))
+                                 note=lambda level, text: notes.append(Message(text, level)), settings=run_settings(cfg))
         claims.append(claim)
         return claim.resume
 
