@@ -352,8 +352,9 @@ class FinetuneConfig:
             return  # reported with the other choice keys; nothing below can be judged without it
         spec = get_objective_spec(self.objective)
         if self.method in METHOD_NAMES and not method_supports(get_method_spec(self.method), self.objective):
+            able = [name for name in METHOD_NAMES if method_supports(get_method_spec(name), self.objective)]
             fail("objective", f"`objective: {self.objective}` cannot be trained with `method: {self.method}` "
-                              "(virtual tokens live inside peft's own forward); use lora, qlora, dora, ia3 or full")
+                              f"(virtual tokens live inside peft's own forward); use one of {', '.join(able)}")
         if not self.beta > 0:
             fail("beta", f"`beta: {self.beta}` must be greater than 0 (typical: 0.1)")
         if self.orpo_lambda < 0:

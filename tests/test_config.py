@@ -170,3 +170,10 @@ def test_yaml_line_numbers_can_start_below_a_magic_line():
     assert lines == {"model": 2, "lr": 3}
     with pytest.raises(ConfigError, match=r"^cell:3: invalid YAML"):
         parse_yaml_mapping("model: tiny\nbad: [1, 2\n", "cell", first_line=2)
+
+
+def test_an_objective_refused_for_prompt_learning_lists_every_method_that_trains_it():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_dict(dict(objective="dpo", method="prompt_tuning", data="x.jsonl"))
+    assert str(info.value) == ("`objective: dpo` cannot be trained with `method: prompt_tuning` (virtual tokens live "
+                               "inside peft's own forward); use one of full, lora, qlora, dora, ia3, bitfit, freeze")

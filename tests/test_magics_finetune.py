@@ -115,13 +115,19 @@ def test_unload_ext_removes_the_magics_and_load_restores_them(shell):
 
 def test_help_documents_every_config_flag(shell, capsys):
     from ftmagic.config import config_fields
-    from ftmagic.widgets.finetune import FinetuneMagics, flag_name
+    from ftmagic.widgets.finetune import FinetuneMagics, _flag_spec, flag_name
 
     doc = FinetuneMagics.finetune.__doc__
     for field in config_fields():
         assert flag_name(field.name) in doc, field.name
     assert "--lora-r N" in doc and "config key `lora_r` (integer; default 16)" in doc
     assert "--name NAME" in doc and "--progress" in doc
+    # Keys that may name a notebook variable say what else they take.
+    helps = {f.name: _flag_spec(f)[1] for f in config_fields()}
+    assert helps["eval_metrics"] == "config key `eval_metrics` (metric names, comma-separated, or a $function)"
+    assert helps["eval_prompts"] == ("config key `eval_prompts` (records to hold out, or a file, folder, dataset id "
+                                     "or $variable)")
+    assert helps["data"] == "config key `data` (file, folder, dataset id or $variable)"
     shell.run_cell("%%finetune?\n")
     assert "--lora-r" in capsys.readouterr().out
 

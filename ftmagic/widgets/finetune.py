@@ -39,8 +39,11 @@ from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
 
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
-# Keys whose value may name a notebook variable (`data: $train_df`).
-_DATA_KEYS = ("data", "eval_data", "eval_prompts", "eval_metrics")
+# Keys whose value may name a notebook variable (`data: $train_df`): their flags' metavar and help.
+_DATA_KEYS = {"data": ("PATH|$VAR", "file, folder, dataset id or $variable"),
+              "eval_data": ("PATH|$VAR", "file, folder, dataset id or $variable"),
+              "eval_prompts": ("N|PATH|$VAR", "records to hold out, or a file, folder, dataset id or $variable"),
+              "eval_metrics": ("A,B|$VAR", "metric names, comma-separated, or a $function")}
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
@@ -67,8 +70,7 @@ def _flag_spec(field) -> tuple[dict, str]:
         kwargs["metavar"] = "{" + ",".join(choices) + "}"
         kind = "one of " + ", ".join(choices)
     elif field.name in _DATA_KEYS:
-        kwargs["metavar"] = "PATH|$VAR"
-        kind = "file, folder, dataset id or $variable"
+        kwargs["metavar"], kind = _DATA_KEYS[field.name]
     elif annotation is int:
         kwargs["metavar"] = "N"
         kind = "integer"
