@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 from ftmagic.errors import FtmagicError, choice_error
 
+BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, what shells report for a writer whose reader went away
+
 COMMANDS = {
     "train": ("ftmagic.commands.train", "fine-tune a model from a YAML config"),
     "export": ("ftmagic.commands.export", "take a finished run to merged weights, GGUF, Ollama or the Hub"),
@@ -71,12 +73,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ftmagic: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ftmagic estimate ... | head`): stop quietly, as shell tools do,
+        # and point stdout at nothing so the interpreter's last flush cannot fail again.
+        _drop_stdout()
+        return BROKEN_PIPE_STATUS
     except Exception as exc:
         if _process()[1] > 1:
             _record_for_launcher(exc)
             if _launched_by_ftmagic():
                 return 1  # the launcher reports it: the failing process's traceback and one line
         raise
+
+
+def _drop_stdout() -> None:
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a notebook, a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _launched_by_ftmagic() -> bool:

@@ -24,3 +24,17 @@ def test_lazy_public_names_are_listed():
 
     for name in ("finetune", "estimate_memory", "preview", "FinetuneConfig", "ConfigError"):
         assert name in ftmagic.__all__
+
+
+def test_cli_output_into_a_pipe_whose_reader_left_ends_quietly():
+    """`ftmagic estimate ... | head`: no BrokenPipeError traceback, the status of a writer whose reader went away."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ftmagic.cli", "estimate", "tiny", "--json"], stdout=write,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
