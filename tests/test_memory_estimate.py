@@ -265,3 +265,20 @@ def test_memory_package_does_not_import_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
+
+
+def test_the_readmes_python_examples_give_what_it_shows():
+    """The README's `>>>` examples run as doctests: its printed output is what the code gives."""
+    import doctest
+    import re
+    from pathlib import Path
+
+    import ftmagic
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    text = re.sub(r"^```.*$", "", text, flags=re.M)  # a closing fence is not output
+    test = doctest.DocTestParser().get_doctest(text, {"ftmagic": ftmagic}, "README.md", "README.md", 0)
+    assert test.examples, "the README has no >>> example"
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
