@@ -144,8 +144,19 @@ def test_failed_upload_leaves_the_run_intact_and_says_so_in_one_line(run_copy, m
     message = str(caught.value)
     assert "\n" not in message and "me/tiny-reverse" in message and "401" in message
     assert SECRET not in message and "***" in message
-    assert "unchanged" in message
+    assert "unchanged" in message and "log in with `hf auth login`" in message  # the Hub refused the token
     assert snapshot(run_copy.output_dir) == before
+
+
+def test_an_upload_that_never_reached_the_hub_says_to_check_the_network_not_to_log_in(run_copy):
+    import httpx
+
+    api = RecordingApi(fail_with=httpx.ConnectError("[Errno -2] Name or service not known"))
+    with pytest.raises(ExportError) as caught:
+        run_copy.export("hub", repo_id="me/tiny-reverse", hub_api=api)
+    message = str(caught.value)
+    assert "ConnectError: [Errno -2] Name or service not known" in message
+    assert "the Hub could not be reached: check the network connection" in message and "auth login" not in message
 
 
 def test_push_to_hub_at_the_end_of_a_run_that_cannot_upload(tmp_path, monkeypatch):

@@ -56,8 +56,30 @@ def push_files(repo_id: str, files: list, extra: dict, *, private: bool, api=Non
         api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, repo_type="model")
     except Exception as exc:  # noqa: BLE001 - network, auth, quota: any of them ends in one line, the run untouched
         raise ExportError(f"upload to `{repo_id}` failed ({_scrub(_first_line(exc))}); the local run is unchanged; "
-                          "log in with `hf auth login` or set HF_TOKEN, then run the export again") from None
+                          f"{upload_advice(exc)}, then run the export again") from None
     return str(getattr(url, "url", None) or f"https://huggingface.co/{repo_id}")
+
+
+# Errors that say the Hub was not reached at all (requests, httpx, huggingface_hub, the OS).
+_UNREACHED = ("ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "TimeoutError", "ReadTimeout",
+              "OfflineModeIsEnabled", "gaierror")
+
+
+def upload_advice(exc: BaseException) -> str:
+    """What to do about a failed upload: log in where the Hub refused the token, check the
+    network where it was never reached.
+
+    Example::
+
+        >>> upload_advice(ConnectionError("Name or service not known"))
+        'the Hub could not be reached: check the network connection (and that HF_HUB_OFFLINE is not set)'
+    """
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return "log in with `hf auth login` or set HF_TOKEN (a token with write access to the repository)"
+    if any(cls.__name__ in _UNREACHED for cls in type(exc).__mro__):
+        return "the Hub could not be reached: check the network connection (and that HF_HUB_OFFLINE is not set)"
+    return "check the network connection, and log in with `hf auth login` or set HF_TOKEN"
 
 
 def _first_line(exc: BaseException) -> str:
