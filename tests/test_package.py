@@ -38,3 +38,11 @@ def test_cli_output_into_a_pipe_whose_reader_left_ends_quietly():
     finally:
         os.close(write)
     assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_loading_the_engine_prints_no_note_about_an_optional_bitsandbytes_package():
+    """bitsandbytes' import-time warning about an optional CPU kernel package (its built-in CPU path
+    works) reached every command that loads peft: `estimate --exact`, `export`, `RunResult.load`."""
+    code = "import ftmagic.engine.methods, peft, bitsandbytes"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in proc.stderr, proc.stderr

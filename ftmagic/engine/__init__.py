@@ -9,3 +9,12 @@ functions of the machine's capabilities), ``models`` (loading, ``tiny``, smoke m
 ``reporting`` (TensorBoard / W&B sinks), ``run`` (:func:`finetune`), ``result``
 (:class:`RunResult`).
 """
+
+import logging
+
+# On import (through peft, transformers or ftmagic itself) bitsandbytes warns that an optional
+# package of faster CPU kernels is missing; its built-in CPU path works without it, so the
+# line is noise for a user. Its module logs nothing else; a level the user set is kept.
+_BNB_CPU_NOTE = logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _BNB_CPU_NOTE.level == logging.NOTSET:
+    _BNB_CPU_NOTE.setLevel(logging.ERROR)

@@ -161,19 +161,10 @@ def native_bf16(compute_capability, is_rocm: bool = False) -> bool:
 
 
 def _bitsandbytes_support() -> tuple[bool, bool]:
-    import logging
-
-    # On import, bitsandbytes logs that an optional faster CPU kernel package is missing;
-    # the built-in CPU path works without it, so the note is noise for a user.
-    note = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = note.level
-    note.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        import bitsandbytes  # its import-time note is silenced in ftmagic/engine/__init__.py
     except Exception:  # a broken install must not stop a LoRA run
         return False, False
-    finally:
-        note.setLevel(level)
     try:
         major, minor = (int(p) for p in bitsandbytes.__version__.split(".")[:2])
     except ValueError:
