@@ -578,13 +578,20 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
         raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
     import yaml
 
-    lines = {}
+    lines: dict = {}
+
+    def place(key: str, key_node) -> None:
+        line = key_node.start_mark.line + first_line
+        if key in lines and key_node.value != "<<":  # YAML keeps the last silently: one of them is a mistake
+            raise ConfigError(f"{source}:{line}: `{key}` is given twice (also on line {lines[key]}); keep one")
+        lines[key] = line
+
     for key_node, value_node in getattr(node, "value", []):
-        lines[key_node.value] = key_node.start_mark.line + first_line
+        place(str(key_node.value), key_node)
         if isinstance(value_node, yaml.MappingNode):
             # One level deeper (`sweep.lr`), so an error inside a block names its own line.
             for sub_node, _ in value_node.value:
-                lines[f"{key_node.value}.{sub_node.value}"] = sub_node.start_mark.line + first_line
+                place(f"{key_node.value}.{sub_node.value}", sub_node)
     return values, lines
 
 

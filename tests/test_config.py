@@ -177,3 +177,12 @@ def test_an_objective_refused_for_prompt_learning_lists_every_method_that_trains
         FinetuneConfig.from_dict(dict(objective="dpo", method="prompt_tuning", data="x.jsonl"))
     assert str(info.value) == ("`objective: dpo` cannot be trained with `method: prompt_tuning` (virtual tokens live "
                                "inside peft's own forward); use one of full, lora, qlora, dora, ia3, bitfit, freeze")
+
+
+def test_a_key_given_twice_is_refused_at_its_second_line():
+    """YAML keeps the last of two equal keys without a word; one of them is a mistake."""
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml("max_steps: 2\nlr: 1e-3\nmax_steps: 3\n", source="run.yaml")
+    assert str(info.value) == "run.yaml:3: `max_steps` is given twice (also on line 1); keep one"
+    with pytest.raises(ConfigError, match=r"^run.yaml:4: `sweep.lr` is given twice \(also on line 3\); keep one$"):
+        FinetuneConfig.from_yaml("model: tiny\nsweep:\n  lr: [1e-3, 2e-3]\n  lr: [3e-3]\n", source="run.yaml")
