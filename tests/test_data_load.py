@@ -164,8 +164,11 @@ def test_list_of_dicts_and_non_dicts():
 
 # --------------------------------------------------------------------------- paths and hub ids
 
-def test_missing_file_and_unknown_type(tmp_path):
+def test_missing_file_and_unknown_type(tmp_path, monkeypatch):
     assert one_line_error(str(tmp_path / "nope.jsonl")) == f"{tmp_path / 'nope.jsonl'}: file not found"
+    monkeypatch.chdir(tmp_path)  # a relative path: the line says which folder it was read from
+    assert one_line_error("w/train.jsonl") == ("w/train.jsonl: file not found (relative paths are read from the "
+                                               f"current folder, {tmp_path})")
     odd = write(tmp_path / "d.txt", "hello")
     assert one_line_error(odd) == f"{odd}: unknown file type `.txt`; use .jsonl, .json, .csv, .tsv or .parquet, or a folder saved with Dataset.save_to_disk"
     assert one_line_error({"text": "a"}).startswith("data: a single dict is not a dataset")

@@ -101,7 +101,9 @@ def _load_path(path: str, *, strict: bool, split: str, subset: Optional[str] = N
     if not os.path.exists(path):
         ext = os.path.splitext(path)[1].lower()
         if ext in EXTENSIONS or path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
-            raise DataError(f"{path}: file not found")
+            # Relative paths are read from the current folder, not the config file's: say which it was.
+            where = "" if os.path.isabs(path) else f" (relative paths are read from the current folder, {os.getcwd()})"
+            raise DataError(f"{path}: file not found{where}")
         return _load_hub(path, split, strict, subset)
     ext = os.path.splitext(path)[1].lower()
     kind = EXTENSIONS.get(ext) or _sniff(path)
