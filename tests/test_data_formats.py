@@ -113,3 +113,17 @@ def test_conversation_issues():
     assert conversation_issues([turn("user"), turn("assistant"), turn("user")]) == [
         ("no_final_assistant", "the last turn is `user`, not `assistant`; it is not trained")]
     assert conversation_issues([turn("user"), turn("system"), turn("assistant")])[0][0] == "role_order"
+
+
+def test_a_columns_entry_naming_a_column_no_record_has_is_named():
+    """A typo in `columns` read as "cannot tell the format ... set `columns`" (it was set), and a
+    mapping onto another format's file was ignored."""
+    qa = [{"question": "q", "answer": "a"}]
+    with pytest.raises(DataError) as info:
+        detect_format(qa, columns={"prompt": "quest", "completion": "answer"}, source="qa.jsonl")
+    assert str(info.value) == ("qa.jsonl: `columns` maps `prompt` to `quest`, a column no record has; the records "
+                               "have answer, question; did you mean `question`?")
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    with pytest.raises(DataError, match="maps `prompt` to `question`, a column no record has; the records have messages$"):
+        detect_format(chat, columns={"prompt": "question"}, source="chat.jsonl")
+    assert detect_format(chat, columns={"role": "from", "content": "value"}).format == "messages"  # keys in messages

@@ -116,6 +116,7 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     sample = list(records[:SAMPLE])
     if not sample:
         raise DataError(f"{source}: the dataset has no records")
+    _check_mapped_columns(columns, sample, source)
     names = [n for n in FORMAT_NAMES if kind is None or FORMAT_KINDS[n] == kind]
     present = {}
     for name in FORMAT_NAMES:
@@ -147,6 +148,25 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
         others = ", ".join(f"{n} {present[n]}" for n in names if n != best and present[n])
         evidence += f" (also matched: {others})"
     return Detection(best, evidence, columns)
+
+
+def _check_mapped_columns(columns: dict, sample: list, source: str) -> None:
+    """Refuse a ``columns`` entry that names a column none of the sampled records has (a typo would
+    otherwise read as "cannot tell the format", or be ignored where another format fits).
+
+    Example::
+
+        >>> _check_mapped_columns({"prompt": "quest"}, [{"question": "q", "answer": "a"}], "qa.jsonl")
+        Traceback (most recent call last):
+        ftmagic.errors.DataError: qa.jsonl: `columns` maps `prompt` to `quest`, a column no record has; the records have answer, question; did you mean `question`?
+    """
+    keys = sorted({str(k) for r in sample if isinstance(r, dict) for k in r})
+    for field_name, column in columns.items():
+        if field_name in ("role", "content") or not isinstance(column, str):
+            continue  # keys inside each message, not columns of the record
+        if column not in keys:
+            raise DataError(f"{source}: `columns` maps `{field_name}` to `{column}`, a column no record has; the "
+                            f"records have {', '.join(keys[:12]) or 'no fields'}" + did_you_mean(column, keys))
 
 
 _EXPECTED = {
