@@ -378,7 +378,7 @@ class FinetuneConfig:
                 fail("labels", f"`labels: {self.labels}` must list at least two distinct label names")
 
     def _validate_export(self, fail) -> None:
-        from ftmagic.export.targets import check_quants, check_targets
+        from ftmagic.export.targets import check_quants, check_targets, refuse_text_targets
 
         for key, check in (("export", check_targets), ("gguf_quant", check_quants)):
             try:
@@ -391,10 +391,11 @@ class FinetuneConfig:
             fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be a Hub repository id like `user/name`")
         if "hub" in check_targets(self.export) and not self.push_to_hub:
             fail("export", "`export: hub` needs `push_to_hub: user/name` to know where to upload")
-        runtimes = [t for t in check_targets(self.export) if t in ("gguf", "ollama")]
-        if runtimes and get_objective_spec(self.objective).classifier_head:
-            fail("export", f"`export: {runtimes[0]}` takes a text-generating model; `objective: {self.objective}` "
-                           "trains a classification head (keep `export` to merged or hub)")
+        if self.objective in OBJECTIVE_NAMES:
+            try:
+                refuse_text_targets(check_targets(self.export), self.objective, spelled="export: {}", error=ConfigError)
+            except ConfigError as exc:
+                fail("export", str(exc))
 
     def check_trainable(self) -> None:
         """Refuse, in one line, a valid config that cannot train one run as it stands.

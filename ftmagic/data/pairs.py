@@ -173,6 +173,20 @@ def special_tokens_around(tokenizer) -> tuple:
     return answer
 
 
+def eos_after_text(tokenizer) -> bool:
+    """Whether :func:`encode_texts` ends each text with an EOS that the tokenizer itself does not add
+    (so a runtime that tokenizes plainly must add it to read what the head was trained on).
+
+    Example::
+
+        eos_after_text(llama_tokenizer)   # True: [BOS] text, then ftmagic's EOS
+        eos_after_text(bert_tokenizer)    # False: [CLS] text [SEP] is the tokenizer's own
+    """
+    suffix = special_tokens_around(tokenizer)[1]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(suffix) and list(full[-len(suffix):]) != suffix
+
+
 def encode_texts(tokenizer, texts: list, labels: Optional[list] = None, *, max_seq_len: Optional[int] = None) -> list:
     """Tokenize labelled texts in one batch: a :class:`TextEncoded` each (special tokens kept when truncated).
 

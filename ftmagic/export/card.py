@@ -21,8 +21,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ftmagic.objectives import get_objective_spec
+
 LOSS_CURVE_FILE = "loss_curve.svg"
-CARD_TAGS = ("ftmagic", "text-generation")
+CARD_TAGS = ("ftmagic",)
 
 # Config keys shown in the card's training table, in this order (others are run control).
 _SHOWN_KEYS = ("method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -48,6 +50,9 @@ class CardInfo:
     gguf_files: list = field(default_factory=list)
     precision: Optional[str] = None
     device: Optional[str] = None
+    objective: str = "sft"  # reward and classify: a sequence-classification head, no text written
+    labels: Optional[list] = None  # a classifier's label names, by output
+    eos_after_text: bool = False  # a classifier read the EOS ftmagic put after each text (see head_snippet)
 
 
 def is_hub_id(name: Optional[str]) -> bool:
@@ -59,13 +64,25 @@ def is_hub_id(name: Optional[str]) -> bool:
                                                                                               ".csv", ".parquet"))
 
 
+def pipeline_tag(objective: str) -> str:
+    """The Hub's task for a run: a reward model or classifier has a sequence-classification head.
+
+    Example::
+
+        >>> pipeline_tag("dpo"), pipeline_tag("reward")
+        ('text-generation', 'text-classification')
+    """
+    return "text-generation" if get_objective_spec(objective).generates else "text-classification"
+
+
 def card_metadata(info: CardInfo) -> dict:
     """The YAML header's fields (only those that are known)."""
-    tags = list(CARD_TAGS) + [info.method] + (["peft", "lora"] if info.adapter and "lora" in info.method else [])
+    task = pipeline_tag(info.objective)
+    tags = list(CARD_TAGS) + [task, info.method] + (["peft", "lora"] if info.adapter and "lora" in info.method else [])
     if info.gguf_files:
         tags.append("gguf")
     meta = {"library_name": "peft" if info.adapter else "transformers", "tags": list(dict.fromkeys(tags)),
-            "pipeline_tag": "text-generation"}
+            "pipeline_tag": task}
     if is_hub_id(info.base_model):
         meta["base_model"] = info.base_model
     if info.datasets:
@@ -108,6 +125,8 @@ def card_body(info: CardInfo) -> str:
     parts += ["## Results", ""] + _metric_lines(info.metrics) + [""]
     if loss_curve_svg(info.history) is not None:
         parts += [f"![Training loss by step]({LOSS_CURVE_FILE})", ""]
+    if not get_objective_spec(info.objective).generates:
+        return "\n".join(parts + _head_use(info))
     parts += ["## Use it", "", "With transformers" + (" (and peft installed)" if info.adapter else "") + ":", "",
               "```python", "from transformers import pipeline", "",
               f'chat = pipeline("text-generation", model="{info.repo_id}")',
@@ -120,6 +139,25 @@ def card_body(info: CardInfo) -> str:
         parts += ["With llama.cpp or Ollama (the GGUF files embed the same chat template and stop tokens):", "",
                   "```bash", f"llama-cli -hf {info.repo_id}:{tag}", f"ollama run hf.co/{info.repo_id}:{tag}", "```", ""]
     return "\n".join(parts)
+
+
+def _head_use(info: CardInfo) -> list:
+    """"Use it" for a reward model or classifier: loaded with its head (it writes no text)."""
+    from ftmagic.export.summary import head_snippet
+
+    labels = list(info.labels or [])
+    what = ("a reward model (one score per conversation)" if info.objective == "reward"
+            else "a classifier" + (f" (outputs: {', '.join(map(str, labels))})" if labels else ""))
+    if info.adapter:
+        # The adapter holds the trained head (peft's modules_to_save); the base gets one of that many outputs.
+        outputs = 1 if info.objective == "reward" else len(labels) or 2
+        code = ["from peft import AutoPeftModelForSequenceClassification", "",
+                f"model = AutoPeftModelForSequenceClassification.from_pretrained({info.repo_id!r}, "
+                f"num_labels={outputs})"]
+    else:
+        code = head_snippet(info.repo_id, info.objective, eos_after_text=info.eos_after_text).splitlines()
+    return ["## Use it", "", f"This is {what}; it writes no text. With transformers"
+            + (" and peft" if info.adapter else "") + ":", "", "```python", *code, "```", ""]
 
 
 def _cell(value) -> str:

@@ -4,7 +4,8 @@
 return or show; its text comes from :func:`format_summary` (a pure function, tested with
 plain string asserts). The commands are built here too: ``vllm serve`` for the adapter
 or the merged folder, a transformers ``pipeline`` snippet, ``llama-cli``/``llama-server``
-for a GGUF and ``ollama create`` for a Modelfile.
+for a GGUF and ``ollama create`` for a Modelfile. A reward model or classifier gets a snippet that
+loads its head instead (:func:`head_snippet`); it writes no text.
 
 Example::
 
@@ -156,6 +157,38 @@ def pipeline_snippet(model_dir: str, prompt: str = "Hello") -> str:
         f"chat = pipeline(\"text-generation\", model={model_dir!r})",
         f"reply = chat([{{\"role\": \"user\", \"content\": {prompt!r}}}], max_new_tokens=64, do_sample=False)",
         "print(reply[0][\"generated_text\"][-1][\"content\"])",
+    ])
+
+
+def head_snippet(model_dir: str, objective: str, eos_after_text: bool = False) -> str:
+    """A transformers snippet for a folder with a sequence-classification head: ``classify`` prints
+    each label's probability for one text, ``reward`` the score of one conversation (rendered with
+    the folder's chat template, as the pairs were in training). ``eos_after_text``: the classifier
+    was trained on texts followed by EOS (a decoder whose tokenizer adds none), so the snippet adds it.
+
+    Example::
+
+        exec(head_snippet("runs/cls/merged", "classify"))   # prints {'neg': 0.03, 'pos': 0.97}
+    """
+    lines = ["import torch",
+             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+             "",
+             f"tokenizer = AutoTokenizer.from_pretrained({model_dir!r})",
+             f"model = AutoModelForSequenceClassification.from_pretrained({model_dir!r})"]
+    if objective == "classify":
+        text = '"Hello" + tokenizer.eos_token' if eos_after_text else '"Hello"'
+        lines += [f"text = {text}" + ("  # the head was trained on the EOS after each text" if eos_after_text else ""),
+                  "with torch.no_grad():",
+                  "    probs = model(**tokenizer(text, return_tensors=\"pt\")).logits.softmax(-1)[0]",
+                  "print({model.config.id2label[i]: round(float(p), 4) for i, p in enumerate(probs)})"]
+        return "\n".join(lines)
+    return "\n".join(lines + [
+        "conversation = [{\"role\": \"user\", \"content\": \"Hello\"}, {\"role\": \"assistant\", \"content\": \"Hi!\"}]",
+        "text = tokenizer.apply_chat_template(conversation, tokenize=False)",
+        "# The chat template already writes the special tokens the model was trained with.",
+        "with torch.no_grad():",
+        "    score = model(**tokenizer(text, return_tensors=\"pt\", add_special_tokens=False)).logits[0, 0]",
+        "print(float(score))  # higher: the answer is preferred",
     ])
 
 

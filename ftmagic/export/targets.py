@@ -16,18 +16,26 @@ Example::
     ['q4_k_m']
     >>> GGUF_TYPES["q4_k_m"].tool
     'quantizer'
+
+A run with a classification head (``objective: reward`` or ``classify``) does not write
+text, so the runtimes that only generate (llama.cpp's GGUF, Ollama) cannot take it; the
+config and every export front refuse it through :func:`refuse_text_targets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
-from ftmagic.errors import not_accepted
+from ftmagic.errors import ExportError, not_accepted
+from ftmagic.objectives import get_objective_spec
 
 # In the order they are produced: a GGUF is converted from the merged model, the Modelfile
 # points at a GGUF, and the Hub upload can carry all of them.
 EXPORT_TARGETS = ("merged", "gguf", "ollama", "hub")
+# The targets that run the model only as a text generator: llama.cpp reads a GGUF as a language
+# model and drops a sequence-classification head, and Ollama serves that GGUF.
+TEXT_TARGETS = ("gguf", "ollama")
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,24 @@ def check_targets(value, key: str = "export") -> list:
 def check_quants(value, key: str = "gguf_quant") -> list:
     """Validated GGUF types, in the order given (``"f16,q8_0"`` and lists both work)."""
     return _check(_as_list(value), GGUF_TYPES, key)
+
+
+def refuse_text_targets(targets, objective: str, spelled: str = "--to {}", error: Optional[type] = None) -> None:
+    """Raise when ``targets`` name a runtime that only generates text and ``objective`` trains a head.
+
+    ``spelled`` writes a target the way the user gave it (``"export: {}"`` in a config);
+    ``error`` is the class to raise (:class:`~ftmagic.errors.ExportError` unless given).
+
+    Example::
+
+        >>> refuse_text_targets(["merged", "hub"], "classify")   # accepted: nothing happens
+        >>> refuse_text_targets(["ollama"], "reward")
+        Traceback (most recent call last):
+        ftmagic.errors.ExportError: `--to ollama` needs a run that writes text; ... export `merged` or `hub`
+    """
+    asked = [t.lower() for t in _as_list(targets) if t.lower() in TEXT_TARGETS]
+    if not asked or get_objective_spec(objective).generates:
+        return
+    accepted = " or ".join(f"`{t}`" for t in EXPORT_TARGETS if t not in TEXT_TARGETS)
+    raise (error or ExportError)(f"`{spelled.format(asked[0])}` needs a run that writes text; a run with "
+                                 f"`objective: {objective}` has a classification head instead: export {accepted}")

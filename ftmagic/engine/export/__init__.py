@@ -6,7 +6,9 @@ One entry point, :func:`export_run`, behind ``RunResult.export(...)``, ``ftmagic
 by a later one:
 
 1. ``merged``: the adapter folded into an unquantized copy of the base (``RUN/merged``);
-   a fully fine-tuned run already is full weights.
+   a fully fine-tuned run already is full weights. A reward model or classifier is merged
+   with its sequence-classification head and label names; it writes no text, so ``gguf``
+   and ``ollama`` refuse it before any work (:func:`~ftmagic.export.targets.refuse_text_targets`).
 2. ``gguf``: llama.cpp's converter on the merged folder (``RUN/gguf/NAME-QUANT.gguf``),
    then its quantizer for the k-quants.
 3. ``ollama``: ``RUN/gguf/Modelfile`` beside the GGUF.
@@ -26,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,9 +37,9 @@ from ftmagic.engine.outdir import record_outputs
 from ftmagic.errors import ExportError
 from ftmagic.events import Message
 from ftmagic.export.files import atomic_target, path_size
-from ftmagic.export.summary import (ExportSummary, llama_cpp_commands, pipeline_snippet, vllm_lora_command,
-                                    vllm_model_command, vllm_serves_adapter)
-from ftmagic.export.targets import GGUF_TYPES, check_quants, check_targets
+from ftmagic.export.summary import (ExportSummary, head_snippet, llama_cpp_commands, pipeline_snippet,
+                                    vllm_lora_command, vllm_model_command, vllm_serves_adapter)
+from ftmagic.export.targets import GGUF_TYPES, check_quants, check_targets, refuse_text_targets
 from ftmagic.methods import get_method_spec
 from ftmagic.units import format_bytes
 
@@ -63,6 +66,7 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
     targets = check_targets(to, key="to")
     if not targets:
         raise ExportError("nothing to export: choose one or more of merged, gguf, ollama, hub")
+    refuse_text_targets(targets, run.objective)  # a classifier or reward model: before anything is merged
     quants = check_quants(quant if quant else getattr(config, "gguf_quant", "q8_0"), key="quant")
     if not quants:
         raise ExportError("no GGUF type given; choose e.g. `q8_0`")
@@ -168,18 +172,35 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
             summary.notes.append(f"`{run.method}` saves full weights, so {run_dir} itself is the merged model")
         return run_dir
     target = run_dir / MERGED_DIR
-    if _reuse(target, run_dir, overwrite) and (target / "config.json").is_file():
+    head = run._head()
+    if _reuse(target, run_dir, overwrite) and _has_head(target, head):
         summary.add_file(target, path_size(target), "merged model", reused=True)
         return target
     from ftmagic.engine.run import merge_adapter
 
     _say(emit, f"merging the adapter into the weights of {run.base_model_path}")
     with atomic_target(target, overwrite=True) as tmp:  # an incomplete folder is replaced
-        # On the CPU (the trained model may still fill the GPU), in the base's own stored precision.
+        # On the CPU (the trained model may still fill the GPU), in the base's own stored precision; a reward
+        # model or classifier keeps its trained head and label names, as the run-end `merge: true` does.
         merge_adapter(run_dir, run.base_model_path, tmp, device="cpu", dtype=stored_dtype(run.base_model_path),
-                      trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)))
+                      trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)), head=head)
     summary.add_file(target, path_size(target), "merged model")
     return target
+
+
+def _has_head(model_dir: Path, head: Optional[dict]) -> bool:
+    """Whether ``model_dir`` holds a complete model with the run's kind of head.
+
+    A reward model's or classifier's folder merged without its head (an export from before
+    heads were kept) is a plain language model: it is made again rather than kept.
+    """
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    classes = (config.get("architectures") or []) if isinstance(config, dict) else []
+    has_head = any(str(name).endswith("ForSequenceClassification") for name in classes)
+    return has_head == (head is not None) or not classes
 
 
 def _gguf(run, model_dir: Path, gguf_dir: Path, name: str, quants: list, summary: ExportSummary, *,
@@ -316,6 +337,7 @@ def _hub(run, repo_id: str, summary: ExportSummary, *, model_dir: Optional[Path]
 
 def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list):
     """The model card's facts about ``run``."""
+    from ftmagic.data.pairs import eos_after_text
     from ftmagic.export.card import CardInfo, is_hub_id
 
     config = run.config
@@ -327,7 +349,9 @@ def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list):
     return CardInfo(repo_id=repo_id, base_model=base, method=run.method or cfg.get("method", ""), adapter=adapter,
                     config=cfg, metrics=dict(run.metrics or {}), history=list(run.history or []),
                     license=base_license(run.base_model_path), datasets=datasets, gguf_files=gguf_files,
-                    precision=plan.get("precision"), device=plan.get("device"))
+                    precision=plan.get("precision"), device=plan.get("device"),
+                    objective=getattr(run, "objective", "sft"), labels=getattr(run, "labels", None),
+                    eos_after_text=getattr(run, "objective", "sft") == "classify" and eos_after_text(run.tokenizer))
 
 
 def base_license(base_path) -> Optional[str]:
@@ -356,6 +380,9 @@ def base_license(base_path) -> Optional[str]:
 
 def _commands(run, run_dir: Path, summary: ExportSummary, ggufs: list) -> None:
     config = run.config
+    if run._head() is not None:
+        _head_commands(run, run_dir, summary)
+        return
     summary.commands["transformers"] = pipeline_snippet(str(run_dir))
     merged = run_dir / MERGED_DIR
     if run._is_adapter() and vllm_serves_adapter(run.method):
@@ -372,3 +399,17 @@ def _commands(run, run_dir: Path, summary: ExportSummary, ggufs: list) -> None:
         summary.notes.append(f"vLLM serves `{run.method}` runs merged: export `--to merged` first")
     if ggufs:
         summary.commands["llama.cpp"] = llama_cpp_commands(str(ggufs[0]))
+
+
+def _head_commands(run, run_dir: Path, summary: ExportSummary) -> None:
+    """A reward model or classifier: transformers loads the full weights with their head; it writes no text,
+    so no generation pipeline, vLLM LoRA server or llama.cpp command applies."""
+    from ftmagic.data.pairs import eos_after_text
+
+    model_dir = run_dir / MERGED_DIR if run._is_adapter() else run_dir
+    if (model_dir / "config.json").is_file():
+        summary.commands["transformers"] = head_snippet(str(model_dir), run.objective,
+                                                        eos_after_text=eos_after_text(run.tokenizer))
+    else:
+        summary.notes.append(f"transformers loads an `objective: {run.objective}` run with its head from the merged "
+                             "model: export `--to merged`")
