@@ -322,8 +322,9 @@ class FinetuneConfig:
 
             try:
                 parse_sweep(self.sweep, self, source=problems.source, lines=problems.lines)
-            except ConfigError as exc:  # already located at the line inside the block
-                problems.add("sweep", str(exc), located=True)
+            except ConfigError as exc:  # each already located at its line inside the block
+                for i, message in enumerate(exc.problems):
+                    problems.add(f"sweep#{i}", message, located=True, line=problems.lines.get("sweep"))
 
     def _validate_evaluation(self, fail) -> None:
         from ftmagic.scoring import METRICS, check_metric_spec, metric_names
@@ -650,12 +651,14 @@ class Problems:
             return f"{self.source}:{self.lines[key]}: "
         return f"{self.source}: " if self.source else ""
 
-    def add(self, key: str, message: str, located: bool = False) -> None:
-        """Note ``message`` about ``key``; ``located``: it already names its file and line."""
+    def add(self, key: str, message: str, located: bool = False, line: Optional[int] = None) -> None:
+        """Note ``message`` about ``key``; ``located``: it already names its file and line (``line``
+        then orders it among the others)."""
         if key in self.keys:
             return  # one problem per key: the first one found is the one to fix
         self.keys.add(key)
-        line = self.lines.get(key) if key not in self.labels else None
+        if line is None:
+            line = self.lines.get(key) if key not in self.labels else None
         self.found.append((line if line is not None else math.inf, len(self.found),
                            message if located else self.where(key) + message))
 

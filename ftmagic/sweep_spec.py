@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -110,73 +111,110 @@ def parse_sweep(block: Any, config, *, source: Optional[str] = None, lines: Opti
             return f"{source}:{line}: "
         return f"{source}: " if source else ""
 
+    found: list = []  # (line, order, message): every mistake of the block, reported together
+
     def fail(key: str, message: str) -> None:
-        raise ConfigError(where(key) + message)
+        line = (lines or {}).get(f"sweep.{key}") or (lines or {}).get("sweep") or math.inf
+        found.append((line, len(found), where(key) + message))
+        raise _Refused  # the rest of this key (or setting) cannot be judged
 
     if not isinstance(block, dict) or not block:
         raise ConfigError(where("") + "`sweep` must be a mapping of config keys to search spaces, "
                           "e.g. `sweep: {lr: [1.0e-4, 3.0e-4], n_trials: 4}`")
     fields = [f.name for f in config_fields()]
-    spaces = []
+    spaces, refused_keys = [], 0
     for key, value in block.items():
         if key in CONTROL_KEYS:
             continue
-        if not isinstance(key, str) or key not in fields:
-            hint = did_you_mean(key, fields + list(CONTROL_KEYS))
-            fail(str(key), f"`sweep.{key}` is not a config key or a sweep setting"
-                 + (hint or f" ({', '.join(CONTROL_KEYS)})"))
-        if key in NOT_SEARCHABLE:
-            fail(key, f"`sweep.{key}` cannot be searched: it says where data or outputs are, not how to train; "
-                      "set it outside the `sweep:` block")
-        spaces.append(_space(key, value, config, fail))
-    if not spaces:
-        fail("", "`sweep` names no config key to search; add one, e.g. `lr: [1.0e-4, 3.0e-4]`")
+        try:
+            if not isinstance(key, str) or key not in fields:
+                hint = did_you_mean(key, fields + list(CONTROL_KEYS))
+                fail(str(key), f"`sweep.{key}` is not a config key or a sweep setting"
+                     + (hint or f" ({', '.join(CONTROL_KEYS)})"))
+            if key in NOT_SEARCHABLE:
+                fail(key, f"`sweep.{key}` cannot be searched: it says where data or outputs are, not how to train; "
+                          "set it outside the `sweep:` block")
+            spaces.append(_space(key, value, config, fail))
+        except _Refused:
+            refused_keys += 1
+    with _judged():
+        if not spaces and not refused_keys:
+            fail("", "`sweep` names no config key to search; add one, e.g. `lr: [1.0e-4, 3.0e-4]`")
 
     sampler = block.get("sampler")
     all_choices = all(s.kind == "choices" for s in spaces)
     if sampler is None:
         sampler = "grid" if all_choices else "tpe"
-    if sampler not in SAMPLERS:
-        fail("sampler", str(not_accepted("sweep.sampler", sampler, SAMPLERS)))
-    if sampler == "grid" and not all_choices:
-        ranged = next(s for s in spaces if s.kind != "choices")
-        fail(ranged.key, f"`sweep.{ranged.key}` is a {ranged.kind} range, which a grid cannot enumerate; give a list "
-                         "of values or use `sampler: random` or `tpe`")
+    with _judged():
+        if sampler not in SAMPLERS:
+            fail("sampler", str(not_accepted("sweep.sampler", sampler, SAMPLERS)))
+        if sampler == "grid" and not all_choices:
+            ranged = next(s for s in spaces if s.kind != "choices")
+            fail(ranged.key, f"`sweep.{ranged.key}` is a {ranged.kind} range, which a grid cannot enumerate; give a "
+                             "list of values or use `sampler: random` or `tpe`")
 
     grid_size = math.prod(len(s.choices) for s in spaces) if all_choices else None
-    n_trials = block.get("n_trials", grid_size if sampler == "grid" else DEFAULT_TRIALS)
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        fail("n_trials", f"`sweep.n_trials: {n_trials!r}` must be a whole number of at least 1")
-    if sampler == "grid":
-        n_trials = min(n_trials, grid_size)  # the grid has no more points to try
+    n_trials = block.get("n_trials", grid_size if sampler == "grid" and grid_size else DEFAULT_TRIALS)
+    with _judged():
+        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+            fail("n_trials", f"`sweep.n_trials: {n_trials!r}` must be a whole number of at least 1")
+        if sampler == "grid" and grid_size:
+            n_trials = min(n_trials, grid_size)  # the grid has no more points to try
 
     names = list(config.metric_names) if config.generation_eval else []
     has_eval = config.eval_data is not None or config.val_split > 0
     metric = block.get("metric", names[0] if names else "eval_loss")
-    if not isinstance(metric, str):
-        fail("metric", f"`sweep.metric: {metric!r}` must be a metric name, e.g. eval_loss")
-    if metric == "eval_loss" and not has_eval:
-        fail("metric", "`sweep.metric: eval_loss` needs evaluation data: set `val_split` or `eval_data` "
-                       "(or score answers with `eval_metrics` and `sweep.metric`)")
-    if metric != "eval_loss" and metric not in names:
-        fail("metric", f"`sweep.metric: {metric}` is not computed; use eval_loss or one of `eval_metrics` "
-                       f"({', '.join(names) or 'none set'})")
     direction = block.get("direction")
-    if direction is None:
-        from ftmagic.scoring import greater_is_better
+    with _judged():
+        if not isinstance(metric, str):
+            fail("metric", f"`sweep.metric: {metric!r}` must be a metric name, e.g. eval_loss")
+        if metric == "eval_loss" and not has_eval:
+            fail("metric", "`sweep.metric: eval_loss` needs evaluation data: set `val_split` or `eval_data` "
+                           "(or score answers with `eval_metrics` and `sweep.metric`)")
+        if metric != "eval_loss" and metric not in names:
+            fail("metric", f"`sweep.metric: {metric}` is not computed; use eval_loss or one of `eval_metrics` "
+                           f"({', '.join(names) or 'none set'})")
+        if direction is None:
+            from ftmagic.scoring import greater_is_better
 
-        functions = {getattr(f, "__name__", ""): f for f in (config.eval_metrics or []) if callable(f)}
-        higher = (bool(getattr(functions[metric], "greater_is_better", True)) if metric in functions
-                  else greater_is_better(metric))
-        direction = "maximize" if higher else "minimize"
-    if direction not in DIRECTIONS:
-        fail("direction", str(not_accepted("sweep.direction", direction, DIRECTION_NAMES)))
+            functions = {getattr(f, "__name__", ""): f for f in (config.eval_metrics or []) if callable(f)}
+            higher = (bool(getattr(functions[metric], "greater_is_better", True)) if metric in functions
+                      else greater_is_better(metric))
+            direction = "maximize" if higher else "minimize"
+    with _judged():
+        if direction is not None and direction not in DIRECTIONS:
+            fail("direction", str(not_accepted("sweep.direction", direction, DIRECTION_NAMES)))
     pruner = block.get("pruner", "median")
     if pruner is False or pruner is None:
         pruner = "none"
-    if pruner not in PRUNERS:
-        fail("pruner", str(not_accepted("sweep.pruner", pruner, PRUNERS)))
+    with _judged():
+        if pruner not in PRUNERS:
+            fail("pruner", str(not_accepted("sweep.pruner", pruner, PRUNERS)))
+    if found:
+        raise ConfigError(problems=[message for _, _, message in sorted(found)])
     return SweepSpec(tuple(spaces), n_trials, metric, DIRECTIONS[direction], sampler, pruner)
+
+
+def _refused(config) -> bool:
+    """Whether the config outside the ``sweep:`` block is refused on its own."""
+    try:
+        config.replace(sweep=None)
+    except ConfigError:
+        return True
+    return False
+
+
+class _Refused(Exception):
+    """A mistake was noted (by ``parse_sweep``'s ``fail``); the part it was found in is left."""
+
+
+@contextmanager
+def _judged():
+    """One independent part of the ``sweep:`` block: a mistake in it is noted and the next part is judged."""
+    try:
+        yield
+    except _Refused:
+        pass
 
 
 def _space(key: str, value: Any, config, fail) -> Space:
@@ -186,6 +224,8 @@ def _space(key: str, value: Any, config, fail) -> Space:
         try:
             trial = config.replace(sweep=None, **{key: v})
         except ConfigError as exc:
+            if _refused(config):
+                return v  # the base config's own mistakes, reported at their own lines, not this value's
             fail(key, f"`sweep.{key}`: value {v!r} is not accepted ({_strip_where(str(exc))})")
         return getattr(trial, key)
 

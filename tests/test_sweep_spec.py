@@ -98,3 +98,18 @@ def test_the_sweep_flag_of_the_magic():
     overrides = flag_overrides(args)
     assert overrides["sweep"] == {"lr": [1e-4, 1e-3], "n_trials": 2}
     assert build_config("model: tiny\n", overrides).sweep == {"lr": [1e-4, 1e-3], "n_trials": 2}
+
+
+def test_every_mistake_in_the_block_is_reported_at_once_with_the_rest_of_the_config():
+    """Three mistakes were three fix-and-rerun rounds: the block is judged part by part."""
+    text = ("model: tiny\nlora_r: 0\nsweep:\n  lora_rr: [8, 16]\n  lr: {log_uniform: [1.0e-5, 1.0e-3]}\n"
+            "  sampler: grid\n  metric: exact_match\n")
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml(text, source="run.yaml")
+    assert info.value.problems == [
+        "run.yaml:2: `lora_r: 0` must be at least 1",
+        "run.yaml:4: `sweep.lora_rr` is not a config key or a sweep setting; did you mean `lora_r`?",
+        "run.yaml:5: `sweep.lr` is a log_uniform range, which a grid cannot enumerate; give a list of values or use "
+        "`sampler: random` or `tpe`",
+        "run.yaml:7: `sweep.metric: exact_match` is not computed; use eval_loss or one of `eval_metrics` (none set)",
+    ]
