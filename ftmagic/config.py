@@ -270,6 +270,12 @@ class FinetuneConfig:
                 fail(key, str(not_accepted(key, value, allowed)))
         if not isinstance(self.model, str) or not self.model.strip():
             fail("model", "`model` must be a Hugging Face id, a local directory or `tiny`")
+        for key in ("data", "eval_data"):  # a mixture's entries, judged before anything is read
+            if isinstance(getattr(self, key), (list, tuple)):
+                from ftmagic.data.pipeline import source_problems
+
+                for i, message in source_problems(getattr(self, key), key):
+                    fail(f"{key}[{i}]", message)
         for key, (low, high) in NUMBER_RANGES.items():
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -594,6 +600,9 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
             # One level deeper (`sweep.lr`), so an error inside a block names its own line.
             for sub_node, _ in value_node.value:
                 place(f"{key_node.value}.{sub_node.value}", sub_node)
+        elif isinstance(value_node, yaml.SequenceNode):  # a list's entries (`data[1]`), for the same reason
+            for i, item in enumerate(value_node.value):
+                lines[f"{key_node.value}[{i}]"] = item.start_mark.line + first_line
     return values, lines
 
 

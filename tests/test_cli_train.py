@@ -139,7 +139,7 @@ def test_an_interrupted_run_exits_with_130_so_a_script_stops(test_model_dir, tmp
         return attention(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", interrupted_attention)
-    path = _config(tmp_path, test_model_dir, "save_steps: 1\n")
-    assert main(["train", str(path), "--set", "max_steps=50", "--quiet"]) == 130
+    path = _config(tmp_path, test_model_dir)
+    assert main(["train", str(path), "--set", "max_steps=50", "--set", "save_steps=1", "--quiet"]) == 130
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("interrupted: ") and not line.startswith("interrupted: 0 steps"), line

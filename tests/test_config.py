@@ -186,3 +186,15 @@ def test_a_key_given_twice_is_refused_at_its_second_line():
     assert str(info.value) == "run.yaml:3: `max_steps` is given twice (also on line 1); keep one"
     with pytest.raises(ConfigError, match=r"^run.yaml:4: `sweep.lr` is given twice \(also on line 3\); keep one$"):
         FinetuneConfig.from_yaml("model: tiny\nsweep:\n  lr: [1e-3, 2e-3]\n  lr: [3e-3]\n", source="run.yaml")
+
+
+def test_every_mistake_in_a_data_mixture_is_reported_at_its_entry_with_the_rest():
+    text = ("model: tiny\ndata:\n  - {path: a.jsonl, weight: -2}\n  - {path: b.jsonl}\n  - {path: c.jsonl, weight: zero}\n"
+            "lora_r: 0\n")
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml(text, source="run.yaml")
+    assert info.value.problems == [
+        "run.yaml:3: `data[0].weight: -2` must be a number greater than 0 (1 = as is, 2 = twice)",
+        "run.yaml:5: `data[2].weight: 'zero'` must be a number greater than 0 (1 = as is, 2 = twice)",
+        "run.yaml:6: `lora_r: 0` must be at least 1",
+    ]

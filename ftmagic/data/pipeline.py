@@ -66,6 +66,25 @@ class PreparedData:
     eval_prompts: Optional[list] = None  # EvalPrompt list for evaluation by generation (when it is on)
 
 
+def source_problems(data: Any, key: str = "data") -> list:
+    """Every mistake in the entries of a mixture list, as ``(entry index, message)``; the config
+    reports them with the rest of its mistakes, at each entry's line.
+
+    Example::
+
+        >>> source_problems([{"path": "a.jsonl", "weight": 0}, {"path": "b.jsonl"}])
+        [(0, '`data[0].weight: 0` must be a number greater than 0 (1 = as is, 2 = twice)')]
+    """
+    if not (isinstance(data, (list, tuple)) and data and all(_is_source_spec(d) for d in data)):
+        return []
+    problems = []
+    for i, spec in enumerate(data):
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
+            problems.append((i, f"`{key}[{i}].weight: {weight!r}` must be a number greater than 0 (1 = as is, 2 = twice)"))
+    return problems
+
+
 def data_sources(data: Any, key: str = "data") -> list:
     """Split a ``data`` value into :class:`Source` entries (a mixture list, a list of paths, or one dataset).
 
@@ -79,15 +98,15 @@ def data_sources(data: Any, key: str = "data") -> list:
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, str) for d in data):
         return [Source(d, name=d) for d in data]
     if isinstance(data, (list, tuple)) and data and all(_is_source_spec(d) for d in data):
+        problems = source_problems(data, key)
+        if problems:
+            raise ConfigError(problems=[message for _, message in problems])
         sources = []
         for i, spec in enumerate(data):
-            weight = spec.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
-                raise ConfigError(f"`{key}[{i}].weight: {weight!r}` must be a number greater than 0 (1 = as is, 2 = twice)")
             payload = spec["path"] if "path" in spec else spec["data"]
             name = spec.get("name") or (payload if isinstance(payload, str) else f"{key}[{i}]")
-            sources.append(Source(payload, float(weight), spec.get("format"), spec.get("columns"), name,
-                                  spec.get("split") or "train", spec.get("subset")))
+            sources.append(Source(payload, float(spec.get("weight", 1.0)), spec.get("format"), spec.get("columns"),
+                                  name, spec.get("split") or "train", spec.get("subset")))
         return sources
     return [Source(data, name=data if isinstance(data, str) else key)]
 
