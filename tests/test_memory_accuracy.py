@@ -92,6 +92,23 @@ def test_exact_mode_falls_back_to_analytic_for_8bit_optimizers():
     assert any("fell back to the analytic estimate" in n and "8-bit" in n for n in est.notes)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_exact_mode_says_in_a_sentence_why_virtual_tokens_fall_back(method):
+    """peft builds them inside its own forward from tensors made outside the tracer; the note said so
+    with a cut-off internal error for prompt tuning."""
+    est = estimate_memory(TINY, method=method, batch_size=1, seq_len=32, mode="exact")
+    assert est.total_bytes == estimate_memory(TINY, method=method, batch_size=1, seq_len=32).total_bytes
+    assert f"exact mode fell back to the analytic estimate: `{method}`'s virtual tokens are not traced" in est.notes
+
+
+def test_an_untraceable_step_is_named_in_words_cut_at_a_word():
+    from ftmagic.engine.trace import _shortened
+
+    assert _shortened("short") == "short"
+    assert _shortened("Please convert all Tensors to FakeTensors first " * 4 + "\nsecond line", width=60) == \
+        "Please convert all Tensors to FakeTensors first Please ..."
+
+
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "reward", "classify"])
 @pytest.mark.parametrize("settings", [
     dict(method="lora", precision="bf16", batch_size=4, seq_len=128),

@@ -543,6 +543,12 @@ def simulate_memory(model: Any, **settings: Any) -> TraceResult:
     return trace_step(model, **settings)
 
 
+def _shortened(text: str, width: int = 120) -> str:
+    """The first line of an error, cut at a word with an ellipsis where it is longer than ``width``."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[:width].rsplit(" ", 1)[0] + " ..."
+
+
 def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryEstimate] = None) -> MemoryEstimate:
     """The traced step as a :class:`~ftmagic.memory.MemoryEstimate`; the analytic one, with a note, where it cannot trace.
 
@@ -561,8 +567,9 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
     reason = untraceable_reason(settings["method"], settings["optimizer"])
     if reason is None and settings.get("devices", 1) > 1:
         reason = "the tracer runs one process; the share of each of several devices is the analytic estimate's"
-    if reason is None and settings["method"] == "prefix_tuning":
-        reason = "prefix tuning's cache-based virtual tokens are not traced"
+    if reason is None and get_method_spec(settings["method"]).prompt_learning:
+        # peft builds the virtual tokens inside its own forward from tensors made outside the tracer.
+        reason = f"`{settings['method']}`'s virtual tokens are not traced"
     if reason is None:
         try:
             sim = simulate_memory(
@@ -577,7 +584,7 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
         except FtmagicError as exc:
             reason = str(exc)
         except Exception as exc:  # an architecture or op the tracer cannot run: say so, keep the analytic answer
-            reason = f"the step could not be traced ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            reason = f"the step could not be traced ({type(exc).__name__}: {_shortened(str(exc))})"
     if reason is not None:
         analytic.notes.append(f"exact mode fell back to the analytic estimate: {reason}")
         return analytic
