@@ -113,8 +113,11 @@ class _Planted:
         return (os.mkdir, (self.marker,))
 
 
-def _base(model_dir, data, out) -> str:
-    return f"model: {model_dir}\ndata: {data}\nmax_steps: 2\nbatch_size: 2\noutput_dir: {out}\n"
+def _base(model_dir, data, out, extra: str = "") -> str:
+    """A good config, without the keys ``extra`` sets (a key given twice is a mistake of its own)."""
+    lines = [f"model: {model_dir}", f"data: {data}", "max_steps: 2", "batch_size: 2", f"output_dir: {out}"]
+    given = {line.split(":", 1)[0] for line in extra.splitlines()}
+    return "".join(line + "\n" for line in lines if line.split(":", 1)[0] not in given)
 
 
 def _snapshot(folder: Path) -> dict:
@@ -150,7 +153,7 @@ def _cli_one_line(capsys, argv, expected_start):
 def test_hostile_config_cli_and_api(name, user_folder, test_model_dir, capsys):
     extra, message = CONFIG_CASES[name]
     config = user_folder / "run.yaml"
-    config.write_text(_base(test_model_dir, user_folder / "train.jsonl", user_folder / "out") + extra + "\n")
+    config.write_text(_base(test_model_dir, user_folder / "train.jsonl", user_folder / "out", extra) + extra + "\n")
     before = _snapshot(user_folder)
     line = _cli_one_line(capsys, ["train", str(config)], f"{config}:")
     assert message in line  # the limit is checked on the parsed structure: nothing was expanded
@@ -293,7 +296,7 @@ def test_hostile_inputs_in_a_notebook_kernel_are_one_usage_error_each(user_folde
     pytest.importorskip("jupyter_client")
     cells = {}
     for name, (extra, message) in CONFIG_CASES.items():
-        body = _base(test_model_dir, user_folder / "train.jsonl", user_folder / "out") + extra + "\n"
+        body = _base(test_model_dir, user_folder / "train.jsonl", user_folder / "out", extra) + extra + "\n"
         cells[name] = ("%%finetune\n" + body, message)
     for name, (file_name, content, message) in _data_cases(tmp_path).items():
         (tmp_path / file_name).write_bytes(content)
