@@ -9,6 +9,10 @@ dtypes but no data, so a 7B model's step is simulated on a laptop CPU without
 allocating it. With ``fake=False`` the same step runs on real CPU tensors: that is
 the *measured* peak the benchmark and the tests compare against.
 
+The step runs on the CPU either way, but a GPU runs some ops through kernels that keep
+less for backward; ``device="cuda"`` (what exact mode passes for a GPU estimate) swaps
+those in for the trace (:func:`_device_kernels`), so the traced peak is the GPU's.
+
 The method is prepared by the engine's own registry (:mod:`ftmagic.engine.methods`), so
 the traced step trains exactly what a run trains. :func:`exact_estimate` wraps the trace
 as a :class:`~ftmagic.memory.MemoryEstimate`; the analytic model it falls back to lives in
@@ -51,6 +55,8 @@ UNTRACEABLE_OPTIMIZERS = {
 
 # Architectures whose attention (logit soft-capping) runs only in the eager kernel here.
 EAGER_ONLY = ("gemma2",)
+# Devices whose kernels a traced step can follow (see _device_kernels).
+DEVICE_KERNELS = ("cpu", "cuda")
 
 
 @dataclass
@@ -133,11 +139,15 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
                lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: Any = "auto",
                num_virtual_tokens: int = 16, trainable_layers: int = 2, fake: bool = True,
                attn_implementation: str = "sdpa", seed: int = 0, loss: str = "auto",
-               optimizer_impl: str = "foreach", objective: str = "sft", num_labels: int = 2) -> TraceResult:
+               optimizer_impl: str = "foreach", objective: str = "sft", num_labels: int = 2,
+               device: str = "cpu") -> TraceResult:
     """Run (``fake=False``) or simulate (``fake=True``) one training step and track its memory.
 
     ``optimizer_impl`` is ``foreach`` (torch's multi-tensor AdamW, what the engine uses on
     CPU: one extra state-sized buffer during the step) or ``fused`` (the engine on CUDA).
+    ``device`` is whose kernels the step's memory follows: ``cpu`` (torch's CPU kernels, what a
+    measured CPU step runs) or ``cuda`` (dropout and attention dropout as CUDA runs them; see
+    :func:`_device_kernels`).
     ``objective`` traces that objective's step as the engine runs it: pairs are two sequences
     per record, DPO adds its reference forward without gradients (the adapter switched off,
     or a frozen copy), reward models and classifiers read a small head at the last position.
@@ -152,6 +162,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
     reason = untraceable_reason(method, optimizer)
     if reason:
         raise ConfigError(f"exact mode cannot trace `method: {method}`, `optimizer: {optimizer}`: {reason}")
+    if device not in DEVICE_KERNELS:
+        raise ConfigError(f"exact mode traces the kernels of `device: cpu` or `cuda`, not `{device}`")
     shape = resolve_model(model)
     plan = weight_plan(method, precision)
     obj = get_objective_spec(objective)
@@ -196,7 +208,8 @@ def trace_step(model: Any = "smollm2-135m", *, method: str = "lora", precision: 
         if reference is not None:
             _fakify(reference, fake_mode)
         params = [p for p in net.parameters() if p.requires_grad]
-    with fake_mode if fake_mode is not None else nullcontext(), _one_sequence_per_row(fake):
+    with fake_mode if fake_mode is not None else nullcontext(), _one_sequence_per_row(fake), \
+            _device_kernels(device):
         if optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=1e-4)
         else:
@@ -531,6 +544,50 @@ def _one_sequence_per_row(active: bool):
         masking.find_packed_sequence_indices = original
 
 
+@contextmanager
+def _device_kernels(device: str):
+    """Give the traced step the memory of ``device``'s kernels where the CPU's differ (``cuda``).
+
+    The trace runs CPU kernels, and two of them keep more for backward than CUDA's do:
+
+    * dropout (LoRA's ``lora_dropout``, GPT-2's residual dropout): on CUDA ``F.dropout``
+      runs the fused ``native_dropout``, which saves a bool mask (1 byte per element); on
+      the CPU it multiplies by a noise tensor of the input's dtype, which it saves (4 bytes
+      for peft's fp32 adapter inputs). ATen's ``dropout`` takes the fused kernel only for
+      CUDA (XPU, lazy) tensors, so here it is called directly; in-place dropout takes the
+      noise path on CUDA too and is left alone.
+    * attention with dropout: the CPU's SDPA has no fused kernel for it and runs the math
+      kernel, which saves batch x heads x seq x seq scores; CUDA's flash and memory-efficient
+      kernels keep the output, the logsumexp and the RNG's seed and offset, as the CPU's
+      fused kernel does without dropout, so the trace runs that.
+
+    These are the same facts the analytic estimate's ``device`` setting models
+    (``DROPOUT_MASK_BYTES``, ``_math_attention`` in :mod:`ftmagic.memory.estimate`). Like
+    :func:`_one_sequence_per_row`, the swap holds module-wide while the step is traced.
+    """
+    if device == "cpu":
+        yield
+        return
+    import torch
+    import torch.nn.functional as F
+
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def fused_dropout(input, p=0.5, training=True, inplace=False):
+        if training and not inplace and 0 < p < 1 and input.numel() > 0:
+            return torch.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+        return sdpa(query, key, value, attn_mask, 0.0, is_causal, *args, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = fused_dropout, fused_attention
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+
+
 def simulate_memory(model: Any, **settings: Any) -> TraceResult:
     """Exact mode: :func:`trace_step` under FakeTensorMode (nothing is allocated).
 
@@ -580,7 +637,8 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
                 target_modules=settings["target_modules"], num_virtual_tokens=settings["num_virtual_tokens"],
                 trainable_layers=settings["trainable_layers"], loss=settings.get("loss", "auto"),
                 optimizer_impl="foreach" if settings.get("device") == "cpu" else "fused",
-                objective=settings.get("objective", "sft"), num_labels=max(2, settings.get("num_labels") or 2))
+                objective=settings.get("objective", "sft"), num_labels=max(2, settings.get("num_labels") or 2),
+                device="cpu" if settings.get("device") == "cpu" else "cuda")
         except FtmagicError as exc:
             reason = str(exc)
         except Exception as exc:  # an architecture or op the tracer cannot run: say so, keep the analytic answer
@@ -591,7 +649,8 @@ def exact_estimate(shape: ModelShape, settings: dict, analytic: Optional[MemoryE
     breakdown = dict.fromkeys(DEVICE_KEYS, 0)
     breakdown.update(sim.breakdown)
     peak_phase = max(sim.phases, key=sim.phases.get)
-    notes = ["exact: one steady-state step traced under FakeTensorMode with torch's MemTracker"]
+    notes = ["exact: one steady-state step traced under FakeTensorMode with torch's MemTracker"
+             + ("" if settings.get("device") == "cpu" else ", with CUDA's dropout and attention kernels")]
     if get_method_spec(settings["method"]).quantized:
         notes.append("4-bit linears traced as frozen compute-dtype linears (same saved tensors), weights counted at NF4 size")
     return MemoryEstimate(total_bytes=int(sim.peak_bytes), breakdown=breakdown, phases=dict(sim.phases),
