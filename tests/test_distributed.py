@@ -349,8 +349,10 @@ def _cli_config(tmp_path, model_dir, body=""):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reversal_records(24)))
     path = tmp_path / "run.yaml"
-    path.write_text(f"model: {model_dir}\ndata: {data}\nmethod: lora\nmax_steps: 3\nbatch_size: 4\nlora_r: 2\n"
-                    f"lora_dropout: 0.0\nsave_steps: 0\neval_steps: 0\noutput_dir: {tmp_path / 'out'}\n" + body)
+    base = (f"model: {model_dir}\ndata: {data}\nmethod: lora\nmax_steps: 3\nbatch_size: 4\nlora_r: 2\n"
+            f"lora_dropout: 0.0\nsave_steps: 0\neval_steps: 0\noutput_dir: {tmp_path / 'out'}\n")
+    given = {line.split(":", 1)[0] for line in body.splitlines()}  # ``body`` replaces those keys: each is given once
+    path.write_text("".join(line + "\n" for line in base.splitlines() if line.split(":", 1)[0] not in given) + body)
     return path
 
 
