@@ -60,6 +60,28 @@ def classifier(test_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pad_eos_model_dir(tmp_path_factory):
+    """The test model with pad == EOS and no pad id in its config, as Llama 3 and Qwen2.5 base models
+    (ftmagic then pads with EOS, the token after each text that the head reads)."""
+    from model_builders import build_test_model_dir, build_test_tokenizer
+
+    tokenizer = build_test_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    folder = build_test_model_dir(tmp_path_factory.mktemp("pad-eos") / "model", tokenizer)
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("pad_token_id", None)
+    config_file.write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def pad_eos_classifier(pad_eos_model_dir, tmp_path_factory):
+    return _train(pad_eos_model_dir, tmp_path_factory.mktemp("heads") / "cls-pad-eos", objective="classify",
+                  data=LABELLED, max_steps=30, merge=True)
+
+
+@pytest.fixture(scope="module")
 def reward_model(test_model_dir, tmp_path_factory):
     return _train(test_model_dir, tmp_path_factory.mktemp("heads") / "reward", objective="reward", data=PAIRS,
                   max_steps=12, lr=2e-2)
@@ -129,6 +151,47 @@ def test_a_headless_merge_from_before_is_made_again(classifier, tmp_path):
     summary = RunResult.load(run_dir).export("merged")
     assert not summary.files[0].reused
     _assert_classifier_folder(run_dir / "merged", classifier)
+
+
+def test_a_classifier_whose_pad_is_its_eos_exports_what_predict_reads(pad_eos_classifier, tmp_path):
+    # transformers pools the last token that is not pad: with pad == EOS it would skip the EOS the head was
+    # trained on. The merged config names no pad, so one text at a time reads that EOS, from every way of merging.
+    tokenizer = pad_eos_classifier.tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    for folder in (Path(pad_eos_classifier.output_dir) / "merged",    # `merge: true`
+                   Path(copy_run(pad_eos_classifier.output_dir, tmp_path / "cls")) / "merged"):
+        summary = RunResult.load(folder.parent).export("merged")    # `--to merged` (the first one reused)
+        _assert_classifier_folder(folder, pad_eos_classifier)
+        assert json.loads((folder / "config.json").read_text())["pad_token_id"] is None
+        snippet = summary.commands["transformers"]
+        assert "One text per call" in snippet and any("one text per call" in note for note in summary.notes)
+        got = eval(_run_snippet(snippet))
+        assert got == pytest.approx(pad_eos_classifier.predict(["Hello"], probabilities=True)[0], abs=1e-4)
+    # The live run keeps padding with EOS (its own pooling reads each text's last position).
+    assert pad_eos_classifier.model.config.pad_token_id == tokenizer.eos_token_id
+
+
+def test_a_merge_that_pools_past_the_eos_is_made_again(pad_eos_classifier, tmp_path):
+    run_dir = tmp_path / "old"
+    shutil.copytree(pad_eos_classifier.output_dir, run_dir)
+    config_file = run_dir / "merged" / "config.json"
+    eos = pad_eos_classifier.tokenizer.eos_token_id
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "pad_token_id": eos}))  # as merged before
+    summary = RunResult.load(run_dir).export("merged")
+    assert not summary.files[0].reused
+    _assert_classifier_folder(run_dir / "merged", pad_eos_classifier)
+
+
+def test_the_adapter_card_of_a_pad_eos_classifier_reads_as_predict(pad_eos_classifier, tmp_path):
+    from ftmagic.engine.export import card_info
+
+    run = RunResult.load(copy_run(pad_eos_classifier.output_dir, tmp_path / "cls"))
+    info = card_info(run, run.output_dir, adapter=True, gguf_files=[], model_dir=Path(run.output_dir))
+    card = model_card(info)
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "id2label={0: 'neg', 1: 'pos'}" in code and "pad_token_id=None" in code and "eos_token" in code
+    got = eval(_run_snippet(code))
+    assert got == pytest.approx(pad_eos_classifier.predict(["Hello"], probabilities=True)[0], abs=1e-4)
 
 
 def test_merged_export_of_a_reward_model_scores_as_the_run(reward_model, tmp_path):

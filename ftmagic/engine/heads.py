@@ -26,7 +26,8 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,58 @@ def pooled_logits(model, batch: dict) -> torch.Tensor:
         return lm.score(last)
     # A padded batch: the model's own pooling (the last non-pad token on decoders, [CLS] on encoders).
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def text_end_ids(tokenizer) -> set:
+    """The ids a trained sequence can end with, so the head's pooled token: the tokenizer's closing
+    special tokens (ftmagic's EOS on a decoder, see :func:`~ftmagic.data.pairs.special_tokens_around`) and EOS."""
+    from ftmagic.data.pairs import special_tokens_around
+
+    ends = set(special_tokens_around(tokenizer)[1])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ends.add(tokenizer.eos_token_id)
+    return ends
+
+
+def export_pad_id(pad_id: Optional[int], end_ids) -> Optional[int]:
+    """The ``pad_token_id`` to save with a head's weights for plain transformers: ``None`` where the
+    pad id is a token the head was trained to read.
+
+    transformers' ``*ForSequenceClassification`` pools the last token that is not ``pad_token_id``.
+    With pad == EOS (Llama 3 and Qwen2.5 base models, whose pad ftmagic sets to EOS) that skips the
+    EOS training read and scores the token before it. With no pad id it pools the last token of a
+    one-text batch (exactly the EOS) and refuses a batch of several rather than misread it.
+
+    Example::
+
+        >>> export_pad_id(2, {2}) is None     # pad is the EOS after each text: pool the last token
+        True
+        >>> export_pad_id(0, {2})             # a pad of its own never ends a text: kept for batches
+        0
+    """
+    return None if pad_id in set(end_ids) else pad_id
+
+
+@contextmanager
+def pad_for_export(model, tokenizer, head: Optional[dict]):
+    """``model.config.pad_token_id`` as :func:`export_pad_id` gives it while the model is saved, then as it was
+    (the live model keeps its pad). Nothing changes for a model without a head.
+
+    Example::
+
+        with pad_for_export(merged, tokenizer, head):
+            merged.save_pretrained(target)
+    """
+    config = getattr(model, "config", None)
+    if head is None or config is None:
+        yield
+        return
+    before = config.pad_token_id
+    config.pad_token_id = export_pad_id(before, text_end_ids(tokenizer))
+    try:
+        yield
+    finally:
+        config.pad_token_id = before
 
 
 class Reward(_Pairs):

@@ -172,9 +172,12 @@ def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.fl
         model.to(device)
     elif device == "cpu":
         _plain_cpu_4bit(model)
-    if model.config.pad_token_id is None and getattr(model.generation_config, "eos_token_id", None) is not None:
-        eos = model.generation_config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if model.config.pad_token_id is None:
+        # A model with a head has no generation config (it writes no text): its config's EOS then.
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+        if eos is not None:
+            model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
 
 

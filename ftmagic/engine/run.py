@@ -40,6 +40,7 @@ from ftmagic.data import prepare_data
 from ftmagic.constants import SMOKE_MAX_STEPS, smoke_mode
 from ftmagic.engine import checkpoint as ckpt
 from ftmagic.engine.generation import evaluator_for
+from ftmagic.engine.heads import pad_for_export
 from ftmagic.engine.device import (DevicePlan, base_weight_dtype, choose_device, choose_optimizer, detect_caps,
                                    keeps_fp32_trainable, limit_onednn_cache)
 from ftmagic.engine.distributed import LaunchInfo, Ranks, launch_info, plan_distributed
@@ -474,7 +475,8 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
     try:
         staging = stage(out)
         # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
-        with quiet_progress():
+        # Full weights with a head are a model plain transformers loads: saved with the pad it pools right with.
+        with quiet_progress(), pad_for_export(model, tokenizer, head_settings(cfg.objective, labels)):
             model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
         # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
         save_tokenizer(staging, tokenizer, cfg)
@@ -515,7 +517,8 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtyp
                   trust_remote_code: bool = False, head: Optional[dict] = None) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``.
 
-    ``head`` (:func:`~ftmagic.engine.models.head_settings`) for a reward model or classifier.
+    ``head`` (:func:`~ftmagic.engine.models.head_settings`) for a reward model or classifier; its config
+    then names no pad id where the pad is the EOS the head reads (see :func:`~ftmagic.engine.heads.export_pad_id`).
     """
     from peft import PeftModel
 
@@ -526,9 +529,10 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtyp
     base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code, head=head)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    with quiet_progress():
+    tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
+    with quiet_progress(), pad_for_export(merged, tokenizer, head):
         merged.save_pretrained(str(target))
-    load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
     copy_generation_config(adapter_dir, target)
     return str(target)
 

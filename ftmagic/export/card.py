@@ -53,6 +53,7 @@ class CardInfo:
     objective: str = "sft"  # reward and classify: a sequence-classification head, no text written
     labels: Optional[list] = None  # a classifier's label names, by output
     eos_after_text: bool = False  # a classifier read the EOS ftmagic put after each text (see head_snippet)
+    one_text: bool = False  # the head model names no pad token (its pad was the EOS the head reads): one text a call
 
 
 def is_hub_id(name: Optional[str]) -> bool:
@@ -148,14 +149,17 @@ def _head_use(info: CardInfo) -> list:
     labels = list(info.labels or [])
     what = ("a reward model (one score per conversation)" if info.objective == "reward"
             else "a classifier" + (f" (outputs: {', '.join(map(str, labels))})" if labels else ""))
+    adapter = None
     if info.adapter:
-        # The adapter holds the trained head (peft's modules_to_save); the base gets one of that many outputs.
-        outputs = 1 if info.objective == "reward" else len(labels) or 2
-        code = ["from peft import AutoPeftModelForSequenceClassification", "",
-                f"model = AutoPeftModelForSequenceClassification.from_pretrained({info.repo_id!r}, "
-                f"num_labels={outputs})"]
-    else:
-        code = head_snippet(info.repo_id, info.objective, eos_after_text=info.eos_after_text).splitlines()
+        # The adapter holds the trained head (peft's modules_to_save); the base gets one of that many outputs,
+        # named as in training, and no pad where its pad is the token the head reads (see head_snippet).
+        adapter = {"num_labels": 1 if info.objective == "reward" else len(labels) or 2}
+        if info.objective == "classify" and labels:
+            adapter["id2label"] = dict(enumerate(map(str, labels)))
+        if info.one_text:
+            adapter["pad_token_id"] = None
+    code = head_snippet(info.repo_id, info.objective, eos_after_text=info.eos_after_text, one_text=info.one_text,
+                        adapter=adapter).splitlines()
     return ["## Use it", "", f"This is {what}; it writes no text. With transformers"
             + (" and peft" if info.adapter else "") + ":", "", "```python", *code, "```", ""]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import shlex
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ftmagic.units import format_bytes
 
@@ -160,21 +161,35 @@ def pipeline_snippet(model_dir: str, prompt: str = "Hello") -> str:
     ])
 
 
-def head_snippet(model_dir: str, objective: str, eos_after_text: bool = False) -> str:
+def head_snippet(model_dir: str, objective: str, eos_after_text: bool = False, one_text: bool = False,
+                 adapter: Optional[dict] = None) -> str:
     """A transformers snippet for a folder with a sequence-classification head: ``classify`` prints
     each label's probability for one text, ``reward`` the score of one conversation (rendered with
     the folder's chat template, as the pairs were in training). ``eos_after_text``: the classifier
     was trained on texts followed by EOS (a decoder whose tokenizer adds none), so the snippet adds it.
+    ``one_text``: the model's config names no pad token (ftmagic leaves out a pad that is the EOS the
+    head reads), so transformers pools the last token of one text per call and the snippet says so.
+    ``adapter``: the folder holds a peft adapter, loaded by peft with these settings of its base
+    (``num_labels``, ``id2label``, ``pad_token_id``).
 
     Example::
 
         exec(head_snippet("runs/cls/merged", "classify"))   # prints {'neg': 0.03, 'pos': 0.97}
     """
-    lines = ["import torch",
-             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-             "",
+    if adapter is None:
+        imports = ["from transformers import AutoModelForSequenceClassification, AutoTokenizer"]
+        load = f"AutoModelForSequenceClassification.from_pretrained({model_dir!r})"
+    else:
+        imports = ["from peft import AutoPeftModelForSequenceClassification",
+                   "from transformers import AutoTokenizer"]
+        settings = "".join(f", {key}={value!r}" for key, value in adapter.items())
+        load = f"AutoPeftModelForSequenceClassification.from_pretrained({model_dir!r}{settings})"
+    lines = ["import torch", *imports, "",
              f"tokenizer = AutoTokenizer.from_pretrained({model_dir!r})",
-             f"model = AutoModelForSequenceClassification.from_pretrained({model_dir!r})"]
+             f"model = {load}"]
+    if one_text:
+        lines.append("# One text per call: with no pad token in its config the model reads the last token, "
+                     "as in training.")
     if objective == "classify":
         text = '"Hello" + tokenizer.eos_token' if eos_after_text else '"Hello"'
         lines += [f"text = {text}" + ("  # the head was trained on the EOS after each text" if eos_after_text else ""),

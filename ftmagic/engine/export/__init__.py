@@ -173,7 +173,7 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
         return run_dir
     target = run_dir / MERGED_DIR
     head = run._head()
-    if _reuse(target, run_dir, overwrite) and _has_head(target, head):
+    if _reuse(target, run_dir, overwrite) and _has_head(target, head) and not _pads_read_token(target, run, head):
         summary.add_file(target, path_size(target), "merged model", reused=True)
         return target
     from ftmagic.engine.run import merge_adapter
@@ -188,17 +188,34 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
     return target
 
 
+def _config_of(model_dir: Path) -> Optional[dict]:
+    """``model_dir``'s ``config.json`` (None when unreadable, {} when not an object)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else {}
+
+
+def _pads_read_token(model_dir: Path, run, head: Optional[dict]) -> bool:
+    """Whether a head model's folder names as pad the token its head reads (merged before ftmagic saved such
+    heads with no pad id, see :func:`~ftmagic.engine.heads.export_pad_id`): transformers would misread it."""
+    from ftmagic.engine.heads import text_end_ids
+
+    pad = (_config_of(model_dir) or {}).get("pad_token_id")
+    return head is not None and pad is not None and pad in text_end_ids(run.tokenizer)
+
+
 def _has_head(model_dir: Path, head: Optional[dict]) -> bool:
     """Whether ``model_dir`` holds a complete model with the run's kind of head.
 
     A reward model's or classifier's folder merged without its head (an export from before
     heads were kept) is a plain language model: it is made again rather than kept.
     """
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    config = _config_of(model_dir)
+    if config is None:
         return False
-    classes = (config.get("architectures") or []) if isinstance(config, dict) else []
+    classes = config.get("architectures") or []
     has_head = any(str(name).endswith("ForSequenceClassification") for name in classes)
     return has_head == (head is not None) or not classes
 
@@ -326,7 +343,8 @@ def _hub(run, repo_id: str, summary: ExportSummary, *, model_dir: Optional[Path]
     modelfile_path = run_dir / GGUF_DIR / MODELFILE
     if ggufs and modelfile_path.is_file():
         files.append((str(modelfile_path), MODELFILE))
-    info = card_info(run, repo_id, adapter=adapter_at_root, gguf_files=[p.name for p in ggufs])
+    info = card_info(run, repo_id, adapter=adapter_at_root, gguf_files=[p.name for p in ggufs],
+                     model_dir=model_dir if model_dir is not None else run_dir)
     extra = {"README.md": model_card(info).encode("utf-8")}
     svg = loss_curve_svg(run.history)
     if svg is not None:
@@ -335,8 +353,8 @@ def _hub(run, repo_id: str, summary: ExportSummary, *, model_dir: Optional[Path]
     summary.hub_url = push_files(repo_id, files, extra, private=private, api=api)
 
 
-def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list):
-    """The model card's facts about ``run``."""
+def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list, model_dir: Optional[Path] = None):
+    """The model card's facts about ``run``; ``model_dir``: the folder at the repository's root."""
     from ftmagic.data.pairs import eos_after_text
     from ftmagic.export.card import CardInfo, is_hub_id
 
@@ -351,7 +369,25 @@ def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list):
                     license=base_license(run.base_model_path), datasets=datasets, gguf_files=gguf_files,
                     precision=plan.get("precision"), device=plan.get("device"),
                     objective=getattr(run, "objective", "sft"), labels=getattr(run, "labels", None),
-                    eos_after_text=getattr(run, "objective", "sft") == "classify" and eos_after_text(run.tokenizer))
+                    eos_after_text=getattr(run, "objective", "sft") == "classify" and eos_after_text(run.tokenizer),
+                    one_text=_one_text(run, model_dir, adapter=adapter))
+
+
+def _one_text(run, model_dir: Optional[Path], *, adapter: bool) -> bool:
+    """Whether plain transformers loads the head model of ``model_dir`` with no pad token, so one text per call.
+
+    A merged or full-weights folder says so itself (ftmagic saved it without a pad the head reads); an adapter
+    loads its base, whose own config may name no pad, or as pad the EOS the head reads (the card's snippet
+    then drops it).
+    """
+    from ftmagic.engine.heads import export_pad_id, text_end_ids
+
+    if run._head() is None or model_dir is None:
+        return False
+    if not adapter:
+        return (_config_of(model_dir) or {}).get("pad_token_id") is None
+    pad = (_config_of(Path(str(run.base_model_path))) or {}).get("pad_token_id")
+    return export_pad_id(pad, text_end_ids(run.tokenizer)) is None
 
 
 def base_license(base_path) -> Optional[str]:
@@ -408,8 +444,13 @@ def _head_commands(run, run_dir: Path, summary: ExportSummary) -> None:
 
     model_dir = run_dir / MERGED_DIR if run._is_adapter() else run_dir
     if (model_dir / "config.json").is_file():
-        summary.commands["transformers"] = head_snippet(str(model_dir), run.objective,
+        one_text = (_config_of(model_dir) or {}).get("pad_token_id") is None
+        summary.commands["transformers"] = head_snippet(str(model_dir), run.objective, one_text=one_text,
                                                         eos_after_text=eos_after_text(run.tokenizer))
+        if one_text:
+            # ftmagic leaves the pad out where it is the EOS the head reads (see engine/heads.export_pad_id).
+            summary.notes.append("the model's config names no pad token, so transformers scores one text per call "
+                                 "(as the snippet and a text-classification pipeline do); a batch of several raises")
     else:
         summary.notes.append(f"transformers loads an `objective: {run.objective}` run with its head from the merged "
                              "model: export `--to merged`")
