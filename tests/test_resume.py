@@ -118,7 +118,11 @@ def test_an_interrupt_in_the_middle_of_a_step_resumes_exactly(test_model_dir, tm
         assert after[step] == pytest.approx(reference[step], abs=1e-5)
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread only")
+MAIN_THREAD_ONLY = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                      reason="signals reach the main thread only")
+
+
+@MAIN_THREAD_ONLY
 def test_an_interrupt_during_the_update_waits_for_it_to_end():
     from ftmagic.engine.loop import interrupts_deferred
 
@@ -130,6 +134,49 @@ def test_an_interrupt_during_the_update_waits_for_it_to_end():
             done.append("the whole update")
     assert done == ["the whole update"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
+@MAIN_THREAD_ONLY
+def test_a_held_interrupt_goes_to_the_handler_that_was_there(monkeypatch):
+    """A multi-process run turns the first Ctrl-C into a Stop (its own handler); an ignored SIGINT
+    stays ignored; an error inside keeps going out; a second Ctrl-C does not wait."""
+    from ftmagic.engine.loop import interrupts_deferred
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert seen == []  # held
+        assert seen == [signal.SIGINT]  # then given to the run's own handler, no KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(MemoryError):  # not replaced by the held interrupt
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                raise MemoryError("out of memory in the update")
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                with interrupts_deferred():  # nested: the outer block holds
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.05)
+                    steps.append("held once")
+                    os.kill(os.getpid(), signal.SIGINT)  # asked twice: at once
+                    time.sleep(0.05)
+                    steps.append("never")
+        assert steps == ["held once"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_without_checkpoint_starts_over(test_model_dir, tmp_path):

@@ -357,32 +357,61 @@ def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: 
 
 @contextmanager
 def interrupts_deferred():
-    """Within the block a Ctrl-C (or a notebook's interrupt) waits, and is raised as it ends.
+    """Within the block a Ctrl-C (or a notebook's interrupt) waits, and goes to the handler that
+    was in place (Python's: ``KeyboardInterrupt``; a multi-process run's: a Stop) as the block ends.
 
     The update of a step (optimizer, schedule, step count) runs inside, so an interrupted run
-    saves the weights of a whole step, never of half an update. Only the main thread receives
-    signals; elsewhere the block runs as it is.
+    saves the weights of a whole step, never of half an update. A second Ctrl-C inside goes
+    through at once (a hung update can still be stopped); an error raised inside keeps going
+    out as it is. Only the main thread receives signals; elsewhere, and nested, the block
+    runs as it is.
 
     Example::
 
         with interrupts_deferred():
             optimizer.step(); scheduler.step(); step += 1
     """
-    if threading.current_thread() is not threading.main_thread():
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
+
+    def hold(signum, frame):
+        received.append(signum)
+        if len(received) > 1:  # asked twice: do not wait any longer
+            signal.signal(signal.SIGINT, previous)
+            _deliver(previous, signum, frame)
+
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        previous = signal.signal(signal.SIGINT, hold)
     except ValueError:  # not the main interpreter: signals are not ours to take
         yield
         return
+    _deferring = True
     try:
         yield
-    finally:
+    except BaseException:
+        _deferring = False
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if received:
-            raise KeyboardInterrupt
+        raise
+    _deferring = False
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if len(received) == 1:
+        _deliver(previous, received[0], None)
+
+
+_deferring = False  # an interrupts_deferred block is open (nested ones do nothing)
+
+
+def _deliver(handler, signum: int, frame) -> None:
+    """What ``handler`` (as ``signal.signal`` returned it) would have done with ``signum``."""
+    if callable(handler):
+        handler(signum, frame)  # Python's default_int_handler raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the process's default action, as if never deferred
+    elif handler != signal.SIG_IGN:  # installed outside Python (None): Python's own behaviour
+        raise KeyboardInterrupt
 
 
 def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int = 0, shifted: bool = True,
@@ -606,7 +635,8 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
     step_rng = None  # the RNG states at the start of an unfinished step (an interrupt puts them back)
     try:
         while state.step < max_steps:
-            step_rng = ckpt.rng_state()  # dropout draws from here on belong to this step
+            if ranks is None:  # several processes stop through a Stop at a step's end, never mid-step
+                step_rng = ckpt.rng_state()  # dropout draws from here on belong to this step
             # Forward and backward of every micro-batch of this step, weighted by its share of the units.
             rows = [batches.get(k) for k in range(state.step * ga, state.step * ga + ga)]
             if ranks is None:
