@@ -517,6 +517,7 @@ def _load_yaml_node(text: str, source: str, first_line: int = 1):
         if node is None:
             return None, None
         _check_yaml_size(node, source, first_line)
+        _refuse_repeated_keys(node, source, first_line)  # before construction merges `<<:` keys into the node
         return loader.construct_document(node), node
     except yaml.YAMLError as exc:
         # The context mark points at the construct that was left open (an unclosed `[`), which
@@ -537,6 +538,28 @@ def _load_yaml_node(text: str, source: str, first_line: int = 1):
                           "numbers must be at most a few dozen digits") from None
     finally:
         loader.dispose()
+
+
+def _refuse_repeated_keys(root, source: str, first_line: int = 1) -> None:
+    """A key written twice in the config or in one of its blocks (`sweep:`): YAML keeps the last
+    one silently, so one of them is a mistake. Keys merged in with ``<<: *anchor`` may be
+    written again: that is how a merge is overridden."""
+    import yaml
+
+    def check(node, prefix: str) -> None:
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = prefix + str(key_node.value), key_node.start_mark.line + first_line
+            if key in seen:
+                raise ConfigError(f"{source}:{line}: `{key}` is given twice (also on line {seen[key]}); keep one")
+            seen[key] = line
+            if not prefix and isinstance(value_node, yaml.MappingNode):
+                check(value_node, key + ".")
+
+    if isinstance(root, yaml.MappingNode):
+        check(root, "")
 
 
 def _check_yaml_size(root, source: str, first_line: int = 1) -> None:
@@ -586,20 +609,14 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
         raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
     import yaml
 
-    lines: dict = {}
-
-    def place(key: str, key_node) -> None:
-        line = key_node.start_mark.line + first_line
-        if key in lines and key_node.value != "<<":  # YAML keeps the last silently: one of them is a mistake
-            raise ConfigError(f"{source}:{line}: `{key}` is given twice (also on line {lines[key]}); keep one")
-        lines[key] = line
-
+    lines: dict = {}  # keys written twice were refused while loading; a key merged in (`<<:`) comes
+    # first in the constructed node, so the line of a key written over it is the one kept
     for key_node, value_node in getattr(node, "value", []):
-        place(str(key_node.value), key_node)
+        lines[str(key_node.value)] = key_node.start_mark.line + first_line
         if isinstance(value_node, yaml.MappingNode):
             # One level deeper (`sweep.lr`), so an error inside a block names its own line.
             for sub_node, _ in value_node.value:
-                place(f"{key_node.value}.{sub_node.value}", sub_node)
+                lines[f"{key_node.value}.{sub_node.value}"] = sub_node.start_mark.line + first_line
         elif isinstance(value_node, yaml.SequenceNode):  # a list's entries (`data[1]`), for the same reason
             for i, item in enumerate(value_node.value):
                 lines[f"{key_node.value}[{i}]"] = item.start_mark.line + first_line

@@ -198,3 +198,11 @@ def test_every_mistake_in_a_data_mixture_is_reported_at_its_entry_with_the_rest(
         "run.yaml:5: `data[2].weight: 'zero'` must be a number greater than 0 (1 = as is, 2 = twice)",
         "run.yaml:6: `lora_r: 0` must be at least 1",
     ]
+
+
+def test_a_key_merged_in_with_an_anchor_may_be_written_over():
+    """`<<: *defaults` then `lr: ...` is how YAML overrides a merge, not a key given twice."""
+    values, lines = parse_yaml_mapping("base: &b {lr: 1.0e-4, seed: 3}\n<<: *b\nlr: 2.0e-4\n", "run.yaml")
+    assert (values["lr"], values["seed"], lines["lr"]) == (2.0e-4, 3, 3)  # the line of the key written over it
+    values, _ = parse_yaml_mapping("grid: &g {lr: [1]}\nsweep:\n  <<: *g\n  lr: [2]\n", "run.yaml")
+    assert values["sweep"] == {"lr": [2]}
