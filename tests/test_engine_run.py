@@ -102,7 +102,20 @@ def test_a_refusal_names_what_differs_and_reads_records_that_did_not_keep_it():
                                          "`lora_r: 16`, `lr: 0.0002`, `seed: 1`")
     assert what_differs({"method": "lora", "model": "tiny"}, now) == "method lora, model tiny"  # an older record
     long = {"settings": {"data": "x" * 100}}
-    assert what_differs(long, {"data": "y" * 100}) == f"`data: {'y' * 37}...`, where it trained with `data: {'x' * 37}...`"
+    assert what_differs(long, {"data": "y" * 100}) == f"`data: {'y' * 40}...`, where it trained with `data: {'x' * 40}...`"
+    paths = [f"/home/alice/projects/finetune/datasets/support_train_v{v}.jsonl" for v in (1, 2)]
+    assert what_differs({"settings": {"data": paths[0]}}, {"data": paths[1]}) == \
+        "`data: ...pport_train_v2.jsonl`, where it trained with `data: ...pport_train_v1.jsonl`"  # where they part
+
+
+def test_the_run_record_keeps_long_settings_as_their_size_and_hash():
+    """Records written inline in a mixture would make the record as large as the data."""
+    from ftmagic.engine.outdir import kept_settings
+
+    records = reversal_records(200)
+    kept = kept_settings({"lr": 0.001, "data": [{"data": records, "weight": 2}]})
+    assert kept["lr"] == 0.001 and kept["data"].startswith("<") and "sha256" in kept["data"]
+    assert kept != kept_settings({"lr": 0.001, "data": [{"data": records[:-1], "weight": 2}]})  # still apart
 
 
 def test_gradient_accumulation_equals_one_big_batch(test_model_dir, tmp_path):

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -115,7 +116,7 @@ def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
     except OSError as exc:
         raise CheckpointError(f"`output_dir: {out}` cannot be written ({exc.strerror or exc})") from None
     try:
-        claim = _decide(out, cfg, identity, optimizer, note, settings)
+        claim = _decide(out, cfg, identity, optimizer, note, kept_settings(settings))
     except BaseException:
         lock.release()
         if created:
@@ -126,6 +127,30 @@ def claim_output_dir(out: Path, cfg, *, identity: str, optimizer: str,
         raise
     claim.lock, claim.created = lock, created
     return claim
+
+
+# A setting's value longer than this (records written inline in a mixture) is kept as its size and hash.
+KEPT_VALUE_CHARS = 1000
+
+
+def kept_settings(settings: Optional[dict]) -> Optional[dict]:
+    """``settings`` as the run record keeps them: long values as their size and hash, which still
+    tell two runs apart.
+
+    Example::
+
+        >>> kept_settings({"lr": 0.001, "data": [{"text": "x" * 2000}]})["data"][:20]
+        '<2,014 characters, s'
+    """
+    if settings is None:
+        return None
+    out = {}
+    for key, value in settings.items():
+        text = json.dumps(value, sort_keys=True)
+        if len(text) > KEPT_VALUE_CHARS:
+            value = f"<{len(text):,} characters, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+        out[key] = value
+    return out
 
 
 def what_differs(previous: dict, settings: Optional[dict], most: int = 3) -> str:
@@ -143,15 +168,22 @@ def what_differs(previous: dict, settings: Optional[dict], most: int = 3) -> str
     keys = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if not keys:  # the same settings under an older identity
         return f"method {previous.get('method')}, model {previous.get('model')}"
-    shown = ", ".join(f"`{k}: {_short(settings.get(k))}`" for k in keys[:most])
-    was = ", ".join(f"`{k}: {_short(before.get(k))}`" for k in keys[:most])
+    pairs = [(k, *_shown_apart(settings.get(k), before.get(k))) for k in keys[:most]]
+    shown = ", ".join(f"`{k}: {now}`" for k, now, _ in pairs)
+    was = ", ".join(f"`{k}: {then}`" for k, _, then in pairs)
     more = f" and {len(keys) - most} more" if len(keys) > most else ""
     return f"{shown}{more}, where it trained with {was}"
 
 
-def _short(value, width: int = 40) -> str:
-    text = "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= width else text[:width - 3] + "..."
+def _shown_apart(now, then, width: int = 40) -> tuple:
+    """Two values as short texts that still differ: a long pair is shown from a little before
+    where they part (two paths that differ in their last characters)."""
+    texts = ["null" if v is None else v if isinstance(v, str) else json.dumps(v) for v in (now, then)]
+    if max(len(t) for t in texts) <= width:
+        return tuple(texts)
+    start = max(0, len(os.path.commonprefix(texts)) - width // 3)
+    return tuple(("..." if start else "") + t[start:start + width] + ("..." if len(t) > start + width else "")
+                 for t in texts)
 
 
 def _decide(out: Path, cfg, identity: str, optimizer: str, note, settings: Optional[dict] = None) -> Claim:
