@@ -74,8 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("ftmagic: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (`ftmagic estimate ... | head`): stop quietly, as shell tools do,
-        # and point stdout at nothing so the interpreter's last flush cannot fail again.
+        if not _stdout_reader_left():
+            raise  # another pipe (a launched process, a socket): a failure to report, not a reader leaving
+        # The reader of our output went away (`ftmagic estimate ... | head`): stop quietly, as shell
+        # tools do, and point stdout at nothing so the interpreter's last flush cannot fail again.
         _drop_stdout()
         return BROKEN_PIPE_STATUS
     except Exception as exc:
@@ -84,6 +86,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if _launched_by_ftmagic():
                 return 1  # the launcher reports it: the failing process's traceback and one line
         raise
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has gone (writing to it fails with EPIPE)."""
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe without a reader
+    except (AttributeError, OSError):  # no poll() here: try the write itself
+        try:
+            os.write(fd, b"")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return True
+        return False
 
 
 def _drop_stdout() -> None:

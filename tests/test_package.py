@@ -46,3 +46,33 @@ def test_loading_the_engine_prints_no_note_about_an_optional_bitsandbytes_packag
     code = "import ftmagic.engine.methods, peft, bitsandbytes"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "kernels-community" not in proc.stderr, proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_failure_not_a_reader_leaving(tmp_path):
+    """Only a closed stdout is answered quietly: a launched process's or a socket's broken pipe keeps its traceback."""
+    inject = tmp_path / "sitecustomize.py"
+    inject.write_text("import ftmagic.commands.estimate as e\n"
+                      "def broken(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+                      "e.run = broken\n")
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "ftmagic.cli", "estimate", "tiny"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 1 and "BrokenPipeError" in proc.stderr
+
+
+def test_preview_into_a_pipe_whose_reader_left_ends_like_every_command(tmp_path):
+    import json
+    import os
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(3)))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ftmagic.cli", "preview", str(data), "--model", "tiny"],
+                              stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")  # it returned 0 from a copy of its own

@@ -83,13 +83,7 @@ def run(args: argparse.Namespace) -> int:
                      max_seq_len=args.max_seq_len, train_on=args.train_on, columns=columns,
                      system_prompt=args.system_prompt, batch_size=args.batch_size, long_text=args.long_text)
     cleaned = clean(args.data, args.write_clean, format=args.format, columns=columns) if args.write_clean else None
-    try:
-        _print(report, cleaned, args)
-    except BrokenPipeError:  # `ftmagic preview data.jsonl | head` closed the pipe early: not an error
-        import os
-        import sys
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _print(report, cleaned, args)  # a reader that leaves early (`| head`) is answered by ftmagic.cli.main
     return 0
 
 
