@@ -127,3 +127,12 @@ def test_a_columns_entry_naming_a_column_no_record_has_is_named():
     with pytest.raises(DataError, match="maps `prompt` to `question`, a column no record has; the records have messages$"):
         detect_format(chat, columns={"prompt": "question"}, source="chat.jsonl")
     assert detect_format(chat, columns={"role": "from", "content": "value"}).format == "messages"  # keys in messages
+
+
+def test_a_mapped_column_that_only_later_records_have_is_accepted():
+    from ftmagic.data.formats import SAMPLE
+
+    records = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(SAMPLE + 5)]
+    records[-1]["context"] = "only here"
+    detection = detect_format(records, columns={"prompt": "question", "completion": "answer", "system": "context"})
+    assert detection.format == "prompt_completion"

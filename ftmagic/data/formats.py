@@ -116,7 +116,7 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     sample = list(records[:SAMPLE])
     if not sample:
         raise DataError(f"{source}: the dataset has no records")
-    _check_mapped_columns(columns, sample, source)
+    _check_mapped_columns(columns, records, source)
     names = [n for n in FORMAT_NAMES if kind is None or FORMAT_KINDS[n] == kind]
     present = {}
     for name in FORMAT_NAMES:
@@ -150,9 +150,9 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
     return Detection(best, evidence, columns)
 
 
-def _check_mapped_columns(columns: dict, sample: list, source: str) -> None:
-    """Refuse a ``columns`` entry that names a column none of the sampled records has (a typo would
-    otherwise read as "cannot tell the format", or be ignored where another format fits).
+def _check_mapped_columns(columns: dict, records: Sequence[dict], source: str) -> None:
+    """Refuse a ``columns`` entry that names a column no record has (a typo would otherwise read
+    as "cannot tell the format", or be ignored where another format fits).
 
     Example::
 
@@ -160,11 +160,12 @@ def _check_mapped_columns(columns: dict, sample: list, source: str) -> None:
         Traceback (most recent call last):
         ftmagic.errors.DataError: qa.jsonl: `columns` maps `prompt` to `quest`, a column no record has; the records have answer, question; did you mean `question`?
     """
-    keys = sorted({str(k) for r in sample if isinstance(r, dict) for k in r})
+    keys = sorted({str(k) for r in records[:SAMPLE] if isinstance(r, dict) for k in r})
     for field_name, column in columns.items():
         if field_name in ("role", "content") or not isinstance(column, str):
             continue  # keys inside each message, not columns of the record
-        if column not in keys:
+        # The sample's columns first; an optional column may appear only in later records.
+        if column not in keys and not any(isinstance(r, dict) and column in r for r in records[SAMPLE:]):
             raise DataError(f"{source}: `columns` maps `{field_name}` to `{column}`, a column no record has; the "
                             f"records have {', '.join(keys[:12]) or 'no fields'}" + did_you_mean(column, keys))
 
