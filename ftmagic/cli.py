@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from ftmagic.errors import FtmagicError, choice_error
 
 BROKEN_PIPE_STATUS = 141  # 128 + SIGPIPE, what shells report for a writer whose reader went away
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for a program ended by Ctrl-C
 
 COMMANDS = {
     "train": ("ftmagic.commands.train", "fine-tune a model from a YAML config"),
@@ -72,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _report(exc, 2)
     except KeyboardInterrupt:
         print("ftmagic: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
     except BrokenPipeError:
         if not _stdout_reader_left():
             raise  # another pipe (a launched process, a socket): a failure to report, not a reader leaving

@@ -44,3 +44,18 @@ def shell():
     ip.run_line_magic("load_ext", "ftmagic")
     yield ip
     ip.run_line_magic("unload_ext", "ftmagic")
+
+
+@pytest.fixture(autouse=True)
+def _onednn_cache_setting_stays_in_its_test():
+    """A CPU bf16 run sets oneDNN's cache variable for its process (ftmagic.engine.device.limit_onednn_cache);
+    each test gets the environment it started with back, so later tests and their subprocesses do not inherit it."""
+    from ftmagic.engine.device import ONEDNN_CACHE_VARIABLES
+
+    before = {name: os.environ.get(name) for name in ONEDNN_CACHE_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -320,7 +320,7 @@ def test_load_refuses_unfinished_run(tmp_path):
 
 def test_bf16_autocast_on_cpu_with_packing(test_model_dir, tmp_path, monkeypatch):
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name, raising=False)  # conftest puts the environment back after the test
     result, events = _train(test_model_dir, tmp_path / "out", precision="bf16", packing=True, max_seq_len=64,
                             eval_data=reversal_records(4, seed=2), eval_steps=2)
     assert events[0]["precision"] == "bf16" and result.metrics["precision"] == "bf16"

@@ -26,9 +26,8 @@ import argparse
 import json
 import os
 
+from ftmagic.cli import INTERRUPTED_STATUS
 from ftmagic.errors import ConfigError
-
-INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for a program ended by Ctrl-C
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
