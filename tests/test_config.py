@@ -206,3 +206,12 @@ def test_a_key_merged_in_with_an_anchor_may_be_written_over():
     assert (values["lr"], values["seed"], lines["lr"]) == (2.0e-4, 3, 3)  # the line of the key written over it
     values, _ = parse_yaml_mapping("grid: &g {lr: [1]}\nsweep:\n  <<: *g\n  lr: [2]\n", "run.yaml")
     assert values["sweep"] == {"lr": [2]}
+
+
+def test_a_misspelt_key_in_a_data_mixture_is_named_at_its_entry():
+    """`wieght` made the list read as records with fields path and wieght ("cannot tell the format")."""
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_yaml("model: tiny\ndata:\n  - {path: a.jsonl, wieght: 2}\n  - {path: b.jsonl}\n",
+                                 source="run.yaml")
+    assert str(info.value) == "run.yaml:3: `data[0].wieght` is not a key of a data mixture's entry; did you mean `weight`?"
+    FinetuneConfig(data=[{"path": "src/a.py", "content": "def f(): ..."}])  # records that have a `path` field

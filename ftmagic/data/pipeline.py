@@ -32,7 +32,7 @@ from ftmagic.data.build import Built, build_examples
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import pack, padding_share
 from ftmagic.data.templates import ChatTemplate, resolve_template
-from ftmagic.errors import ConfigError, DataError
+from ftmagic.errors import ConfigError, DataError, did_you_mean
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -75,6 +75,17 @@ def source_problems(data: Any, key: str = "data") -> list:
         >>> source_problems([{"path": "a.jsonl", "weight": 0}, {"path": "b.jsonl"}])
         [(0, '`data[0].weight: 0` must be a number greater than 0 (1 = as is, 2 = twice)')]
     """
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, dict) and ("path" in d or "data" in d)
+                                                        for d in data):
+        # A misspelt mixture key (`wieght`) would make the list read as records with those fields.
+        typos = []
+        for i, entry in enumerate(data):
+            for name in entry:
+                hint = did_you_mean(str(name), DATA_SOURCE_KEYS) if name not in DATA_SOURCE_KEYS else ""
+                if hint:
+                    typos.append((i, f"`{key}[{i}].{name}` is not a key of a data mixture's entry{hint}"))
+        if typos:
+            return typos
     if not (isinstance(data, (list, tuple)) and data and all(_is_source_spec(d) for d in data)):
         return []
     problems = []
