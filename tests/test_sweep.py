@@ -229,3 +229,15 @@ def test_random_and_tpe_sample_ranges(test_model_dir, tmp_path, sampler):
         assert json.loads((Path(e["output_dir"]) / "config.yaml").read_text().split("lora_r: ")[1].split("\n")[0]) \
             == e["params"]["lora_r"]
     assert len({e["params"]["lr"] for e in ended}) == 2
+
+
+def test_more_trials_continue_a_finished_study(test_model_dir, tmp_path):
+    """`--set sweep.n_trials=4` after 2 finished trials: the 2 are kept and 2 more run (the trial
+    count is how long a search runs, not which search it is)."""
+    block = {"lr": [1e-3, 1e-2], "lora_r": [2, 4], "n_trials": 2}
+    first, _ = _sweep(test_model_dir, tmp_path / "s", block)
+    assert len(first.table()) == 2
+    more, events = _sweep(test_model_dir, tmp_path / "s", {**block, "n_trials": 4})
+    ran = [e for e in events if e["event"] == "trial" and e["state"] == "complete"]
+    assert len(ran) == 2 and len(more.table()) == 4
+    assert sorted((r["lr"], r["lora_r"]) for r in more.table()) == [(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)]

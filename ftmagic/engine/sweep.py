@@ -74,10 +74,20 @@ def trial_fit_problem(cfg: FinetuneConfig, caps) -> Optional[str]:
     return None if verdict.fits else verdict.message
 
 
-def sweep_identity(cfg: FinetuneConfig, spec: SweepSpec) -> str:
-    """What a sweep searches and on what: equal when the same search runs again (and resumes)."""
-    values = {"base": run_identity(cfg.replace(sweep=None)), "spec": spec.to_dict()}
+def sweep_identity(cfg: FinetuneConfig, spec: SweepSpec, *, with_trials: bool = False) -> str:
+    """What a sweep searches and on what: equal when the same search runs again (and resumes), with
+    more trials too (``--set sweep.n_trials=12`` continues a study). ``with_trials``: the identity
+    earlier versions wrote, which counted the trials, so their studies continue as well."""
+    space = spec.to_dict()
+    if not with_trials:
+        space.pop("n_trials")
+    values = {"base": run_identity(cfg.replace(sweep=None)), "spec": space}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _same_sweep(recorded, cfg: FinetuneConfig, spec: SweepSpec) -> bool:
+    """Whether an identity read from the folder (None: none yet) is this sweep's."""
+    return recorded in (None, sweep_identity(cfg, spec), sweep_identity(cfg, spec, with_trials=True))
 
 
 class _Stop:
@@ -111,9 +121,9 @@ def sweep(config: Any = None, *, on_event: Optional[Callable] = None, stop=None,
     emit = on_event or (lambda event: None)
     out = Path(cfg.output_dir)
     identity = sweep_identity(cfg, spec)
-    _claim(out, cfg, identity)
+    _claim(out, cfg, spec, identity)
     study = _study(optuna, out, spec, cfg.seed)
-    if study.user_attrs.get("identity") not in (None, identity):
+    if not _same_sweep(study.user_attrs.get("identity"), cfg, spec):
         raise CheckpointError(f"`output_dir: {out}` holds a different sweep; set `overwrite: true` or choose another "
                               "`output_dir`")
     study.set_user_attr("identity", identity)
@@ -152,7 +162,7 @@ def _optuna():
     return optuna
 
 
-def _claim(out: Path, cfg: FinetuneConfig, identity: str) -> None:
+def _claim(out: Path, cfg: FinetuneConfig, spec: SweepSpec, identity: str) -> None:
     """Refuse a folder that holds something else; with ``overwrite``, clear an earlier sweep of another search."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"`output_dir: {out}` is a file; give a folder path")
@@ -162,14 +172,15 @@ def _claim(out: Path, cfg: FinetuneConfig, identity: str) -> None:
         raise CheckpointError(f"`output_dir: {out}` is not empty and holds no sweep; choose another `output_dir` "
                               "or set `overwrite: true`")
     previous = _read_json(out / SUMMARY_FILE).get("identity")
-    if cfg.overwrite and (previous not in (None, identity) or not storage.exists()):
+    same = _same_sweep(previous, cfg, spec)
+    if cfg.overwrite and (not same or not storage.exists()):
         # Only what a sweep writes is removed: its storage, summary and trial folders.
         for path in [storage, out / SUMMARY_FILE, *out.glob("trial-*")] if out.is_dir() else []:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    elif previous not in (None, identity):
+    elif not same:
         raise CheckpointError(f"`output_dir: {out}` holds a different sweep (other base config or search space); "
                               "set `overwrite: true` or choose another `output_dir`")
     out.mkdir(parents=True, exist_ok=True)
