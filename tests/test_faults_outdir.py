@@ -251,3 +251,19 @@ def test_what_an_export_wrote_belongs_to_the_run(test_model_dir, tmp_path):
     # Replacing the run removes its export too, instead of refusing `merged/` as a user's folder.
     _train(test_model_dir, out, max_steps=1, save_steps=0, method="dora", overwrite=True)
     assert not (out / "merged").exists()
+
+
+def test_a_run_that_failed_before_any_checkpoint_is_started_again_by_the_same_config(test_model_dir, tmp_path):
+    """A `$function` metric that fails at step 0 left only the run record: the corrected re-run was told
+    to resume a run with nothing to continue from."""
+    out = tmp_path / "out"
+
+    def crash(event):
+        if event.kind == "step":
+            raise RuntimeError("a metric failed")
+
+    with pytest.raises(RuntimeError):
+        _train(test_model_dir, out, on_event=crash, save_steps=0)
+    assert (out / "ftmagic_run.json").exists() and not (out / "checkpoints").exists()
+    result = _train(test_model_dir, out, save_steps=0)
+    assert result.metrics["steps"] == 4 and result.metrics["reason"] == "finished"

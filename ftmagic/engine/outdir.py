@@ -219,11 +219,13 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note, settings: Optio
             raise CheckpointError(f"`output_dir: {out}` already holds a different run "
                                   f"({what_differs(previous, settings)}); set `overwrite: true`, `resume: true`, "
                                   "or choose another `output_dir`")
-        if not previous.get("finished") or previous.get("reason") in ("stopped", "interrupted"):
+        unfinished = not previous.get("finished") or previous.get("reason") in ("stopped", "interrupted")
+        if unfinished and _has_checkpoint(out):
             where = _checkpoint_hint(out)
             raise CheckpointError(f"`output_dir: {out}` holds an unfinished run of this config{where}; set `resume: true` "
                                   "to continue it, or `overwrite: true` to start over (its checkpoints are deleted)")
-        note("info", f"replacing the earlier result of this same config in {out}")
+        # Finished, or stopped before it wrote anything to continue from (a metric that failed at step 0).
+        note("info", f"replacing the earlier {'result' if not unfinished else 'start'} of this same config in {out}")
     elif previous is None and foreign and not cfg.overwrite:
         raise CheckpointError(f"`output_dir: {out}` is not empty and was not written by ftmagic; "
                               "choose another `output_dir` or set `overwrite: true` (files ftmagic did not write "
@@ -241,6 +243,13 @@ def _refuse_clashes(out: Path, foreign: list) -> None:
         shown = ", ".join(clashes[:4]) + (f" and {len(clashes) - 4} more" if len(clashes) > 4 else "")
         raise CheckpointError(f"`output_dir: {out}` holds {shown}, which ftmagic did not write and would overwrite; "
                               "they are never replaced: move them or choose another `output_dir`")
+
+
+def _has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint a resume could continue from."""
+    from ftmagic.engine import checkpoint as ckpt
+
+    return ckpt.latest_checkpoint(out / "checkpoints") is not None
 
 
 def _checkpoint_hint(out: Path) -> str:
