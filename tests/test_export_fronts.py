@@ -191,3 +191,22 @@ def test_export_names_are_one_list(shell):
                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}).stdout
     for target in EXPORT_TARGETS:
         assert target in cli and target in help_text
+
+
+def test_generation_inputs_that_cannot_work_are_one_line_errors(tiny_lora_run):
+    """They reached transformers' own errors (max_new_tokens=0), a TypeError (a number as the prompt),
+    an empty answer with two warnings (a prompt longer than the model's positions), or `[]` (a generator)."""
+    from ftmagic.errors import FtmagicError
+
+    run = tiny_lora_run
+    with pytest.raises(FtmagicError, match=r"^`max_new_tokens: 0` must be a whole number of at least 1 \(e.g. 64\)$"):
+        run.generate("reverse: abc", max_new_tokens=0)
+    with pytest.raises(FtmagicError, match=r"^a prompt must be text, not a int: '123'$"):
+        run.generate(123)
+    positions = run.model.config.max_position_embeddings
+    with pytest.raises(FtmagicError, match=rf"tokens with the template; the model reads at most {positions:,} "):
+        run.generate("reverse: " + "abc " * positions)
+    with pytest.raises(FtmagicError, match="compare: give a prompt or a list of prompts, not a NoneType"):
+        run.compare(None)
+    rows = run.compare(p for p in ["reverse: abc", "reverse: hello"])
+    assert [r["prompt"] for r in rows] == ["reverse: abc", "reverse: hello"]

@@ -128,8 +128,10 @@ def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path, monkeyp
     reloaded = RunResult.load(reward.output_dir)
     assert reloaded.score(conversations) == pytest.approx(scores, abs=1e-5)
     assert scores[0] > scores[1]  # the preferred answer scores higher
-    with pytest.raises(FtmagicError, match="score"):
-        reloaded.generate("hi")
+    for writes_text in (lambda: reloaded.generate("hi"), lambda: reloaded.generate_ids("hi"),
+                        lambda: reloaded.evaluate(["hi"]), lambda: reloaded.compare(["hi"])):
+        with pytest.raises(FtmagicError, match="has a classification head and does not write text; use `.score"):
+            writes_text()
     with pytest.raises(FtmagicError, match="objective: classify"):
         reloaded.predict(["x"])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -299,6 +300,7 @@ class RunResult:
         from ftmagic.errors import ConfigError
         from ftmagic.scoring import resolve_metrics
 
+        self._check_generates()
         config = self.config
         if prompts is None:
             prompts = getattr(config, "eval_prompts", None)
@@ -345,6 +347,7 @@ class RunResult:
 
             result.generate_ids("reverse: abc")   # e.g. [72, 71, 70, 2]
         """
+        self._check_generates()
         return self._generate_ids(self.model, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def end_token_ids(self) -> list:
@@ -386,6 +389,11 @@ class RunResult:
         self._check_generates()
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, Iterable):
+            from ftmagic.errors import FtmagicError
+
+            raise FtmagicError(f"compare: give a prompt or a list of prompts, not a {type(prompts).__name__}")
+        prompts = list(prompts)  # a generator would be used up by the tuned answers
         tuned = [self.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
         with self._base_model() as base:
             base_answers = [self._generate(base, p, max_new_tokens=max_new_tokens) for p in prompts]
@@ -418,11 +426,21 @@ class RunResult:
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def _generate_ids(self, model, prompt, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> list:
+        from ftmagic.errors import FtmagicError
+
+        if not isinstance(prompt, str):
+            raise FtmagicError(f"a prompt must be text, not a {type(prompt).__name__}: {str(prompt)[:40]!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise FtmagicError(f"`max_new_tokens: {max_new_tokens!r}` must be a whole number of at least 1 (e.g. 64)")
         tok = self.tokenizer
         text = self.render(prompt)
         # The rendered text already holds any BOS the template wants; adding another would
         # differ from what training saw.
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and enc["input_ids"].shape[1] >= positions:
+            raise FtmagicError(f"the prompt is {enc['input_ids'].shape[1]:,} tokens with the template; the model reads "
+                               f"at most {positions:,} (`max_position_embeddings`): shorten it")
         device = next(model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         was_training = model.training
