@@ -76,6 +76,12 @@ def test_magic_text_report(shell, capsys):
     assert "frozen weights" in out
 
 
+def test_the_text_report_says_when_exact_mode_fell_back(shell, capsys):
+    shell.run_line_magic("ft_memory", "tiny --method prefix_tuning --exact --text")
+    out = capsys.readouterr().out
+    assert "  note: exact mode fell back to the analytic estimate: `prefix_tuning`'s virtual tokens are not traced" in out
+
+
 def test_a_quoted_gpu_name_with_a_space_is_that_gpu(shell, capsys):
     shell.run_line_magic("ft_memory", 'llama-3.2-1b --method qlora --gpu "A100 40GB" --text')
     out = capsys.readouterr().out

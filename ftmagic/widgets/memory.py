@@ -142,6 +142,8 @@ def text_report(verdict: Verdict) -> str:
         lines.append(f"  {'peak (' + est.peak_phase + ')':26} {format_bytes(est.total_bytes):>12}")
     for i, s in enumerate(verdict.suggestions, 1):
         lines.append(f"  {i}. {s.label}: {format_bytes(s.required_bytes)} ({'fits' if s.fits else 'still too big'})")
+    # What the widget shows under its verdict and `ftmagic estimate` prints (an exact mode that fell back, say).
+    lines += [f"  note: {note}" for note in (est.notes if est is not None else [])]
     return "\n".join(lines)
 
 
