@@ -260,6 +260,8 @@ def test_clean_drops_empties_and_duplicates_never_the_original(tmp_path):
     assert len(ftmagic.clean(path, near_duplicates=False).records) == 3
     with pytest.raises(ftmagic.DataError, match="is the original dataset"):
         ftmagic.clean(path, path)
+    with pytest.raises(ftmagic.DataError, match=r"is a folder; give the cleaned copy a file name, e\.g\. .*clean\.jsonl$"):
+        ftmagic.clean(path, str(tmp_path), overwrite=True)  # it said "pass overwrite=True", which then failed
 
 
 def test_conversation_without_answer_is_skipped_but_not_cleaned(test_tokenizer):

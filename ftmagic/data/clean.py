@@ -69,6 +69,8 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
         if isinstance(data, (str, os.PathLike)) and os.path.exists(path) and \
                 os.path.samefile(path, os.path.expanduser(os.fspath(data))):
             raise DataError(f"{path}: is the original dataset; write the cleaned copy to another file")
+        if os.path.isdir(path):
+            raise DataError(f"{path}: is a folder; give the cleaned copy a file name, e.g. {os.path.join(path, 'clean.jsonl')}")
         if os.path.lexists(path) and not overwrite:
             raise DataError(f"{path}: the file exists and is never overwritten; give a new name, delete it first, "
                             "or pass overwrite=True")
