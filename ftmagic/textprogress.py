@@ -276,7 +276,7 @@ def format_trial_line(event) -> str:
         text += f" -> {event.metric} {format_loss(event.value)}"
     if event.runtime_s is not None:
         text += f" ({format_duration(event.runtime_s)})"
-    if event.message and event.state in ("failed", "skipped", "pruned", "stopped"):
+    if event.message and event.state in ("running", "failed", "skipped", "pruned", "stopped"):
         text += f"; {event.message}"
     return text
 

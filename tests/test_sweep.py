@@ -9,6 +9,7 @@ import pytest
 
 from engine_helpers import StopAt, collect, reversal_records
 from ftmagic.engine.sweep import SweepResult, sweep, trial_fit_problem
+from ftmagic.textprogress import format_trial_line
 
 BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, seed=5, max_steps=2, eval_steps=0)
 
@@ -122,6 +123,10 @@ def test_a_stopped_sweep_resumes_its_trial_from_the_checkpoint(test_model_dir, t
     assert resumed["resumed_from_step"] == 1
     ended = [e for e in events if e["event"] == "trial" and e["state"] != "running"]
     assert ended[0]["output_dir"] == stopped["output_dir"] and ended[0]["params"] == stopped["params"]
+    # The trial that takes over runs under a new number in the stopped one's folder, and says so.
+    started = next(e for e in events if e["event"] == "trial" and e["state"] == "running")
+    assert started["message"] == f"continues trial {stopped['number']} in {stopped['output_dir']}"
+    assert format_trial_line(started).endswith(f"; continues trial {stopped['number']} in {stopped['output_dir']}")
     assert [e["state"] for e in ended] == ["complete", "complete"]
     assert again.summary["counts"] == {"stopped": 1, "complete": 2} and len(again.trials) == 3
 

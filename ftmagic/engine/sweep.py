@@ -261,7 +261,9 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
     problem = trial_fit_problem(trial_cfg, caps)
     if problem:
         return _finish(study, trial, TrialState.PRUNED, "skipped", base, emit, message=problem)
-    emit(Trial(state="running", **base))
+    # A trial that takes over an unfinished one runs in that one's folder: say so where it starts.
+    continues = f"continues trial {trial.user_attrs['resumes']} in {folder}" if resume_dir else ""
+    emit(Trial(state="running", **base, message=continues))
 
     trial_stop = _Stop(stop)
     curve: list = []
