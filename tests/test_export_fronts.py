@@ -201,7 +201,7 @@ def test_generation_inputs_that_cannot_work_are_one_line_errors(tiny_lora_run):
     run = tiny_lora_run
     with pytest.raises(FtmagicError, match=r"^`max_new_tokens: 0` must be a whole number of at least 1 \(e.g. 64\)$"):
         run.generate("reverse: abc", max_new_tokens=0)
-    with pytest.raises(FtmagicError, match=r"^a prompt must be text, not a int: '123'$"):
+    with pytest.raises(FtmagicError, match=r"^a prompt must be text or a list of messages, not a int: '123'$"):
         run.generate(123)
     positions = run.model.config.max_position_embeddings
     with pytest.raises(FtmagicError, match=rf"tokens with the template; the model reads at most {positions:,} "):

@@ -428,8 +428,9 @@ class RunResult:
     def _generate_ids(self, model, prompt, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> list:
         from ftmagic.errors import FtmagicError
 
-        if not isinstance(prompt, str):
-            raise FtmagicError(f"a prompt must be text, not a {type(prompt).__name__}: {str(prompt)[:40]!r}")
+        if not isinstance(prompt, (str, list, tuple)):  # a user message, or the conversation so far
+            raise FtmagicError(f"a prompt must be text or a list of messages, not a {type(prompt).__name__}: "
+                               f"{str(prompt)[:40]!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise FtmagicError(f"`max_new_tokens: {max_new_tokens!r}` must be a whole number of at least 1 (e.g. 64)")
         tok = self.tokenizer
