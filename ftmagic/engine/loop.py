@@ -380,7 +380,7 @@ def interrupts_deferred():
     def hold(signum, frame):
         received.append(signum)
         if len(received) > 1:  # asked twice: do not wait any longer
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, restored)
             _deliver(previous, signum, frame)
 
     try:
@@ -388,15 +388,14 @@ def interrupts_deferred():
     except ValueError:  # not the main interpreter: signals are not ours to take
         yield
         return
+    # A handler installed outside Python reads as None and cannot be put back: Python's own is.
+    restored = previous if previous is not None else signal.default_int_handler
     _deferring = True
     try:
-        yield
-    except BaseException:
+        yield  # an error raised here goes out as it is, the held signal with it
+    finally:
         _deferring = False
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        raise
-    _deferring = False
-    signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, restored)
     if len(received) == 1:
         _deliver(previous, received[0], None)
 
