@@ -111,6 +111,14 @@ def _assert_classifier_folder(folder, result) -> None:
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def _pipeline_probabilities(folder, texts) -> list:
+    """A plain ``pipeline("text-classification")`` over ``folder``, one text per call, as label -> probability."""
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(folder), top_k=None)
+    return [{row["label"]: row["score"] for row in classify([text])[0]} for text in texts]
+
+
 def _run_snippet(snippet: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -128,8 +136,10 @@ def test_merged_export_of_a_classifier_keeps_its_head_and_labels(classifier, tmp
     assert f"AutoModelForSequenceClassification.from_pretrained({str(merged)!r})" in out
     assert "text-generation" not in out and "vllm" not in out and "--enable-lora" not in out
     snippet = "\n".join(line[2:] for line in out.split("transformers:\n", 1)[1].splitlines())
-    assert 'text = "Hello" + tokenizer.eos_token' in snippet
+    assert "eos_token" not in snippet  # the saved tokenizer ends each text with the EOS training read
     assert eval(_run_snippet(snippet)) == pytest.approx(classifier.predict(["Hello"], probabilities=True)[0], abs=2e-4)
+    for got, want in zip(_pipeline_probabilities(merged, TEXTS), classifier.predict(TEXTS, probabilities=True)):
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_overwrite_of_the_run_end_merge_keeps_the_head(classifier, tmp_path, capsys):
@@ -167,6 +177,8 @@ def test_a_classifier_whose_pad_is_its_eos_exports_what_predict_reads(pad_eos_cl
         assert "One text per call" in snippet and any("one text per call" in note for note in summary.notes)
         got = eval(_run_snippet(snippet))
         assert got == pytest.approx(pad_eos_classifier.predict(["Hello"], probabilities=True)[0], abs=1e-4)
+        for got, want in zip(_pipeline_probabilities(folder, TEXTS), pad_eos_classifier.predict(TEXTS, probabilities=True)):
+            assert got == pytest.approx(want, abs=1e-4)
     # The live run keeps padding with EOS (its own pooling reads each text's last position).
     assert pad_eos_classifier.model.config.pad_token_id == tokenizer.eos_token_id
 
@@ -189,7 +201,8 @@ def test_the_adapter_card_of_a_pad_eos_classifier_reads_as_predict(pad_eos_class
     info = card_info(run, run.output_dir, adapter=True, gguf_files=[], model_dir=Path(run.output_dir))
     card = model_card(info)
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "id2label={0: 'neg', 1: 'pos'}" in code and "pad_token_id=None" in code and "eos_token" in code
+    assert "id2label={0: 'neg', 1: 'pos'}" in code and "pad_token_id=None" in code
+    assert "eos_token" not in code  # the adapter folder's tokenizer appends it
     got = eval(_run_snippet(code))
     assert got == pytest.approx(pad_eos_classifier.predict(["Hello"], probabilities=True)[0], abs=1e-4)
 
@@ -244,3 +257,53 @@ def test_the_card_of_a_head_run_shows_its_task():
     assert "AutoModelForSequenceClassification.from_pretrained('me/cls')" in text and "outputs: neg, pos" in text
     adapter = CardInfo(repo_id="me/rm", base_model="./local", method="lora", adapter=True, objective="reward")
     assert "AutoPeftModelForSequenceClassification.from_pretrained('me/rm', num_labels=1)" in model_card(adapter)
+
+
+@pytest.mark.parametrize("style", ["llama3", "chatml", "mistral", "gpt2"])
+def test_a_classifiers_saved_tokenizer_ends_each_text_as_training_did(style, tmp_path):
+    # Each family's own prefix (a BOS from the post-processor, or none) stays, and the EOS follows the text.
+    from model_builders import build_family_tokenizer
+
+    from ftmagic.engine.export.saved import save_tokenizer
+    from ftmagic.engine.models import load_tokenizer
+
+    tokenizer = build_family_tokenizer(style)
+    trained = [encoded.input_ids for encoded in encode_texts(tokenizer, TEXTS)]
+    save_tokenizer(tmp_path, tokenizer, FinetuneConfig(model="tiny", data="x.jsonl", objective="classify"))
+    saved = load_tokenizer(str(tmp_path))
+    assert [saved(text)["input_ids"] for text in TEXTS] == trained
+    assert trained[0][-1] == tokenizer.eos_token_id
+    # The live tokenizer is left as it was; an SFT run's saved tokenizer adds nothing.
+    assert tokenizer("Hello")["input_ids"][-1:] != [tokenizer.eos_token_id]
+    save_tokenizer(tmp_path / "sft", tokenizer, FinetuneConfig(model="tiny", data="x.jsonl"))
+    assert load_tokenizer(str(tmp_path / "sft"))("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
+
+
+def test_an_encoder_classifiers_tokenizer_is_saved_as_it_is(tmp_path):
+    from model_builders import build_test_encoder_dir
+
+    from ftmagic.engine.export.saved import save_tokenizer
+    from ftmagic.engine.models import load_tokenizer
+
+    tokenizer = load_tokenizer(build_test_encoder_dir(tmp_path / "bert"))
+    save_tokenizer(tmp_path / "out", tokenizer, FinetuneConfig(model="tiny", data="x.jsonl", objective="classify"))
+    assert load_tokenizer(str(tmp_path / "out"))("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+
+
+def test_a_tokenizer_that_drops_the_appended_eos_on_loading_is_saved_plain(tmp_path, monkeypatch):
+    # Some tokenizer classes rebuild their post-processor when loaded: the folder is read back, and where the
+    # EOS did not survive the plain tokenizer is saved, so the snippet adds the EOS by hand instead.
+    import ftmagic.engine.models as models
+    from model_builders import build_family_tokenizer
+
+    from ftmagic.data.pairs import eos_after_text
+    from ftmagic.engine.export.saved import save_appending_eos
+
+    tokenizer = build_family_tokenizer("llama3")
+    plain = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda path, trust_remote_code=False: tokenizer)
+    assert save_appending_eos(tmp_path, tokenizer) is False
+    assert eos_after_text(plain(str(tmp_path)))
+    monkeypatch.undo()
+    assert save_appending_eos(tmp_path / "kept", tokenizer) is True
+    assert not eos_after_text(plain(str(tmp_path / "kept")))
