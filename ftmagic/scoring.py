@@ -71,14 +71,54 @@ def normalized_exact_match(prediction: str, reference: str) -> float:
 _ROUGE = {}
 
 
+class RougeTokenizer:
+    """Words for ROUGE in any script: rouge-score's own tokenizer with letters beyond a-z kept.
+
+    rouge-score keeps only ``[a-z0-9]`` runs, so an answer in Russian, Greek or Japanese has
+    no words at all and scores 0.0 even when it equals the reference, and ``café`` loses its
+    ``é``. Here a word is a run of letters, marks and digits of any script (lower-cased), which
+    for ASCII text is exactly rouge-score's split; a character of a script written without
+    spaces (Chinese, Japanese: East Asian wide) is a word of its own, as ROUGE is usually
+    computed for those languages.
+
+    Example::
+
+        >>> RougeTokenizer().tokenize("Привет, мир! 東京 café_2")
+        ['привет', 'мир', '東', '京', 'café', '2']
+    """
+
+    def tokenize(self, text: str) -> list:
+        import unicodedata
+
+        tokens: list = []
+        word: list = []
+        for ch in str(text).lower():
+            if unicodedata.category(ch)[0] not in "LMN":
+                ch = " "
+            elif unicodedata.east_asian_width(ch) in ("W", "F"):
+                tokens.extend(["".join(word), ch] if word else [ch])
+                word = []
+                continue
+            if ch == " ":
+                if word:
+                    tokens.append("".join(word))
+                word = []
+            else:
+                word.append(ch)
+        if word:
+            tokens.append("".join(word))
+        return tokens
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words), from the ``rouge-score`` package."""
+    """ROUGE-L F1 (longest common subsequence of words), from the ``rouge-score`` package, with words of
+    every script (:class:`RougeTokenizer`; for ASCII text the package's own scores)."""
     if "scorer" not in _ROUGE:
         try:
             from rouge_score import rouge_scorer
         except ImportError:
             raise ConfigError(f"`eval_metrics: rouge_l` needs the rouge-score package ({EXTRA_HINT})") from None
-        _ROUGE["scorer"] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        _ROUGE["scorer"] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=RougeTokenizer())
     return float(_ROUGE["scorer"].score(str(reference), str(prediction))["rougeL"].fmeasure)
 
 

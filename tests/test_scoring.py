@@ -34,6 +34,22 @@ def test_rouge_and_chrf_match_their_libraries():
     assert scores["chrf"] == pytest.approx(CHRF().sentence_score(pred, [ref]).score / 100)
 
 
+
+def test_rouge_l_scores_answers_in_every_script():
+    # rouge-score alone keeps only [a-z0-9]: a correct answer in Russian or Japanese had no words and scored 0.0.
+    metrics = resolve_metrics(["rouge_l"])
+    assert score_answers(["привет мир", "東京です", "café au lait"], ["привет мир", "東京です", "café au lait"],
+                         metrics) == {"rouge_l": pytest.approx(1.0)}
+    assert score_answers(["привет"], ["привет мир"], metrics)["rouge_l"] == pytest.approx(2 / 3)
+    assert score_answers(["東京"], ["東京です"], metrics)["rouge_l"] == pytest.approx(2 / 3)  # characters, as for CJK
+    assert score_answers(["мир"], ["привет"], metrics)["rouge_l"] == 0.0
+    # ASCII text splits exactly as rouge-score's own tokenizer does.
+    from rouge_score import rouge_scorer
+
+    pred, ref = "It's 3:15 -- the_cat SAT!", "its 3 15 the cat sat"
+    assert score_answers([pred], [ref], metrics)["rouge_l"] == pytest.approx(
+        rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure)
+
 def test_a_python_function_is_a_metric_and_prompts_without_reference_are_not_scored():
     def first_letter(prediction, reference):
         return float(prediction[:1] == reference[:1])
