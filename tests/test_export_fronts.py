@@ -54,6 +54,30 @@ def test_cli_export_merged_prints_sizes_and_commands(run_dir, capsys):
     assert (merged / "model.safetensors").stat().st_mtime_ns > before
 
 
+def test_a_folder_the_run_did_not_write_is_neither_replaced_nor_written_into(run_dir, capsys):
+    import json
+
+    record = Path(run_dir) / "ftmagic_run.json"
+    info = json.loads(record.read_text())
+    assert "merged" not in info["files"] and "gguf" not in info["files"]  # a fresh run: no export yet
+    # The user keeps folders of their own named `merged` and `gguf` in the run's folder.
+    for name in ("merged", "gguf"):
+        (Path(run_dir) / name).mkdir()
+        (Path(run_dir) / name / "notes.txt").write_text("mine")
+    for to in ("merged", "gguf"):
+        assert main(["export", run_dir, "--to", to, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ftmagic: error: ") and err.count("\n") == 1
+        assert f"{Path(run_dir) / 'merged'}` is there but this run did not write it" in err and "--overwrite" in err
+    for name in ("merged", "gguf"):
+        assert [p.name for p in (Path(run_dir) / name).iterdir()] == ["notes.txt"]
+    assert json.loads(record.read_text())["files"] == info["files"]  # not claimed as the run's either
+    # `--overwrite` replaces it; the manifest then lists it as the run's.
+    assert main(["export", run_dir, "--to", "merged", "--quiet", "--overwrite"]) == 0
+    assert (Path(run_dir) / "merged" / "model.safetensors").is_file()
+    assert "merged" in json.loads(record.read_text())["files"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--to", "gguff"], "did you mean `gguf`"),
     (["--to", "gguf", "--quant", "q4km"], "did you mean `q4_k_m`"),

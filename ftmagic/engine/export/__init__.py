@@ -17,7 +17,8 @@ by a later one:
 
 Every output is written atomically. An output an earlier export of the same weights
 wrote is used as it is (listed as "already there"); one older than the run's weights
-(the run was resumed and trained further since) is refused; ``overwrite`` rebuilds
+(the run was resumed and trained further since) is refused, and so is a ``merged`` or
+``gguf`` folder the run's manifest does not list (the user's own); ``overwrite`` rebuilds
 either. Progress goes through ``on_event`` as :class:`ftmagic.events.Message` events.
 
 Example::
@@ -33,6 +34,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional
 
+from ftmagic.constants import RUN_FILE
 from ftmagic.engine.outdir import record_outputs
 from ftmagic.errors import ExportError
 from ftmagic.events import Message
@@ -88,6 +90,8 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
         raise ExportError(f"`method: {method}` trains virtual tokens that cannot be folded into the weights, so it "
                           "cannot become merged weights, GGUF or an Ollama model; the Hub upload (`--to hub`) works")
 
+    written = ([MERGED_DIR] if needs_weights and run._is_adapter() else []) + ([GGUF_DIR] if "gguf" in targets else [])
+    _refuse_foreign(run_dir, written, overwrite)  # before any work
     model_dir = None
     if needs_weights:
         model_dir = _merged(run, run_dir, summary, explicit="merged" in targets, overwrite=overwrite, emit=emit)
@@ -101,7 +105,7 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
              private=private, api=hub_api, emit=emit)
     _commands(run, run_dir, summary, ggufs)
     # The run's manifest lists what its exports wrote, so `overwrite: true` may remove them and nothing else.
-    record_outputs(run_dir, [name for name in (MERGED_DIR, GGUF_DIR) if (run_dir / name).exists()])
+    record_outputs(run_dir, [name for name in written if (run_dir / name).exists()])
     return summary
 
 
@@ -139,6 +143,25 @@ def _file_stem(run_dir: Path) -> str:
 
 # The files that hold a run's trained weights; exports newer than these are exports of them.
 _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def _refuse_foreign(run_dir: Path, names: list, overwrite: bool) -> None:
+    """Raise when one of the folders an export writes (``merged``, ``gguf``) is there but not the run's own.
+
+    The run's manifest (``ftmagic_run.json``) lists what the run and its exports wrote; a folder it does
+    not list is the user's (made after training), and an export would otherwise replace it or write into
+    it, and record it as the run's, so that a later ``overwrite: true`` run removed it.
+    """
+    from ftmagic.engine.outdir import owned_names, read_record
+
+    if overwrite:
+        return
+    present = {name for name in names if (run_dir / name).exists()}
+    owned = owned_names(read_record(run_dir), present)
+    foreign = [name for name in names if name in present and name not in owned]
+    if foreign:
+        raise ExportError(f"`{run_dir / foreign[0]}` is there but this run did not write it ({RUN_FILE} does not "
+                          "list it); move it away, or pass overwrite=True (`--overwrite`) to replace it")
 
 
 def _reuse(target: Path, run_dir: Path, overwrite: bool) -> bool:
