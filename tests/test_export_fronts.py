@@ -225,6 +225,10 @@ def test_generation_inputs_that_cannot_work_are_one_line_errors(tiny_lora_run):
     run = tiny_lora_run
     with pytest.raises(FtmagicError, match=r"^`max_new_tokens: 0` must be a whole number of at least 1 \(e.g. 64\)$"):
         run.generate("reverse: abc", max_new_tokens=0)
+    # evaluate read 0 as "the default" (64 tokens), 2.5 as 2 and -1 reached transformers' own ValueError.
+    for value in (0, 2.5, -1, True):
+        with pytest.raises(FtmagicError, match=rf"^`max_new_tokens: {value!r}` must be a whole number of at least 1"):
+            run.evaluate([{"prompt": "reverse: abc", "completion": "cba"}], max_new_tokens=value)
     with pytest.raises(FtmagicError, match=r"^a prompt must be text or a list of messages, not a int: '123'$"):
         run.generate(123)
     positions = run.model.config.max_position_embeddings

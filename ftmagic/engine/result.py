@@ -307,11 +307,13 @@ class RunResult:
             if prompts is None or isinstance(prompts, int) or (isinstance(prompts, str) and prompts.startswith("<")):
                 raise ConfigError("evaluate: give the prompts (a file, records with answers, or a list of strings)")
         chosen = metrics if metrics is not None else (getattr(config, "eval_metrics", None) or ["exact_match"])
+        if max_new_tokens is None:
+            max_new_tokens = getattr(config, "eval_max_new_tokens", 64)
+        _check_max_new_tokens(max_new_tokens)  # 0 is not "the default", 2.5 not 2 tokens
         evaluator = GenerationEvaluator(
             self.tokenizer, eval_prompts_from(prompts, system_prompt=getattr(config, "system_prompt", None),
                                               key="prompts"),
-            resolve_metrics(chosen), template=getattr(config, "template", None),
-            max_new_tokens=max_new_tokens or getattr(config, "eval_max_new_tokens", 64))
+            resolve_metrics(chosen), template=getattr(config, "template", None), max_new_tokens=max_new_tokens)
         scores, _ = evaluator(self.model, self.metrics.get("steps", 0))
         rows = [{"prompt": p.text, "reference": p.reference, "answer": a}
                 for p, a in zip(evaluator.prompts, evaluator.last_answers)]
@@ -431,8 +433,7 @@ class RunResult:
         if not isinstance(prompt, (str, list, tuple)):  # a user message, or the conversation so far
             raise FtmagicError(f"a prompt must be text or a list of messages, not a {type(prompt).__name__}: "
                                f"{str(prompt)[:40]!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise FtmagicError(f"`max_new_tokens: {max_new_tokens!r}` must be a whole number of at least 1 (e.g. 64)")
+        _check_max_new_tokens(max_new_tokens)
         tok = self.tokenizer
         text = self.render(prompt)
         # The rendered text already holds any BOS the template wants; adding another would
@@ -453,3 +454,10 @@ class RunResult:
                                     eos_token_id=self.end_token_ids(), pad_token_id=tok.pad_token_id, **kwargs)
         model.train(was_training)
         return output[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def _check_max_new_tokens(value) -> None:
+    """Refuse in one line what transformers would refuse with its own error, or read as something else
+    (``True`` as one token, ``2.5`` as two)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FtmagicError(f"`max_new_tokens: {value!r}` must be a whole number of at least 1 (e.g. 64)")
