@@ -385,7 +385,7 @@ class FinetuneConfig:
                 fail("labels", f"`labels: {self.labels}` must list at least two distinct label names")
 
     def _validate_export(self, fail) -> None:
-        from ftmagic.export.targets import check_quants, check_targets, refuse_text_targets
+        from ftmagic.export.targets import REPO_ID_RULE, check_quants, check_targets, is_repo_id, refuse_text_targets
 
         for key, check in (("export", check_targets), ("gguf_quant", check_quants)):
             try:
@@ -394,8 +394,8 @@ class FinetuneConfig:
                 fail(key, str(exc))
         if not chosen:
             fail("gguf_quant", "`gguf_quant` is empty; give at least one GGUF type, e.g. `gguf_quant: q8_0`")
-        if self.push_to_hub is not None and not _is_repo_id(self.push_to_hub):
-            fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be a Hub repository id like `user/name`")
+        if self.push_to_hub is not None and not is_repo_id(self.push_to_hub):
+            fail("push_to_hub", f"`push_to_hub: {self.push_to_hub}` must be {REPO_ID_RULE}")
         if "hub" in check_targets(self.export) and not self.push_to_hub:
             fail("export", "`export: hub` needs `push_to_hub: user/name` to know where to upload")
         if self.objective in OBJECTIVE_NAMES:
@@ -621,11 +621,6 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
             for i, item in enumerate(value_node.value):
                 lines[f"{key_node.value}[{i}]"] = item.start_mark.line + first_line
     return values, lines
-
-
-def _is_repo_id(value: str) -> bool:
-    parts = str(value).split("/")
-    return len(parts) == 2 and all(p and not any(c.isspace() for c in p) for p in parts)
 
 
 # Resolved field types (the module uses postponed annotations).

@@ -89,6 +89,21 @@ def test_cli_mistakes_are_one_line(run_dir, capsys, argv, expected):
     assert err.startswith("ftmagic: error: ") and expected in err and err.count("\n") == 1
 
 
+def test_a_repository_id_the_hub_refuses_is_refused_before_any_work(run_dir, capsys):
+    # It merged the weights first, then failed at the upload saying to check the network and log in.
+    assert main(["export", run_dir, "--to", "merged,hub", "--repo", "me/reverse words"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ftmagic: error: `repo: me/reverse words` must be a Hub repository id like `user/name` "
+                   "(letters, digits, `-`, `_`, `.`)\n")
+    assert not (Path(run_dir) / "merged").exists()
+    for bad in ("reverse", "me/x!", "me/-x", "me/a--b", "a/b/c"):
+        with pytest.raises(ExportError, match="must be a Hub repository id"):
+            ftmagic.RunResult.load(run_dir).export("hub", repo_id=bad)
+    # The config refuses the same ids with the same words.
+    with pytest.raises(ConfigError, match=r"`push_to_hub: me/x!` must be a Hub repository id like `user/name`"):
+        FinetuneConfig.from_dict({"model": "tiny", "data": "train.jsonl", "push_to_hub": "me/x!"})
+
+
 def test_cli_export_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--to", "gguf"]) == 2
     assert "not a finished ftmagic run" in capsys.readouterr().err

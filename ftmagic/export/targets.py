@@ -24,6 +24,7 @@ config and every export front refuse it through :func:`refuse_text_targets`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
@@ -91,6 +92,26 @@ def check_targets(value, key: str = "export") -> list:
 def check_quants(value, key: str = "gguf_quant") -> list:
     """Validated GGUF types, in the order given (``"f16,q8_0"`` and lists both work)."""
     return _check(_as_list(value), GGUF_TYPES, key)
+
+
+# The Hub's own rule for a repository id (huggingface_hub's ``validate_repo_id``), for `user/name`:
+# letters, digits, `-`, `_` and `.`, neither starting nor ending with `-` or `.`, no `--` or `..`.
+_REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+REPO_ID_RULE = "a Hub repository id like `user/name` (letters, digits, `-`, `_`, `.`)"
+
+
+def is_repo_id(value) -> bool:
+    """Whether ``value`` is a ``user/name`` the Hub accepts; checked before any export work, so a typo is
+    not found only after merging and converting, by the upload.
+
+    Example::
+
+        >>> is_repo_id("me/reverse-words"), is_repo_id("reverse-words"), is_repo_id("me/reverse words")
+        (True, False, False)
+    """
+    parts = str(value).split("/")
+    return (len(parts) == 2 and all(_REPO_PART.match(part) for part in parts) and len(parts[1]) <= 96
+            and "--" not in str(value) and ".." not in str(value))
 
 
 def refuse_text_targets(targets, objective: str, spelled: str = "--to {}", error: Optional[type] = None) -> None:

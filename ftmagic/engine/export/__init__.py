@@ -41,7 +41,8 @@ from ftmagic.events import Message
 from ftmagic.export.files import atomic_target, path_size
 from ftmagic.export.summary import (ExportSummary, head_snippet, llama_cpp_commands, pipeline_snippet,
                                     vllm_lora_command, vllm_model_command, vllm_serves_adapter)
-from ftmagic.export.targets import GGUF_TYPES, check_quants, check_targets, refuse_text_targets
+from ftmagic.export.targets import (GGUF_TYPES, REPO_ID_RULE, check_quants, check_targets, is_repo_id,
+                                    refuse_text_targets)
 from ftmagic.methods import get_method_spec
 from ftmagic.units import format_bytes
 
@@ -76,6 +77,8 @@ def export_run(run, to, *, quant=None, repo_id: Optional[str] = None, overwrite:
     if "hub" in targets and not repo_id:
         raise ExportError("`hub` needs a repository id: pass repo_id='user/name' (`--repo user/name`) "
                           "or set `push_to_hub` in the run's config")
+    if "hub" in targets and not is_repo_id(repo_id):
+        raise ExportError(f"`repo: {repo_id}` must be {REPO_ID_RULE}")  # before any merging or converting
     private = getattr(config, "hub_private", True) if private is None else private
     if "ollama" in targets and "gguf" not in targets:
         targets = check_targets(targets + ["gguf"])  # the Modelfile needs a GGUF beside it
