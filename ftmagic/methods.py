@@ -141,6 +141,30 @@ def get_method_spec(name: str) -> MethodSpec:
         raise not_accepted("method", name, list(METHODS)) from None
 
 
+def reads_key(spec: MethodSpec, key: str) -> bool:
+    """Whether a run of ``spec`` reads config key ``key``; False for the keys of other kinds of
+    method (``lora_r`` of a full run, ``trainable_layers`` of a LoRA run), which keep their
+    defaults unused, so a model card or summary that showed them would describe a run that did
+    not happen. Keys no method owns are read by every method.
+
+    Example::
+
+        >>> reads_key(get_method_spec("lora"), "lora_r"), reads_key(get_method_spec("lora"), "trainable_layers")
+        (True, False)
+        >>> reads_key(get_method_spec("ia3"), "target_modules"), reads_key(get_method_spec("ia3"), "lora_r")
+        (True, False)
+    """
+    if key in ("lora_r", "lora_alpha", "lora_dropout"):
+        return spec.peft_type == "LORA"
+    if key == "target_modules":
+        return spec.trains == "adapters"
+    if key == "num_virtual_tokens":
+        return spec.prompt_learning
+    if key == "trainable_layers":
+        return spec.trains == "top_layers"
+    return True
+
+
 def select_targets(spec: MethodSpec, linear_names: Sequence[str], target_modules: Any = "auto") -> list:
     """Names of the block's linear layers that ``spec`` adapts.
 

@@ -107,6 +107,20 @@ def test_card_metadata_when_base_and_data_are_hub_ids():
     assert not is_hub_id("data/train.jsonl") and not is_hub_id("/abs/path") and is_hub_id("owner/name")
 
 
+def test_the_card_shows_only_the_settings_the_method_reads():
+    # Every config holds every key with its default: a full run's card said `trainable_layers: 2`, a LoRA
+    # run's `num_virtual_tokens: 16` and `trainable_layers: 2`, an IA3 run's `lora_r: 16`.
+    config = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "auto",
+              "num_virtual_tokens": 16, "trainable_layers": 2, "lr": 2e-4}
+    expected = {"full": set(), "lora": {"lora_r", "lora_alpha", "lora_dropout", "target_modules"},
+                "ia3": {"target_modules"}, "prompt_tuning": {"num_virtual_tokens"}, "freeze": {"trainable_layers"}}
+    for method, shown in expected.items():
+        for adapter in (True, False):  # the adapter, or the merged model at the repository's root
+            body = model_card(CardInfo(repo_id="me/x", base_model="./local", method=method, adapter=adapter,
+                                       config={"method": method, **config}))
+            assert {key for key in config if f"| `{key}` |" in body} == shown | {"lr"}, (method, adapter)
+
+
 def test_loss_curve_needs_two_points():
     assert loss_curve_svg([{"step": 1, "loss": 2.0}]) is None
     assert loss_curve_svg([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]).startswith("<svg")

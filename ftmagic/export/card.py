@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ftmagic.methods import METHODS, reads_key
 from ftmagic.objectives import get_objective_spec
 
 LOSS_CURVE_FILE = "loss_curve.svg"
@@ -31,7 +32,6 @@ _SHOWN_KEYS = ("method", "lora_r", "lora_alpha", "lora_dropout", "target_modules
                "trainable_layers", "lr", "scheduler", "warmup", "weight_decay", "epochs", "max_steps", "batch_size",
                "grad_accum", "max_seq_len", "packing", "train_on", "template", "system_prompt", "optimizer",
                "precision", "seed")
-_ADAPTER_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
 @dataclass
@@ -113,8 +113,10 @@ def card_body(info: CardInfo) -> str:
              + (f" and GGUF files for llama.cpp and Ollama ({', '.join(info.gguf_files)})" if info.gguf_files else "")
              + ".", ""]
     parts += ["## Training", "", "| setting | value |", "|---|---|"]
+    spec = METHODS.get(info.method)
     for key in _SHOWN_KEYS:
-        if key not in info.config or (key in _ADAPTER_ONLY and not info.adapter):
+        # A method's own keys only where it reads them (a full run's card showed `trainable_layers: 2`).
+        if key not in info.config or (spec is not None and not reads_key(spec, key)):
             continue
         value = info.config[key]
         if value is None or (key == "max_steps" and value == -1):
