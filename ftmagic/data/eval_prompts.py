@@ -76,7 +76,7 @@ def eval_prompts_from(value: Any, *, fmt: str = "auto", columns: Optional[dict] 
     from ftmagic.data.load import load_data
     from ftmagic.data.problems import RecordError
 
-    loaded = load_data(value, strict=True)
+    loaded = load_data(value, strict=True, key=key)
     if not loaded.records:
         raise DataError(f"`{key}`: {loaded.name} holds no records")
     detection = detect_format(loaded.records, fmt, columns, source=loaded.name)

@@ -62,11 +62,13 @@ class LoadedData:
         return f"{self.name}[{original}]"
 
 
-def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: Optional[str] = None) -> LoadedData:
+def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: Optional[str] = None,
+              key: str = "data") -> LoadedData:
     """Load ``data`` (path, Hub id, Dataset, DataFrame or list of dicts) into a :class:`LoadedData`.
 
     ``split`` picks a split of a dataset that has several; ``subset`` is a Hub dataset's
-    configuration name (``load_dataset(name, subset)``).
+    configuration name (``load_dataset(name, subset)``). ``key``: the argument or config key
+    ``data`` was given as, named when it is not a dataset at all.
 
     Example::
 
@@ -81,14 +83,14 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: O
         return _load_path(os.path.expanduser(data), strict=strict, split=split, subset=subset)
     kind = type(data).__module__.split(".")[0] + "." + type(data).__name__
     if isinstance(data, dict) and not kind.startswith("datasets."):
-        raise DataError("data: a single dict is not a dataset; pass a list of dicts, e.g. [{\"text\": ...}]")
+        raise DataError(f"{key}: a single dict is not a dataset; pass a list of dicts, e.g. [{{\"text\": ...}}]")
     if kind.startswith("pandas.") and hasattr(data, "to_dict"):
         return _from_rows([_plain(r) for r in data.to_dict("records")], "data", "row", strict)
     if kind.startswith("datasets."):
         return _from_hf(data, "data", split, strict)
     if isinstance(data, (list, tuple)):
         return _from_rows(list(data), "data", "index", strict)
-    raise DataError(f"data: a {type(data).__name__} is not a dataset; pass a file path, a Hugging Face dataset id, "
+    raise DataError(f"{key}: a {type(data).__name__} is not a dataset; pass a file path, a Hugging Face dataset id, "
                     "a list of dicts, a pandas DataFrame or a datasets.Dataset")
 
 
