@@ -178,6 +178,35 @@ def test_a_held_interrupt_goes_to_the_handler_that_was_there(monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
 
+@MAIN_THREAD_ONLY
+def test_an_interrupt_while_a_checkpoint_is_written_keeps_that_checkpoint(test_model_dir, tmp_path, straight,
+                                                                           monkeypatch):
+    """Ctrl-C while step 3's periodic checkpoint is being written: the write ends, the run stops
+    with it (it used to be cut short and the stop wrote none, leaving nothing to resume)."""
+    from ftmagic.engine import checkpoint as ckpt
+
+    reference = step_losses(straight[1])
+    fsync, sent = ckpt._fsync_file, []
+
+    def interrupted_fsync(path):
+        if not sent and "step-00000003" in str(path):
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is handled here, in the middle of the write
+        return fsync(path)
+
+    monkeypatch.setattr(ckpt, "_fsync_file", interrupted_fsync)
+    result, events = _run(test_model_dir, tmp_path / "out")
+    assert sent and result.metrics["reason"] == "interrupted" and result.metrics["steps"] == 3
+    assert (tmp_path / "out" / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3]
+    monkeypatch.setattr(ckpt, "_fsync_file", fsync)
+    _, second = _run(test_model_dir, tmp_path / "out", resume=True)
+    after = step_losses(second)
+    assert sorted(after) == [4, 5, 6, 7, 8]
+    assert all(after[s] == pytest.approx(reference[s], abs=1e-5) for s in after)
+
+
 
 def test_resume_without_checkpoint_starts_over(test_model_dir, tmp_path):
     result, events = _run(test_model_dir, tmp_path / "out", resume=True, max_steps=2)

@@ -584,16 +584,20 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
             broken = ranks.any(broken)  # a shard's NaN stops every process, not the one that holds it
         if broken:
             raise _NonFinite()  # never saved: the last finite checkpoint stays the newest
-        saved_at = state.step
         epoch, index = batches.position(state.step * ga)
         values = dataclasses.replace(state, elapsed_s=elapsed()).to_json(epoch=epoch, batch_index=index,
                                                                           order_seed=config.seed)
         parts = dict(step=state.step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                      state=values, keep=config.save_total_limit, best=best_weights)
-        path = (ckpt.save_checkpoint(checkpoint_root, **parts) if ranks is None
-                else ckpt.save_distributed(checkpoint_root, ranks=ranks, **parts))
-        emit(Checkpoint(step=state.step, path=str(path)))
-        last_saved = last_finite = str(path)
+        # A Ctrl-C during the write waits for it to end: the stop it asks for then keeps this
+        # checkpoint. Cut short, the write would leave none of this step, while the step counted
+        # as saved, so the stop would write none either.
+        with interrupts_deferred():
+            path = (ckpt.save_checkpoint(checkpoint_root, **parts) if ranks is None
+                    else ckpt.save_distributed(checkpoint_root, ranks=ranks, **parts))
+            saved_at = state.step
+            last_saved = last_finite = str(path)
+            emit(Checkpoint(step=state.step, path=str(path)))
         return last_saved
 
     def restore_last_finite() -> None:
