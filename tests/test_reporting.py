@@ -197,3 +197,53 @@ def test_a_sweep_groups_its_trials_in_one_project(tmp_path):
     with tracking_group(tmp_path / "search", "search"):
         sinks = make_reporters(["mlflow", "wandb"], tmp_path / "search" / "trial-003")
     assert {(s.group, s.root, s.run_name) for s in sinks} == {("search", tmp_path / "search", "trial-003")}
+
+
+def test_a_run_that_raises_closes_its_tracker_records_as_failed(tmp_path, test_model_dir):
+    """A run that fails mid-way (here a user's metric raising at the second evaluation) ends its
+    MLflow run as FAILED and its W&B run with exit code 1, both naming the error; it used to leave
+    the MLflow run RUNNING for ever and the W&B run to be finished as a success."""
+    from mlflow.tracking import MlflowClient
+
+    from ftmagic.engine.reporting import mlflow_local_uri
+
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = textwrap.dedent(f"""
+        from engine_helpers import reversal_records
+        from ftmagic.engine.run import finetune
+        calls = []
+        def flaky(prediction, reference):
+            calls.append(1)
+            if len(calls) > 3:  # the base model's evaluation (3 prompts) passes, the next one raises
+                raise RuntimeError("the metric broke")
+            return 0.0
+        try:
+            finetune(model={str(test_model_dir)!r}, data=reversal_records(12), eval_prompts=reversal_records(3, seed=3),
+                     eval_metrics=[flaky], eval_max_new_tokens=2, max_steps=4, eval_steps=2, batch_size=4,
+                     save_steps=0, report_to=["wandb", "mlflow"], output_dir={str(out)!r})
+        except Exception as error:
+            print("RAISED", type(error).__name__)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0 and "RAISED ConfigError" in done.stdout, done.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_local_uri(out))
+    (run,) = client.search_runs([client.get_experiment_by_name("ftmagic").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["reason"] == "failed"
+    assert "the metric broke" in run.data.tags["error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+
+    (wandb_run,) = glob.glob(str(out / "wandb" / "offline-run-*"))
+    records = _wandb_records(glob.glob(wandb_run + "/run-*.wandb")[0])
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.summary.update})
+    assert summary["reason"] == "failed" and "the metric broke" in summary["error"]

@@ -195,6 +195,18 @@ class _Sink:
             self.close(event)
             self.opened = False
 
+    def fail(self, error: BaseException) -> None:
+        """The run raised instead of ending: close the tracker's record as failed, with the error's
+        first line as the reason. Left open, an MLflow run reads RUNNING for ever and W&B's next
+        run in the same kernel finishes it as a success."""
+        if not self.opened:
+            return  # nothing was logged: the run failed before it started
+        self.opened = False
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        lines = str(error).strip().splitlines()
+        self.close(End(reason=reason, metrics={"reason": reason, "error": lines[0] if lines else type(error).__name__},
+                       output_dir=str(self.out)))
+
     def open(self) -> None: ...
     def log(self, values: dict, step: int) -> None: ...
     def table(self, event: Generations) -> None: ...
@@ -298,7 +310,8 @@ class MlflowSink(_Sink):
         for key, value in summary.items():
             if isinstance(value, str):
                 self.client.set_tag(self.run_id, key, value)
-        status = "FINISHED" if event.reason in ("finished", "early_stopping") else "KILLED"
+        status = ("FINISHED" if event.reason in ("finished", "early_stopping")
+                  else "FAILED" if event.reason == "failed" else "KILLED")
         self.client.set_terminated(self.run_id, status=status)
 
 

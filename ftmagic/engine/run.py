@@ -192,14 +192,28 @@ def _silent(event) -> None:
 
 def _train(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: Callable, stop, ranks, claims: list,
            notes: list) -> RunResult:
+    """:func:`_trained` with the ``report_to`` trackers fed from its events (by the first process only),
+    created before any weights load; a run that raises closes their records as failed."""
+    out = Path(os.path.expanduser(cfg.output_dir))
+    sinks = make_reporters(cfg.report_to, out, cfg.to_dict()) if ranks is None or ranks.is_main else []
+    try:
+        return _trained(cfg, caps, plan, model_path, _with_reporters(emit, sinks), stop, ranks, claims, notes, out)
+    except BaseException as error:
+        for sink in sinks:
+            try:
+                sink.fail(error)
+            except Exception:  # the tracker's record comes second: the run's own error is the one to see
+                pass
+        raise
+
+
+def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit: Callable, stop, ranks, claims: list,
+             notes: list, out: Path) -> RunResult:
     main = ranks is None or ranks.is_main
     opt_plan = choose_optimizer(cfg.optimizer, plan.device, caps.bnb_available)
     notes = notes + _plan_notes(cfg, plan)
     if ranks is not None:
         notes.append(Message(ranks.plan.reason))
-    out = Path(os.path.expanduser(cfg.output_dir))
-    if main:
-        emit = _with_reporters(emit, cfg, out)
 
     def claim_dir() -> bool:
         # Checks and locks output_dir; nothing there is written or removed until the run starts.
@@ -337,9 +351,8 @@ def _plan_notes(cfg: FinetuneConfig, plan: DevicePlan) -> list:
     return notes
 
 
-def _with_reporters(emit: Callable, cfg: FinetuneConfig, out: Path) -> Callable:
-    """``emit`` that also feeds the ``report_to`` trackers (created before any weights load)."""
-    sinks = make_reporters(cfg.report_to, out, cfg.to_dict())
+def _with_reporters(emit: Callable, sinks: list) -> Callable:
+    """``emit`` that also feeds the ``report_to`` trackers."""
     if not sinks:
         return emit
 
