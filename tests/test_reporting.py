@@ -247,3 +247,42 @@ def test_a_run_that_raises_closes_its_tracker_records_as_failed(tmp_path, test_m
         if r.WhichOneof("record_type") == "summary":
             summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.summary.update})
     assert summary["reason"] == "failed" and "the metric broke" in summary["error"]
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, test_model_dir):
+    """Stopped at step 2 and resumed: one MLflow run holds steps 1 to 4 and ends FINISHED, and the W&B
+    run continues under the same id. Each resume used to start new tracker runs, the second of which
+    began at the checkpoint's step (and left the first one KILLED beside it)."""
+    from mlflow.tracking import MlflowClient
+
+    from ftmagic.engine.reporting import TRACKER_FILE, mlflow_local_uri
+
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = textwrap.dedent(f"""
+        from engine_helpers import StopAt, reversal_records
+        from ftmagic.engine.run import finetune
+        settings = dict(model={str(test_model_dir)!r}, data=reversal_records(12), max_steps=4, batch_size=4,
+                        save_steps=0, eval_steps=0, report_to=["wandb", "mlflow"], output_dir={str(out)!r})
+        stop = StopAt(2)
+        first = finetune(**settings, on_event=stop, stop=stop)
+        assert first.metrics["reason"] == "stopped" and first.metrics["steps"] == 2, first.metrics
+        assert finetune(**settings, resume=True).metrics["steps"] == 4
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_local_uri(out))
+    (run,) = client.search_runs([client.get_experiment_by_name("ftmagic").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["reason"] == "finished"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+
+    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id, written twice
+    ids = json.loads((out / TRACKER_FILE).read_text())
+    assert ids == {"wandb": runs[0].rsplit("-", 1)[1], "mlflow": run.info.run_id}
+    assert TRACKER_FILE in json.loads((out / "ftmagic_run.json").read_text())["files"]  # `overwrite: true` removes it

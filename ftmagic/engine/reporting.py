@@ -23,6 +23,11 @@ trackio       its local store (``TRACKIO_DIR``, default ``~/.cache/huggingface/t
 ``<root>`` and the group are the run's ``output_dir`` and ``ftmagic``; a sweep sets them
 (:func:`tracking_group`) to its own folder and name, so its trials sit side by side.
 
+A resumed run (``resume: true``) continues the tracker runs it started: the W&B run id and the
+MLflow run id are kept in ``<output_dir>/trackers.json`` (trackio continues the run of the
+same name; TensorBoard adds an event file beside the first), so one run is one curve from step
+1, not two records of which the second starts at the checkpoint's step.
+
 Example::
 
     sinks = make_reporters(["tensorboard", "mlflow"], "out", config.to_dict())
@@ -42,11 +47,12 @@ from typing import Callable, Optional
 from ftmagic.config import TRACKERS
 from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.evalevents import Generations
-from ftmagic.events import End, Eval, Plan, Start, Step
+from ftmagic.events import End, Eval, Start, Step
 
 EXTRA_HINT = "pip install 'ftmagic[tracking]'"
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 _GROUP: contextvars.ContextVar = contextvars.ContextVar("ftmagic_tracking_group", default=None)
+TRACKER_FILE = "trackers.json"  # {tracker: its run id} in output_dir, so a resumed run continues the same records
 
 
 @contextmanager
@@ -173,7 +179,8 @@ def config_text(config: dict) -> str:
 
 
 class _Sink:
-    """Shared shape: opened at the first event, one method per kind of record, closed at ``end``."""
+    """Shared shape: opened when training starts (the ``start`` event says whether it resumes), one
+    method per kind of record, closed at ``end``."""
 
     def __init__(self, module, *, out: Path, root: Path, group: str, config: dict):
         self.lib, self.out, self.root, self.group, self.config = module, out, root, group, config
@@ -181,9 +188,9 @@ class _Sink:
         self.opened = False
 
     def __call__(self, event) -> None:
-        if not self.opened and isinstance(event, (Plan, Start, Step, Eval, Generations)):
+        if not self.opened and isinstance(event, (Start, Step, Eval, Generations)):
             self.opened = True
-            self.open()
+            self.open(resumed=isinstance(event, Start) and bool(event.resumed_from_step))
         if not self.opened:
             return
         values = scalars(event)
@@ -207,7 +214,27 @@ class _Sink:
         self.close(End(reason=reason, metrics={"reason": reason, "error": lines[0] if lines else type(error).__name__},
                        output_dir=str(self.out)))
 
-    def open(self) -> None: ...
+    def previous_id(self, name: str) -> Optional[str]:
+        """The id this run's ``name`` tracker run had before it was stopped (None: none kept)."""
+        try:
+            value = json.loads((self.out / TRACKER_FILE).read_text(encoding="utf-8")).get(name)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value else None
+
+    def keep_id(self, name: str, run_id: str) -> None:
+        """Note the tracker run's id in ``output_dir`` (written whole, then renamed into place)."""
+        path = self.out / TRACKER_FILE
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            ids = {}
+        ids = {**(ids if isinstance(ids, dict) else {}), name: run_id}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ids, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def open(self, resumed: bool = False) -> None: ...
     def log(self, values: dict, step: int) -> None: ...
     def table(self, event: Generations) -> None: ...
     def close(self, event: End) -> None: ...
@@ -216,7 +243,7 @@ class _Sink:
 class TensorBoardSink(_Sink):
     """Scalars, the config and the answer tables as text, and the summary in ``<output_dir>/runs``."""
 
-    def open(self) -> None:
+    def open(self, resumed: bool = False) -> None:
         # Created at the first event, after the engine has claimed output_dir (the writer makes folders).
         self.writer = self.lib.SummaryWriter(log_dir=str(self.out / "runs"))
         self.writer.add_text("config", "```yaml\n" + config_text(self.config) + "```", 0)
@@ -241,10 +268,13 @@ class TensorBoardSink(_Sink):
 class WandbSink(_Sink):
     """A W&B run (offline with ``WANDB_MODE=offline``): config, history, answer tables, summary."""
 
-    def open(self) -> None:
+    def open(self, resumed: bool = False) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.previous_id("wandb") if resumed else None
         self.run = self.lib.init(project=os.environ.get("WANDB_PROJECT", self.group), name=self.run_name,
-                                 config=self.config, dir=str(self.root), reinit="finish_previous")
+                                 config=self.config, dir=str(self.root), reinit="finish_previous",
+                                 **({"id": previous, "resume": "allow"} if previous else {}))
+        self.keep_id("wandb", self.run.id)
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
@@ -273,8 +303,9 @@ def mlflow_local_uri(root) -> str:
 class MlflowSink(_Sink):
     """An MLflow run through ``MlflowClient``: params, metrics by step, tables as JSON artifacts, summary."""
 
-    def open(self) -> None:
+    def open(self, resumed: bool = False) -> None:
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_local_uri(self.root)
@@ -285,8 +316,18 @@ class MlflowSink(_Sink):
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI")
             else (self.root / "mlartifacts").resolve().as_uri())
-        self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in self.config.items() if v is not None]
+        self.run_id, logged = self.previous_id("mlflow") if resumed else None, {}
+        if self.run_id is not None:
+            try:  # the run this one continues, if the store still has it
+                logged = self.client.get_run(self.run_id).data.params
+                self.client.update_run(self.run_id, status="RUNNING")
+            except MlflowException:
+                self.run_id, logged = None, {}
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
+            self.keep_id("mlflow", self.run_id)
+        # A param keeps its first value (MLflow refuses a change): a resume may change how long the run goes.
+        params = [Param(k, str(v)[:6000]) for k, v in self.config.items() if v is not None and k not in logged]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[start:start + 100])
         self.client.log_text(self.run_id, config_text(self.config), "config.yaml")
@@ -318,9 +359,9 @@ class MlflowSink(_Sink):
 class TrackioSink(_Sink):
     """A trackio run in its local store: config, metrics by step, answer tables, summary."""
 
-    def open(self) -> None:
+    def open(self, resumed: bool = False) -> None:
         self.run = self.lib.init(project=self.group, name=self.run_name, config=self.config, embed=False,
-                                 auto_log_gpu=False, auto_log_cpu=False)
+                                 auto_log_gpu=False, auto_log_cpu=False, resume="allow" if resumed else "never")
 
     def log(self, values: dict, step: int) -> None:
         self.lib.log(values, step=step)

@@ -50,7 +50,7 @@ from ftmagic.engine.loop import LoopState, plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
 from ftmagic.engine.models import head_settings, hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.objectives import build_objective
-from ftmagic.engine.reporting import make_reporters
+from ftmagic.engine.reporting import TRACKER_FILE, make_reporters
 from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
 from ftmagic.engine.threads import plan_threads, run_threads
@@ -445,9 +445,11 @@ def _find_resume_point(resume: bool, out: Path, model, emit: Callable) -> Option
 
 
 def _run_folders(cfg: FinetuneConfig) -> tuple:
-    """Top-level folders a run may create while it trains (its manifest from the start)."""
+    """Top-level folders (and the trackers' ids) a run may create while it trains (its manifest from the start)."""
     reports = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
-    return ("checkpoints",) + tuple(name for tool, name in (("tensorboard", "runs"), ("wandb", "wandb")) if tool in reports)
+    kept = (TRACKER_FILE,) if {"wandb", "mlflow"} & set(reports) else ()
+    return (("checkpoints",) + tuple(name for tool, name in (("tensorboard", "runs"), ("wandb", "wandb")) if tool in reports)
+            + kept)
 
 
 def data_fingerprint(data) -> str:
