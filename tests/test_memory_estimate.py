@@ -282,3 +282,16 @@ def test_the_readmes_python_examples_give_what_it_shows():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_as_training_refuses_it():
+    # A T4 has no bf16: training stops with this line, so the calculator must not judge the run.
+    with pytest.raises(ConfigError, match=r"^`precision: bf16` is not supported by T4 \(compute capability below 8\.0\); "
+                                          r"use `precision: fp16` or `precision: auto`$"):
+        check_fit("smollm2-135m", "T4", precision="bf16")
+    with pytest.raises(ConfigError, match="^`precision: bf16` is not supported by this GPU"):
+        estimate_memory("smollm2-135m", precision="bf16", bf16_supported=False)
+    assert check_fit("smollm2-135m", "T4", precision="fp16").fits
+    assert check_fit("smollm2-135m", "L4", precision="bf16").fits
+    # a CPU estimate (device="cpu") is not about a GPU's bf16
+    assert estimate_memory("smollm2-135m", precision="bf16", bf16_supported=False, device="cpu").settings["precision"] == "bf16"

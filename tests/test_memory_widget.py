@@ -117,3 +117,17 @@ def test_cli_text_and_errors(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("ftmagic: error: ") and fragment in err and err.count("\n") == 1
+
+
+def test_bf16_on_a_t4_is_one_line_in_the_cli_the_magic_and_the_widget(shell, capsys):
+    from IPython.core.error import UsageError
+
+    line = "`precision: bf16` is not supported by T4 (compute capability below 8.0); use `precision: fp16` or `precision: auto`"
+    assert main(["estimate", "smollm2-135m", "--precision", "bf16", "--gpu", "T4"]) == 2
+    assert capsys.readouterr().err == f"ftmagic: error: {line}\n"
+    with pytest.raises(UsageError, match=r"precision: bf16` is not supported by T4"):
+        shell.run_line_magic("ft_memory", "smollm2-135m --precision bf16 --gpu T4 --text")
+    calc = MemoryCalculator(model="smollm2-135m", precision="bf16", gpu="L4")
+    assert calc.verdict.fits
+    calc.controls["gpu"].value = "T4"  # the card changes under a bf16 run
+    assert calc.verdict is None and calc.error == line

@@ -51,6 +51,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ftmagic.memory.gpus import format_bytes, resolve_gpu
+    from ftmagic.memory.policy import check_gpu_precision
     from ftmagic.memory.suggest import verdict_for
     from ftmagic.strategies import LABELS as STRATEGY_LABELS
     from ftmagic.api import estimate_memory
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if not targets:
             raise ConfigError("`--target-modules` is empty; use auto or comma-separated linear names")
     gpu = resolve_gpu(args.gpu)
+    if gpu is not None:
+        check_gpu_precision(args.precision, gpu.bf16, gpu.name)  # named here; the estimate would say "this GPU"
     estimate = estimate_memory(
         args.model, method=args.method, precision=args.precision, batch_size=args.batch_size,
         seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,

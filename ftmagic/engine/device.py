@@ -24,7 +24,7 @@ import torch
 
 from ftmagic.constants import DEVICES, OPTIMIZERS
 from ftmagic.errors import ConfigError, not_accepted
-from ftmagic.memory.policy import cpu_bf16, cpu_bf16_pays
+from ftmagic.memory.policy import check_gpu_precision, cpu_bf16, cpu_bf16_pays
 
 # Flattened rows are rounded up to a multiple of this where oneDNN builds a kernel per shape
 # (DevicePlan.row_multiple): a row pads at most 63 tokens.
@@ -216,10 +216,8 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
             precision = "bf16" if caps.bf16_supported else "fp16"
             why = ("bf16 autocast, no loss scaling needed" if caps.bf16_supported
                    else "no bf16 on this GPU, so fp16 autocast with a gradient scaler")
-        elif precision == "bf16" and not caps.bf16_supported:
-            raise ConfigError(f"`precision: bf16` is not supported by {caps.name} (compute capability below 8.0); "
-                              "use `precision: fp16` or `precision: auto`")
         else:
+            check_gpu_precision(precision, caps.bf16_supported, caps.name)
             why = f"{precision} as asked" + (" with a gradient scaler" if precision == "fp16" else "")
     elif device == "mps":
         where = "mps (Apple GPU)"

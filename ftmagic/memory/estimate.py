@@ -35,7 +35,7 @@ from typing import Any, Optional
 from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError, ModelError, not_accepted
 from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, resolve_model
-from ftmagic.memory.policy import resolve_precision, weight_plan
+from ftmagic.memory.policy import check_gpu_precision, resolve_precision, weight_plan
 from ftmagic.methods import LOSSES as ENGINE_LOSSES
 from ftmagic.methods import MethodSpec, get_method_spec, select_targets
 from ftmagic.memory.sharding import device_share
@@ -265,6 +265,8 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise ConfigError(f"`objective: {objective}` cannot be trained with `method: {method}`; use lora, qlora or full")
     if obj.head == "labels":
         _check_positive("num_labels", num_labels, 2)
+    if device == "cuda":  # what training would refuse is not judged (a T4 has no bf16)
+        check_gpu_precision(precision, bf16_supported)
     shape = resolve_model(model)
     precision = resolve_precision(precision, bf16_supported, device)
     if get_method_spec(method).quantized and precision == "fp32":

@@ -97,6 +97,25 @@ def cpu_bf16_pays(flags, hidden_size: Optional[int]) -> bool:
     return cpu_bf16(flags) is not None and hidden_size is not None and hidden_size >= CPU_BF16_MIN_HIDDEN
 
 
+def check_gpu_precision(precision: str, bf16_supported: bool, gpu_name: str = "this GPU") -> None:
+    """Refuse ``precision: bf16`` on a GPU without bf16 (a T4, compute capability 7.5).
+
+    One home for the refusal: the engine raises it before loading a model, and the memory
+    calculator raises it too, so it never judges a run on a T4 that training would refuse.
+
+    Example::
+
+        >>> check_gpu_precision("fp16", False, "T4")
+        >>> check_gpu_precision("bf16", False, "T4")
+        Traceback (most recent call last):
+        ...
+        ftmagic.errors.ConfigError: `precision: bf16` is not supported by T4 (compute capability below 8.0); use `precision: fp16` or `precision: auto`
+    """
+    if precision == "bf16" and not bf16_supported:
+        raise ConfigError(f"`precision: bf16` is not supported by {gpu_name} (compute capability below 8.0); "
+                          "use `precision: fp16` or `precision: auto`")
+
+
 def resolve_precision(precision: str, bf16_supported: bool = True, device: str = "cuda") -> str:
     """``auto`` -> bf16 where the device has it (on a CPU: where :func:`cpu_bf16_pays`), else
     fp16 on a GPU (a T4) and fp32 on a CPU."""

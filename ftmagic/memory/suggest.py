@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from ftmagic.errors import FtmagicError
 from ftmagic.memory.estimate import MemoryEstimate, estimate_memory
+from ftmagic.memory.policy import check_gpu_precision
 from ftmagic.memory.gpus import (BUILT_IN, GPU, context_bytes, cuda_constants, format_bytes, headroom_bytes,
                                  required_bytes, resolve_gpu)
 from ftmagic.strategies import LABELS as STRATEGY_LABELS
@@ -204,6 +205,8 @@ def check_fit(model: Any, gpu: Any, **settings: Any) -> Verdict:
     card = resolve_gpu(gpu)
     if card is not None and "bf16_supported" not in settings:
         settings["bf16_supported"] = card.bf16
+    if card is not None and settings.get("device", "cuda") == "cuda":
+        check_gpu_precision(settings.get("precision", "auto"), settings["bf16_supported"], card.name)
     estimate = with_overheads(estimate_memory(model, **settings))
     return verdict_for(estimate, card)
 

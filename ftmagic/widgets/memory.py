@@ -25,6 +25,7 @@ from ftmagic.constants import OPTIMIZERS
 from ftmagic.api import estimate_memory
 from ftmagic.memory.estimate import DEVICE_KEYS, MemoryEstimate
 from ftmagic.memory.gpus import GPU_PRESETS, format_bytes, resolve_gpu
+from ftmagic.memory.policy import check_gpu_precision
 from ftmagic.methods import METHOD_NAMES
 from ftmagic.memory.suggest import Verdict, verdict_for
 from ftmagic.strategies import LABELS as STRATEGY_LABELS
@@ -236,6 +237,8 @@ class MemoryCalculator:
         start = time.perf_counter()
         gpu = self.gpu()
         try:
+            if gpu is not None:
+                check_gpu_precision(self.controls["precision"].value, gpu.bf16, gpu.name)
             est = estimate_memory(self.controls["model"].value, bf16_supported=gpu.bf16 if gpu else True,
                                   **self.settings())
             verdict = verdict_for(est, gpu)
@@ -307,6 +310,8 @@ class MemoryMagics(Magics):
                             optimizer=args.optimizer, lora_r=args.lora_r, devices=args.devices,
                             strategy=args.strategy, objective=args.objective)
             gpu = resolve_gpu(args.gpu) if args.gpu and args.gpu.lower() != "none" else None
+            if gpu is not None:
+                check_gpu_precision(args.precision, gpu.bf16, gpu.name)
             if args.text or args.exact:
                 est = estimate_memory(args.model, bf16_supported=gpu.bf16 if gpu else True,
                                       mode="exact" if args.exact else "analytic", **settings)
