@@ -295,3 +295,17 @@ def test_bf16_on_a_gpu_without_it_is_refused_as_training_refuses_it():
     assert check_fit("smollm2-135m", "L4", precision="bf16").fits
     # a CPU estimate (device="cpu") is not about a GPU's bf16
     assert estimate_memory("smollm2-135m", precision="bf16", bf16_supported=False, device="cpu").settings["precision"] == "bf16"
+
+
+def test_a_combination_asks_only_for_the_changes_the_run_needs():
+    # Built cheapest first, the combination used to keep what a later change made unnecessary:
+    # a 12 GiB card was told "QLoRA + gradient checkpointing + 8-bit AdamW + 4 GPUs with FSDP".
+    base = dict(method="full", batch_size=4, seq_len=512)
+    verdict = check_fit("mistral-7b", 12, **base)
+    combo = [s for s in verdict.suggestions if "+" in s.label]
+    assert [(s.label, s.changes) for s in combo] == [
+        ("QLoRA + gradient checkpointing", {"method": "qlora", "precision": "bf16", "gradient_checkpointing": True})]
+    assert combo[0].fits and check_fit("mistral-7b", 12, **{**base, **combo[0].changes}).fits
+    for key in ("method", "gradient_checkpointing"):  # each change is needed
+        fewer = {k: v for k, v in combo[0].changes.items() if k != key}
+        assert not check_fit("mistral-7b", 12, **{**base, **fewer}).fits

@@ -172,8 +172,43 @@ def _combination(model: Any, base: dict, gpu_total_bytes: int) -> Optional[Sugge
         settings.update(change)
         changes.update(change)
         if required_bytes(est.total_bytes) <= gpu_total_bytes:
+            changes, est = _drop_unneeded(model, base, changes, est, gpu_total_bytes)
             return Suggestion(describe_changes(changes, base), changes, with_overheads(est), True, 10 + len(changes))
     return None
+
+
+# The changes a combination is made of, each with what it costs the user (as in _candidates):
+# undone as a whole, the costliest first, when the run fits without it.
+_CHANGE_GROUPS = ((("method", "precision"), 5), (("devices", "strategy"), 4.5), (("batch_size", "grad_accum"), 3),
+                  (("seq_len",), 7), (("optimizer",), 2), (("gradient_checkpointing",), 1))
+
+
+def _drop_unneeded(model: Any, base: dict, changes: dict, est: MemoryEstimate, gpu_total_bytes: int) -> tuple:
+    """Undo each change the fitting combination does not need, so none is asked for in vain.
+
+    The combination is built cheapest first, so a costly change that came last (QLoRA) can
+    make cheaper ones before it (more GPUs, an 8-bit optimizer) unnecessary: a 12 GiB card
+    was told "QLoRA + gradient checkpointing + 8-bit AdamW + 4 GPUs" where QLoRA with
+    checkpointing fits one GPU.
+    """
+    for keys, _cost in sorted(_CHANGE_GROUPS, key=lambda g: -g[1]):
+        if not any(k in changes for k in keys):
+            continue
+        if keys == ("devices", "strategy"):  # fewer GPUs first, then none
+            counts = [n for n, _ in MORE_DEVICES if n < changes["devices"]]
+            trials = [{k: v for k, v in changes.items() if k not in keys}]
+            trials += [{**changes, "devices": n} for n in counts if n > base.get("devices", 1)]
+        else:
+            trials = [{k: v for k, v in changes.items() if k not in keys}]
+        for trial in trials:
+            try:
+                trial_est = estimate_memory(model, **{**base, **trial})
+            except FtmagicError:
+                continue
+            if required_bytes(trial_est.total_bytes) <= gpu_total_bytes:
+                changes, est = trial, trial_est
+                break
+    return changes, est
 
 
 def describe_changes(changes: dict, base: dict) -> str:
