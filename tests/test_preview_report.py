@@ -235,6 +235,20 @@ def test_empty_dataset(tmp_path, test_tokenizer):
     assert (report.records, report.usable, report.format, report.token_lengths, len(report)) == (0, 0, "unknown", None, 0)
 
 
+@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("blank.jsonl", "\n\n"), ("h.csv", "prompt,completion\n"),
+                                           ("a.json", "[]")])
+def test_an_empty_dataset_is_a_problem_not_problems_none(tmp_path, test_tokenizer, name, content):
+    # Training stops on it with "no usable records"; the previewer said "problems: none".
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    report = ftmagic.preview(str(path), tokenizer=test_tokenizer)
+    assert problems(report) == [("no_records", str(path), "the data holds no records, so training would stop "
+                                                           "with `no usable records`")]
+    assert report.to_text().splitlines()[-2:] == [
+        "problems: 1 (no records 1)",
+        f"  no_records: {path}: the data holds no records, so training would stop with `no usable records`"]
+
+
 def test_length_stats_and_histogram():
     assert length_stats([5, 1, 3, 2, 4]) == {"min": 1, "median": 3, "p95": 5, "max": 5, "mean": 3.0}
     assert length_stats(list(range(1, 101)))["p95"] == 95

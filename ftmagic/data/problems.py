@@ -37,6 +37,7 @@ KINDS = {
     "label_imbalance": "unbalanced labels",
     "identical_pair": "chosen and rejected are the same",
     "unknown_label": "label not among `labels`",
+    "no_records": "no records",
 }
 
 # Kinds that make a record unusable for training (it is skipped and counted).

@@ -377,6 +377,11 @@ def _analyse(report: DatasetReport, progress: Optional[Callable], batch: int) ->
     balance = label_balance(labels if kind == "classification" else answers, any_count=kind == "classification")
     imbalance = imbalance_problem(balance, loaded.name, labelled=kind == "classification")
     dataset_level = [imbalance] if imbalance else []
+    if not loaded.records and not problems:
+        # An empty file (or one with only blank lines, a CSV header, `[]`) has no record to
+        # find fault with, yet training refuses it: say so rather than "problems: none".
+        dataset_level.append(Problem("no_records", loaded.name, "the data holds no records, so training would stop "
+                                                                "with `no usable records`"))
     if no_eos_tokenizer:
         dataset_level.append(Problem("no_eos", loaded.name, "the tokenizer has no EOS token, so answers cannot end "
                                                             "with one and the model will not learn to stop"))
