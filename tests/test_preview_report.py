@@ -285,3 +285,20 @@ def test_conversation_without_answer_is_skipped_but_not_cleaned(test_tokenizer):
     assert problems(report) == [("no_assistant", "data[0]", "the conversation has no assistant turn to train on")]
     assert (report.usable, report.skipped_reasons) == (1, {"no_assistant": 1})
     assert len(ftmagic.clean(rows).records) == 2  # needs a human: the answer may be missing, not the question
+
+
+def test_a_mixture_is_previewed_per_source_never_read_as_records(tmp_path, test_tokenizer):
+    # A run's `data:` mixture used to be read as records: "cannot tell the format from the fields (path, weight)",
+    # or, for a list of paths, two "records" that are strings.
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "completion": "a"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "t"}])
+    for data in ([a, b], [{"path": a, "weight": 2}, {"path": b}]):
+        with pytest.raises(ftmagic.DataError) as err:
+            ftmagic.preview(data, tokenizer=test_tokenizer)
+        assert str(err.value) == (f"`data` is a mixture of 2 sources ({a}, {b}); the previewer reads one dataset at a "
+                                  f"time: preview each source, e.g. ftmagic.preview({a!r})")
+    one = ftmagic.preview([{"path": a, "weight": 2}], tokenizer=test_tokenizer)
+    assert (one.source, one.format, one.records, one.problems) == (a, "prompt_completion", 1, [])
+    mapped = ftmagic.preview([{"data": [{"q": "x", "a": "y"}], "columns": {"prompt": "q", "completion": "a"}}],
+                             tokenizer=test_tokenizer)
+    assert (mapped.format, mapped.usable) == ("prompt_completion", 1)

@@ -96,6 +96,18 @@ def source_problems(data: Any, key: str = "data") -> list:
     return problems
 
 
+def is_mixture(data: Any) -> bool:
+    """Whether ``data`` is spelt as a list of sources (paths, or ``{path|data: ..., weight: ...}`` entries).
+
+    Example::
+
+        >>> is_mixture(["a.jsonl", "b.jsonl"]), is_mixture([{"path": "a.jsonl", "weight": 2}]), is_mixture([{"text": "a"}])
+        (True, True, False)
+    """
+    return isinstance(data, (list, tuple)) and bool(data) and (all(isinstance(d, str) for d in data)
+                                                               or all(_is_source_spec(d) for d in data))
+
+
 def data_sources(data: Any, key: str = "data") -> list:
     """Split a ``data`` value into :class:`Source` entries (a mixture list, a list of paths, or one dataset).
 

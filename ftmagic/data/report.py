@@ -40,9 +40,11 @@ from ftmagic.data.formats import comparable_turns, format_kind, to_conversation,
 from ftmagic.data.pairs import encode_pairs, encode_texts
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
+from ftmagic.data.pipeline import data_sources, is_mixture
 from ftmagic.data.problems import KINDS, SKIPPING_KINDS, Problem, RecordError
 from ftmagic.data.templates import resolve_template
 from ftmagic.data.tokenizer import load_preview_tokenizer
+from ftmagic.errors import DataError
 
 __all__ = ["preview", "open_preview", "analyse", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
 
@@ -277,6 +279,7 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
         report.record(123_456)       # encoded on demand
         analyse(report)              # statistics and problems (report.complete becomes True)
     """
+    data, format, columns = _one_source(data, format, columns)
     note = None
     name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None
     if tokenizer is None:
@@ -302,6 +305,28 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
         long_text=long_text, problems=list(loaded.problems), notes=[note] if note else [],
         _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
                   "system_prompt": system_prompt})
+
+
+def _one_source(data: Any, format: str, columns: Optional[dict]) -> tuple:
+    """``(data, format, columns)`` of the one dataset to preview, when ``data`` is spelt as a mixture.
+
+    A run's ``data:`` may be a list of paths or of ``{path: ..., weight: ...}`` entries; read as
+    records, they gave "cannot tell the format from the fields (path, weight)" or a report of
+    strings. One source is previewed as itself (its own ``format`` and ``columns`` unless given);
+    several have their own formats and problems, so each is previewed apart.
+    """
+    if not is_mixture(data):
+        return data, format, columns
+    sources = data_sources(data)
+    if len(sources) > 1:
+        names = ", ".join(str(s.name) for s in sources[:4]) + (", ..." if len(sources) > 4 else "")
+        first = repr(sources[0].data) if isinstance(sources[0].data, str) else "data[0]['data']"
+        raise DataError(f"`data` is a mixture of {len(sources)} sources ({names}); the previewer reads one dataset at "
+                        f"a time: preview each source, e.g. ftmagic.preview({first})")
+    src = sources[0]
+    if src.split != "train" or src.subset:
+        src.data = load_data(src.data, strict=False, split=src.split, subset=src.subset)
+    return src.data, (src.format or "auto") if format == "auto" else format, columns or src.columns
 
 
 def analyse(report: DatasetReport, progress: Optional[Callable] = None, batch: int = 4096) -> DatasetReport:
