@@ -460,6 +460,29 @@ NUMBER_RANGES = {
 }
 
 
+def check_whole_number(key: str, value: Any) -> int:
+    """``value`` for a whole-number key of :data:`NUMBER_RANGES` outside a config (the previewer's
+    ``max_seq_len``, say), refused in the words the config uses.
+
+    Example::
+
+        >>> check_whole_number("max_seq_len", 256)
+        256
+        >>> check_whole_number("max_seq_len", 0)
+        Traceback (most recent call last):
+        ...
+        ftmagic.errors.ConfigError: `max_seq_len: 0` must be at least 8
+    """
+    low, high = NUMBER_RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"`{key}: {value!r}` must be a whole number from {low} to {_short_number(high)}")
+    if value < low:
+        raise ConfigError(f"`{key}: {_short_number(value)}` must be at least {low}")
+    if value > high:
+        raise ConfigError(f"`{key}: {_short_number(value)}` must be at most {_short_number(high)}")
+    return value
+
+
 # Keys whose lower end has a message of its own in FinetuneConfig.validate.
 _OWN_LOWER_CHECK = ("lr", "epochs", "max_steps")
 

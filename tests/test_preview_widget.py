@@ -117,3 +117,23 @@ def test_jump_to_a_problem(report):
     w.jump.value = 5
     assert w.index.value == 5 and "field `completion` is empty" in w.record.value and w.jump.value == -1
     assert report.index_of("data[3]") == 3 and report.index_of("nowhere") is None
+
+
+@pytest.mark.parametrize("flags, line", [("--max-seq-len 0", "`max_seq_len: 0` must be at least 8"),
+                                         ("--max-seq-len -3", "`max_seq_len: -3` must be at least 8"),
+                                         ("--max-seq-len 2000000", "`max_seq_len: 2000000` must be at most 1048576"),
+                                         ("--batch-size 0", "`batch_size: 0` must be at least 1")])
+def test_out_of_range_sizes_are_one_line_usage_errors(test_tokenizer, flags, line):
+    # They reached the analysis: a ZeroDivisionError (max_seq_len 0) or ValueError (batch size 0) traceback.
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("ftmagic")
+    shell.user_ns["rows"] = [{"prompt": "q", "completion": "a"}]
+    with pytest.raises(UsageError) as err:
+        shell.find_line_magic("ft_preview")(f"rows {flags} --text")
+    assert str(err.value) == line
+    with pytest.raises(ftmagic.ConfigError, match=f"^{line}$"):
+        ftmagic.preview(shell.user_ns["rows"], tokenizer=test_tokenizer, **{
+            flags.split()[0][2:].replace("-", "_"): int(flags.split()[1])})

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
-from ftmagic.config import FinetuneConfig
+from ftmagic.config import FinetuneConfig, check_whole_number
 from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
@@ -279,6 +279,9 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
         report.record(123_456)       # encoded on demand
         analyse(report)              # statistics and problems (report.complete becomes True)
     """
+    # Checked here for every front (the magic and the API passed 0 on to a ZeroDivisionError).
+    check_whole_number("max_seq_len", max_seq_len)
+    check_whole_number("batch_size", batch_size)
     data, format, columns = _one_source(data, format, columns)
     note = None
     name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None
