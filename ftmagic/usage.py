@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 from ftmagic.errors import FtmagicError, choice_error, did_you_mean
 
@@ -25,6 +26,34 @@ def as_usage_error():
         yield
     except FtmagicError as exc:
         raise UsageError(str(exc)) from None
+
+
+def expand_vars(text: str, namespace: Optional[dict] = None) -> str:
+    """``{var}`` and ``$var`` in a ``@no_var_expand`` magic's line, as IPython would expand them
+    (from ``namespace``, else the running shell's); on any failure the text stays as typed
+    (IPython's own rule).
+
+    Such magics expand the line themselves so that a token naming a notebook variable
+    (``data``: ``$train``) can reach them as its name, not as the text of a list of dicts.
+
+    Example::
+
+        >>> expand_vars("--lr={lr} --r $r", {"lr": 0.001, "r": 8}), expand_vars("$nothing", {})
+        ('--lr=0.001 --r 8', '$nothing')
+    """
+    if "$" not in text and "{" not in text:
+        return text
+    try:
+        from IPython.utils.text import DollarFormatter
+
+        if namespace is None:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            namespace = shell.user_ns if shell is not None else {}
+        return DollarFormatter().vformat(text, args=[], kwargs=namespace)
+    except Exception:
+        return text
 
 
 def magic_argv(line: str) -> list[str]:

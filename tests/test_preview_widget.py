@@ -137,3 +137,22 @@ def test_out_of_range_sizes_are_one_line_usage_errors(test_tokenizer, flags, lin
     with pytest.raises(ftmagic.ConfigError, match=f"^{line}$"):
         ftmagic.preview(shell.user_ns["rows"], tokenizer=test_tokenizer, **{
             flags.split()[0][2:].replace("-", "_"): int(flags.split()[1])})
+
+
+def test_a_dollar_variable_is_the_data_itself(test_tokenizer, tmp_path, capsys):
+    # IPython expanded `$rows` into the text of the list before the magic saw it:
+    # "unexpected value(s) q , completion : a }, ...". Other `$var` / `{var}` still expand.
+    from IPython.core.interactiveshell import InteractiveShell
+
+    folder = tmp_path / "tok"
+    test_tokenizer.save_pretrained(str(folder))
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("ftmagic")
+    capsys.readouterr()
+    shell.user_ns.update(rows=[{"prompt": "q", "completion": "a"}] * 2, n=64, tok=str(folder))
+    shell.run_cell("%ft_preview $rows --model $tok --max-seq-len $n --text")
+    out = capsys.readouterr().out
+    assert out.startswith("data: 2 records, format prompt_completion"), out
+    assert "(max_seq_len 64)" in out and "duplicate: data[1]: same conversation as data[0]" in out
+    shell.run_line_magic("ft_preview", "$rows --model {tok} --max-seq-len {n * 2} --text")
+    assert "(max_seq_len 128)" in capsys.readouterr().out

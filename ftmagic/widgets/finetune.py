@@ -31,11 +31,10 @@ from typing import Any, Callable, Optional
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from IPython.utils.text import DollarFormatter
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
 from ftmagic.errors import ConfigError
-from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
+from ftmagic.usage import as_usage_error, expand_vars, magic_argv, parse_magic_args
 
 CELL_SOURCE = "%%finetune cell"
 PROGRESS_MODES = ("auto", "widget", "text", "none")
@@ -138,22 +137,8 @@ def _split_line(line: str) -> list[str]:
     for token in argv:
         literal = keep_next or token.split("=", 1)[0] in data_flags
         keep_next = token in data_flags
-        out.append(token if literal else _expand(token))
+        out.append(token if literal else expand_vars(token))
     return out
-
-
-def _expand(token: str) -> str:
-    if "$" not in token and "{" not in token:
-        return token
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        namespace = shell.user_ns if shell is not None else {}
-        return DollarFormatter().vformat(token, args=[], kwargs=namespace)
-    except Exception:
-        # Same rule as IPython's var_expand: leave what cannot be expanded as typed.
-        return token
 
 
 def parse_line(magic_func: Callable, line: str):

@@ -18,14 +18,15 @@ Example (in a notebook)::
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ftmagic.config import FORMATS
 from ftmagic.objectives import OBJECTIVE_NAMES
-from ftmagic.usage import as_usage_error, magic_argv, parse_magic_args
+from ftmagic.usage import as_usage_error, expand_vars, magic_argv, parse_magic_args
 from ftmagic.widgets.static import StaticTwin
 from ftmagic.widgets.preview_html import histogram_html, problems_html, record_html, summary_html
 
@@ -178,18 +179,23 @@ class PreviewMagics(Magics):
     @argument("--batch-size", type=int, default=4, help="batch size for the padding estimate")
     @argument("--name", default=None, help="bind the DatasetReport to this variable")
     @argument("--text", action="store_true", help="print the text report instead of the widget")
+    @no_var_expand
     @line_magic
     def ft_preview(self, line: str) -> None:
         """Preview a dataset: format, counts, lengths, problems and a record pager.
 
+        DATA may name a notebook variable (``rows`` or ``$rows``): a list of dicts, a pandas
+        DataFrame or a datasets.Dataset.
+
         Example: ``%ft_preview train.jsonl --model tiny --max-seq-len 256``
         """
-        args = parse_magic_args(self.ft_preview.parser, magic_argv(line))
+        namespace = self.shell.user_ns if self.shell else {}
+        args = parse_magic_args(self.ft_preview.parser, expand_line(line, namespace))
         with as_usage_error():
             from ftmagic.commands.preview import parse_columns
             from ftmagic.data.report import analyse, open_preview
 
-            report = open_preview(lookup_data(args.data, self.shell.user_ns if self.shell else {}), model=args.model,
+            report = open_preview(lookup_data(args.data, namespace), model=args.model,
                                   format=args.format, template=args.template, max_seq_len=args.max_seq_len,
                                   train_on=args.train_on, columns=parse_columns(args.columns) or None,
                                   system_prompt=args.system_prompt, batch_size=args.batch_size, objective=args.objective)
@@ -225,6 +231,27 @@ def problem_choices(report, limit: int = JUMP_LIMIT) -> list:
             if len(out) == limit:
                 break
     return out
+
+
+def expand_line(line: str, namespace: dict) -> list:
+    """The magic's arguments with ``{var}`` / ``$var`` expanded as IPython would, except a
+    ``$name`` whose variable is data (not a string or number): that one stays a name for
+    :func:`lookup_data`. IPython's own expansion wrote a list of dicts into the line as its
+    text, which then read as stray arguments.
+
+    Example::
+
+        >>> expand_line("$rows --max-seq-len {n * 2}", {"rows": [{"text": "a"}], "n": 32})
+        ['$rows', '--max-seq-len', '64']
+    """
+    def keep_data(match):  # `$$name` is IPython's escape for a literal `$name`
+        name = match.group(1)
+        is_data = name in namespace and not isinstance(namespace[name], (str, int, float))
+        return "$$" + name if is_data else match.group(0)
+
+    protected = re.sub(r"(?<![$\w])\$([A-Za-z_]\w*)", keep_data, line)
+    expanded = expand_vars(protected, namespace)
+    return magic_argv(line if expanded == protected and protected != line else expanded)
 
 
 def lookup_data(token: str, namespace: dict) -> Any:
