@@ -309,3 +309,17 @@ def test_a_combination_asks_only_for_the_changes_the_run_needs():
     for key in ("method", "gradient_checkpointing"):  # each change is needed
         fewer = {k: v for k, v in combo[0].changes.items() if k != key}
         assert not check_fit("mistral-7b", 12, **{**base, **fewer}).fits
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    (dict(seq_len=10**10), "`seq_len: 10000000000` must be at most 1048576 (the most `max_seq_len` a run accepts)"),
+    (dict(batch_size=65_537), "`batch_size: 65537` must be at most 65536"),
+    (dict(grad_accum=5_000), "`grad_accum: 5000` must be at most 4096"),
+    (dict(devices=70_000), "`devices: 70000` must be at most 65536 (the most `processes` a run accepts)"),
+])
+def test_sizes_a_run_would_refuse_are_not_estimated(kwargs, line):
+    # seq_len 10**10 was estimated (300,706 TiB) and judged, though a run refuses max_seq_len over 2**20.
+    with pytest.raises(ConfigError) as err:
+        estimate_memory("llama-3.2-1b", **kwargs)
+    assert str(err.value) == line
+    estimate_memory("llama-3.2-1b", seq_len=2**20, batch_size=1, gradient_checkpointing=True)  # the limit itself is fine

@@ -194,9 +194,19 @@ def count_params(shape: ModelShape, method: str, *, lora_r: int = 16, target_mod
 # ------------------------------------------------------------------------ the estimate
 
 
-def _check_positive(name: str, value: Any, low: int = 1) -> int:
+def _check_positive(name: str, value: Any, low: int = 1, config_key: Optional[str] = None) -> int:
+    """A whole number from ``low`` up to what a run's config accepts for ``config_key``
+    (``NUMBER_RANGES``): the calculator never judges a run that training would refuse
+    (``seq_len`` 10**10 was estimated at 300,706 TiB)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"`{name}: {value!r}` must be a whole number of at least {low}")
+    if config_key is not None:
+        from ftmagic.config import NUMBER_RANGES
+
+        high = NUMBER_RANGES[config_key][1]
+        if value > high:
+            whose = f" (the most `{config_key}` a run accepts)" if config_key != name else ""
+            raise ConfigError(f"`{name}: {value}` must be at most {high}{whose}")
     return value
 
 
@@ -244,17 +254,17 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
         raise not_accepted("optimizer", optimizer, OPTIMIZERS)
     if precision not in PRECISIONS:
         raise not_accepted("precision", precision, PRECISIONS)
-    _check_positive("batch_size", batch_size)
-    _check_positive("seq_len", seq_len, 8)
-    _check_positive("lora_r", lora_r)
-    _check_positive("grad_accum", grad_accum)
+    _check_positive("batch_size", batch_size, config_key="batch_size")
+    _check_positive("seq_len", seq_len, 8, config_key="max_seq_len")
+    _check_positive("lora_r", lora_r, config_key="lora_r")
+    _check_positive("grad_accum", grad_accum, config_key="grad_accum")
     if not 0 <= float(lora_dropout) < 1:
         raise ConfigError(f"`lora_dropout: {lora_dropout}` must be in [0, 1)")
     if device not in DROPOUT_MASK_BYTES:
         raise not_accepted("device", device, tuple(DROPOUT_MASK_BYTES), by="the memory estimate")
     if loss not in LOSSES:
         raise not_accepted("loss", loss, LOSSES)
-    _check_positive("devices", devices)
+    _check_positive("devices", devices, config_key="processes")
     if strategy not in STRATEGY_NAMES:
         raise not_accepted("strategy", strategy, STRATEGY_NAMES)
     resolved = resolve_strategy(strategy, method=method, device=device) if devices > 1 else None
