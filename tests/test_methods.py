@@ -132,6 +132,42 @@ def test_merge_writes_merged_weights_that_generate_the_same(test_model_dir, tmp_
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_a_qlora_merge_answers_as_the_trained_4bit_model(wide_model_dir, tmp_path):
+    # The adapter learned on the 4-bit weights: folded into those, dequantized, the merged model is the model that
+    # trained; folded into the original weights it would not be (logits apart by far more than rounding).
+    from ftmagic.engine.models import load_model
+
+    result, _ = _train(wide_model_dir, tmp_path / "out", "qlora", max_steps=3, merge=True)
+    exported = RunResult.load(result.output_dir).export("merged", overwrite=True)
+    assert not exported.notes  # 4-bit loads here: nothing fell back
+    enc = result.tokenizer(result.render("reverse: abc"), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        trained = result.model(**enc).logits
+        merged = load_model(str(tmp_path / "out" / "merged"), device="cpu").eval()
+        assert torch.allclose(merged(**enc).logits, trained, atol=1e-4)
+        with result.model.disable_adapter():
+            base_4bit = result.model(**enc).logits
+        base_original = load_model(wide_model_dir, device="cpu").eval()(**enc).logits
+    assert (base_original - base_4bit).abs().max() > 1e-2  # what the merge would be off by on the original weights
+
+
+def test_a_qlora_merge_where_4bit_cannot_load_says_it_used_the_original_weights(wide_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    result, _ = _train(wide_model_dir, tmp_path / "out", "qlora", max_steps=1)
+    plain = run_module.load_model
+
+    def no_4bit(path, **kwargs):
+        if kwargs.get("qlora_compute_dtype"):
+            raise RuntimeError("bitsandbytes has no backend for this device")
+        return plain(path, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_model", no_4bit)
+    exported = RunResult.load(result.output_dir).export("merged")
+    assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
+    assert len(exported.notes) == 1 and "original weights, not the 4-bit ones it trained on (4-bit cannot load " \
+        "here: bitsandbytes has no backend for this device)" in exported.notes[0]
+
+
 def test_auto_targets_are_every_linear_layer_of_the_blocks(test_model_dir):
     from transformers import AutoModelForCausalLM
 

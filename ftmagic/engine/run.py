@@ -507,7 +507,8 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
                                      "into weights)", "warning"))
             else:
                 merge_adapter(staging, model_path, staging / "merged", device=plan.device,
-                              trust_remote_code=cfg.trust_remote_code, head=head_settings(cfg.objective, labels))
+                              trust_remote_code=cfg.trust_remote_code, head=head_settings(cfg.objective, labels),
+                              quantized=plan.method == "qlora", on_note=lambda text: notes.append(Message(text)))
                 notes.append(Message(f"merged weights written to {out / 'merged'}"))
         written = publish(staging, out, claim.files)
     except FtmagicError:
@@ -529,11 +530,21 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
 
 
 def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtype=None,
-                  trust_remote_code: bool = False, head: Optional[dict] = None) -> str:
+                  trust_remote_code: bool = False, head: Optional[dict] = None, quantized: bool = False,
+                  on_note: Optional[Callable[[str], None]] = None) -> str:
     """Fold a saved adapter into an unquantized copy of its base and save it to ``target``.
 
     ``head`` (:func:`~ftmagic.engine.models.head_settings`) for a reward model or classifier; its config
     then names no pad id where the pad is the EOS the head reads (see :func:`~ftmagic.engine.heads.export_pad_id`).
+    ``quantized``: the adapter trained on the base's 4-bit NF4 weights (QLoRA). It then folds into those
+    weights dequantized, the weights training saw, so the merged model answers as the trained one does;
+    folded into the original weights it would be a model nobody trained (on the embedded tiny model the
+    logits differ by up to 6). Where 4-bit cannot load here, the original weights are used and
+    ``on_note`` says so.
+
+    Example::
+
+        merge_adapter("runs/qlora", "meta-llama/Llama-3.2-1B", "runs/qlora/merged", quantized=True)
     """
     from peft import PeftModel
 
@@ -541,7 +552,9 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtyp
 
     if dtype is None:
         dtype = torch.float32 if device != "cuda" else torch.bfloat16 if detect_caps().bf16_supported else torch.float16
-    base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code, head=head)
+    base = _dequantized_base(base_path, device, dtype, trust_remote_code, head, on_note) if quantized else None
+    if base is None:
+        base = load_model(base_path, device=device, weight_dtype=dtype, trust_remote_code=trust_remote_code, head=head)
     with quiet_peft():
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
@@ -550,6 +563,33 @@ def merge_adapter(adapter_dir, base_path: str, target, device: str = "cpu", dtyp
     tokenizer.save_pretrained(str(target))
     copy_generation_config(adapter_dir, target)
     return str(target)
+
+
+def _dequantized_base(base_path: str, device: str, dtype, trust_remote_code: bool, head: Optional[dict],
+                      on_note: Optional[Callable[[str], None]]):
+    """The base loaded in 4-bit NF4 as QLoRA trains on it, then dequantized to ``dtype`` (transformers'
+    ``dequantize``: every 4-bit layer becomes a plain ``Linear`` with the weights the 4-bit one computes
+    with); None, after ``on_note``, where 4-bit cannot load on this machine."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        # float32 computes: the dequantized values are the codebook times the block scales whatever it is.
+        model = load_model(base_path, device=device, weight_dtype=dtype, qlora_compute_dtype="float32",
+                           trust_remote_code=trust_remote_code, head=head)
+    except (ImportError, NotImplementedError, RuntimeError) as exc:
+        if on_note is not None:
+            on_note(f"the adapter was folded into {base_path}'s original weights, not the 4-bit ones it trained on "
+                    f"(4-bit cannot load here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                    "the merged model's answers may differ slightly from the trained model's")
+        return None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its note that the modules were dequantized is what was asked for
+    try:
+        model = model.dequantize()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.is_loaded_in_4bit = False  # read by peft: the layers are plain now
+    return model.to(dtype)
 
 
 def preflight_check(cfg: FinetuneConfig, caps) -> Optional[str]:

@@ -208,8 +208,10 @@ def _merged(run, run_dir: Path, summary: ExportSummary, *, explicit: bool, overw
     with atomic_target(target, overwrite=True) as tmp:  # an incomplete folder is replaced
         # On the CPU (the trained model may still fill the GPU), in the base's own stored precision; a reward
         # model or classifier keeps its trained head and label names, as the run-end `merge: true` does.
+        # A QLoRA adapter folds into the 4-bit weights it trained on, dequantized (see merge_adapter).
         merge_adapter(run_dir, run.base_model_path, tmp, device="cpu", dtype=stored_dtype(run.base_model_path),
-                      trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)), head=head)
+                      trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)), head=head,
+                      quantized=run.method == "qlora", on_note=summary.notes.append)
     summary.add_file(target, path_size(target), "merged model")
     return target
 
