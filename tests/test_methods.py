@@ -168,6 +168,23 @@ def test_a_qlora_merge_where_4bit_cannot_load_says_it_used_the_original_weights(
         "here: bitsandbytes has no backend for this device)" in exported.notes[0]
 
 
+def test_a_gpu_qlora_run_opened_on_a_cpu_keeps_its_4bit_base(wide_model_dir, tmp_path):
+    # A run trained on a GPU and loaded where there is none: the adapter still sits on the 4-bit weights it learned on.
+    import json
+
+    result, _ = _train(wide_model_dir, tmp_path / "out", "qlora", max_steps=2)
+    record_file = tmp_path / "out" / "ftmagic_run.json"
+    record = json.loads(record_file.read_text())
+    record["plan"].update(device="cuda", precision="bf16", qlora_compute_dtype="bfloat16")
+    record_file.write_text(json.dumps(record))
+    reloaded = RunResult.load(result.output_dir)
+    layer = reloaded.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == "Linear4bit"
+    enc = result.tokenizer(result.render("reverse: abc"), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model(**enc).logits, result.model(**enc).logits, atol=1e-4)
+
+
 def test_auto_targets_are_every_linear_layer_of_the_blocks(test_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -132,7 +132,9 @@ class RunResult:
             return None
         plan = DevicePlan(**fields)
         if plan.device != self._device():  # a GPU run opened on a CPU machine
-            plan = DevicePlan(device="cpu", precision="fp32", use_grad_scaler=False, qlora_compute_dtype=None,
+            # A QLoRA adapter keeps its 4-bit base (bitsandbytes computes it on the CPU): it learned on those weights.
+            plan = DevicePlan(device="cpu", precision="fp32", use_grad_scaler=False,
+                              qlora_compute_dtype="float32" if plan.qlora_compute_dtype else None,
                               method=plan.method, reason="cpu")
         return plan
 
@@ -154,8 +156,18 @@ class RunResult:
         plan = self._device_plan()
         compute = plan.qlora_compute_dtype if (quantized and plan is not None) else None
         dtype = self._weight_dtype(adapter=quantized or self._is_adapter())
-        return load_model(self.base_model_path, device=self._device(), weight_dtype=dtype, qlora_compute_dtype=compute,
-                          trust_remote_code=self._trust_remote_code(), head=self._head())
+        settings = dict(device=self._device(), weight_dtype=dtype, trust_remote_code=self._trust_remote_code(),
+                        head=self._head())
+        if compute:
+            try:
+                return load_model(self.base_model_path, qlora_compute_dtype=compute, **settings)
+            except (ImportError, NotImplementedError, RuntimeError) as exc:  # as the run's own QLoRA fallback
+                import warnings
+
+                warnings.warn(f"{self.output_dir}: the base loads in full precision, not the 4-bit weights the "
+                              f"adapter trained on (4-bit cannot load here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              "answers may differ slightly from the trained model's", stacklevel=3)
+        return load_model(self.base_model_path, **settings)
 
     def _trust_remote_code(self) -> bool:
         return bool(getattr(self.config, "trust_remote_code", False))
