@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
 from ftmagic.constants import DATA_ACCEPTED, DATA_SOURCE_KEYS, DEVICES, OPTIMIZERS, PRECISIONS
-from ftmagic.errors import ConfigError, did_you_mean, not_accepted
+from ftmagic.errors import ConfigError, a_type, did_you_mean, not_accepted
 from ftmagic.methods import METHOD_NAMES, get_method_spec
 from ftmagic.objectives import DPO_LOSSES, OBJECTIVE_NAMES, get_objective_spec, method_supports
 from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strategy
@@ -629,7 +629,7 @@ def parse_yaml_mapping(text: str, source: str = "config", first_line: int = 1) -
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not a {type(values).__name__}")
+        raise ConfigError(f"{source}:{first_line}: the config must be a mapping of `key: value` lines, not {a_type(values)}")
     import yaml
 
     lines: dict = {}  # keys written twice were refused while loading; a key merged in (`<<:`) comes

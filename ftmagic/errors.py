@@ -83,6 +83,23 @@ class ExportError(FtmagicError):
     """A finished run cannot be exported as asked (a missing tool, an existing file, a failed upload)."""
 
 
+def a_type(value: object) -> str:
+    """The type of ``value`` with its article, for a message: ``an int``, ``a list``, ``None``.
+
+    Every message that names what a user passed says it through this one rule, so none
+    reads "a int".
+
+    Example::
+
+        >>> a_type(5), a_type([]), a_type({}), a_type(None)
+        ('an int', 'a list', 'a dict', 'None')
+    """
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def closest(word: object, options: Iterable, cutoff: float = 0.6) -> Optional[str]:
     """The option most like ``word``, whatever the case of either, or None (what :func:`did_you_mean` suggests).
 

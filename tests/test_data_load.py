@@ -172,7 +172,7 @@ def test_missing_file_and_unknown_type(tmp_path, monkeypatch):
     odd = write(tmp_path / "d.txt", "hello")
     assert one_line_error(odd) == f"{odd}: unknown file type `.txt`; use .jsonl, .json, .csv, .tsv or .parquet, or a folder saved with Dataset.save_to_disk"
     assert one_line_error({"text": "a"}).startswith("data: a single dict is not a dataset")
-    assert one_line_error(42).startswith("data: a int is not a dataset")
+    assert one_line_error(42).startswith("data: an int is not a dataset")
 
 
 def test_hub_id_goes_through_load_dataset(monkeypatch):

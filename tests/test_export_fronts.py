@@ -244,12 +244,12 @@ def test_generation_inputs_that_cannot_work_are_one_line_errors(tiny_lora_run):
     for value in (0, 2.5, -1, True):
         with pytest.raises(FtmagicError, match=rf"^`max_new_tokens: {value!r}` must be a whole number of at least 1"):
             run.evaluate([{"prompt": "reverse: abc", "completion": "cba"}], max_new_tokens=value)
-    with pytest.raises(FtmagicError, match=r"^a prompt must be text or a list of messages, not a int: '123'$"):
+    with pytest.raises(FtmagicError, match=r"^a prompt must be text or a list of messages, not an int: '123'$"):
         run.generate(123)
     positions = run.model.config.max_position_embeddings
     with pytest.raises(FtmagicError, match=rf"tokens with the template; the model reads at most {positions:,} "):
         run.generate("reverse: " + "abc " * positions)
-    with pytest.raises(FtmagicError, match="compare: give a prompt or a list of prompts, not a NoneType"):
+    with pytest.raises(FtmagicError, match="compare: give a prompt or a list of prompts, not None"):
         run.compare(None)
     rows = run.compare(p for p in ["reverse: abc", "reverse: hello"])
     assert [r["prompt"] for r in rows] == ["reverse: abc", "reverse: hello"]

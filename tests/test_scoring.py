@@ -145,5 +145,5 @@ def test_eval_prompts_errors_name_the_record(tmp_path):
     # What is not a dataset at all is named by the key it came as (it said `data:` for `ft.evaluate(5)`).
     with pytest.raises(DataError, match=r"^eval_prompts: a single dict is not a dataset; pass a list of dicts"):
         eval_prompts_from({"prompt": "a", "completion": "b"})
-    with pytest.raises(DataError, match=r"^prompts: a int is not a dataset; pass a file path"):
+    with pytest.raises(DataError, match=r"^prompts: an int is not a dataset; pass a file path"):
         eval_prompts_from(5, key="prompts")

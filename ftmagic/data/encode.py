@@ -28,7 +28,7 @@ from ftmagic.data.formats import detect_format, parse_messages, to_conversation
 from ftmagic.data.problems import RecordError
 from ftmagic.data.render import Rendered, render_conversations
 from ftmagic.data.templates import ChatTemplate, resolve_template
-from ftmagic.errors import DataError
+from ftmagic.errors import DataError, a_type
 
 
 @dataclass
@@ -185,7 +185,7 @@ def as_conversation(record: Union[dict, list], *, fmt: str = "auto", columns: Op
                 conv.insert(0, {"role": "system", "content": system_prompt, "weight": 1})
             return conv
         if not isinstance(record, dict):
-            raise DataError(f"record: a {type(record).__name__} is not a record; pass a dict or a list of messages")
+            raise DataError(f"record: {a_type(record)} is not a record; pass a dict or a list of messages")
         detection = detect_format([record], fmt, columns, source="record")
         return to_conversation(record, detection.format, detection.columns, system_prompt)
     except RecordError as exc:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ftmagic.data.problems import RecordError
-from ftmagic.errors import DataError, did_you_mean, not_accepted
+from ftmagic.errors import DataError, a_type, did_you_mean, not_accepted
 
 # Required and optional canonical fields of each format, in detection priority order.
 FIELDS = {
@@ -396,7 +396,7 @@ def _text(record: dict, name: str, required: bool) -> str:
         shown = repr(value) if len(repr(value)) <= 24 else f"a {len(str(abs(int(value))))}-digit number"
         raise RecordError("bad_type", f"field `{name}` is a number ({shown}), expected text; write it in quotes")
     if not isinstance(value, str):
-        raise RecordError("bad_type", f"field `{name}` is a {type(value).__name__}, expected text")
+        raise RecordError("bad_type", f"field `{name}` is {a_type(value)}, expected text")
     if len(value) > MAX_RECORD_CHARS:
         raise RecordError("oversized", f"field `{name}` has {len(value):,} characters, over the limit of "
                                        f"{MAX_RECORD_CHARS:,} for one record; split it")
@@ -426,7 +426,7 @@ def _message_list(record: dict, name: str, columns: dict) -> list:
         except json.JSONDecodeError:
             raise RecordError("bad_type", f"field `{name}` is text that is not a JSON list of messages") from None
     if not isinstance(value, list):
-        raise RecordError("bad_type", f"field `{name}` is a {type(value).__name__}, expected a list of messages")
+        raise RecordError("bad_type", f"field `{name}` is {a_type(value)}, expected a list of messages")
     if not value:
         raise RecordError("empty_field", f"field `{name}` is an empty list")
     return parse_messages(value, name, columns)
@@ -446,7 +446,7 @@ def parse_messages(items: list, name: str = "messages", columns: Optional[dict] 
     turns = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise RecordError("bad_type", f"`{name}[{i}]` is a {type(item).__name__}, expected {{role, content}}")
+            raise RecordError("bad_type", f"`{name}[{i}]` is {a_type(item)}, expected {{role, content}}")
         raw_role = _first(item, role_keys)
         if raw_role is None:
             raise RecordError("missing_field", f"`{name}[{i}]` has no `role` (or `from`)")
@@ -457,7 +457,7 @@ def parse_messages(items: list, name: str = "messages", columns: Optional[dict] 
         if content is None:
             raise RecordError("missing_field", f"`{name}[{i}]` has no `content` (or `value`)")
         if not isinstance(content, str):
-            raise RecordError("bad_type", f"`{name}[{i}].content` is a {type(content).__name__}, expected text")
+            raise RecordError("bad_type", f"`{name}[{i}].content` is {a_type(content)}, expected text")
         if len(content) > MAX_RECORD_CHARS:
             raise RecordError("oversized", f"`{name}[{i}].content` has {len(content):,} characters, over the limit of "
                                            f"{MAX_RECORD_CHARS:,} for one record; split it")

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from ftmagic.data.formats import MAX_RECORD_CHARS
 from ftmagic.data.problems import Problem
-from ftmagic.errors import DataError
+from ftmagic.errors import DataError, a_type
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".json": "json", ".csv": "csv",
               ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
@@ -90,7 +90,7 @@ def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: O
         return _from_hf(data, "data", split, strict)
     if isinstance(data, (list, tuple)):
         return _from_rows(list(data), "data", "index", strict)
-    raise DataError(f"{key}: a {type(data).__name__} is not a dataset; pass a file path, a Hugging Face dataset id, "
+    raise DataError(f"{key}: {a_type(data)} is not a dataset; pass a file path, a Hugging Face dataset id, "
                     "a list of dicts, a pandas DataFrame or a datasets.Dataset")
 
 
@@ -383,7 +383,7 @@ def _from_rows(rows: list, name: str, unit: str, strict: bool) -> LoadedData:
             keep_index.append(i)
         else:
             where = f"{name}: row {i}" if unit == "row" else f"{name}[{i}]"
-            _fail(out, strict, "not_a_record", where, f"is a {type(row).__name__}, expected a dict like {{\"text\": \"...\"}}")
+            _fail(out, strict, "not_a_record", where, f"is {a_type(row)}, expected a dict like {{\"text\": \"...\"}}")
     if len(keep_index) != len(rows):
         out.lines = keep_index  # locations keep pointing at the original rows
     return out

@@ -47,7 +47,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from ftmagic.errors import CheckpointError
+from ftmagic.errors import CheckpointError, a_type
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -95,7 +95,7 @@ def encode_state(obj, tensors: dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
             return {k: encode_state(v, tensors) for k, v in obj.items()}
         return {"$items": [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in obj.items()]}
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+    raise TypeError(f"cannot store {a_type(obj)} in a checkpoint")
 
 
 def decode_state(tree, tensors: dict):
@@ -473,7 +473,7 @@ def _read_states(file: Path) -> dict:
 
 def _check_state(state, path: Path, required: dict) -> None:
     if not isinstance(state, dict):
-        raise ValueError(f"expected a JSON object, found a {type(state).__name__}")
+        raise ValueError(f"expected a JSON object, found {a_type(state)}")
     for key, kinds in required.items():
         value = state.get(key)
         if key not in state or isinstance(value, bool) or not isinstance(value, kinds):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ftmagic.constants import IGNORE_INDEX
+from ftmagic.errors import a_type
 from ftmagic.engine.fused_lora import fused_lora
 from ftmagic.engine.losses import causal_lm_loss, labelled_cross_entropy_sum
 
@@ -214,7 +215,7 @@ def fast_path_blocker(model):
     if config is None or decoder is None or not type(lm).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         return f"{type(lm).__name__} is not a causal LM with a decoder and an output layer"
     if type(head) is not torch.nn.Linear:
-        return f"its output layer is a {type(head).__name__}, not a plain linear layer"
+        return f"its output layer is {a_type(head)}, not a plain linear layer"
     if not getattr(lm, "_supports_attention_backend", False):
         # Older modelling code computes attention itself: examples in one row would see each other.
         return f"{type(lm).__name__} does not use transformers' attention interface"

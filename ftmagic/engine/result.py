@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from ftmagic.constants import RUN_FILE
-from ftmagic.errors import CheckpointError, FtmagicError
+from ftmagic.errors import CheckpointError, FtmagicError, a_type
 
 
 class RunResult:
@@ -406,7 +406,7 @@ class RunResult:
         if not isinstance(prompts, Iterable):
             from ftmagic.errors import FtmagicError
 
-            raise FtmagicError(f"compare: give a prompt or a list of prompts, not a {type(prompts).__name__}")
+            raise FtmagicError(f"compare: give a prompt or a list of prompts, not {a_type(prompts)}")
         prompts = list(prompts)  # a generator would be used up by the tuned answers
         tuned = [self.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
         with self._base_model() as base:
@@ -443,7 +443,7 @@ class RunResult:
         from ftmagic.errors import FtmagicError
 
         if not isinstance(prompt, (str, list, tuple)):  # a user message, or the conversation so far
-            raise FtmagicError(f"a prompt must be text or a list of messages, not a {type(prompt).__name__}: "
+            raise FtmagicError(f"a prompt must be text or a list of messages, not {a_type(prompt)}: "
                                f"{str(prompt)[:40]!r}")
         _check_max_new_tokens(max_new_tokens)
         tok = self.tokenizer

@@ -33,7 +33,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
-from ftmagic.errors import ConfigError
+from ftmagic.errors import ConfigError, a_type
 from ftmagic.usage import as_usage_error, expand_vars, magic_argv, parse_magic_args
 
 CELL_SOURCE = "%%finetune cell"
@@ -432,7 +432,7 @@ def run_result(namespace: dict, name: str, run: Optional[str] = None):
         raise UsageError(f"there is no `{name}` in the notebook: run a %%finetune cell first, pass "
                          "`--name` of the variable that holds its result, or `--run OUTPUT_DIR`")
     if not hasattr(result, "generate"):
-        raise UsageError(f"`{name}` is a {type(result).__name__}, not a RunResult from %%finetune")
+        raise UsageError(f"`{name}` is {a_type(result)}, not a RunResult from %%finetune")
     return result
 
 
