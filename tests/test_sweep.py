@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import StopAt, collect, reversal_records
-from ftmagic.engine.sweep import SweepResult, sweep, trial_fit_problem
+from ftmagic.engine.sweep import SweepResult, pruned_message, sweep, trial_fit_problem
 from ftmagic.textprogress import format_trial_line
 
 BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, seed=5, max_steps=2, eval_steps=0)
@@ -96,9 +96,18 @@ def test_a_trial_behind_the_median_is_pruned(test_model_dir, tmp_path):
                             max_steps=4, eval_steps=2, save_steps=0)
     ended = [e for e in events if e["event"] == "trial" and e["state"] != "running"]
     assert [e["state"] for e in ended] == ["complete", "complete", "pruned", "complete"]
-    assert ended[2]["curve"] == [[0, 0.0], [2, 0.1]] and ended[2]["message"].startswith("pruned at step 2")
+    assert ended[2]["curve"] == [[0, 0.0], [2, 0.1]]
+    assert ended[2]["message"] == ("pruned at step 2: scripted 0.1 trails the median of earlier trials there "
+                                   "(below it; higher is better)")
     assert json.loads((Path(ended[2]["output_dir"]) / "metrics.json").read_text())["steps"] == 2
     assert result.best_value == 0.7 and result.metric == "scripted" and result.direction == "maximize"
+
+
+def test_the_pruning_message_follows_the_metric_direction():
+    # It said "below the median" for eval_loss too, where a pruned trial's loss is above it.
+    assert pruned_message(4, "eval_loss", 2.5, "minimize") == (
+        "pruned at step 4: eval_loss 2.5 trails the median of earlier trials there (above it; lower is better)")
+    assert "(below it; higher is better)" in pruned_message(4, "exact_match", 0.2, "maximize")
 
 
 def test_a_stopped_sweep_resumes_its_trial_from_the_checkpoint(test_model_dir, tmp_path):

@@ -300,7 +300,7 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
     runtime = time.perf_counter() - started
     if trial_stop.pruned:
         return _finish(study, trial, TrialState.PRUNED, "pruned", base, emit, curve=curve, runtime=runtime,
-                       message=f"pruned at step {curve[-1][0]}: below the median of earlier trials",
+                       message=pruned_message(curve[-1][0], spec.metric, curve[-1][1], spec.direction),
                        value=curve[-1][1])
     if result.metrics.get("stopped"):
         _finish(study, trial, TrialState.FAIL, "stopped", base, emit, curve=curve, runtime=runtime,
@@ -312,6 +312,25 @@ def _run_trial(optuna, study, spec: SweepSpec, cfg: FinetuneConfig, out: Path, c
                        message=f"the run reported no `{spec.metric}`")
     return _finish(study, trial, TrialState.COMPLETE, "complete", base, emit, curve=curve, runtime=runtime,
                    value=value)
+
+
+def pruned_message(step: int, metric: str, value: float, direction: str) -> str:
+    """Why a trial was pruned, worded by the metric's direction.
+
+    Optuna's median pruner stops a trial whose best value so far is worse than the median of
+    earlier trials at the same step: for a loss (``minimize``) that is above the median, for
+    a score below it.
+
+    Example::
+
+        >>> pruned_message(20, "eval_loss", 1.234567, "minimize")
+        'pruned at step 20: eval_loss 1.235 trails the median of earlier trials there (above it; lower is better)'
+        >>> pruned_message(20, "exact_match", 0.1, "maximize")
+        'pruned at step 20: exact_match 0.1 trails the median of earlier trials there (below it; higher is better)'
+    """
+    side, better = ("above", "lower") if direction == "minimize" else ("below", "higher")
+    return (f"pruned at step {step}: {metric} {value:.4g} trails the median of earlier trials there "
+            f"({side} it; {better} is better)")
 
 
 def final_value(metrics: dict, metric: str) -> Optional[float]:
