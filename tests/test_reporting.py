@@ -189,6 +189,31 @@ def test_every_install_hint_names_an_extra_that_holds_its_package():
         assert f"ftmagic[{name}]" in "".join(extras["test"]) or name in "".join(extras["test"])
 
 
+def test_mlflow_says_nothing_on_stderr_unless_something_is_wrong(tmp_path):
+    """A run's first MLflow use printed MLflow's "Creating initial MLflow database tables..." and
+    "Updating database tables" INFO lines between the CLI's own; its warnings must still show."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = textwrap.dedent(f"""
+        import logging
+        from ftmagic.engine.reporting import make_reporters, quiet_mlflow
+        from ftmagic.events import End, Step
+        (sink,) = make_reporters("mlflow", {str(tmp_path / "run")!r}, {{"lr": 0.1}})
+        sink(Step(step=1, max_steps=1, loss=1.0, lr=0.1))
+        sink(End(reason="finished", metrics={{"train_loss": 1.0}}, output_dir={str(tmp_path / "run")!r}))
+        with quiet_mlflow():
+            logging.getLogger("mlflow.store.db.utils").warning("a warning from MLflow")
+        print("LEVEL", logging.getLogger("mlflow").getEffectiveLevel())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database tables" not in done.stderr and " INFO " not in done.stderr, done.stderr
+    assert "a warning from MLflow" in done.stderr
+    assert "LEVEL 20" in done.stdout  # MLflow's own setting is back after each call
+    assert (tmp_path / "run" / "mlflow.db").exists()
+
+
 def test_a_sweep_groups_its_trials_in_one_project(tmp_path):
     from ftmagic.engine.reporting import make_reporters, tracking_group
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -300,8 +301,34 @@ def mlflow_local_uri(root) -> str:
     return "sqlite:///" + str(Path(root).resolve() / "mlflow.db")
 
 
+@contextmanager
+def quiet_mlflow():
+    """MLflow's INFO lines off while the block runs; its warnings and errors still show.
+
+    A run's first use of a local store logs "Creating initial MLflow database tables..." and
+    "Updating database tables" on stderr, between ftmagic's own progress lines; they say
+    nothing the user asked about. The ``mlflow`` logger's level is put back afterwards.
+    """
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class MlflowSink(_Sink):
     """An MLflow run through ``MlflowClient``: params, metrics by step, tables as JSON artifacts, summary."""
+
+    def __call__(self, event) -> None:
+        with quiet_mlflow():
+            super().__call__(event)
+
+    def fail(self, error: BaseException) -> None:
+        with quiet_mlflow():
+            super().fail(error)
 
     def open(self, resumed: bool = False) -> None:
         from mlflow.entities import Param
