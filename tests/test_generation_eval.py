@@ -90,6 +90,7 @@ def test_generation_eval_needs_prompts(test_model_dir, tmp_path):
 
 def test_run_result_evaluate_after_the_fact(test_model_dir, tmp_path):
     from ftmagic.engine.result import RunResult
+    from ftmagic.errors import DataError
 
     _train(test_model_dir, tmp_path / "out", max_steps=2, eval_steps=0)
     result = RunResult.load(tmp_path / "out")
@@ -103,6 +104,8 @@ def test_run_result_evaluate_after_the_fact(test_model_dir, tmp_path):
     assert [row["base"] for row in report["rows"]] == [r["base"] for r in result.compare([r["prompt"] for r in records],
                                                                                          max_new_tokens=4)]
     assert set(report["base_metrics"]) == {"exact_match"}
+    with pytest.raises(DataError, match=r'give prompts as a list, e\.g\. evaluate\(\["reverse: lamp"\]\)$'):
+        result.evaluate("reverse: lamp")  # a lone string is a file path: it said only "file not found"
 
 
 @pytest.mark.slow

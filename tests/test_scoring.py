@@ -147,3 +147,18 @@ def test_eval_prompts_errors_name_the_record(tmp_path):
         eval_prompts_from({"prompt": "a", "completion": "b"})
     with pytest.raises(DataError, match=r"^prompts: an int is not a dataset; pass a file path"):
         eval_prompts_from(5, key="prompts")
+
+
+def test_a_lone_string_that_is_no_file_says_prompts_go_in_a_list(tmp_path, monkeypatch):
+    # ft.evaluate("reverse: lamp") answered only "file not found"; the user meant a prompt.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^reverse: lamp: file not found .*; `prompts` reads a string as a data file "
+                                        r"path \(or dataset id\); give prompts as a list, e\.g\. "
+                                        r'evaluate\(\["reverse: lamp"\]\)$'):
+        eval_prompts_from("reverse: lamp", key="prompts")
+    with pytest.raises(DataError, match=r'; give prompts as a list, e\.g\. eval_prompts: \["reverse: lamp"\]$'):
+        eval_prompts_from("reverse: lamp")
+    for meant_a_file in ("test.jsonl", "data/prompts", "./prompts"):  # a misspelt file or id: no hint
+        with pytest.raises(DataError) as raised:
+            eval_prompts_from(meant_a_file)
+        assert raised.value.args[0].startswith(f"{meant_a_file}: ") and "as a list" not in raised.value.args[0]

@@ -76,7 +76,10 @@ def eval_prompts_from(value: Any, *, fmt: str = "auto", columns: Optional[dict] 
     from ftmagic.data.load import load_data
     from ftmagic.data.problems import RecordError
 
-    loaded = load_data(value, strict=True, key=key)
+    try:
+        loaded = load_data(value, strict=True, key=key)
+    except DataError as exc:
+        raise DataError(f"{exc}{_prompt_hint(value, key)}") from None
     if not loaded.records:
         raise DataError(f"`{key}`: {loaded.name} holds no records")
     detection = detect_format(loaded.records, fmt, columns, source=loaded.name)
@@ -89,3 +92,31 @@ def eval_prompts_from(value: Any, *, fmt: str = "auto", columns: Optional[dict] 
             raise DataError(f"{where}: {exc.message}") from None
         prompts.append(from_conversation(conversation, where))
     return prompts
+
+
+def _prompt_hint(value: Any, key: str) -> str:
+    """For a string that is no file: how to give it as a prompt instead (a list of strings).
+
+    ``evaluate("reverse: lamp")`` reads its string as a data file, like ``eval_prompts:``
+    does; a user who meant a prompt is told so. A name with a data file's extension was
+    meant as a file (a data file's extension, a folder in it) gets no hint.
+
+    Example::
+
+        >>> _prompt_hint("reverse: lamp", "prompts")
+        '; `prompts` reads a string as a data file path (or dataset id); give prompts as a list, e.g. evaluate(["reverse: lamp"])'
+        >>> _prompt_hint("test.jsonl", "eval_prompts")
+        ''
+    """
+    import json
+    import os
+
+    from ftmagic.data.load import EXTENSIONS
+
+    if not isinstance(value, str) or os.path.exists(os.path.expanduser(value)) or "/" in value or os.sep in value \
+            or value.startswith((".", "~")) or os.path.splitext(value)[1].lower() in EXTENSIONS:
+        return ""
+    example = json.dumps([value], ensure_ascii=False)
+    example = f"evaluate({example})" if key == "prompts" else f"{key}: {example}"
+    return (f"; `{key}` reads a string as a data file path (or dataset id); give prompts as a list, "
+            f"e.g. {example}")

@@ -296,8 +296,8 @@ class RunResult:
     def evaluate(self, prompts=None, metrics=None, *, max_new_tokens: Optional[int] = None, base: bool = False) -> dict:
         """Answer ``prompts`` and score the answers: evaluation by generation after the fact.
 
-        ``prompts`` takes what ``eval_prompts`` takes (a file, records with answers, plain
-        strings); ``None`` uses the run's own ``eval_prompts`` when it named a file or records.
+        ``prompts`` takes what ``eval_prompts`` takes (a file, records with answers, a list of
+        plain strings: a lone string is read as a file); ``None`` uses the run's own ``eval_prompts`` when it named a file or records.
         ``metrics`` takes what ``eval_metrics`` takes (default: the run's, else exact match).
         ``base=True`` also answers with the base model. Returns ``{"metrics", "rows"}``
         (plus ``"base_metrics"``), each row ``{"prompt", "reference", "answer"}`` (and ``"base"``).
