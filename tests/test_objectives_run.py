@@ -136,7 +136,8 @@ def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path, monkeyp
         reloaded.predict(["x"])
 
     # A run planned in bf16 on a CPU (oneDNN: a kernel per shape) is scored on rows rounded as in
-    # training, and the scores read the same last positions.
+    # training, and the scores read the same last positions (under the plan's bf16 autocast, as in
+    # training: equal to bf16's rounding).
     import ftmagic.engine.heads as heads
 
     lengths = []
@@ -145,7 +146,7 @@ def test_orpo_and_reward_runs_reload_and_score(test_model_dir, tmp_path, monkeyp
                         lambda *a, **kw: (lambda b: (lengths.append(b["input_ids"].shape[1]), b)[1])(unrounded(*a, **kw)))
     assert reward.score(conversations) == scores and lengths[-1] % 64 != 0  # fp32: not rounded
     reward.plan = {**reward.plan, "precision": "bf16"}
-    assert reward.score(conversations) == pytest.approx(scores, abs=1e-5) and lengths[-1] % 64 == 0
+    assert reward.score(conversations) == pytest.approx(scores, abs=1e-2) and lengths[-1] % 64 == 0
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "freeze"])

@@ -259,6 +259,27 @@ def choose_device(caps: DeviceCaps, requested: str = "auto", precision: str = "a
                       method=method, reason=reason, fallback=fallback)
 
 
+def autocast_for(plan: Optional[DevicePlan]):
+    """The context every forward pass of the run's model runs in: the plan's autocast (bf16 or
+    fp16), or nothing for fp32 or no plan.
+
+    Training steps, evaluation during training and everything a :class:`RunResult` answers
+    afterwards (``generate``, ``compare``, ``evaluate``, ``score``, ``predict``) use this one
+    rule, so an answer after the run is the answer the run's own evaluation gave.
+
+    Example::
+
+        >>> plan = choose_device(DeviceCaps(cpu_flags=frozenset({"avx512_bf16"})), method="lora", precision="bf16")
+        >>> type(autocast_for(plan)).__name__, type(autocast_for(None)).__name__
+        ('autocast', 'nullcontext')
+    """
+    from contextlib import nullcontext
+
+    if plan is None or not plan.autocast:
+        return nullcontext()
+    return torch.autocast(device_type=plan.device, dtype=plan.torch_dtype)
+
+
 def base_weight_dtype(plan: DevicePlan, *, adapter: bool) -> "torch.dtype":
     """The dtype the model's weights are loaded in (the table in :mod:`ftmagic.memory.policy`).
 

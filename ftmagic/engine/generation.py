@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ftmagic.engine.device import autocast_for
 from ftmagic.evalevents import TABLE_ROWS, Generations
 from ftmagic.scoring import Metric, score_answers
 
@@ -113,9 +114,7 @@ class GenerationEvaluator:
         Where the weights are sharded (FSDP, ZeRO-3) every forward pass is collective, so every
         process answers every prompt, in step with the others.
         """
-        autocast = None
-        if self.plan is not None and getattr(self.plan, "autocast", False):
-            autocast = torch.autocast(device_type=self.plan.device, dtype=self.plan.torch_dtype)
+        autocast = autocast_for(self.plan)
         split = ranks is not None and ranks.world > 1 and "weights" not in ranks.spec.shards
         texts = self.texts[ranks.rank::ranks.world] if split else self.texts
         mine = generate_batch(model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,

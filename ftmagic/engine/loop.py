@@ -55,14 +55,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
 import torch
 
 from ftmagic.engine import checkpoint as ckpt
-from ftmagic.engine.device import build_optimizer
+from ftmagic.engine.device import autocast_for, build_optimizer
 from ftmagic.engine.objectives import CausalLM
 from ftmagic.errors import TrainingError
 from ftmagic.events import Checkpoint, Eval, Message, Step
@@ -435,13 +435,13 @@ def evaluate(model, rows, *, batch_size: int, plan, objective=None, pad_id: int 
                 units = objective.units(batch)
                 if units == 0:
                     continue
-                with objective.context(model), _autocast(plan):
+                with objective.context(model), autocast_for(plan):
                     loss_sum, metrics = objective.loss(model, batch)
             else:
                 mine, counts = ranks.shard(rows[start:start + batch_size])
                 batch = objective.batch(mine)
                 units = objective.units(batch) if counts else 0
-                with objective.context(model), _autocast(plan):
+                with objective.context(model), autocast_for(plan):
                     loss_sum, metrics = ranks.forward(batch)  # every process runs as many passes as the others
             _add_to_window(window, loss_sum, metrics, units, objective.tokens(batch) if units else 0)
     model.train(was_training)
@@ -463,12 +463,6 @@ def _add_to_window(window: Window, loss_sum, metrics: dict, units: int, tokens: 
         window.add_micro_batch(loss_sum, metrics, units, tokens)
     else:
         window.add_micro_batch(loss_sum * 0, {name: value * 0 for name, value in metrics.items()}, 0, 0)
-
-
-def _autocast(plan):
-    if not plan.autocast:
-        return nullcontext()
-    return torch.autocast(device_type=plan.device, dtype=plan.torch_dtype)
 
 
 def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, max_steps: int,
@@ -657,7 +651,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                     if n == 0:
                         continue
                     with objective.context(model):
-                        with _autocast(plan):
+                        with autocast_for(plan):
                             loss_sum, metrics = objective.loss(model, batch)
                         scaled = loss_sum / factor
                         (scaler.scale(scaled) if scaler else scaled).backward()
@@ -667,7 +661,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                 # pass enters the collectives the other processes enter.
                 last = i == ga - 1
                 with ranks.sync_context(last), objective.context(model):
-                    with _autocast(plan):
+                    with autocast_for(plan):
                         loss_sum, metrics = ranks.forward(batch)
                     ranks.backward(loss_sum * factor if n else loss_sum * 0, scaler, last)
                 parts.append((loss_sum, metrics, n, objective.tokens(batch) if n else 0))

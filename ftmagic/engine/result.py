@@ -253,6 +253,7 @@ class RunResult:
 
     def _pooled(self, rows: list, batch_size: int):
         """The head's outputs for encoded rows ``[rows, outputs]`` (the training code path, no gradients)."""
+        from ftmagic.engine.device import autocast_for
         from ftmagic.engine.heads import pooled_logits, sequence_batch, supports_pooled_fast_path
         from ftmagic.engine.fastpath import varlen_attention
         from contextlib import nullcontext
@@ -265,7 +266,7 @@ class RunResult:
         out = []
         was_training = model.training
         model.eval()
-        with torch.no_grad(), (varlen_attention(model) if fast else nullcontext()):
+        with torch.no_grad(), (varlen_attention(model) if fast else nullcontext()), autocast_for(plan):
             for start in range(0, len(rows), batch_size):
                 batch = sequence_batch(rows[start:start + batch_size], fast=fast, pad_id=self.tokenizer.pad_token_id,
                                        multiple=multiple)
@@ -325,7 +326,8 @@ class RunResult:
         evaluator = GenerationEvaluator(
             self.tokenizer, eval_prompts_from(prompts, system_prompt=getattr(config, "system_prompt", None),
                                               key="prompts"),
-            resolve_metrics(chosen), template=getattr(config, "template", None), max_new_tokens=max_new_tokens)
+            resolve_metrics(chosen), template=getattr(config, "template", None), max_new_tokens=max_new_tokens,
+            plan=self._device_plan())  # the run's autocast, as its own evaluations used
         scores, _ = evaluator(self.model, self.metrics.get("steps", 0))
         rows = [{"prompt": p.text, "reference": p.reference, "answer": a}
                 for p, a in zip(evaluator.prompts, evaluator.last_answers)]
@@ -440,6 +442,7 @@ class RunResult:
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def _generate_ids(self, model, prompt, *, max_new_tokens: int, do_sample: bool = False, **kwargs) -> list:
+        from ftmagic.engine.device import autocast_for
         from ftmagic.errors import FtmagicError
 
         if not isinstance(prompt, (str, list, tuple)):  # a user message, or the conversation so far
@@ -459,7 +462,7 @@ class RunResult:
         enc = {k: v.to(device) for k, v in enc.items()}
         was_training = model.training
         model.eval()
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), autocast_for(self._device_plan()):
             # peft's prompt tuning notes that it ignores position ids; nothing for the user to act on.
             warnings.filterwarnings("ignore", message="Position ids are not supported")
             output = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
