@@ -298,7 +298,10 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_loses_nothing(tmp_path, scena
 @needs_fork
 def test_killed_between_the_two_renames_of_a_same_step_replacement(test_model_dir, tmp_path, straight):
     out = tmp_path / "out"
-    _train(test_model_dir, out, max_steps=4)  # checkpoints 2 and 4; the run finished at 4
+    _train(test_model_dir, out, max_steps=4)  # checkpoints 2 and 4
+    # As if killed while it wrote its final outputs: its record does not say it finished.
+    record = json.loads((out / "ftmagic_run.json").read_text(encoding="utf-8"))
+    (out / "ftmagic_run.json").write_text(json.dumps({**record, "finished": False}), encoding="utf-8")
     replaces = {"n": 0}
 
     def resume_killed_between_renames():
@@ -313,7 +316,7 @@ def test_killed_between_the_two_renames_of_a_same_step_replacement(test_model_di
             replaces["n"] += 1
 
         _os.replace = replace
-        # Resuming a finished run writes its last checkpoint again: a same-step replacement.
+        # Its resume writes checkpoint 4 again as it ends: a same-step replacement.
         _train(test_model_dir, out, max_steps=4, resume=True)
 
     assert in_child(resume_killed_between_renames) == KILLED

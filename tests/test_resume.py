@@ -215,6 +215,24 @@ def test_resume_without_checkpoint_starts_over(test_model_dir, tmp_path):
     assert result.metrics["steps"] == 2
 
 
+def test_resuming_a_finished_run_changes_nothing_unless_it_has_more_steps_to_go(test_model_dir, tmp_path):
+    """`resume: true` on a finished run loaded its last checkpoint, ran the final evaluation again
+    (a second eval point at the last step in every tracker) and rewrote the outputs."""
+    out = tmp_path / "out"
+    first, _ = _run(test_model_dir, out, max_steps=2, save_steps=2, eval_steps=2)
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again, events = _run(test_model_dir, out, max_steps=2, save_steps=2, eval_steps=2, resume=True)
+    assert [e["event"] for e in events] == ["message", "end"]
+    assert events[0]["text"] == ("this run already finished (2 of 2 steps); resume changes nothing: raise `max_steps` "
+                                 "or `epochs` to train on, or run it without `resume: true` to train it again from step 0")
+    assert events[1]["reason"] == "finished" and events[1]["metrics"] == first.metrics == again.metrics
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+    # More steps than it ran: it continues from its last checkpoint, as before.
+    longer, events = _run(test_model_dir, out, max_steps=3, save_steps=2, eval_steps=2, resume=True)
+    assert next(e for e in events if e["event"] == "start")["resumed_from_step"] == 2
+    assert sorted(step_losses(events)) == [3] and longer.metrics["steps"] == 3
+
+
 def test_qlora_resume_is_exact_too(test_model_dir, tmp_path):
     settings = dict(method="qlora", max_steps=4, save_steps=0, eval_steps=0)
     _, straight_events = _run(test_model_dir, tmp_path / "a", **settings)

@@ -302,7 +302,8 @@ def _write_failure(exc: BaseException, root: Path, step: int) -> str:
 # --------------------------------------------------------------------------- finding
 
 
-def _step_of(path: Path) -> Optional[int]:
+def step_of(path: Path) -> Optional[int]:
+    """The step a checkpoint folder holds, from its name (None: not a checkpoint's name)."""
     if not path.name.startswith(PREFIX):
         return None
     digits = path.name[len(PREFIX):]
@@ -319,7 +320,7 @@ def list_checkpoints(root) -> list[Path]:
         return []
     found = []
     for item in root.iterdir():
-        step = _step_of(item)
+        step = step_of(item)
         if step is not None and (item / MARKER).is_file():
             found.append((step, item))
     return [path for _, path in sorted(found)]
@@ -478,7 +479,7 @@ def _check_state(state, path: Path, required: dict) -> None:
         value = state.get(key)
         if key not in state or isinstance(value, bool) or not isinstance(value, kinds):
             raise ValueError(f"`{key}` is missing or has the wrong type")
-    if state["step"] != _step_of(path):
+    if state["step"] != step_of(path):
         raise ValueError(f"`step: {state['step']}` does not match the folder name")
 
 

@@ -67,6 +67,7 @@ class Claim:
     started: bool = False
     files: set = field(default_factory=set)  # the manifest: top-level names this run (and the one it resumes) wrote
     settings: Optional[dict] = None  # what the run trains (``run_settings``), kept in the record
+    finished: Optional[dict] = None  # resuming a run that finished: its ``finished_run`` facts, else None
 
     def release(self) -> None:
         """Drop the lock; a folder this claim created and nothing was written to is removed again."""
@@ -212,6 +213,7 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note, settings: Optio
                                   "`overwrite: true` and `resume: false` to start over)")
         _refuse_clashes(out, foreign)
         claim.resume = True
+        claim.finished = finished_run(out, previous)
         return claim
 
     if previous is not None and not cfg.overwrite:
@@ -235,6 +237,56 @@ def _decide(out: Path, cfg, identity: str, optimizer: str, note, settings: Optio
     _refuse_clashes(out, foreign)
     claim.remove = sorted(owned & entries)
     return claim
+
+
+# How a run ends when it ran its course; a resume of it has nothing left to continue (at the same length).
+COMPLETE_REASONS = ("finished", "early_stopping")
+
+
+def finished_run(out: Path, record: Optional[dict]) -> Optional[dict]:
+    """``{"steps", "max_steps", "reason", "fingerprint"}`` of the run in ``out`` when it ran its
+    course (finished, or stopped early), read from its record and ``metrics.json``; else None.
+
+    A resume of such a run with the same length and data continues nothing: it changes
+    nothing and says so. One with more steps (``max_steps`` or ``epochs`` raised) continues,
+    and so does one whose newest checkpoint is older than its end (the later ones removed).
+    """
+    from ftmagic.engine import checkpoint as ckpt
+
+    if not record or not record.get("finished") or record.get("reason") not in COMPLETE_REASONS:
+        return None
+    try:
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    steps, max_steps = (metrics.get(k) if isinstance(metrics, dict) else None for k in ("steps", "max_steps"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, max_steps)):
+        return None
+    newest = ckpt.latest_checkpoint(out / "checkpoints")
+    if newest is not None and (ckpt.step_of(newest) or 0) < steps:
+        return None  # resume goes on from that checkpoint, as it would after a stop
+    return {"steps": steps, "max_steps": max_steps, "reason": record["reason"],
+            "fingerprint": record.get("data_fingerprint")}
+
+
+def already_finished(finished: Optional[dict], max_steps: int, fingerprint: str) -> Optional[str]:
+    """The line a resume of a finished run says instead of running again (None: it runs).
+
+    Example::
+
+        >>> done = {"steps": 40, "max_steps": 40, "reason": "finished", "fingerprint": "ab"}
+        >>> already_finished(done, 40, "ab")[:62]
+        'this run already finished (40 of 40 steps); resume changes not'
+        >>> already_finished(done, 60, "ab") is None, already_finished(done, 40, "cd") is None
+        (True, True)
+    """
+    if finished is None or max_steps > finished["max_steps"] or fingerprint != finished["fingerprint"]:
+        return None  # more steps to train; changed data is refused when the run starts
+    steps, most = finished["steps"], finished["max_steps"]
+    done = (f"stopped early at step {steps} of {most}" if finished["reason"] == "early_stopping"
+            else f"finished ({steps} of {most} steps)")
+    return (f"this run already {done}; resume changes nothing: raise `max_steps` or `epochs` to train on, "
+            "or run it without `resume: true` to train it again from step 0")
 
 
 def _refuse_clashes(out: Path, foreign: list) -> None:

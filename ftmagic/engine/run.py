@@ -51,7 +51,7 @@ from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gr
 from ftmagic.engine.models import head_settings, hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.objectives import build_objective
 from ftmagic.engine.reporting import TRACKER_FILE, make_reporters
-from ftmagic.engine.outdir import Claim, claim_output_dir, publish, stage, start_run, write_record
+from ftmagic.engine.outdir import Claim, already_finished, claim_output_dir, publish, stage, start_run, write_record
 from ftmagic.engine.result import RunResult
 from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
@@ -215,15 +215,15 @@ def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit:
     if ranks is not None:
         notes.append(Message(ranks.plan.reason))
 
-    def claim_dir() -> bool:
+    def claim_dir() -> tuple:
         # Checks and locks output_dir; nothing there is written or removed until the run starts.
         claim = claim_output_dir(out, cfg, identity=run_identity(cfg), optimizer=opt_plan.name,
                                  note=lambda level, text: notes.append(Message(text, level)), settings=run_settings(cfg))
         claims.append(claim)
-        return claim.resume
+        return claim.resume, claim.finished
 
     # With several processes the first one claims output_dir; the others get its answer (or its error).
-    resume = claim_dir() if ranks is None else ranks.main_decides(claim_dir)
+    resume, finished = claim_dir() if ranks is None else ranks.main_decides(claim_dir)
 
     tokenizer = load_tokenizer(_tokenizer_folder(cfg, model_path), trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
@@ -232,6 +232,18 @@ def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit:
         raise DataError(f"no training examples came out of `data` ({data.stats.get('records', 0)} records read, "
                         f"{data.stats.get('skipped', 0)} skipped" + (f": {reasons}" if reasons else "")
                         + "); check the file and `format` (`ftmagic preview` shows each problem)")
+    per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                      epochs=cfg.epochs, max_steps=cfg.max_steps)
+    if smoke_mode():
+        max_steps = min(max_steps, SMOKE_MAX_STEPS)
+    fingerprint = data_fingerprint(data)
+    done = already_finished(finished, max_steps, fingerprint)
+    if done is not None:
+        # Nothing to continue: no model loads, no checkpoint, output or tracker record is written again.
+        emit(Message(done))
+        result = RunResult.load(out)
+        emit(End(reason=result.metrics.get("reason", "finished"), metrics=result.metrics, output_dir=str(out)))
+        return result
     emit(Plan(model=cfg.model, method=plan.method, device=plan.device, precision=plan.precision, reason=plan.reason,
               format=data.stats.get("format"), train_records=data.stats.get("train_examples", len(data.train)),
               eval_records=data.stats.get("eval_examples", len(data.eval or [])), output_dir=str(out),
@@ -254,15 +266,10 @@ def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit:
     threads = plan_threads(cfg.threads, params=total, device=plan.device)
     if threads.threads is not None:
         emit(Message(threads.reason))
-    per_epoch, max_steps = plan_steps(len(data.train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                      epochs=cfg.epochs, max_steps=cfg.max_steps)
-    if smoke_mode():
-        max_steps = min(max_steps, SMOKE_MAX_STEPS)
     if opt_plan.message:
         emit(Message(opt_plan.message, "warning"))
     resume_from = _find_resume_point(resume, out, model, emit)
     # The run really starts here: only now are old outputs removed and the run record written.
-    fingerprint = data_fingerprint(data)
     if main:
         start_run(claims[0], cfg, fingerprint=fingerprint, names=_run_folders(cfg))
     resumed_step = resume_from.step if resume_from is not None else 0
