@@ -57,6 +57,25 @@ def test_event_sequence_and_fields(test_model_dir, tmp_path):
     assert "data: <list with 12 records>" in saved and "method: lora" in saved
 
 
+def test_a_run_folder_holds_ftmagics_model_card_not_peft_template(test_model_dir, tmp_path):
+    """peft's save_pretrained left its empty model-card template ("More Information Needed") as the
+    run's README.md and in every checkpoint; the run's folder now holds ftmagic's card."""
+    out = tmp_path / "out"
+    result, _ = _train(test_model_dir, out, max_steps=4, save_steps=2)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "More Information Needed" not in card
+    assert card.startswith("---\n") and "\n# out\n" in card and "This folder holds a LoRA-style adapter" in card
+    assert "| `lora_r` | 4 |" in card and f'model="{out.resolve()}"' in card
+    assert "![Training loss by step](loss_curve.svg)" in card and (out / "loss_curve.svg").read_text().startswith("<svg")
+    files = json.loads((out / "ftmagic_run.json").read_text())["files"]
+    assert {"README.md", "loss_curve.svg"} <= set(files)  # in the manifest: `overwrite: true` may remove them
+    assert not list((out / "checkpoints").rglob("README.md"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # written in staging, moved into place
+    full = tmp_path / "full"
+    _train(test_model_dir, full, method="full", lr=1e-4)
+    assert "This folder holds full model weights" in (full / "README.md").read_text(encoding="utf-8")
+
+
 def test_output_dir_of_another_run_is_protected(test_model_dir, tmp_path):
     out = tmp_path / "out"
     _train(test_model_dir, out)

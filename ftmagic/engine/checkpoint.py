@@ -207,6 +207,21 @@ def _finite_or_none(value):
     return value
 
 
+# peft's save_pretrained writes its empty model-card template here ("More Information Needed").
+PEFT_CARD = "README.md"
+
+
+def save_model(model, folder: Path, *, state_dict: Optional[dict] = None) -> None:
+    """``model.save_pretrained(folder)`` without the empty model card peft writes beside an adapter.
+
+    A checkpoint is no model to publish, and a run's folder gets ftmagic's own card
+    (:func:`ftmagic.engine.export.folder_card`).
+    """
+    model.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
+    if hasattr(model, "peft_config"):
+        (Path(folder) / PEFT_CARD).unlink(missing_ok=True)
+
+
 def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict, best: Optional[dict] = None,
                  trainable: Optional[dict] = None, optimizer_state: Optional[dict] = None,
                  rank_rngs: Optional[list] = None) -> None:
@@ -223,7 +238,7 @@ def _write_files(tmp: Path, *, model, optimizer, scheduler, scaler, state: dict,
         save_file(best, str(tmp / BEST_FILE))  # weights of the best evaluation (early stopping)
     if hasattr(model, "peft_config"):
         # The adapter in PEFT format too (a few MB), so any checkpoint can be loaded for inference.
-        model.save_pretrained(str(tmp), **({"state_dict": trainable} if trainable is not None else {}))
+        save_model(model, tmp, state_dict=trainable)
     parts = {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
              "optimizer_class": type(optimizer).__name__, "scheduler": scheduler.state_dict(), "rng": rng_state()}
     if scaler is not None:

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 from ftmagic.constants import RUN_FILE
 from ftmagic.engine.runlock import LOCK_NAME, RunLock
 from ftmagic.errors import CheckpointError
+from ftmagic.export.card import LOSS_CURVE_FILE
 
 RECORD_VERSION = 2
 STAGING_PREFIX = ".ftmagic-staging-"
@@ -48,7 +49,7 @@ OUTPUT_NAMES = ("checkpoints", "merged", "gguf", "runs", "wandb", "adapter_model
                 "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                 "config.yaml", "metrics.json", "history.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "README.md", "vocab.json",
-                "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt", "spiece.model")
+                "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt", "spiece.model", LOSS_CURVE_FILE)
 _BOOKKEEPING = (RUN_FILE, LOCK_NAME)
 
 

@@ -299,7 +299,7 @@ def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit:
     if main:
         _write_outputs(out, claims[0], model=model, tokenizer=tokenizer, cfg=cfg, plan=plan, method=method,
                        metrics=metrics, history=outcome.history, model_path=model_path, emit=emit,
-                       fingerprint=fingerprint, state_dict=state_dict, labels=data.labels)
+                       fingerprint=fingerprint, result=result, state_dict=state_dict, labels=data.labels)
         export_after_run(result, emit)  # the config's `export:` and `push_to_hub:` keys, if any
     emit(End(reason=outcome.reason, metrics=metrics, output_dir=str(out)))
     if ranks is not None:
@@ -483,14 +483,17 @@ def data_fingerprint(data) -> str:
 
 
 def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: DevicePlan, method, metrics, history,
-                   model_path, emit, fingerprint: str, state_dict: Optional[dict] = None, labels=None):
+                   model_path, emit, fingerprint: str, result: RunResult, state_dict: Optional[dict] = None,
+                   labels=None):
     """Write the result into a staging folder, then move it into ``out`` (never over a user's file).
 
-    ``state_dict``: the weights gathered from sharded processes; ``labels``: a classifier's label names.
+    ``result``: the run as it is returned (its model card is made from it); ``state_dict``: the
+    weights gathered from sharded processes; ``labels``: a classifier's label names.
     """
     import yaml
 
-    from ftmagic.engine.checkpoint import is_disk_full, strict_json
+    from ftmagic.engine.checkpoint import is_disk_full, save_model, strict_json
+    from ftmagic.engine.export import folder_card
 
     staging = None
     notes = []
@@ -499,13 +502,16 @@ def _write_outputs(out: Path, claim: Claim, *, model, tokenizer, cfg, plan: Devi
         # PEFT writes adapter_model.safetensors + adapter_config.json; others the full weights.
         # Full weights with a head are a model plain transformers loads: saved with the pad it pools right with.
         with quiet_progress(), pad_for_export(model, tokenizer, head_settings(cfg.objective, labels)):
-            model.save_pretrained(str(staging), **({"state_dict": state_dict} if state_dict is not None else {}))
+            save_model(model, staging, state_dict=state_dict)
         # The training template and every answer-ending token go with the weights (see engine/export/saved.py).
         save_tokenizer(staging, tokenizer, cfg)
         write_generation_config(staging, tokenizer, cfg, base_dir=model_path)
         (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         (staging / "metrics.json").write_text(strict_json(metrics), encoding="utf-8")
         (staging / "history.json").write_text(strict_json(history), encoding="utf-8")
+        # ftmagic's model card (what the Hub export writes), not peft's empty template.
+        for name, text in folder_card(result, staging, adapter=method.adapter).items():
+            (staging / name).write_text(text, encoding="utf-8")
         if cfg.merge:
             if not method.adapter:
                 notes.append(Message(f"`merge: true`: {plan.method} already saves full weights"))

@@ -1,5 +1,8 @@
 """The model card of a pushed run: Hub metadata, what was trained on what, results, how to use it.
 
+The same card (``folder=True``: it names the folder, not a repository) is the ``README.md`` of
+every run's own folder, in place of the empty template peft's ``save_pretrained`` writes.
+
 The YAML header is written by ``huggingface_hub.ModelCardData`` (the Hub's own schema:
 ``base_model``, ``library_name``, ``tags``, ``datasets``, ``license``); the body is plain
 Markdown built from the run's config, data statistics and metrics. The loss curve is a
@@ -54,6 +57,7 @@ class CardInfo:
     labels: Optional[list] = None  # a classifier's label names, by output
     eos_after_text: bool = False  # a classifier read the EOS ftmagic put after each text (see head_snippet)
     one_text: bool = False  # the head model names no pad token (its pad was the EOS the head reads): one text a call
+    folder: bool = False  # the card of the run's own folder (``repo_id`` is its path), not of a Hub repository
 
 
 def is_hub_id(name: Optional[str]) -> bool:
@@ -103,13 +107,14 @@ def model_card(info: CardInfo) -> str:
 
 def card_body(info: CardInfo) -> str:
     """The Markdown body: what, how, on what data, results, loss curve, how to use it."""
-    name = info.repo_id.split("/")[-1]
+    name = info.repo_id.rstrip("/").split("/")[-1]
+    holder = "folder" if info.folder else "repository"
     base = (f"[{info.base_model}](https://huggingface.co/{info.base_model})" if is_hub_id(info.base_model)
             else f"`{info.base_model}`")
     what = "a LoRA-style adapter" if info.adapter else "full model weights"
     parts = [f"# {name}", "",
              f"Fine-tuned from {base} with [ftmagic](https://github.com/ftmagic/ftmagic) "
-             f"(method: `{info.method}`). This repository holds {what}"
+             f"(method: `{info.method}`). This {holder} holds {what}"
              + (f" and GGUF files for llama.cpp and Ollama ({', '.join(info.gguf_files)})" if info.gguf_files else "")
              + ".", ""]
     parts += ["## Training", "", "| setting | value |", "|---|---|"]
@@ -135,7 +140,7 @@ def card_body(info: CardInfo) -> str:
               f'chat = pipeline("text-generation", model="{info.repo_id}")',
               'reply = chat([{"role": "user", "content": "Hello"}], max_new_tokens=128, do_sample=False)',
               'print(reply[0]["generated_text"][-1]["content"])', "```", "",
-              "The repository's tokenizer carries the chat template the model was trained with, and "
+              f"The {holder}'s tokenizer carries the chat template the model was trained with, and "
               "`generation_config.json` lists every token that ends an answer.", ""]
     if info.gguf_files:
         tag = info.gguf_files[0].rsplit("-", 1)[-1].removesuffix(".gguf").upper()

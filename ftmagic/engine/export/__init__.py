@@ -401,6 +401,24 @@ def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list, model_dir: 
                     one_text=_one_text(run, model_dir, adapter=adapter))
 
 
+def folder_card(run, folder: Path, *, adapter: bool) -> dict:
+    """``{file name: text}`` for the run's own folder: ftmagic's model card as ``README.md`` (the
+    Hub card, naming the folder instead of a repository) and the loss curve it shows.
+
+    Written when the run ends in place of the empty template (``More Information Needed``)
+    that peft's ``save_pretrained`` leaves there. ``folder``: where the weights were saved.
+    """
+    from ftmagic.export.card import LOSS_CURVE_FILE, loss_curve_svg, model_card
+
+    info = card_info(run, str(Path(run.output_dir).resolve()), adapter=adapter, gguf_files=[], model_dir=folder)
+    info.folder = True
+    files = {"README.md": model_card(info)}
+    svg = loss_curve_svg(run.history)
+    if svg is not None:
+        files[LOSS_CURVE_FILE] = svg
+    return files
+
+
 def _one_text(run, model_dir: Optional[Path], *, adapter: bool) -> bool:
     """Whether plain transformers loads the head model of ``model_dir`` with no pad token, so one text per call.
 
