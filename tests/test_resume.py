@@ -233,6 +233,22 @@ def test_resuming_a_finished_run_changes_nothing_unless_it_has_more_steps_to_go(
     assert sorted(step_losses(events)) == [3] and longer.metrics["steps"] == 3
 
 
+def test_a_longer_resume_of_a_finished_run_follows_the_longer_schedule(test_model_dir, tmp_path):
+    # The finished run's cosine schedule ended at 0; raised to 8 steps, steps 5-8 learn at the rates of an 8-step
+    # schedule instead of applying the saved 0.
+    from ftmagic.engine.loop import lr_factor
+
+    out = tmp_path / "out"
+    _run(test_model_dir, out, max_steps=4, save_steps=4, eval_steps=0, warmup=0)
+    _, events = _run(test_model_dir, out, max_steps=8, save_steps=4, eval_steps=0, warmup=0, resume=True)
+    rates = {e["step"]: e["lr"] for e in events if e["event"] == "step"}
+    assert sorted(rates) == [5, 6, 7, 8]
+    peak = SETTINGS["lr"]
+    assert rates == pytest.approx({s: peak * lr_factor(s - 1, kind="cosine", warmup_steps=0, total_steps=8)
+                                   for s in rates})
+    assert rates[5] > 0.25 * peak  # the saved schedule had ended at 0
+
+
 def test_qlora_resume_is_exact_too(test_model_dir, tmp_path):
     settings = dict(method="qlora", max_steps=4, save_steps=0, eval_steps=0)
     _, straight_events = _run(test_model_dir, tmp_path / "a", **settings)

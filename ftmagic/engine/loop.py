@@ -331,6 +331,29 @@ class _NonFinite(Exception):
     """Raised inside the loop when a NaN or infinity is seen; ends it with reason ``nonfinite``."""
 
 
+def follow_schedule(optimizer, scheduler) -> None:
+    """Set the rate the next step applies from this run's schedule, at the step the scheduler has reached.
+
+    A checkpoint's optimizer state holds the rate of the schedule it was saved under. Where a
+    resumed run is longer (``max_steps`` or ``epochs`` raised after it finished), that schedule
+    had decayed to 0 at its end and every further step would apply it; the rate now follows the
+    new length. With the same length it is the same value, computed the same way (the resume
+    stays exact).
+
+    Example::
+
+        scheduler.load_state_dict(saved)     # last_epoch: the steps done
+        follow_schedule(optimizer, scheduler)
+    """
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 def optimizer_step(optimizer, scheduler, params, *, scaler=None, max_grad_norm: float = 1.0,
                    clip: Optional[Callable] = None):
     """Unscale (fp16), clip, step, advance the schedule and zero the gradients.
@@ -515,6 +538,7 @@ def train_loop(model, train_rows, eval_rows, *, config, plan, optimizer_plan, ma
                                          ranks=ranks)
         state = LoopState.from_json(saved)
         best_weights = ckpt.load_best(resume_from) if keep_best else None
+        follow_schedule(optimizer, scheduler)
     # Where finite weights are, should the loss turn NaN: the newest checkpoint, else a copy of the start.
     last_finite = getattr(resume_from, "path", resume_from)
     on_meta = any(p.is_meta for p in params)  # a model without values (tests of the loop's device reads)
