@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ftmagic.constants import RUN_FILE
 from ftmagic.errors import ConfigError, ModelError
@@ -41,6 +42,10 @@ class SavedAdapter:
     base: str  # the base model it was trained on: a Hugging Face id, a local folder, or `tiny`
     method: str  # an adapter method of ftmagic.methods
     settings: dict = field(default_factory=dict)  # FinetuneConfig fields the adapter fixes (lora_r, ...)
+    # The objective whose head was saved with the adapter (`reward`, `classify`), or None for an adapter of the
+    # language model itself (sft, dpo, orpo), which any objective may continue (a head objective adds a new head).
+    head_objective: Optional[str] = None
+    labels: Optional[list] = None  # a classifier's label names, in the order of its head's outputs
 
     def describe(self) -> str:
         """Its settings in a few words, for messages: ``r 8, alpha 16, on k_proj, q_proj, v_proj``."""
@@ -52,6 +57,8 @@ class SavedAdapter:
         targets = self.settings.get("target_modules")
         if isinstance(targets, list):
             parts.append("on " + ", ".join(targets))
+        if self.labels:
+            parts.append("labels " + ", ".join(str(label) for label in self.labels))
         return ", ".join(parts)
 
 
@@ -85,8 +92,12 @@ def read_adapter(path, *, key: str = "model") -> SavedAdapter:
     method = "dora" if peft_type == "LORA" and peft_config.get("use_dora") else _PEFT_METHODS[peft_type]
     if run.get("trained_method") in ("lora", "qlora") and method == "lora":
         method = run["trained_method"]  # peft cannot tell a QLoRA adapter from a LoRA one; the run file can
+    head_objective = None
+    if peft_config.get("task_type") == "SEQ_CLS":  # its head was saved with it (peft's `modules_to_save`)
+        head_objective = run.get("objective") if run.get("objective") in ("reward", "classify") else "classify"
+    labels = run.get("labels") if head_objective == "classify" and isinstance(run.get("labels"), list) else None
     return SavedAdapter(path=folder, base=_base_of(folder, peft_config, run, key, path), method=method,
-                        settings=_settings(peft_config, method))
+                        settings=_settings(peft_config, method), head_objective=head_objective, labels=labels)
 
 
 def plan_continuation(cfg) -> tuple:
@@ -122,10 +133,17 @@ def plan_continuation(cfg) -> tuple:
     elif cfg.method not in (saved.method, "lora"):  # `lora` is the default: it follows the adapter
         raise ConfigError(f"`{key}: {source}` holds a {saved.method} adapter, which cannot continue as "
                           f"`method: {cfg.method}`; set `method: {saved.method}` (or leave `method` out)")
+    if saved.head_objective is not None and cfg.objective != saved.head_objective:
+        raise ConfigError(f"`{key}: {source}` holds a {saved.method} adapter trained with `objective: "
+                          f"{saved.head_objective}` (its head included), which cannot continue as `objective: "
+                          f"{cfg.objective}`; set `objective: {saved.head_objective}`, or start a new adapter on its "
+                          f"base (`model: {saved.base}`)")
     base = saved.base
     if cfg.adapter and cfg.model != "tiny":
         base = cfg.model  # an explicit base wins (the adapter's may have moved); a mismatch fails to load, in one line
     changes = dict(saved.settings, method=method)
+    if saved.labels is not None and cfg.labels is None:
+        changes["labels"] = saved.labels  # the head's outputs keep their order; a new label is a one-line error
     settings = saved.describe()
     message = (f"continuing the {method} adapter of {source}" + (f" ({settings})" if settings else "")
                + f" on {base}; its method and settings are kept")

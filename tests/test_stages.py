@@ -123,6 +123,54 @@ def test_what_cannot_continue_is_one_line(stage1, tmp_path, test_tokenizer):
     assert "\n" not in str(err.value)
 
 
+PAIRS = [{"prompt": f"reverse: {w}", "chosen": w[::-1], "rejected": w} for w in ("abc", "hello", "data", "fox")]
+LABELLED = [{"text": f"the {w} is {mood}", "label": label} for w in ("abc", "fox")
+            for mood, label in (("quick", "pos"), ("lazy", "neg"))]
+
+
+@pytest.mark.parametrize("objective, data", [("reward", PAIRS), ("classify", LABELLED)])
+def test_an_sft_adapter_continues_as_a_reward_model_or_classifier_with_a_new_head(stage1, test_model_dir, tmp_path,
+                                                                                  objective, data):
+    """After SFT, a reward model or a classifier continues the SFT adapter (was: peft's AttributeError
+    'LlamaForSequenceClassification' object has no attribute 'prepare_inputs_for_generation')."""
+    from peft import load_peft_weights
+
+    from ftmagic.engine.methods import continue_adapter
+    from ftmagic.engine.models import head_settings, load_model
+
+    first, _ = stage1("lora")
+    second, events = _train(tmp_path / "stage2", model=first.output_dir, objective=objective, data=data)
+    assert any(m.startswith(f"continuing the lora adapter of {first.output_dir}") for m in _messages(events))
+    assert step_losses(events)
+    # The SFT adapter's weights are the starting point, beside a new head.
+    model = continue_adapter(load_model(test_model_dir, device="cpu", head=head_settings(objective, ["neg", "pos"])),
+                             first.output_dir, "lora", objective)
+    saved = load_peft_weights(first.output_dir, device="cpu")
+    key = next(k for k in saved if "lora_B" in k)
+    assert torch.equal(dict(model.named_parameters())[key.replace(".weight", ".default.weight")], saved[key])
+    reloaded = RunResult.load(second.output_dir)
+    if objective == "reward":
+        conversation = [[{"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "cba"}]]
+        assert reloaded.score(conversation) == second.score(conversation)
+    else:
+        assert reloaded.predict(["the fox is quick"], probabilities=True) == \
+            second.predict(["the fox is quick"], probabilities=True)
+
+
+def test_a_head_adapter_continues_only_with_its_own_objective_and_labels(test_model_dir, tmp_path):
+    clf, _ = _train(tmp_path / "clf", model=test_model_dir, objective="classify", data=LABELLED)
+    for objective, data in (("sft", RUN["data"]), ("reward", PAIRS)):
+        with pytest.raises(ConfigError, match=rf"^`model: .*` holds a lora adapter trained with `objective: classify` "
+                                              rf"\(its head included\), which cannot continue as `objective: "
+                                              rf"{objective}`; set `objective: classify`") as err:
+            _train(tmp_path / objective, model=clf.output_dir, objective=objective, data=data)
+        assert "\n" not in str(err.value)
+    # Its labels stay in the order of its head's outputs.
+    second, events = _train(tmp_path / "more", model=clf.output_dir, objective="classify", data=LABELLED[::-1])
+    assert second.labels == clf.labels == ["neg", "pos"]
+    assert any("labels neg, pos" in m for m in _messages(events))
+
+
 def test_memory_calculator_reads_an_adapter_folder_as_its_base(stage1, test_model_dir):
     first, _ = stage1("lora")
     assert resolve_model(first.output_dir).total_params == resolve_model(test_model_dir).total_params

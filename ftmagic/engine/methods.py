@@ -133,9 +133,13 @@ def _set_trainable(model, predicate) -> int:
 
 def _task_type(config) -> str:
     """peft's task type: a classification head (reward, classify) is trained and saved with the adapter."""
+    return _objective_task_type(getattr(config, "objective", "sft"))
+
+
+def _objective_task_type(objective: str) -> str:
     from ftmagic.objectives import get_objective_spec
 
-    return "SEQ_CLS" if get_objective_spec(getattr(config, "objective", "sft")).classifier_head else "CAUSAL_LM"
+    return "SEQ_CLS" if get_objective_spec(objective).classifier_head else "CAUSAL_LM"
 
 
 def head_parameter_ids(model) -> set:
@@ -247,17 +251,18 @@ register("bitfit", _bitfit)
 register("freeze", _freeze)
 
 
-def continue_adapter(model, path: str, method: str):
+def continue_adapter(model, path: str, method: str, objective: str = "sft"):
     """``model`` with the adapter saved in ``path`` loaded trainable (a second stage of sequential fine-tuning).
 
     The adapter keeps its own rank, targets and tuner (:func:`ftmagic.adapters.plan_continuation`
     put them into the config); a QLoRA base gets peft's k-bit preparation first, as a new
-    adapter would. An adapter that does not fit the base (another architecture or size) is a
+    adapter would. An adapter of the language model continued with a head objective (``reward``,
+    ``classify`` after SFT) gets a new head, trained and saved with it, as a new adapter would. An adapter that does not fit the base (another architecture or size) is a
     one-line ModelError, not peft's size-mismatch trace.
 
     Example::
 
-        model = continue_adapter(load_model(base, device="cpu"), "runs/stage1", "lora")
+        model = continue_adapter(load_model(base, device="cpu"), "runs/stage1", "lora", "sft")
     """
     from peft import PeftConfig, load_peft_weights, set_peft_model_state_dict
 
@@ -269,10 +274,19 @@ def continue_adapter(model, path: str, method: str):
     # refuses to load prompt-learning adapters trainable, and this one path serves every tuner.
     config = PeftConfig.from_pretrained(path)
     config.inference_mode = False
+    new_head = config.task_type is not None and config.task_type != _objective_task_type(objective)
+    if new_head:  # a language-model adapter under a head objective: a new head joins it (head adapters are
+        config.task_type = _objective_task_type(objective)  # refused other objectives by plan_continuation)
     try:
         model = _peft(model, config)
         device = next(model.parameters()).device
-        loaded = set_peft_model_state_dict(model, load_peft_weights(path, device=str(device)))
+        weights = load_peft_weights(path, device=str(device))
+        if new_head:  # the head the saved adapter lacks starts as a new adapter's would
+            from peft import get_peft_model_state_dict
+
+            for key, value in get_peft_model_state_dict(model).items():
+                weights.setdefault(key, value)
+        loaded = set_peft_model_state_dict(model, weights)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"the adapter in {path} does not fit the base model ({first[:160]}); "

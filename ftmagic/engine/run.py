@@ -405,7 +405,7 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
     reference = None
     if get_objective_spec(cfg.objective).reference and not method.adapter:
         reference = copy.deepcopy(base).eval().requires_grad_(False)
-    model = continue_adapter(base, cfg.adapter, plan.method) if cfg.adapter else method.prepare(base, cfg)
+    model = continue_adapter(base, cfg.adapter, plan.method, cfg.objective) if cfg.adapter else method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
     if cfg.gradient_checkpointing:
