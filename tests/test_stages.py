@@ -31,9 +31,10 @@ RUN = dict(data=reversal_records(4), max_steps=3, batch_size=4, lr=2e-2, save_st
            lora_alpha=8, lora_dropout=0.0, num_virtual_tokens=4, warmup=0, scheduler="constant", seed=1)
 
 
-def _train(out, **settings):
+def _train(out, on_event_extra=None, **settings):
     on_event, events = collect()
-    result = run_module.finetune(on_event=on_event, **{**RUN, "output_dir": str(out), **settings})
+    callback = on_event if on_event_extra is None else (lambda e: (on_event(e), on_event_extra(e)))
+    result = run_module.finetune(on_event=callback, **{**RUN, "output_dir": str(out), **settings})
     return result, events
 
 
@@ -155,6 +156,27 @@ def test_an_sft_adapter_continues_as_a_reward_model_or_classifier_with_a_new_hea
     else:
         assert reloaded.predict(["the fox is quick"], probabilities=True) == \
             second.predict(["the fox is quick"], probabilities=True)
+
+
+def test_dpo_after_an_sft_adapter_compares_against_the_sft_model_and_resumes_exactly(stage1, tmp_path):
+    """DPO continuing an SFT adapter starts where the policy is its reference: loss log 2, margin 0
+    (was: the reference was the base without the SFT adapter, a first loss of 0.689 and margin 0.16)."""
+    import math
+
+    from engine_helpers import StopAt
+
+    first, _ = stage1("lora")
+    settings = dict(model=first.output_dir, objective="dpo", data=PAIRS, batch_size=2, max_steps=4, save_steps=2)
+    straight, events = _train(tmp_path / "straight", **settings)
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["metrics"]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # Stopped after step 3 and resumed: the reference is still the SFT model, so the losses are the same.
+    stop = StopAt(3)
+    _train(tmp_path / "resumed", on_event_extra=stop, stop=stop, **settings)
+    _, resumed = _train(tmp_path / "resumed", resume=True, **settings)
+    assert step_losses(resumed) and all(abs(step_losses(events)[k] - v) < 1e-6 for k, v in step_losses(resumed).items())
 
 
 def test_a_head_adapter_continues_only_with_its_own_objective_and_labels(test_model_dir, tmp_path):

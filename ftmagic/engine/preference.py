@@ -9,8 +9,9 @@ the prompt positions never reach the output layer. Models the fast path does not
 run their own forward on a padded batch.
 
 DPO's reference is the model as it was before training: the base with the adapter switched
-off for adapter methods (``peft``'s ``disable_adapter()``, no second copy in memory), a
-frozen copy otherwise. It runs on the same flattened row without gradients, before the
+off for adapter methods (``peft``'s ``disable_adapter()``, no second copy in memory), the
+adapter's starting weights swapped in for one that continues an earlier run's adapter
+(:class:`StartingWeights`: an SFT stage stays in the reference), a frozen copy otherwise. It runs on the same flattened row without gradients, before the
 policy's forward (so its temporaries never sit beside the policy's saved activations), and
 its log-probabilities are kept with the rows after their first use: the reference never
 changes, so later epochs and repeated evaluations do not run it again.
@@ -118,9 +119,45 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     return (logp * mask).sum(-1)
 
 
+class StartingWeights:
+    """The trainable weights a run starts from (a CPU copy), swapped in for DPO's reference forward.
+
+    A run that continues a saved adapter starts from base + that adapter, so switching the
+    adapter off would compare against the base alone; this keeps the adapter's starting
+    weights (a few MB) instead of a second copy of the model. Taken before a resume loads a
+    checkpoint's weights, so a resumed run's reference is the same.
+    """
+
+    def __init__(self, model):
+        self.saved = [(p, p.detach().to("cpu", copy=True)) for p in model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def swapped(self, model):
+        """``model`` with its starting weights, in eval mode (no dropout), as the reference; then as it was."""
+        modes = [(m, m.training) for m in model.modules()]
+        with torch.no_grad():
+            current = [p.detach().clone() for p, _ in self.saved]
+            for p, start in self.saved:
+                p.copy_(start)
+        model.eval()
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for (p, _), now in zip(self.saved, current):
+                    p.copy_(now)
+            for module, training in modes:
+                module.training = training
+
+
 @contextmanager
 def reference_model(model, reference=None):
-    """The frozen starting model: ``reference`` when given (a copy), else ``model`` with its adapter off."""
+    """The frozen starting model: ``reference`` when given (a copy, or :class:`StartingWeights` to swap into
+    ``model``), else ``model`` with its adapter off."""
+    if isinstance(reference, StartingWeights):
+        with reference.swapped(model):
+            yield model
+        return
     if reference is not None:
         yield reference
         return
@@ -158,7 +195,8 @@ class DPO(_Pairs):
     """Direct preference optimisation (``objective: dpo``): ``loss_type`` ``sigmoid`` or ``ipo``.
 
     ``reference`` is a frozen copy of the starting model (full fine-tuning and other methods
-    that change the base weights); None means ``model``'s adapter switched off.
+    that change the base weights), :class:`StartingWeights` for an adapter that continues an
+    earlier run's; None means ``model``'s adapter switched off.
     """
 
     name = "dpo"

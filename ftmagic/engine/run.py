@@ -380,7 +380,8 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
     the GPU (QLoRA quantizes on the GPU, with its 4-bit weights stored in the compute dtype).
     The objective's head (reward, classify) is loaded with the model. ``reference`` is DPO's
     frozen copy of the starting model for methods that change the base weights; adapter
-    methods need none (the base with the adapter switched off is the reference).
+    methods need none (the base with the adapter switched off is the reference), unless the
+    adapter continues an earlier run's: then its starting weights (:class:`StartingWeights`).
     """
     method = get_method(plan.method)
     weight_dtype = base_weight_dtype(plan, adapter=method.adapter)
@@ -408,6 +409,10 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
     model = continue_adapter(base, cfg.adapter, plan.method, cfg.objective) if cfg.adapter else method.prepare(base, cfg)
     if keeps_fp32_trainable(plan, adapter=method.adapter):
         _upcast_trainable(model)
+    if get_objective_spec(cfg.objective).reference and cfg.adapter:
+        from ftmagic.engine.preference import StartingWeights
+
+        reference = StartingWeights(model)  # the continued adapter is part of the starting model
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, method.adapter)
     return model, plan, method, reference
