@@ -270,6 +270,10 @@ class FinetuneConfig:
                 fail(key, str(not_accepted(key, value, allowed)))
         if not isinstance(self.model, str) or not self.model.strip():
             fail("model", "`model` must be a Hugging Face id, a local directory or `tiny`")
+        for key in ("data", "eval_data", "eval_prompts"):  # an empty value would be read as a file named ""
+            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
+                fail(key, f"`{key}` is empty; give " + ("a number of records to hold out, " if key == "eval_prompts" else "")
+                          + "a file, folder, dataset id or `$variable`" + ("" if key == "data" else ", or leave it out"))
         for key in ("data", "eval_data"):  # a mixture's entries, judged before anything is read
             if isinstance(getattr(self, key), (list, tuple)):
                 from ftmagic.data.pipeline import source_problems

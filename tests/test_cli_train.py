@@ -61,6 +61,14 @@ def test_unknown_key_in_set(test_model_dir, tmp_path, capsys):
     assert _error_line(capsys) == "ftmagic: error: --set: unknown key `epoch`; did you mean `epochs`?"
 
 
+def test_an_empty_set_value_for_a_data_key_names_the_flag_and_the_key(test_model_dir, tmp_path, capsys):
+    path = _config(tmp_path, test_model_dir)
+    assert main(["train", str(path), "--set", "eval_data="]) == 2  # was `ftmagic: error: : file not found`
+    assert _error_line(capsys) == ("ftmagic: error: --set: `eval_data` is empty; give a file, folder, dataset id or "
+                                   "`$variable`, or leave it out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_set_without_equals(test_model_dir, tmp_path, capsys):
     path = _config(tmp_path, test_model_dir)
     assert main(["train", str(path), "--set", "lr"]) == 2

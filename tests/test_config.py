@@ -60,6 +60,10 @@ def test_unknown_keyword_without_source():
         ("early_stopping_patience: 2", "cell:1: `early_stopping_patience` needs evaluation data"),
         ("method: qlora\nprecision: fp32", "cell:2: `precision: fp32` does not apply to `method: qlora`"),
         ("columns: 3", "cell:1: `columns: 3` must be a mapping"),
+        # was `: file not found`, naming neither the key nor the line
+        ('data: ""', "cell:1: `data` is empty; give a file, folder, dataset id or `$variable`"),
+        ("eval_data: ' '", "cell:1: `eval_data` is empty; give a file, folder, dataset id or `$variable`, or leave it out"),
+        ("eval_prompts: ''", "cell:1: `eval_prompts` is empty; give a number of records to hold out, a file"),
     ],
 )
 def test_bad_values_give_one_line_errors_with_the_line(yaml_text, message):
