@@ -128,6 +128,14 @@ def test_help_documents_every_config_flag(shell, capsys):
     assert helps["eval_prompts"] == ("config key `eval_prompts` (records to hold out, or a file, folder, dataset id "
                                      "or $variable)")
     assert helps["data"] == "config key `data` (file, folder, dataset id or $variable)"
+    # Each mapping key shows an example of its own (`--sweep` showed `columns`' '{prompt: question}').
+    assert helps["columns"] == "config key `columns` (YAML mapping, e.g. '{prompt: question}')"
+    assert helps["sweep"] == "config key `sweep` (YAML mapping, e.g. '{lr: [1.0e-4, 3.0e-4]}')"
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=r"^--sweep: '\{lr: \[1' is not a YAML mapping; write e.g. "
+                                         r"'\{lr: \[1.0e-4, 3.0e-4\]\}'$"):
+        shell.run_line_magic("finetune", "--sweep '{lr: [1' --data x.jsonl")
     shell.run_cell("%%finetune?\n")
     assert "--lora-r" in capsys.readouterr().out
 

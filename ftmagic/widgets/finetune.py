@@ -43,6 +43,8 @@ _DATA_KEYS = {"data": ("PATH|$VAR", "file, folder, dataset id or $variable"),
               "eval_data": ("PATH|$VAR", "file, folder, dataset id or $variable"),
               "eval_prompts": ("N|PATH|$VAR", "records to hold out, or a file, folder, dataset id or $variable"),
               "eval_metrics": ("A,B|$VAR", "metric names, comma-separated, or a $function")}
+# Keys whose value is a YAML mapping: an example of each, for its help and its error.
+_MAPPING_EXAMPLES = {"columns": "{prompt: question}", "sweep": "{lr: [1.0e-4, 3.0e-4]}"}
 _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
@@ -84,7 +86,7 @@ def _flag_spec(field) -> tuple[dict, str]:
         kind = "name or comma-separated list"
     elif annotation is dict or typing.get_origin(annotation) is typing.Union and dict in typing.get_args(annotation):
         kwargs["metavar"] = "YAML"
-        kind = "YAML mapping, e.g. '{prompt: question}'"
+        kind = f"YAML mapping, e.g. '{_MAPPING_EXAMPLES.get(field.name, '{key: value}')}'"
     else:
         kwargs["metavar"] = "TEXT"
         kind = "text"
@@ -122,8 +124,9 @@ def flag_overrides(args) -> dict:
             except ConfigError as exc:
                 if "invalid YAML" not in str(exc):
                     raise UsageError(str(exc)) from None
+                example = _MAPPING_EXAMPLES.get(field.name, "{key: value}")
                 raise UsageError(f"{flag_name(field.name)}: {value!r} is not a YAML mapping; "
-                                 "write e.g. '{prompt: question}'") from None
+                                 f"write e.g. '{example}'") from None
         overrides[field.name] = value
     return overrides
 
