@@ -59,6 +59,33 @@ def test_labelled_texts_report_label_balance_and_imbalance(test_tokenizer):
     assert ftmagic.preview(data, tokenizer=test_tokenizer, objective="sft").format == "text"
 
 
+def test_a_classifier_preview_trains_the_token_the_head_reads(test_tokenizer):
+    """A classifier's loss is the label's cross-entropy at the one token the head reads (a decoder's
+    last): the summary counted every token as trained while the pager showed none."""
+    data = [{"text": "a fine film", "label": "pos"}, {"text": "dull", "label": "neg"}]
+    report = ftmagic.preview(data, tokenizer=test_tokenizer, objective="classify")
+    assert report.trained_tokens == 2 and report.total_tokens > 2
+    assert "trained tokens: 2 of" in report.to_text() and "the last token, which the head reads" in report.to_text()
+    for i in range(2):
+        view = report.record(i)
+        assert [t.trained for t in view.tokens] == [False] * (len(view.tokens) - 1) + [True]
+        assert view.tokens[-1].text == "<|im_end|>"
+    assert "the head reads the one trained token" in record_html(report.record(0))
+
+
+def test_an_encoder_classifier_preview_trains_its_cls_token(tmp_path):
+    from model_builders import build_test_encoder_dir
+
+    from ftmagic.data.pairs import encode_texts, head_position
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_test_encoder_dir(tmp_path / "bert"))
+    assert head_position(tok) == 0 and encode_texts(tok, ["a fine film"])[0].trained_tokens == 1
+    report = ftmagic.preview([{"text": "a fine film", "label": "pos"}], tokenizer=tok, objective="classify")
+    view = report.record(0)
+    assert [t.text for t in view.tokens if t.trained] == ["[CLS]"] and "first token ([CLS])" in report.to_text()
+
+
 def test_clean_keeps_one_of_each_pair(tmp_path):
     result = ftmagic.clean(PAIRS, str(tmp_path / "clean.jsonl"))
     assert result.summary().startswith("kept 2 of 5 records; dropped 3: duplicate 1, empty_field 1, identical_pair 1")

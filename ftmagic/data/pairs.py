@@ -9,7 +9,9 @@ log-probabilities DPO and ORPO sum cover exactly those tokens (up to and includi
 A labelled text becomes its tokens, with the tokenizer's own special tokens around it
 (``[CLS] ... [SEP]`` for BERT-style encoders); a decoder without a closing special token
 gets EOS appended, so a causal model's last position, where its head reads, is the same
-token for every text. Truncation keeps those special tokens.
+token for every text. Truncation keeps those special tokens. The loss of a labelled text
+is one cross-entropy, of the label, at the one position the head reads
+(:func:`head_position`): that position is its only trained token; the others are context.
 
 Example::
 
@@ -87,6 +89,7 @@ class TextEncoded:
     text: str = ""
     eos_added: bool = False
     no_eos: bool = False
+    head_index: int = -1  # the position the head reads (see head_position): the last token, or [CLS]
 
     @property
     def lengths(self) -> list:
@@ -94,8 +97,8 @@ class TextEncoded:
 
     @property
     def trained_tokens(self) -> int:
-        """Every token feeds the pooled output the head reads."""
-        return len(self.input_ids)
+        """The one position with a loss: the head reads it and is trained to predict the label there."""
+        return 1 if self.input_ids else 0
 
     def to_dict(self, label_index: Optional[dict] = None) -> dict:
         """The training row: ``{"input_ids", "label"}`` (the label's index when ``label_index`` is given)."""
@@ -187,6 +190,24 @@ def eos_after_text(tokenizer) -> bool:
     return bool(suffix) and list(full[-len(suffix):]) != suffix
 
 
+def head_position(tokenizer) -> int:
+    """Where a classification head reads an encoded text (:func:`encode_texts`): ``0`` for a
+    BERT-style encoder, whose tokenizer opens each text with its own ``[CLS]`` (the pooled
+    output), ``-1`` otherwise: a decoder's ``score`` reads the last token (see
+    :mod:`ftmagic.engine.heads`), the EOS :func:`special_tokens_around` ends each text with.
+
+    Only the tokenizer is known to the previewer, so the encoder is recognised by its ``[CLS]``.
+
+    Example::
+
+        head_position(bert_tokenizer)     # 0: [CLS]
+        head_position(llama_tokenizer)    # -1: the EOS after the text
+    """
+    cls = getattr(tokenizer, "cls_token_id", None)
+    prefix = special_tokens_around(tokenizer)[0]
+    return 0 if cls is not None and prefix[:1] == [cls] and not eos_after_text(tokenizer) else -1
+
+
 def encode_texts(tokenizer, texts: list, labels: Optional[list] = None, *, max_seq_len: Optional[int] = None) -> list:
     """Tokenize labelled texts in one batch: a :class:`TextEncoded` each (special tokens kept when truncated).
 
@@ -197,6 +218,7 @@ def encode_texts(tokenizer, texts: list, labels: Optional[list] = None, *, max_s
     from ftmagic.data.encode import _tokenize_ids
 
     prefix, suffix = special_tokens_around(tokenizer)
+    head = head_position(tokenizer)
     labels = labels if labels is not None else [None] * len(texts)
     out = []
     for text, label, core in zip(texts, labels, _tokenize_ids(tokenizer, texts)):
@@ -206,5 +228,5 @@ def encode_texts(tokenizer, texts: list, labels: Optional[list] = None, *, max_s
         if truncated:
             keep = max(0, max_seq_len - len(prefix) - len(suffix))
             ids = prefix + list(core[:keep]) + suffix
-        out.append(TextEncoded(ids, label, length, truncated, text=text))
+        out.append(TextEncoded(ids, label, length, truncated, text=text, head_index=head))
     return out

@@ -37,7 +37,7 @@ from ftmagic.data.clean import CleanResult, clean
 from ftmagic.data.encode import encode_conversations
 from ftmagic.data.portable import answer_end_ids
 from ftmagic.data.formats import comparable_turns, format_kind, to_conversation, to_labelled, to_preference
-from ftmagic.data.pairs import encode_pairs, encode_texts
+from ftmagic.data.pairs import encode_pairs, encode_texts, head_position
 from ftmagic.data.load import load_data
 from ftmagic.data.pack import padding_share
 from ftmagic.data.pipeline import data_sources, is_mixture
@@ -120,6 +120,19 @@ class DatasetReport:
     def problem_counts(self) -> dict:
         return dict(sorted(Counter(p.kind for p in self.problems).items()))
 
+    @property
+    def trained_what(self) -> str:
+        """Which tokens carry the loss, in words (after "trained tokens: N of M" in the text and the widget).
+
+        A classifier's loss is one cross-entropy per record, of its label, at the token the head
+        reads (:func:`~ftmagic.data.pairs.head_position`); ``train_on`` does not apply to it.
+        """
+        if format_kind(self.format) == "classification":
+            tok = self._context.get("tokenizer") if self._context else None
+            where = "first token ([CLS])" if tok is not None and head_position(tok) == 0 else "last token"
+            return f"one per record: the {where}, which the head reads to predict the record's label"
+        return f"train_on: {self.train_on}"
+
     def __len__(self) -> int:
         """Number of records the pager can show."""
         return len(self._context["loaded"].records) if self._context else 0
@@ -180,7 +193,10 @@ class DatasetReport:
             if tok is not None:
                 enc = encode_texts(tok, [text], max_seq_len=self.max_seq_len)[0]
                 view.truncated, view.length = enc.truncated, enc.length
-                view.tokens = self._tokens(enc.input_ids, [IGNORE_INDEX] * len(enc.input_ids))
+                # The one trained position is the token the head reads; its target is the label.
+                read = enc.head_index % len(enc.input_ids) if enc.input_ids else -1
+                view.tokens = self._tokens(enc.input_ids, [0 if k == read else IGNORE_INDEX
+                                                           for k in range(len(enc.input_ids))])
             return view
         if tok is None:
             view.text = "\n".join(f"[{t['role']}] {t['content']}" for t in pair.conversation("chosen"))

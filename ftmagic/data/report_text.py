@@ -30,7 +30,8 @@ def format_report(report, max_problems: int = 20) -> str:
         lines.append(f"tokens per record: min {t['min']}, median {_num(t['median'])}, p95 {t['p95']}, max {t['max']} "
                      f"(max_seq_len {r.max_seq_len})")
         lines.append(f"truncated: {r.truncated}; no trained token left: {r.no_trained_tokens}; "
-                     f"trained tokens: {r.trained_tokens} of {r.total_tokens}")
+                     f"trained tokens: {r.trained_tokens} of {r.total_tokens}"
+                     + (f" ({r.trained_what})" if r.format == "classification" else ""))
         if r.split:
             lines.append(f"split into blocks: {r.split} `text` records longer than max_seq_len train as {r.blocks} "
                          "blocks (`long_text: truncate` would keep only their first block)")

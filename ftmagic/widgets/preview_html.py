@@ -61,7 +61,7 @@ def summary_html(report) -> str:
                                       f"(max_seq_len {r.max_seq_len})"))
         bad = f' class="ftm-bad" style="color:{BAD}"' if r.truncated or r.no_trained_tokens else ""
         rows.append(("truncated", f"<span{bad}>{r.truncated} truncated, {r.no_trained_tokens} with no trained token</span>"))
-        rows.append(("trained tokens", f"{r.trained_tokens} of {r.total_tokens} (train_on: {escape(r.train_on)})"))
+        rows.append(("trained tokens", f"{r.trained_tokens} of {r.total_tokens} ({escape(r.trained_what)})"))
         p = r.padding
         rows.append(("padding", f"{100 * p['unpacked']:.1f}% unpacked (batch {p['batch_size']}), "
                                 f"{100 * p['packed']:.1f}% with packing"))
@@ -125,7 +125,8 @@ def record_html(view) -> str:
         parts.append("</div>")
         return "".join(parts)
     if view.label is not None:
-        parts.append(f"<div>label <b>{escape(str(view.label))}</b></div>")
+        parts.append(f"<div>label <b>{escape(str(view.label))}</b>: the target; the head reads the one trained "
+                     "token and is trained to predict this label there</div>")
     if view.text is not None:
         parts.append(f'<div>rendered text</div><div class="ftm-pre" style="{PRE}">{escape(view.text)}</div>')
     if view.tokens:
