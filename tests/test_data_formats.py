@@ -84,6 +84,7 @@ def test_system_prompt_only_when_missing():
 
 @pytest.mark.parametrize("record, fmt, kind, message", [
     ({"instruction": "i"}, "alpaca", "missing_field", "field `output` is missing"),
+    ({"text": None}, "text", "missing_field", "field `text` is null"),
     ({"instruction": "i", "output": "  "}, "alpaca", "empty_field", "field `output` is empty"),
     ({"prompt": ["x"], "completion": "c"}, "prompt_completion", "bad_type", "`prompt[0]` is a str, expected {role, content}"),
     ({"messages": "nope"}, "messages", "bad_type", "field `messages` is text that is not a JSON list of messages"),

@@ -98,6 +98,7 @@ def test_non_utf8(tmp_path, test_tokenizer):
 
 @pytest.mark.parametrize("row, kind, message", [
     ({"prompt": "q"}, "missing_field", "field `completion` is missing"),
+    ({"prompt": "q", "completion": None}, "missing_field", "field `completion` is null"),  # there, but null
     ({"prompt": "q", "completion": "  "}, "empty_field", "field `completion` is empty"),
     ({"prompt": "q", "completion": {"a": 1}}, "bad_type", "field `completion` is a dict, expected text"),
 ])

@@ -258,11 +258,11 @@ def to_preference(record: dict, columns: Optional[dict] = None, system_prompt: O
     names = {side: col(side, side) for side in ("prompt", "chosen", "rejected")}
     for side in ("chosen", "rejected"):
         if record.get(names[side]) is None:
-            raise RecordError("missing_field", f"field `{names[side]}` is missing")
+            raise RecordError("missing_field", _absent(record, names[side]))
     if record.get(names["prompt"]) is None:
         chosen, rejected = (record[names[s]] for s in ("chosen", "rejected"))
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise RecordError("missing_field", f"field `{names['prompt']}` is missing: `{names['chosen']}` and "
+            raise RecordError("missing_field", f"{_absent(record, names['prompt'])}: `{names['chosen']}` and "
                                                f"`{names['rejected']}` are texts, so the prompt must be given (or "
                                                "give both as full conversations, lists of messages)")
         chosen, rejected = _message_list(record, names["chosen"], columns), _message_list(record, names["rejected"], columns)
@@ -303,7 +303,7 @@ def to_labelled(record: dict, columns: Optional[dict] = None) -> tuple:
     name = columns.get("label", "label")
     label = record.get(name)
     if label is None:
-        raise RecordError("missing_field", f"field `{name}` is missing")
+        raise RecordError("missing_field", _absent(record, name))
     if isinstance(label, float) and label.is_integer():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -385,11 +385,23 @@ def _get(record: dict, name: str) -> Any:
     return value
 
 
+def _absent(record: dict, name: str) -> str:
+    """Why a required field has no value: not there at all, or there and null (JSON ``null``, an empty
+    Parquet or DataFrame cell), which a user looking for the key would not call missing.
+
+    Example::
+
+        >>> _absent({"text": None}, "text"), _absent({}, "text")
+        ('field `text` is null', 'field `text` is missing')
+    """
+    return f"field `{name}` is null" if isinstance(record, dict) and name in record else f"field `{name}` is missing"
+
+
 def _text(record: dict, name: str, required: bool) -> str:
     value = record.get(name)
     if value is None:
         if required:
-            raise RecordError("missing_field", f"field `{name}` is missing")
+            raise RecordError("missing_field", _absent(record, name))
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Never silently str(): 3 would train as "3" and a NaN cell as the word "nan".
@@ -419,7 +431,7 @@ def _as_turns(record: dict, name: str, role: str) -> list:
 def _message_list(record: dict, name: str, columns: dict) -> list:
     value = record.get(name)
     if value is None:
-        raise RecordError("missing_field", f"field `{name}` is missing")
+        raise RecordError("missing_field", _absent(record, name))
     if isinstance(value, str):  # CSV cells hold JSON text
         try:
             value = json.loads(value)
