@@ -33,6 +33,7 @@ from ftmagic.strategies import STRATEGY_NAMES, check_batch_split, resolve_strate
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "preference", "prompt_completion", "classification", "text")
+LONG_TEXT_MODES = ("split", "truncate")  # `long_text`: what becomes of a `text` record longer than max_seq_len
 
 # The accepted values of the choice keys, built from their one home (the method table, the
 # constants): `typing.Literal` of a tuple lists the tuple's items.
@@ -84,7 +85,7 @@ class FinetuneConfig:
     max_seq_len: int = 512  # longer chat examples are truncated (and counted)
     # `text` records longer than max_seq_len: `split` into max_seq_len blocks, so continual
     # pre-training on long documents trains every token; `truncate` keeps only the first block.
-    long_text: Literal["split", "truncate"] = "split"
+    long_text: Literal[LONG_TEXT_MODES] = "split"
     packing: bool = False  # concatenate short examples into full rows; no compute spent on padding
     train_on: Literal["completions", "all"] = "completions"  # loss on assistant turns only, or on every token
     val_split: float = 0.0  # share of `data` held out for evaluation when there is no `eval_data`

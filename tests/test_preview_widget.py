@@ -156,3 +156,34 @@ def test_a_dollar_variable_is_the_data_itself(test_tokenizer, tmp_path, capsys):
     assert "(max_seq_len 64)" in out and "duplicate: data[1]: same conversation as data[0]" in out
     shell.run_line_magic("ft_preview", "$rows --model {tok} --max-seq-len {n * 2} --text")
     assert "(max_seq_len 128)" in capsys.readouterr().out
+
+
+def test_long_text_is_spelt_the_same_in_the_magic_the_cli_and_python(capsys):
+    # `ftmagic preview --long-text` and `preview(long_text=)` existed; `%ft_preview` had no such flag
+    # ("unrecognized arguments: --long-text truncate"), and the keyword took a typo as `truncate`.
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("ftmagic")
+    shell.user_ns["docs"] = [{"text": "word " * 200}]
+    magic = shell.find_line_magic("ft_preview")
+    magic("docs --max-seq-len 64 --text")
+    assert "split into blocks: 1 `text` records" in capsys.readouterr().out
+    magic("docs --max-seq-len 64 --long-text truncate --name rep --text")
+    assert "truncated: 1;" in capsys.readouterr().out and shell.user_ns["rep"].long_text == "truncate"
+    with pytest.raises(UsageError, match=r"^`--long-text splt` is not accepted; use one of split, truncate"):
+        magic("docs --long-text splt")
+    assert "config key `long_text`" in magic.parser.format_help()
+    import argparse
+
+    from ftmagic.commands.preview import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser)
+    cli_help = next(a.help for a in parser._actions if a.dest == "long_text")
+    magic_help = next(a.help for a in magic.parser._actions if a.dest == "long_text")
+    assert cli_help == magic_help
+    with pytest.raises(ftmagic.ConfigError, match=r"^`long_text: splt` is not accepted; use one of split, truncate; "
+                                                  r"did you mean `split`\?$"):
+        ftmagic.preview(shell.user_ns["docs"], long_text="splt")

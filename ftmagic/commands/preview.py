@@ -16,9 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from ftmagic.config import FORMATS
+from ftmagic.config import FORMATS, LONG_TEXT_MODES, FinetuneConfig
 from ftmagic.objectives import OBJECTIVE_NAMES
 from ftmagic.errors import ConfigError
+
+# The help of `--long-text`, the same flag of `ftmagic preview` and `%ft_preview`.
+LONG_TEXT_HELP = ("`text` records longer than --max-seq-len: split into blocks (default, every token trains) or "
+                  "truncated (only the first block); config key `long_text`")
+LONG_TEXT_DEFAULT = FinetuneConfig.long_text
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +37,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None, help="named template (chatml, alpaca, llama3, plain) for base models")
     parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per example in training (default: 512)")
     parser.add_argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
-    parser.add_argument("--long-text", default="split", choices=("split", "truncate"),
-                        help="`text` records longer than --max-seq-len: split into blocks (default) or truncated")
+    parser.add_argument("--long-text", default=LONG_TEXT_DEFAULT, choices=LONG_TEXT_MODES, help=LONG_TEXT_HELP)
     parser.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
                         help="map your columns, e.g. prompt=question,completion=answer")
     parser.add_argument("--system-prompt", default=None, help="system prompt added to conversations that have none")

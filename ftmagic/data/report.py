@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
-from ftmagic.config import FinetuneConfig, check_whole_number
+from ftmagic.config import LONG_TEXT_MODES, FinetuneConfig, check_whole_number
 from ftmagic.constants import IGNORE_INDEX
 from ftmagic.data.build import detect, gc_paused, iter_encoded, sort_problems
 from ftmagic.data.checks import DuplicateFinder, final_answer, imbalance_problem, label_balance
@@ -44,7 +44,7 @@ from ftmagic.data.pipeline import data_sources, is_mixture
 from ftmagic.data.problems import KINDS, SKIPPING_KINDS, Problem, RecordError
 from ftmagic.data.templates import resolve_template
 from ftmagic.data.tokenizer import load_preview_tokenizer
-from ftmagic.errors import DataError
+from ftmagic.errors import DataError, not_accepted
 
 __all__ = ["preview", "open_preview", "analyse", "clean", "DatasetReport", "CleanResult", "RecordView", "TokenView"]
 
@@ -298,6 +298,8 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
     # Checked here for every front (the magic and the API passed 0 on to a ZeroDivisionError).
     check_whole_number("max_seq_len", max_seq_len)
     check_whole_number("batch_size", batch_size)
+    if long_text not in LONG_TEXT_MODES:  # refused as the config, the magic and the CLI refuse it
+        raise not_accepted("long_text", long_text, LONG_TEXT_MODES)
     data, format, columns = _one_source(data, format, columns)
     note = None
     name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None

@@ -24,7 +24,8 @@ from typing import Any, Optional
 from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ftmagic.config import FORMATS
+from ftmagic.commands.preview import LONG_TEXT_DEFAULT, LONG_TEXT_HELP
+from ftmagic.config import FORMATS, LONG_TEXT_MODES
 from ftmagic.objectives import OBJECTIVE_NAMES
 from ftmagic.usage import as_usage_error, expand_vars, magic_argv, parse_magic_args
 from ftmagic.widgets.static import StaticTwin
@@ -174,6 +175,7 @@ class PreviewMagics(Magics):
     @argument("--template", default=None, help="named template for base models: chatml, alpaca, llama3, plain")
     @argument("--max-seq-len", type=int, default=512, help="tokens per training example")
     @argument("--train-on", default="completions", choices=("completions", "all"), help="which tokens are trained")
+    @argument("--long-text", default=LONG_TEXT_DEFAULT, choices=LONG_TEXT_MODES, help=LONG_TEXT_HELP)
     @argument("--columns", default=None, help="FIELD=COLUMN pairs, e.g. prompt=question,completion=answer")
     @argument("--system-prompt", default=None, help="system prompt for conversations that have none")
     @argument("--batch-size", type=int, default=4, help="batch size for the padding estimate")
@@ -198,7 +200,8 @@ class PreviewMagics(Magics):
             report = open_preview(lookup_data(args.data, namespace), model=args.model,
                                   format=args.format, template=args.template, max_seq_len=args.max_seq_len,
                                   train_on=args.train_on, columns=parse_columns(args.columns) or None,
-                                  system_prompt=args.system_prompt, batch_size=args.batch_size, objective=args.objective)
+                                  system_prompt=args.system_prompt, batch_size=args.batch_size, objective=args.objective,
+                                  long_text=args.long_text)
         if args.name:
             self.shell.user_ns[args.name] = report
         if args.text or not _in_notebook(self.shell):
