@@ -64,6 +64,18 @@ def test_explicit_format_without_fields():
         detect_format([{"text": "t"}], fmt="alpaca")
 
 
+def test_explicit_format_without_fields_suggests_a_mapping_of_its_own_fields():
+    # `format: text` on alpaca records suggested `{instruction: question, output: answer}`, an alpaca mapping.
+    alpaca = [{"instruction": "q", "output": "a"}]
+    with pytest.raises(DataError) as err:
+        detect_format(alpaca, fmt="text", source="d.jsonl")
+    assert str(err.value) == ("d.jsonl: `format: text` needs `text` but no sampled record has them (fields: instruction, "
+                              "output); they fit `format: alpaca` (or `auto`); or map your columns with `columns`, "
+                              "e.g. {text: COLUMN}")
+    with pytest.raises(DataError, match=r"; map your columns with `columns`, e.g. \{prompt: q, completion: a\}$"):
+        detect_format([{"q": "2+2", "a": "4"}], fmt="prompt_completion")
+
+
 def test_unknown_column_name_in_mapping():
     with pytest.raises(DataError, match="columns: `question` is not a field"):
         detect_format([{"text": "t"}], columns={"question": "q"})

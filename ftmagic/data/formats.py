@@ -129,7 +129,8 @@ def detect_format(records: Sequence[dict], fmt: str = "auto", columns: Optional[
             raise DataError(f"{source}: `format: {fmt}` holds {FORMAT_KINDS[fmt]} records; this objective trains on "
                             f"{kind} records ({', '.join(names)})")
         if present[fmt] == 0:
-            raise DataError(_no_fields_message(source, fmt, sample[0], columns))
+            fits = [n for n in names if present[n] and n != fmt]
+            raise DataError(_no_fields_message(source, fmt, sample[0], columns, fits))
         return Detection(fmt, f"set by `format: {fmt}`", columns)
     if columns:
         named = [name for name in names if all(f in columns for f in FIELDS[name][0])]
@@ -373,11 +374,26 @@ def conversation_issues(turns: list) -> list:
 _ALL_FIELDS = {f for required, optional in FIELDS.values() for f in (*required, *optional)}
 
 
-def _no_fields_message(source: str, fmt: str, first: dict, columns: dict) -> str:
+def _no_fields_message(source: str, fmt: str, first: dict, columns: dict, fits: tuple = ()) -> str:
+    """Why ``format: fmt`` reads nothing here: the fields it needs, those there are, the formats the records
+    do fit (``fits``), and a `columns` mapping for ``fmt``'s own fields (not another format's).
+
+    Example::
+
+        >>> _no_fields_message("d.jsonl", "text", {"instruction": "q", "output": "a"}, {}, ["alpaca"])
+        'd.jsonl: `format: text` needs `text` but no sampled record has them (fields: instruction, output); \
+they fit `format: alpaca` (or `auto`); or map your columns with `columns`, e.g. {text: COLUMN}'
+    """
     needed = " and ".join(f"`{columns.get(f, f)}`" for f in FIELDS[fmt][0])
-    keys = ", ".join(sorted(str(k) for k in first)[:12]) or "none"
-    return (f"{source}: `format: {fmt}` needs {needed} but no sampled record has them (fields: {keys}); "
-            "map your columns with `columns`, e.g. {instruction: question, output: answer}")
+    keys = [str(k) for k in first] if isinstance(first, dict) else []
+    shown = ", ".join(sorted(keys)[:12]) or "none"
+    fit = (f"they fit `format: {fits[0]}` (or `auto`); or " if fits else "")
+    # The example maps this format's own fields: to the record's column names when the records fit no
+    # format (so a mapping is what they need), else to a placeholder.
+    own = [] if fits else keys
+    example = ", ".join(f"{field}: {own[i] if i < len(own) else 'COLUMN'}" for i, field in enumerate(FIELDS[fmt][0]))
+    return (f"{source}: `format: {fmt}` needs {needed} but no sampled record has them (fields: {shown}); "
+            f"{fit}map your columns with `columns`, e.g. {{{example}}}")
 
 
 def _get(record: dict, name: str) -> Any:
