@@ -121,7 +121,7 @@ def test_parquet_and_bad_parquet(tmp_path):
     pq.write_table(pa.table({"messages": [[{"role": "user", "content": "q"}]], "n": [1]}), path)
     loaded = load_data(path)
     assert loaded.records == [{"messages": [{"role": "user", "content": "q"}], "n": 1}]
-    assert loaded.location(0) == f"{path}: row 0"
+    assert loaded.location(0) == f"{path}[0]"  # an index, from 0, as df.iloc[0] (was "row 0" beside "line 1")
     bad = write(tmp_path / "bad.parquet", "not parquet")
     assert one_line_error(bad).startswith(f"{bad}: cannot read as Parquet (")
 
@@ -131,7 +131,7 @@ def test_saved_datasets_folder(tmp_path):
     folder = str(tmp_path / "ds")
     datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(folder)
     loaded = load_data(folder)
-    assert loaded.records == [{"text": "a"}, {"text": "b"}] and loaded.location(1) == f"{folder}: row 1"
+    assert loaded.records == [{"text": "a"}, {"text": "b"}] and loaded.location(1) == f"{folder}[1]"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert one_line_error(str(empty)).startswith(f"{empty}: the folder is not a saved `datasets` dataset")
@@ -152,7 +152,7 @@ def test_dataframe_nan_becomes_none():
     df = pd.DataFrame({"prompt": ["q", "r"], "completion": ["a", float("nan")]})
     loaded = load_data(df)
     assert loaded.records == [{"prompt": "q", "completion": "a"}, {"prompt": "r", "completion": None}]
-    assert loaded.location(1) == "data: row 1"
+    assert loaded.location(1) == "data[1]"
 
 
 def test_list_of_dicts_and_non_dicts():

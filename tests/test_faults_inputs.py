@@ -251,6 +251,25 @@ def test_write_clean_never_overwrites_an_existing_file(user_folder, test_model_d
     assert copy.read_text().startswith("{\"prompt\": ") and "old" not in copy.read_text()
 
 
+def test_numbers_in_a_parquet_column_are_indexed_from_0_and_get_advice_for_a_table(tmp_path, test_tokenizer):
+    # "x.parquet: row 0: ... write it in quotes": a Parquet column has a type, not quotes, and its
+    # rows were counted from 0 under the word that JSONL lines count from 1.
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "n.parquet")
+    pq.write_table(pa.table({"prompt": ["2+2=", "q"], "completion": [4, 5]}), path)
+    report = ftmagic.preview(path, tokenizer=test_tokenizer)
+    assert [str(p) for p in report.problems if p.kind == "bad_type"] == [
+        f"{path}[{i}]: field `completion` is a number ({n}), expected text; the `completion` column must hold "
+        "strings, not numbers" for i, n in ((0, 4), (1, 5))]
+    from ftmagic.data.pipeline import prepare_data
+
+    with pytest.raises(FtmagicError, match=r"n\.parquet\[0\]: field `completion` is a number \(4\), expected text; "
+                                           "the `completion` column must hold strings"):  # training says the same
+        prepare_data(ftmagic.FinetuneConfig(data=path), test_tokenizer)
+
+
 def test_numbers_in_text_fields_are_reported_not_turned_into_text(test_model_dir):
     report = ftmagic.preview([{"prompt": "2+2=", "completion": 4}, {"prompt": "q", "completion": float("nan")},
                               {"prompt": "q", "completion": "a"}], model=test_model_dir)

@@ -160,7 +160,7 @@ def _convert(loaded: LoadedData, detection: Detection, system_prompt: Optional[s
                 item = to_conversation(records[i], fmt, columns, system_prompt)
         except RecordError as exc:
             items.append(None)
-            problems.append([Problem(exc.kind, loaded.location(i), exc.message)])
+            problems.append([loaded.problem(i, exc)])
             continue
         if kind == "preference":
             issues = [] if not item.identical else [

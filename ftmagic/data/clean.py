@@ -89,7 +89,7 @@ def clean(data: Any, path: Optional[str] = None, *, format: str = "auto", column
             conv = comparable_turns(item, detection.format)
         except RecordError as exc:
             if exc.kind in DROPPED_KINDS:
-                record_problems.append(Problem(exc.kind, where, exc.message))
+                record_problems.append(loaded.problem(i, exc))
             else:
                 kept.append(record)  # e.g. no assistant turn: the answer may be what is missing
             continue

@@ -89,7 +89,7 @@ def eval_prompts_from(value: Any, *, fmt: str = "auto", columns: Optional[dict] 
         try:
             conversation = to_conversation(record, detection.format, detection.columns, system_prompt)
         except RecordError as exc:
-            raise DataError(f"{where}: {exc.message}") from None
+            raise DataError(f"{where}: {exc.message_for(loaded.unit)}") from None
         prompts.append(from_conversation(conversation, where))
     return prompts
 

@@ -422,7 +422,10 @@ def _text(record: dict, name: str, required: bool) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # Never silently str(): 3 would train as "3" and a NaN cell as the word "nan".
         shown = repr(value) if len(repr(value)) <= 24 else f"a {len(str(abs(int(value))))}-digit number"
-        raise RecordError("bad_type", f"field `{name}` is a number ({shown}), expected text; write it in quotes")
+        raise RecordError("bad_type", f"field `{name}` is a number ({shown}), expected text; write it in quotes",
+                          # Quotes are for JSON text; a table's column has a type: it must be a string column.
+                          table_message=f"field `{name}` is a number ({shown}), expected text; the `{name}` column "
+                                        "must hold strings, not numbers")
     if not isinstance(value, str):
         raise RecordError("bad_type", f"field `{name}` is {a_type(value)}, expected text")
     if len(value) > MAX_RECORD_CHARS:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ftmagic.data.formats import MAX_RECORD_CHARS
-from ftmagic.data.problems import Problem
+from ftmagic.data.problems import Problem, RecordError
 from ftmagic.errors import DataError, a_type
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".json": "json", ".csv": "csv",
@@ -46,20 +46,27 @@ class LoadedData:
 
     records: list
     name: str  # file path, or "data" for in-memory objects
-    unit: str = "index"  # "line": lines[i] is a file line; "row": 0-based row of a table; "index": data[i]
+    unit: str = "index"  # "line": lines[i] is a file line; "row": a table's row (Parquet, DataFrame, datasets); "index": data[i]
     # For "line": the file line of each record; for "row"/"index": the original position (None: same as i).
     lines: Optional[list] = None
     problems: list = field(default_factory=list)
     read: int = 0  # lines or rows read, including those that could not be parsed
 
     def location(self, i: int) -> str:
-        """Where record ``i`` came from, e.g. ``train.jsonl:12``, ``x.parquet: row 11`` or ``data[11]``."""
+        """Where record ``i`` came from, e.g. ``train.jsonl:12``, ``x.parquet[11]`` or ``data[11]``.
+
+        A file line counts from 1, as editors do; a table's row or a list's item is its index, from 0,
+        as ``df.iloc[11]``, ``dataset[11]`` and ``records[11]`` count (the brackets say so, where
+        "row 0" beside "line 1" read as a count off by one).
+        """
         if self.unit == "line":
             return f"{self.name}:{self.lines[i]}"
         original = self.lines[i] if self.lines is not None else i  # rows that were not dicts are not in `records`
-        if self.unit == "row":
-            return f"{self.name}: row {original}"
         return f"{self.name}[{original}]"
+
+    def problem(self, i: int, error: "RecordError") -> Problem:
+        """``error`` of record ``i`` as a :class:`Problem` at its location, in the words for this kind of source."""
+        return Problem(error.kind, self.location(i), error.message_for(self.unit))
 
 
 def load_data(data: Any, *, strict: bool = True, split: str = "train", subset: Optional[str] = None,
@@ -382,7 +389,7 @@ def _from_rows(rows: list, name: str, unit: str, strict: bool) -> LoadedData:
             out.records.append(row)
             keep_index.append(i)
         else:
-            where = f"{name}: row {i}" if unit == "row" else f"{name}[{i}]"
+            where = f"{name}[{i}]"
             _fail(out, strict, "not_a_record", where, f"is {a_type(row)}, expected a dict like {{\"text\": \"...\"}}")
     if len(keep_index) != len(rows):
         out.lines = keep_index  # locations keep pointing at the original rows

@@ -1,7 +1,7 @@
 """What can be wrong with a record, in one shape shared by the loaders, the pipeline and the previewer.
 
 A :class:`Problem` names its kind (a short stable word), where it is (``file:line``,
-``file: row N`` or ``data[N]``) and a one-line message. Training turns the first
+``file[N]`` for a table's row or ``data[N]``, indexes from 0) and a one-line message. Training turns the first
 fatal one into a :class:`~ftmagic.errors.DataError`; the previewer lists them all.
 
 Example::
@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 # Kinds, with the short label the previewer prints next to their counts.
 KINDS = {
@@ -61,10 +62,19 @@ class Problem:
 
 
 class RecordError(Exception):
-    """A single record cannot be used; the caller adds the location."""
+    """A single record cannot be used; the caller adds the location.
 
-    def __init__(self, kind: str, message: str):
+    ``table_message`` is the message for a record read from a table (Parquet, a DataFrame, a
+    ``datasets`` dataset), where advice about the text of a JSON or YAML file does not apply.
+    """
+
+    def __init__(self, kind: str, message: str, table_message: Optional[str] = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.table_message = table_message
+
+    def message_for(self, unit: str) -> str:
+        """The message for a source whose records are ``unit`` s (``line``, ``row``, ``index``; see LoadedData)."""
+        return self.table_message if unit == "row" and self.table_message else self.message
 
