@@ -56,7 +56,11 @@ def test_unknown_model_is_a_one_line_error_naming_what_is_accepted(tmp_path):
         resolve_model("someone/not-a-model-here")
     message = str(err.value)
     assert "\n" not in message and "someone/not-a-model-here" in message and "llama-3.2-1b" in message
-    with pytest.raises(ModelError, match="did you mean `llama-3.1-8b`"):
+    # A full stop before "Accepted" when there is no "did you mean", and no claim of being offline: it never downloads.
+    assert message.startswith("`model: someone/not-a-model-here` is not a built-in name, a local directory or a "
+                              "Hugging Face id in the local cache, and the memory calculator never downloads. "
+                              "Accepted: a built-in name (")
+    with pytest.raises(ModelError, match=r"never downloads; did you mean `llama-3.1-8b`\? Accepted: "):
         resolve_model("llama-3.1-8")
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model(str(tmp_path))

@@ -94,7 +94,7 @@ def test_magic_widget_and_usage_errors(shell):
     shell.run_line_magic("ft_memory", "smollm2-135m --gpu L4")  # displays the widget
     with pytest.raises(UsageError, match="method: lorra"):
         shell.run_line_magic("ft_memory", "smollm2-135m --method lorra")
-    with pytest.raises(UsageError, match="not known here"):
+    with pytest.raises(UsageError, match="is not a built-in name"):
         shell.run_line_magic("ft_memory", "no-such-model")
 
 

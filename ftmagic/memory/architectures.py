@@ -315,8 +315,9 @@ def resolve_model(model: Any) -> ModelShape:
     if cached:
         return _shape_from_file(cached, text)
     hint = did_you_mean(key, _LOOKUP, cutoff=0.75, rename=_LOOKUP)
-    raise ModelError(f"`model: {text}` is not known here (offline, not in the local Hugging Face cache){hint} "
-                     f"Accepted: {ACCEPTED}")
+    # The calculator reads shapes it has; it never downloads, online or not (so it says that, not "offline").
+    raise ModelError(f"`model: {text}` is not a built-in name, a local directory or a Hugging Face id in the local "
+                     f"cache, and the memory calculator never downloads{hint or '.'} Accepted: {ACCEPTED}")
 
 
 def _cached_hub_config(repo_id: str) -> Optional[str]:
