@@ -227,6 +227,9 @@ def test_resuming_a_finished_run_changes_nothing_unless_it_has_more_steps_to_go(
                                  "or `epochs` to train on, or run it without `resume: true` to train it again from step 0")
     assert events[1]["reason"] == "finished" and events[1]["metrics"] == first.metrics == again.metrics
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+    # `merge: true` added on resume: the run's end goes again to write the merged model (Colab's resume-and-merge).
+    _run(test_model_dir, out, max_steps=2, save_steps=2, eval_steps=2, resume=True, merge=True)
+    assert (out / "merged" / "config.json").is_file()
     # More steps than it ran: it continues from its last checkpoint, as before.
     longer, events = _run(test_model_dir, out, max_steps=3, save_steps=2, eval_steps=2, resume=True)
     assert next(e for e in events if e["event"] == "start")["resumed_from_step"] == 2

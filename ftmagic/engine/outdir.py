@@ -290,6 +290,20 @@ def already_finished(finished: Optional[dict], max_steps: int, fingerprint: str)
             "or run it without `resume: true` to train it again from step 0")
 
 
+def wants_run_end_outputs(cfg, out: Path) -> bool:
+    """Whether a resume of a finished run asks for what only the end of a run writes and the folder
+    lacks: ``merge: true`` with no ``merged/`` yet, an ``export`` or a Hub upload. Such a resume goes
+    through the run's end again (the last checkpoint, its final evaluation, the outputs) to write them.
+
+    Example::
+
+        wants_run_end_outputs(FinetuneConfig(..., merge=True), Path("runs/done"))   # True until merged/ exists
+    """
+    if getattr(cfg, "merge", False) and not (out / "merged" / "config.json").is_file():
+        return True
+    return bool(getattr(cfg, "export", None)) or bool(getattr(cfg, "push_to_hub", None))
+
+
 def _refuse_clashes(out: Path, foreign: list) -> None:
     clashes = [name for name in foreign if name in OUTPUT_NAMES]
     if clashes:

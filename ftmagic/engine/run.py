@@ -51,7 +51,8 @@ from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gr
 from ftmagic.engine.models import head_settings, hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
 from ftmagic.engine.objectives import build_objective
 from ftmagic.engine.reporting import TRACKER_FILE, make_reporters
-from ftmagic.engine.outdir import Claim, already_finished, claim_output_dir, publish, stage, start_run, write_record
+from ftmagic.engine.outdir import (Claim, already_finished, claim_output_dir, publish, stage, start_run,
+                                  wants_run_end_outputs, write_record)
 from ftmagic.engine.result import RunResult
 from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
@@ -238,7 +239,7 @@ def _trained(cfg: FinetuneConfig, caps, plan: DevicePlan, model_path: str, emit:
         max_steps = min(max_steps, SMOKE_MAX_STEPS)
     fingerprint = data_fingerprint(data)
     done = already_finished(finished, max_steps, fingerprint)
-    if done is not None:
+    if done is not None and not wants_run_end_outputs(cfg, out):
         # Nothing to continue: no model loads, no checkpoint, output or tracker record is written again.
         emit(Message(done))
         result = RunResult.load(out)
