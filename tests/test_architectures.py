@@ -209,7 +209,7 @@ def test_every_method_trains_and_reloads(family, method, family_dir, tmp_path):
     on_event, events = collect()
     settings = dict(model=model_dir, data=reversal_records(4), method=method, max_steps=3, batch_size=4,
                     lr=LR.get(method, 2e-2), output_dir=str(tmp_path / "out"), save_steps=0, eval_steps=0,
-                    warmup=0, scheduler="constant", seed=1, **vars(SETTINGS))
+                    warmup=0, scheduler="constant", seed=1, max_seq_len=256, **vars(SETTINGS))  # the families' positions
     if spec.trains == "biases" and family not in HAS_BIASES:
         with pytest.raises(ModelError, match=r"^`method: bitfit` trains bias terms, and \w+ has none"):
             run_module.finetune(on_event=on_event, **settings)

@@ -249,10 +249,10 @@ def test_config_spellings(test_model_dir, tmp_path):
 
 def test_oom_message_says_what_to_change(monkeypatch, test_model_dir):
     t4 = DeviceCaps(cuda_available=True, name="Tesla T4", compute_capability=(7, 5), total_memory=2**20)
-    cfg = FinetuneConfig(model=test_model_dir, method="lora", batch_size=8, max_seq_len=1024)
+    cfg = FinetuneConfig(model=test_model_dir, method="lora", batch_size=8, max_seq_len=512)  # its positions
     # With the memory calculator: its two best changes for this GPU.
     assert _oom_message(cfg, t4) == ("CUDA ran out of GPU memory; try micro-batch 8 -> 1 with grad_accum 8 (same "
-                                     "effective batch), or shorter sequences: max_seq_len 1024 -> 512 (longer examples "
+                                     "effective batch), or shorter sequences: max_seq_len 512 -> 256 (longer examples "
                                      "are truncated) (see `%ft_memory`)")
     # When the calculator cannot judge the run: rules of thumb.
     import ftmagic.engine.run as run_module
@@ -263,7 +263,7 @@ def test_oom_message_says_what_to_change(monkeypatch, test_model_dir):
     monkeypatch.setattr(run_module, "preflight", cannot_judge)
     message = _oom_message(cfg, t4)
     assert message == ("CUDA ran out of GPU memory; try `batch_size: 4` with `grad_accum: 2`, or "
-                       "`gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 512` (see `%ft_memory`)")
+                       "`gradient_checkpointing: true`, or `method: qlora`, or `max_seq_len: 256` (see `%ft_memory`)")
 
 def test_finished_run_can_be_continued_with_more_steps(test_model_dir, tmp_path):
     _, first = _train(test_model_dir, tmp_path / "out", max_steps=3, save_steps=2)
@@ -473,3 +473,17 @@ def test_data_warnings_name_skipped_and_truncated_records():
     lines = data_warnings({"records": 5, "skipped": 1, "skipped_reasons": {"empty": 1}, "truncated": 2})
     assert lines[0] == "1 of 5 records skipped (empty: 1); `ftmagic preview` shows which and why"
     assert lines[1].startswith("2 records are longer than max_seq_len and were truncated")
+
+
+def test_max_seq_len_above_the_models_positions_is_cut_there_and_said(tmp_path):
+    # GPT-2's learned positions end at n_positions: past them its forward raised "IndexError: index out of range".
+    from model_builders import build_family_model_dir
+
+    model_dir = build_family_model_dir(tmp_path / "gpt2", "gpt2")  # 256 positions
+    records = [{"text": " ".join(["hello world data model"] * 120)} for _ in range(4)]
+    on_event, events = collect()
+    result = finetune(model=model_dir, data=records, max_steps=2, batch_size=2, max_seq_len=512, save_steps=0,
+                      eval_steps=0, output_dir=str(tmp_path / "out"), on_event=on_event)
+    assert ("`max_seq_len: 512` is above the 256 positions gpt2 was built for (`max_position_embeddings`): examples "
+            "are cut at 256 tokens") in [note["text"] for note in notes(events)]
+    assert result.config.max_seq_len == 256 and result.metrics["steps"] == 2

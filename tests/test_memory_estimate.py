@@ -327,3 +327,10 @@ def test_sizes_a_run_would_refuse_are_not_estimated(kwargs, line):
         estimate_memory("llama-3.2-1b", **kwargs)
     assert str(err.value) == line
     estimate_memory("llama-3.2-1b", seq_len=2**20, batch_size=1, gradient_checkpointing=True)  # the limit itself is fine
+
+
+def test_a_seq_len_above_the_models_positions_is_estimated_where_training_cuts_it():
+    at_limit, beyond = estimate_memory("tiny", seq_len=512), estimate_memory("tiny", seq_len=2048)
+    assert beyond.total_bytes == at_limit.total_bytes and beyond.settings["seq_len"] == 512
+    assert "`max_seq_len: 2048` is above the 512 positions tiny was built for" in beyond.notes[-1]
+    assert not at_limit.notes

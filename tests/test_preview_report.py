@@ -303,3 +303,9 @@ def test_a_mixture_is_previewed_per_source_never_read_as_records(tmp_path, test_
     mapped = ftmagic.preview([{"data": [{"q": "x", "a": "y"}], "columns": {"prompt": "q", "completion": "a"}}],
                              tokenizer=test_tokenizer)
     assert (mapped.format, mapped.usable) == ("prompt_completion", 1)
+
+
+def test_the_preview_cuts_at_the_models_positions_as_training_does():
+    report = ftmagic.preview([{"text": "hello world"}], model="tiny", max_seq_len=4096)
+    assert report.max_seq_len == 512
+    assert any("`max_seq_len: 4096` is above the 512 positions tiny was built for" in note for note in report.notes)

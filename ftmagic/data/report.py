@@ -301,7 +301,11 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
     if long_text not in LONG_TEXT_MODES:  # refused as the config, the magic and the CLI refuse it
         raise not_accepted("long_text", long_text, LONG_TEXT_MODES)
     data, format, columns = _one_source(data, format, columns)
-    note = None
+    note = cut = None
+    if model is not None:  # cut where training cuts: at the model's positions
+        from ftmagic.memory.architectures import fit_to_context
+
+        max_seq_len, cut = fit_to_context(model, max_seq_len)
     name = (getattr(tokenizer, "name_or_path", None) or "(given)") if tokenizer is not None else None
     if tokenizer is None:
         tokenizer, name_or_reason = load_preview_tokenizer(model)
@@ -323,7 +327,7 @@ def open_preview(data: Any, model: Optional[str] = None, tokenizer=None, format:
         source=loaded.name, format=detection.format, format_evidence=detection.evidence,
         template=tpl.name if tpl else None, template_reason=tpl.reason if tpl else None, tokenizer=name,
         max_seq_len=max_seq_len, train_on=train_on, records=max(loaded.read, len(loaded.records)), batch_size=batch_size,
-        long_text=long_text, problems=list(loaded.problems), notes=[note] if note else [],
+        long_text=long_text, problems=list(loaded.problems), notes=[n for n in (cut, note) if n],
         _context={"loaded": loaded, "detection": detection, "tokenizer": tokenizer, "template": tpl,
                   "system_prompt": system_prompt})
 

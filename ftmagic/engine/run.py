@@ -58,6 +58,7 @@ from ftmagic.engine.threads import plan_threads, run_threads
 from ftmagic.errors import CheckpointError, ConfigError, DataError, FtmagicError, MemoryFitError
 from ftmagic.events import End, Message, Plan, Start
 from ftmagic.memory import preflight
+from ftmagic.memory.architectures import fit_to_context
 from ftmagic.methods import get_method_spec
 from ftmagic.objectives import get_objective_spec
 
@@ -181,6 +182,10 @@ def _run(cfg: FinetuneConfig, emit: Callable, stop, claims: list, info: LaunchIn
         if not ranks.is_main:
             emit = _silent  # one process reports; the others compute the same things
     notes = [Message(continuing)] if continuing else []
+    max_seq_len, cut = fit_to_context(model_path, cfg.max_seq_len)
+    if cut:  # cut before the run's identity is taken: a re-run of the same config cuts the same
+        cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+        notes.append(Message(cut, "warning"))
     result = _train(cfg, caps, plan, model_path, emit, stop, ranks, claims, notes)
     if ranks is not None:
         ranks.close()

@@ -91,6 +91,15 @@ class ModelShape:
             raise ValueError(f"norm_kind {self.norm_kind!r} is not one of {NORM_KINDS}")
 
     @property
+    def context(self) -> int:
+        """The most positions the model was built for (``max_position_embeddings``, GPT-2's
+        ``n_positions``); 0 where its config does not say (the built-in table)."""
+        if self.position_embeddings:
+            return self.position_embeddings
+        value = dict(self.extra).get("max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    @property
     def norm_bias(self) -> bool:
         """LayerNorm carries a bias beside its scale; RMSNorm has none."""
         return self.norm_kind == "layer"
@@ -273,6 +282,29 @@ def tiny_config_path() -> str:
     from ftmagic.constants import TINY_MODEL_DIR
 
     return str(TINY_MODEL_DIR / "config.json")
+
+
+def fit_to_context(model: Any, max_seq_len: int) -> tuple:
+    """``(max_seq_len, note)``: ``max_seq_len`` held to the positions the model was built for, and
+    the line that says so where it was cut (None where it fits or the model's config is unknown).
+
+    Past its positions a model with learned ones (GPT-2) fails with an index error, and a
+    rotary one trains on positions it never saw; training, the previewer and the memory
+    calculator all cut at the model's length, with this line.
+
+    Example::
+
+        fit_to_context("tiny", 2048)   # (512, '`max_seq_len: 2048` is above the 512 positions tiny ...')
+        fit_to_context("tiny", 256)    # (256, None)
+    """
+    try:
+        shape = resolve_model(model)
+    except (ModelError, OSError, ValueError):
+        return max_seq_len, None
+    if not shape.context or max_seq_len <= shape.context:
+        return max_seq_len, None
+    return shape.context, (f"`max_seq_len: {max_seq_len}` is above the {shape.context:,} positions {shape.name} was "
+                           f"built for (`max_position_embeddings`): examples are cut at {shape.context:,} tokens")
 
 
 def resolve_model(model: Any) -> ModelShape:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from ftmagic.constants import LOSS_CHUNK_ELEMENTS, NF4_BYTES_PER_PARAM, OPTIMIZERS, PRECISIONS
 from ftmagic.errors import ConfigError, ModelError, not_accepted
-from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, resolve_model
+from ftmagic.memory.architectures import LINEAR_GROUP, ModelShape, fit_to_context, resolve_model
 from ftmagic.memory.policy import check_gpu_precision, resolve_precision, weight_plan
 from ftmagic.methods import LOSSES as ENGINE_LOSSES
 from ftmagic.methods import MethodSpec, get_method_spec, select_targets
@@ -281,13 +281,17 @@ def estimate_memory(model: Any = "tiny", *, method: str = "lora", precision: str
     precision = resolve_precision(precision, bf16_supported, device)
     if get_method_spec(method).quantized and precision == "fp32":
         raise ConfigError(f"`precision: fp32` does not apply to `method: {method}`; use bf16 or fp16")
+    seq_len, cut = fit_to_context(shape, seq_len)  # training cuts examples there too
     settings = dict(method=method, precision=precision, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer, lora_r=lora_r,
                     target_modules=target_modules, packing=bool(packing), lora_dropout=float(lora_dropout),
                     num_virtual_tokens=num_virtual_tokens, trainable_layers=trainable_layers, grad_accum=grad_accum,
                     device=device, loss=resolve_loss(loss, shape, method), devices=devices,
                     strategy=resolved or "auto", objective=objective, num_labels=num_labels)
-    return analytic_estimate(shape, settings)
+    estimate = analytic_estimate(shape, settings)
+    if cut:
+        estimate.notes.append(cut)
+    return estimate
 
 
 def resolve_loss(loss: str, shape: ModelShape, method: str) -> str:
