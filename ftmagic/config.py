@@ -181,6 +181,8 @@ class FinetuneConfig:
         merged.update(overrides)
         if callable(merged.get("eval_metrics")):
             merged["eval_metrics"] = [merged["eval_metrics"]]  # one function is a list of one
+        if "target_modules" in merged:
+            merged["target_modules"] = module_names(merged["target_modules"])
         if problems is None:
             problems = Problems(source, lines, {key: override_label(key) for key in overrides} if override_label else {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -726,6 +728,21 @@ def _decode_config(raw: bytes, source: str) -> str:
         line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(f"{source}:{line}: bytes that are not UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
 
+
+
+def module_names(value: Any) -> Any:
+    """``target_modules`` as the config keeps it: ``auto``/``all-linear``, or a list of module names;
+    a comma list or one name (``q_proj,v_proj``, ``q_proj``), as a flag or ``--set`` gives it, is that list.
+
+    Example::
+
+        >>> module_names("q_proj, v_proj"), module_names("auto"), module_names(["o_proj"])
+        (['q_proj', 'v_proj'], 'auto', ['o_proj'])
+    """
+    if isinstance(value, str) and value.strip() not in ("auto", "all-linear"):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        return names or value  # an empty text stays as it was, refused by the check
+    return value.strip() if isinstance(value, str) else value
 
 
 def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:

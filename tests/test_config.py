@@ -55,7 +55,7 @@ def test_unknown_keyword_without_source():
         ("precision: fp8", "cell:1: `precision: fp8` is not accepted; use one of auto, bf16, fp16, fp32"),
         ("max_steps: 0", "cell:1: `max_steps: 0` must be a positive number of steps"),
         ("lora_dropout: 1.5", "cell:1: `lora_dropout: 1.5` must be in [0, 1)"),
-        ("target_modules: attention", "cell:1: `target_modules: attention` must be `auto`"),
+        ("target_modules: \"\"", "cell:1: `target_modules: ` must be `auto`"),
         ("method: prefix_tuning\npacking: true", "cell:2: `packing: true` cannot be used with `method: prefix_tuning`"),
         ("early_stopping_patience: 2", "cell:1: `early_stopping_patience` needs evaluation data"),
         ("method: qlora\nprecision: fp32", "cell:2: `precision: fp32` does not apply to `method: qlora`"),
@@ -219,3 +219,18 @@ def test_a_misspelt_key_in_a_data_mixture_is_named_at_its_entry():
                                  source="run.yaml")
     assert str(info.value) == "run.yaml:3: `data[0].wieght` is not a key of a data mixture's entry; did you mean `weight`?"
     FinetuneConfig(data=[{"path": "src/a.py", "content": "def f(): ..."}])  # records that have a `path` field
+
+
+def test_target_modules_as_a_comma_list_or_one_name_reads_the_same_from_every_front():
+    # `--target-modules q_proj,v_proj` (the magic) was accepted while `--set target_modules=q_proj,v_proj` and the
+    # same text in YAML were refused; the config now reads the text itself.
+    from ftmagic.commands.train import parse_sets
+
+    from_set = FinetuneConfig.from_dict({"model": "tiny", "data": "x.jsonl"}, **parse_sets(["target_modules=q_proj,v_proj"]))
+    from_yaml = FinetuneConfig.from_yaml("model: tiny\ndata: x.jsonl\ntarget_modules: q_proj, v_proj\n")
+    from_list = FinetuneConfig.from_dict({"model": "tiny", "data": "x.jsonl", "target_modules": ["q_proj", "v_proj"]})
+    assert from_set.target_modules == from_yaml.target_modules == from_list.target_modules == ["q_proj", "v_proj"]
+    assert FinetuneConfig.from_dict({"model": "tiny", "data": "x.jsonl", "target_modules": "q_proj"}).target_modules \
+        == ["q_proj"]
+    assert FinetuneConfig.from_dict({"model": "tiny", "data": "x.jsonl", "target_modules": "all-linear"}).target_modules \
+        == "all-linear"

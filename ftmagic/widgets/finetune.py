@@ -114,9 +114,8 @@ def flag_overrides(args) -> dict:
             continue
         annotation = _FIELD_TYPES[field.name]
         args_of = typing.get_args(annotation)
-        if list in args_of and isinstance(value, str) and ("," in value or field.name == "target_modules"
-                                                           and value not in ("auto", "all-linear")):
-            # `--target-modules q_proj` names one module: a list, as in the YAML spelling.
+        if list in args_of and isinstance(value, str) and "," in value and field.name != "target_modules":
+            # (target_modules: the config reads a comma list or one name itself, as from every front.)
             value = [part.strip() for part in value.split(",") if part.strip()]
         elif (annotation is dict or dict in args_of) and isinstance(value, str):
             try:
