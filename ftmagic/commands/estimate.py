@@ -55,12 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from ftmagic.memory.suggest import verdict_for
     from ftmagic.strategies import LABELS as STRATEGY_LABELS
     from ftmagic.api import estimate_memory
+    from ftmagic.config import module_names
 
-    targets = args.target_modules
-    if targets not in ("auto", "all-linear"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-        if not targets:
-            raise ConfigError("`--target-modules` is empty; use auto or comma-separated linear names")
+    targets = module_names(args.target_modules)  # read as the config reads it
+    if isinstance(targets, str) and targets not in ("auto", "all-linear"):
+        raise ConfigError("`--target-modules` is empty; use auto or comma-separated linear names")
     gpu = resolve_gpu(args.gpu)
     if gpu is not None:
         check_gpu_precision(args.precision, gpu.bf16, gpu.name)  # named here; the estimate would say "this GPU"
