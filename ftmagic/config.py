@@ -194,7 +194,7 @@ class FinetuneConfig:
             try:
                 coerced[key] = _coerce(key, value, _FIELD_TYPES[key], "")
             except ConfigError as exc:
-                problems.add(key, str(exc))
+                problems.add(key, str(exc) + (_variable_hint(key, value) if "cell" in str(source) else ""))
         cfg = cls(**coerced)  # keys that failed keep their default, so the others are still checked
         cfg._check(problems)
         problems.raise_if_any()
@@ -728,6 +728,21 @@ def _decode_config(raw: bytes, source: str) -> str:
         line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(f"{source}:{line}: bytes that are not UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
 
+
+
+def flag_name(key: str) -> str:
+    """The magic's and CLI's flag for a config key: ``lora_r`` -> ``--lora-r``."""
+    return "--" + key.replace("_", "-")
+
+
+def _variable_hint(key: str, value: Any) -> str:
+    """What a refused ``{name}`` meant: YAML reads ``max_steps: {steps}`` as the mapping ``{steps: None}``,
+    while a notebook's variables are read on the magic's line (and as ``$name`` in the data keys)."""
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value.values())) is None:
+        name = next(iter(value))
+        return (f" (YAML reads `{{{name}}}` as a mapping, not the variable `{name}`: write the value, or give it on "
+                f"the %%finetune line, `{flag_name(key)} {{{name}}}`, where notebook variables are read)")
+    return ""
 
 
 def module_names(value: Any) -> Any:

@@ -382,3 +382,13 @@ def test_an_unknown_flag_points_to_the_help_of_the_magic_as_it_is_called(shell, 
     with pytest.raises(UsageError) as info:
         shell.run_line_magic(name, line) if kind == "line" else shell.run_cell_magic(name, line, "model: tiny\n")
     assert str(info.value).endswith(hint)
+
+
+def test_a_variable_written_in_the_cell_body_says_where_variables_go(shell):
+    # `max_steps: {steps}` is YAML's mapping {steps: None}: the error said only "must be a whole number".
+    shell.user_ns["steps"] = 3
+    with pytest.raises(UsageError) as caught:
+        shell.run_cell_magic("finetune", "", "model: tiny\ndata: x.jsonl\nmax_steps: {steps}\n")
+    assert str(caught.value).endswith("(YAML reads `{steps}` as a mapping, not the variable `steps`: write the value, "
+                                      "or give it on the %%finetune line, `--max-steps {steps}`, where notebook "
+                                      "variables are read)")

@@ -32,7 +32,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from ftmagic.config import FinetuneConfig, Problems, config_fields, load_yaml, parse_yaml_mapping
+from ftmagic.config import FinetuneConfig, Problems, config_fields, flag_name, load_yaml, parse_yaml_mapping
 from ftmagic.errors import ConfigError, a_type
 from ftmagic.usage import as_usage_error, expand_vars, magic_argv, parse_magic_args
 
@@ -49,11 +49,6 @@ _FIELD_TYPES = typing.get_type_hints(FinetuneConfig)
 
 
 # --------------------------------------------------------------------------- flags from the config
-
-
-def flag_name(key: str) -> str:
-    """``lora_r`` -> ``--lora-r``."""
-    return "--" + key.replace("_", "-")
 
 
 def _flag_spec(field) -> tuple[dict, str]:
