@@ -224,6 +224,15 @@ def test_a_sweep_groups_its_trials_in_one_project(tmp_path):
     assert {(s.group, s.root, s.run_name) for s in sinks} == {("search", tmp_path / "search", "trial-003")}
 
 
+def _offline_trackers_env(tmp_path) -> dict:
+    """A subprocess's environment with W&B offline in ``tmp_path`` and MLflow on its default local store."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def test_a_run_that_raises_closes_its_tracker_records_as_failed(tmp_path, test_model_dir):
     """A run that fails mid-way (here a user's metric raising at the second evaluation) ends its
     MLflow run as FAILED and its W&B run with exit code 1, both naming the error; it used to leave
@@ -233,10 +242,7 @@ def test_a_run_that_raises_closes_its_tracker_records_as_failed(tmp_path, test_m
     from ftmagic.engine.reporting import mlflow_local_uri
 
     out = tmp_path / "out"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _offline_trackers_env(tmp_path)
     script = textwrap.dedent(f"""
         from engine_helpers import reversal_records
         from ftmagic.engine.run import finetune
@@ -283,10 +289,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, test_model_dir):
     from ftmagic.engine.reporting import TRACKER_FILE, mlflow_local_uri
 
     out = tmp_path / "out"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _offline_trackers_env(tmp_path)
     script = textwrap.dedent(f"""
         from engine_helpers import StopAt, reversal_records
         from ftmagic.engine.run import finetune
