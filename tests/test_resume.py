@@ -122,8 +122,17 @@ MAIN_THREAD_ONLY = pytest.mark.skipif(threading.current_thread() is not threadin
                                       reason="signals reach the main thread only")
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, as in a terminal or a notebook: a process started in the
+    background of a shell (`pytest &`) inherits SIGINT ignored, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @MAIN_THREAD_ONLY
-def test_an_interrupt_during_the_update_waits_for_it_to_end():
+def test_an_interrupt_during_the_update_waits_for_it_to_end(python_sigint):
     from ftmagic.engine.loop import interrupts_deferred
 
     done = []
@@ -180,7 +189,7 @@ def test_a_held_interrupt_goes_to_the_handler_that_was_there(monkeypatch):
 
 @MAIN_THREAD_ONLY
 def test_an_interrupt_while_a_checkpoint_is_written_keeps_that_checkpoint(test_model_dir, tmp_path, straight,
-                                                                           monkeypatch):
+                                                                           monkeypatch, python_sigint):
     """Ctrl-C while step 3's periodic checkpoint is being written: the write ends, the run stops
     with it (it used to be cut short and the stop wrote none, leaving nothing to resume)."""
     from ftmagic.engine import checkpoint as ckpt
