@@ -123,6 +123,17 @@ def head_settings(objective: str, labels: Optional[list] = None) -> Optional[dic
     return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
+# What loading in 4-bit raises where bitsandbytes cannot serve this machine; ``load_model`` lets these
+# through for QLoRA so that each caller decides its fallback (LoRA, or the full-precision base).
+FOUR_BIT_FAILURES = (RuntimeError, ImportError, NotImplementedError)
+
+
+def four_bit_failure(exc: BaseException) -> str:
+    """The first line of why 4-bit could not load (the exception's type where it says nothing), for a note."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:120] if text else type(exc).__name__
+
+
 def load_model(path: str, *, device: str, weight_dtype: "torch.dtype" = torch.float32,
                qlora_compute_dtype: Optional[str] = None, trust_remote_code: bool = False,
                quant_storage: Optional[str] = None, head: Optional[dict] = None):

@@ -151,7 +151,7 @@ class RunResult:
         return head_settings(self.objective, self.labels)
 
     def _load_base(self, quantized: bool):
-        from ftmagic.engine.models import load_model
+        from ftmagic.engine.models import FOUR_BIT_FAILURES, four_bit_failure, load_model
 
         plan = self._device_plan()
         compute = plan.qlora_compute_dtype if (quantized and plan is not None) else None
@@ -161,11 +161,9 @@ class RunResult:
         if compute:
             try:
                 return load_model(self.base_model_path, qlora_compute_dtype=compute, **settings)
-            except (ImportError, NotImplementedError, RuntimeError) as exc:  # as the run's own QLoRA fallback
-                import warnings
-
+            except FOUR_BIT_FAILURES as exc:  # as the run's own QLoRA fallback
                 warnings.warn(f"{self.output_dir}: the base loads in full precision, not the 4-bit weights the "
-                              f"adapter trained on (4-bit cannot load here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              f"adapter trained on (4-bit cannot load here: {four_bit_failure(exc)}); "
                               "answers may differ slightly from the trained model's", stacklevel=3)
         return load_model(self.base_model_path, **settings)
 

@@ -48,7 +48,8 @@ from ftmagic.engine.export import export_after_run
 from ftmagic.engine.export.saved import copy_generation_config, save_tokenizer, write_generation_config
 from ftmagic.engine.loop import LoopState, plan_steps, train_loop
 from ftmagic.engine.methods import count_parameters, continue_adapter, enable_gradient_checkpointing, get_method
-from ftmagic.engine.models import head_settings, hidden_size_of, load_model, load_tokenizer, quiet_progress, resolve_model_path
+from ftmagic.engine.models import (FOUR_BIT_FAILURES, four_bit_failure, head_settings, hidden_size_of, load_model,
+                                  load_tokenizer, quiet_progress, resolve_model_path)
 from ftmagic.engine.objectives import build_objective
 from ftmagic.engine.reporting import TRACKER_FILE, make_reporters
 from ftmagic.engine.outdir import (Claim, already_finished, claim_output_dir, publish, stage, start_run,
@@ -399,12 +400,11 @@ def _load_and_prepare(cfg: FinetuneConfig, plan: DevicePlan, model_path: str, em
                           qlora_compute_dtype=plan.qlora_compute_dtype if method.quantized else None,
                           quant_storage=plan.qlora_compute_dtype if sharded and method.quantized else None,
                           trust_remote_code=cfg.trust_remote_code, head=head)
-    except (RuntimeError, ImportError, NotImplementedError) as exc:
+    except FOUR_BIT_FAILURES as exc:
         if not (method.quantized and plan.device == "cpu"):
             raise
         # bitsandbytes' CPU backend is young; a machine it cannot serve still gets a run.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        emit(Message(f"QLoRA's 4-bit load failed on this CPU ({first[:120]}); using LoRA", "warning"))
+        emit(Message(f"QLoRA's 4-bit load failed on this CPU ({four_bit_failure(exc)}); using LoRA", "warning"))
         plan = dataclasses.replace(plan, method="lora", qlora_compute_dtype=None)
         method = get_method("lora")
         base = load_model(model_path, device=plan.device, weight_dtype=torch.float32,
@@ -600,10 +600,10 @@ def _dequantized_base(base_path: str, device: str, dtype, trust_remote_code: boo
         # float32 computes: the dequantized values are the codebook times the block scales whatever it is.
         model = load_model(base_path, device=device, weight_dtype=dtype, qlora_compute_dtype="float32",
                            trust_remote_code=trust_remote_code, head=head)
-    except (ImportError, NotImplementedError, RuntimeError) as exc:
+    except FOUR_BIT_FAILURES as exc:
         if on_note is not None:
             on_note(f"the adapter was folded into {base_path}'s original weights, not the 4-bit ones it trained on "
-                    f"(4-bit cannot load here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                    f"(4-bit cannot load here: {four_bit_failure(exc)}); "
                     "the merged model's answers may differ slightly from the trained model's")
         return None
     verbosity = hf_logging.get_verbosity()
