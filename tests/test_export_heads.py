@@ -307,3 +307,14 @@ def test_a_tokenizer_that_drops_the_appended_eos_on_loading_is_saved_plain(tmp_p
     monkeypatch.undo()
     assert save_appending_eos(tmp_path / "kept", tokenizer) is True
     assert not eos_after_text(plain(str(tmp_path / "kept")))
+
+
+def test_the_run_folders_card_and_a_live_export_read_each_text_as_predict(classifier):
+    # Both snippets load a folder whose tokenizer appends the EOS: made from the live tokenizer (which does not),
+    # they added a second one and scored another text (0.60 against predict's 0.63 on the tiny model).
+    card = (Path(classifier.output_dir) / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    want = classifier.predict(["Hello"], probabilities=True)[0]
+    assert "eos_token" not in code and eval(_run_snippet(code)) == pytest.approx(want, abs=2e-4)
+    snippet = classifier.export("merged").commands["transformers"]  # the run-end merge, reused
+    assert "eos_token" not in snippet and eval(_run_snippet(snippet)) == pytest.approx(want, abs=2e-4)

@@ -383,7 +383,6 @@ def _hub(run, repo_id: str, summary: ExportSummary, *, model_dir: Optional[Path]
 
 def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list, model_dir: Optional[Path] = None):
     """The model card's facts about ``run``; ``model_dir``: the folder at the repository's root."""
-    from ftmagic.data.pairs import eos_after_text
     from ftmagic.export.card import CardInfo, is_hub_id
 
     config = run.config
@@ -397,8 +396,23 @@ def card_info(run, repo_id: str, *, adapter: bool, gguf_files: list, model_dir: 
                     license=base_license(run.base_model_path), datasets=datasets, gguf_files=gguf_files,
                     precision=plan.get("precision"), device=plan.get("device"),
                     objective=getattr(run, "objective", "sft"), labels=getattr(run, "labels", None),
-                    eos_after_text=getattr(run, "objective", "sft") == "classify" and eos_after_text(run.tokenizer),
-                    one_text=_one_text(run, model_dir, adapter=adapter))
+                    eos_after_text=_eos_by_hand(run, model_dir), one_text=_one_text(run, model_dir, adapter=adapter))
+
+
+def _eos_by_hand(run, model_dir: Optional[Path]) -> bool:
+    """Whether a snippet that loads the tokenizer of ``model_dir`` must add the EOS a classifier's texts
+    ended with: the folder's own tokenizer appends it (see engine/export/saved.py), except in folders
+    saved before it did or whose tokenizer class could not keep it. Read from the folder the snippet
+    loads, not from the live tokenizer, which never appends it."""
+    from ftmagic.data.pairs import eos_after_text
+    from ftmagic.engine.models import load_tokenizer
+
+    if getattr(run, "objective", "sft") != "classify":
+        return False
+    tokenizer = run.tokenizer
+    if model_dir is not None and (Path(model_dir) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(model_dir), trust_remote_code=bool(getattr(run.config, "trust_remote_code", False)))
+    return eos_after_text(tokenizer)
 
 
 def folder_card(run, folder: Path, *, adapter: bool) -> dict:
@@ -486,13 +500,11 @@ def _commands(run, run_dir: Path, summary: ExportSummary, ggufs: list) -> None:
 def _head_commands(run, run_dir: Path, summary: ExportSummary) -> None:
     """A reward model or classifier: transformers loads the full weights with their head; it writes no text,
     so no generation pipeline, vLLM LoRA server or llama.cpp command applies."""
-    from ftmagic.data.pairs import eos_after_text
-
     model_dir = run_dir / MERGED_DIR if run._is_adapter() else run_dir
     if (model_dir / "config.json").is_file():
         one_text = (_config_of(model_dir) or {}).get("pad_token_id") is None
         summary.commands["transformers"] = head_snippet(str(model_dir), run.objective, one_text=one_text,
-                                                        eos_after_text=eos_after_text(run.tokenizer))
+                                                        eos_after_text=_eos_by_hand(run, model_dir))
         if one_text:
             # ftmagic leaves the pad out where it is the EOS the head reads (see engine/heads.export_pad_id).
             summary.notes.append("the model's config names no pad token, so transformers scores one text per call "
