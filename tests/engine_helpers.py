@@ -53,3 +53,18 @@ def step_losses(events) -> dict:
 def notes(events) -> list[dict]:
     """The run's message events, less the line every CPU run gives about its threads."""
     return [e for e in events if e.get("event") == "message" and not e["text"].startswith("threads:")]
+
+
+def without_4bit(monkeypatch, why: str) -> None:
+    """Make the engine's ``load_model`` fail for 4-bit, with ``why``, as bitsandbytes does on a machine it
+    cannot serve; every other load goes through."""
+    import ftmagic.engine.run as run_module
+
+    plain = run_module.load_model
+
+    def no_4bit(path, **kwargs):
+        if kwargs.get("qlora_compute_dtype"):
+            raise RuntimeError(why)
+        return plain(path, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_model", no_4bit)

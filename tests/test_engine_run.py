@@ -18,7 +18,7 @@ from ftmagic.engine.device import DeviceCaps, choose_device
 from ftmagic.errors import CheckpointError, ConfigError, ModelError
 from ftmagic.events import Step
 
-from engine_helpers import collect, notes, reversal_records, step_losses
+from engine_helpers import collect, notes, reversal_records, step_losses, without_4bit
 
 BASE = dict(method="lora", batch_size=4, lr=1e-2, lora_r=4, save_steps=0, eval_steps=0, seed=5)
 
@@ -381,17 +381,9 @@ def test_report_to_without_its_package_fails_early(test_model_dir, tmp_path, mon
 
 def test_qlora_load_failure_on_cpu_falls_back(tmp_path, monkeypatch, test_tokenizer):
     from model_builders import build_test_model_dir
-    import ftmagic.engine.run as run_module
 
     model_dir = build_test_model_dir(tmp_path / "wide", test_tokenizer, hidden_size=64, intermediate_size=128)
-    real = run_module.load_model
-
-    def no_4bit(path, **kwargs):
-        if kwargs.get("qlora_compute_dtype"):
-            raise RuntimeError("no kernel image for this CPU\nmore detail")
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(run_module, "load_model", no_4bit)
+    without_4bit(monkeypatch, "no kernel image for this CPU\nmore detail")
     result, events = _train(model_dir, tmp_path / "out", method="qlora", max_steps=1)
     texts = [e["text"] for e in notes(events)]
     assert texts == ["QLoRA's 4-bit load failed on this CPU (no kernel image for this CPU); using LoRA"]

@@ -10,7 +10,7 @@ from ftmagic.engine.result import RunResult
 from ftmagic.errors import ModelError
 
 from model_builders import build_test_model_dir
-from engine_helpers import collect, reversal_records, step_losses
+from engine_helpers import collect, reversal_records, step_losses, without_4bit
 
 PROMPTS = ["reverse: abc", "reverse: hello"]
 
@@ -154,14 +154,7 @@ def test_a_qlora_merge_answers_as_the_trained_4bit_model(wide_model_dir, tmp_pat
 def test_a_qlora_merge_where_4bit_cannot_load_says_it_used_the_original_weights(wide_model_dir, tmp_path,
                                                                                   monkeypatch):
     result, _ = _train(wide_model_dir, tmp_path / "out", "qlora", max_steps=1)
-    plain = run_module.load_model
-
-    def no_4bit(path, **kwargs):
-        if kwargs.get("qlora_compute_dtype"):
-            raise RuntimeError("bitsandbytes has no backend for this device")
-        return plain(path, **kwargs)
-
-    monkeypatch.setattr(run_module, "load_model", no_4bit)
+    without_4bit(monkeypatch, "bitsandbytes has no backend for this device")
     exported = RunResult.load(result.output_dir).export("merged")
     assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
     assert len(exported.notes) == 1 and "original weights, not the 4-bit ones it trained on (4-bit cannot load " \
