@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ftmagic.config import TRACKERS
+from ftmagic.engine.outdir import atomic_write_text
 from ftmagic.errors import ConfigError, not_accepted
 from ftmagic.evalevents import Generations
 from ftmagic.events import End, Eval, Start, Step
@@ -231,9 +232,7 @@ class _Sink:
         except (OSError, ValueError):
             ids = {}
         ids = {**(ids if isinstance(ids, dict) else {}), name: run_id}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(ids, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(ids, indent=1))
 
     def open(self, resumed: bool = False) -> None: ...
     def log(self, values: dict, step: int) -> None: ...
